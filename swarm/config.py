@@ -1,0 +1,113 @@
+"""Typed configs loaded from YAML; every problem becomes a one-line ``SwarmError`` naming key and file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from swarm.errors import SwarmError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base for configs: unknown keys and wrong types are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class _ModelSpecBase(Strict):
+    name: str = ""
+    sequential_modules: list[str] | None = Field(
+        default=None, description="manual fallback for models torch.fx cannot trace: top-level "
+        "modules applied one after another, each output feeding the next")
+
+
+class GPTSpec(_ModelSpecBase):
+    kind: Literal["gpt"]
+    vocab_size: PositiveInt = 256
+    seq_len: PositiveInt = 128
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    d_model: PositiveInt = 128
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    tie_weights: bool = False
+
+
+class ResNetSpec(_ModelSpecBase):
+    kind: Literal["resnet"]
+    depth: Literal[18, 34, 50, 101] = 18
+    num_classes: PositiveInt = 10
+    image_size: PositiveInt = 32
+    in_channels: PositiveInt = 3
+
+
+class ImportSpec(_ModelSpecBase):
+    """Any model: ``factory`` is ``package.module:callable`` returning an ``nn.Module``."""
+
+    kind: Literal["import"]
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_shape: list[PositiveInt] | None = Field(
+        default=None, description="per-sample input shape, when the module has no example_inputs()")
+    input_dtype: Literal["float32", "int64"] = "float32"
+    input_high: PositiveInt = Field(default=2, description="exclusive upper bound of int64 inputs")
+
+
+ModelSpec = Annotated[Union[GPTSpec, ResNetSpec, ImportSpec], Field(discriminator="kind")]
+
+
+class NodeConfig(Strict):
+    """What a node runs and how it describes the model."""
+
+    model: str = Field(default="gpt2-tiny", description="preset name, YAML file, or package.module:factory")
+    granularity: Literal["fine", "coarse"] = "coarse"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    micro_batch_size: PositiveInt = 4
+    optimizer: Literal["adam", "sgd"] = "adam"
+
+
+def config_dir() -> Path:
+    """Where the bundled YAML configs live (``SWARM_CONFIG_DIR`` overrides)."""
+    return Path(os.environ.get("SWARM_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SwarmError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise SwarmError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SwarmError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SwarmError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def validate(cls: type[T], data: Any, source: str) -> T:
+    """Validate ``data`` into ``cls``; the first problem becomes a one-line error naming the key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        value = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err and not isinstance(err["input"], dict) else ""
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise SwarmError(f"{source}: key '{loc}': {msg}{value}{more}") from None
+
+
+def load(cls: type[T], path: str | Path) -> T:
+    return validate(cls, read_yaml(path), str(path))
