@@ -162,8 +162,9 @@ class OpDAG:
         return out
 
     def valid_cuts(self) -> list[bool]:
-        """Whether a pipeline may cut after each op: only tensors may cross a network boundary."""
-        return [cut < len(self.ops) - 1 and all(self.ops[self.index[v]].out_shapes for v in self.crossing(cut))
+        """Whether a pipeline may cut after each op: only tensors may cross a network boundary, and
+        the model's output op is not a stage of its own."""
+        return [cut < len(self.ops) - 2 and all(self.ops[self.index[v]].out_shapes for v in self.crossing(cut))
                 for cut in range(len(self.ops))]
 
     # ---- stages --------------------------------------------------------------------------

@@ -61,7 +61,9 @@ def extract_stages(traced: TracedModel, partition: Partition) -> list[Stage]:
     for stage in stages:
         for name, p in stage.module.named_parameters():
             if id(p) in owner and owner[id(p)][0] != stage.io.index:
-                raise SwarmError(f"parameter '{name}' is used by stages {owner[id(p)][0]} and {stage.io.index}; "
+                first_stage, first_name = owner[id(p)]
+                raise SwarmError(f"one parameter ('{first_name}' in stage {first_stage}, '{name}' in stage {stage.io.index}) "
+                                 f"is used by stages {first_stage} and {stage.io.index}; "
                                  "keep the ops that share it in one stage (or untie it)")
             owner[id(p)] = (stage.io.index, name)
     return stages

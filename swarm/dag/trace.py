@@ -29,15 +29,24 @@ GRANULARITIES = ("fine", "coarse")
 _aten = torch.ops.aten
 
 
+def _causal(args: tuple, kwargs: dict, position: int) -> bool:
+    return bool(kwargs.get("is_causal", args[position] if len(args) > position else False))
+
+
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
+    # (q, k, v, dropout_p, is_causal): the CPU kernel skips fully masked blocks, about half the work
+    flops = sdpa_flop_count(query, key, value)
+    return flops // 2 if _causal(args, kwargs, 1) else flops
 
 
 def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
+    # (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal)
+    flops = sdpa_backward_flop_count(grad_out, query, key, value)
+    return flops // 2 if _causal(args, kwargs, 3) else flops
 
 
-# torch's registry lacks the CPU flash-attention kernels; the formulas are torch's own.
+# torch's registry lacks the CPU flash-attention kernels; the counts are torch's own formulas,
+# halved for causal masks because this kernel skips the masked half.
 EXTRA_FLOP_FORMULAS = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,

@@ -99,7 +99,8 @@ def build(spec: GPTSpec | ResNetSpec | ImportSpec) -> BuiltModel:
         shape, dtype, high = tuple(spec.input_shape), spec.input_dtype, spec.input_high
         example = (lambda b: (torch.randint(0, high, (b, *shape)),)) if dtype == "int64" else (lambda b: (torch.randn(b, *shape),))
     else:
-        raise SwarmError(f"model '{spec.name}' has no example_inputs(batch_size) method; set input_shape in its spec")
+        def example(batch_size: int) -> tuple[torch.Tensor, ...]:
+            raise SwarmError(f"model '{spec.name}' has no example_inputs(batch_size) method; set input_shape in its spec")
     return BuiltModel(spec.name or type(module).__name__, module, example, spec.sequential_modules)
 
 

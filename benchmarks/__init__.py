@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints a table and can write JSON (``python -m benchmarks.<name> --help``)."""
