@@ -5,53 +5,23 @@ a few seconds; ``measure(refresh=True)`` re-measures.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import re
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from swarm.errors import SwarmError
+from swarm.estimator.device import PROFILE_VERSION, DeviceProfile
+from swarm.estimator.workload import op_time_s
 
 MATMUL_SIZES = (64, 128, 256, 512, 1024, 2048)
-PROFILE_VERSION = 2
-
-
-@dataclass
-class DeviceProfile:
-    device: str                    # cpu | cuda | mps
-    name: str
-    threads: int
-    matmul_tflops: dict[int, float]  # log2(n) -> measured TFLOP/s of an n x n x n fp32 matmul
-    mem_bandwidth_gbps: float      # GB/s of bytes read + written by elementwise kernels
-    kernel_overhead_us: float      # launch/dispatch cost of one tiny kernel
-    memory_total_bytes: int
-    memory_available_bytes: int
-    torch_version: str = torch.__version__
-    measured_at: float = field(default_factory=time.time)
-    version: int = PROFILE_VERSION
-
-    @property
-    def tflops(self) -> float:
-        """Best measured matmul rate (what the node advertises)."""
-        return max(self.matmul_tflops.values())
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["matmul_tflops"] = {str(k): v for k, v in self.matmul_tflops.items()}
-        d["tflops"] = self.tflops
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DeviceProfile":
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d["matmul_tflops"] = {int(k): float(v) for k, v in d["matmul_tflops"].items()}
-        return cls(**d)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -121,6 +91,29 @@ def _memory(device: str) -> tuple[int, int]:
         return pages, pages
 
 
+def _calibration(profile: DeviceProfile, repeats: int = 5) -> float:
+    """Measured / predicted forward+backward time of a reference transformer block (d=384, T=256)."""
+    from swarm.dag.trace import trace  # the estimator's model of a block is checked against the real thing
+    from swarm.models.gpt import Block
+
+    block = Block(384, 6, 0.0).to(profile.device)
+    x = torch.randn(2, 256, 384, device=profile.device, requires_grad=True)
+    predicted = sum(sum(op_time_s(op, profile)) for op in trace(block, (x,), "fine").dag.ops)
+    grad = torch.ones_like(x)
+
+    def step() -> None:
+        block(x).backward(grad)
+
+    times = []
+    for i in range(repeats + 2):  # two warm-up runs
+        _sync(profile.device)
+        start = time.perf_counter()
+        step()
+        _sync(profile.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) / predicted
+
+
 def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProfile:
     """Run the micro-benchmarks on ``device`` (a few seconds)."""
     device = resolve_device(device)
@@ -134,7 +127,11 @@ def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProf
     tiny = torch.ones(1, device=device)
     overhead = _seconds_per_call(lambda: tiny.add(1), device, min_time_s) * 1e6
     total, available = _memory(device)
-    return DeviceProfile(device, _device_name(device), torch.get_num_threads(), rates, bandwidth, overhead, total, available)
+    profile = DeviceProfile(device=device, name=_device_name(device), threads=torch.get_num_threads(),
+                            matmul_tflops=rates, mem_bandwidth_gbps=bandwidth, kernel_overhead_us=overhead,
+                            calibration=1.0, memory_total_bytes=total, memory_available_bytes=available,
+                            torch_version=torch.__version__)
+    return dataclasses.replace(profile, calibration=_calibration(profile))
 
 
 def cache_dir() -> Path:

@@ -10,7 +10,9 @@ samples when the DAG was traced with ``b0`` (``scale = b / b0``)::
       + kernels * kernel_overhead                      dispatch / launch cost
 
 ``rate(size)`` interpolates the measured matmul TFLOP/s in log2(size), because small matmuls run far
-below peak. Forward and backward keep their own memory and launch terms; the compute term is split
+below peak. The sum is multiplied by the device's ``calibration``: measured over predicted time of a
+reference transformer block, taken when the device is profiled (it absorbs what the roofline misses:
+cache effects, kernel fusion, non-square shapes). Forward and backward keep their own memory and launch terms; the compute term is split
 in proportion to forward and backward FLOPs.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from swarm.dag.graph import Op, OpDAG, Partition
-from swarm.estimator.profile import DeviceProfile
+from swarm.estimator.device import DeviceProfile
 
 # Optimizer state in parameter-sized fp32 tensors: Adam keeps two moments, SGD (momentum) one.
 OPTIMIZER_STATES = {"adam": 2, "sgd": 1}
@@ -80,7 +82,7 @@ def op_time_s(op: Op, profile: DeviceProfile, scale: float = 1.0) -> tuple[float
     overhead = profile.kernel_overhead_us * 1e-6
     fwd = compute * fwd_share + op.mem_bytes_fwd * scale / bandwidth + op.kernels_fwd * overhead
     bwd = compute * (1 - fwd_share) + op.mem_bytes_bwd * scale / bandwidth + op.kernels_bwd * overhead
-    return fwd, bwd
+    return fwd * profile.calibration, bwd * profile.calibration
 
 
 def stage_cost(dag: OpDAG, ops: range, profile: DeviceProfile, settings: TrainingSettings = TrainingSettings(),
