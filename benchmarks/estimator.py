@@ -11,7 +11,6 @@ import time
 
 import torch
 
-from swarm.dag.graph import Partition
 from swarm.dag.stages import extract_stages
 from swarm.dag.trace import trace
 from swarm.estimator import TrainingSettings, estimate, load_or_measure
@@ -19,16 +18,6 @@ from swarm.models import load_model
 
 WARMUP = 2  # first runs pay for page faults and allocator growth
 CASES = {"gpt2-tiny": 8, "gpt2-small": 1}  # model -> micro-batch size
-
-
-def flop_balanced(dag, n_stages: int) -> Partition:
-    """Cut where cumulative FLOPs pass k/n of the total (only at cuts where tensors alone cross)."""
-    valid, total, acc, starts = dag.valid_cuts(), dag.total_flops, 0, [0]
-    for i, op in enumerate(dag.ops[:-1]):
-        acc += op.flops
-        if valid[i] and acc >= total * len(starts) / n_stages and len(starts) < n_stages:
-            starts.append(i + 1)
-    return Partition(tuple(starts), len(dag))
 
 
 def stage_inputs(stages, inputs):
@@ -64,7 +53,7 @@ def run(models: list[str], n_stages: int, repeats: int) -> list[dict]:
         torch.manual_seed(0)
         inputs = built.example_inputs(micro_batch)
         traced = trace(built.module, inputs, "coarse", name=name)
-        partition = flop_balanced(traced.dag, n_stages)
+        partition = traced.dag.balanced_partition(n_stages)
         stages = extract_stages(traced, partition)
         predicted = estimate(traced.dag, partition, [profile] * partition.n_stages, TrainingSettings(micro_batch))
         for stage, args, cost in zip(stages, stage_inputs(stages, inputs), predicted):

@@ -116,3 +116,13 @@ def test_tracing_leaves_model_state_alone():
     trace(built.module, built.example_inputs(2))
     assert all(torch.equal(before[k], v) for k, v in built.module.state_dict().items())
     assert all(p.grad is None for p in built.module.parameters())
+
+
+def test_balanced_partition_uses_valid_cuts_and_balances_flops(tiny):
+    dag = tiny[2]["coarse"]
+    valid = dag.valid_cuts()
+    partition = dag.balanced_partition(4)
+    assert partition.n_stages == 4
+    assert all(valid[start - 1] for start in partition.starts[1:])
+    flops = [sum(dag.ops[i].flops for i in r) for r in partition.ranges()]
+    assert max(flops) <= 2 * dag.ops[dag.index["blocks_0"]].flops  # no stage holds more than two blocks

@@ -63,7 +63,7 @@ def test_model_yaml_errors_name_the_key(tmp_path):
 
 
 def test_import_spec_input_shape_gives_example_inputs():
-    spec = ImportSpec(kind="import", factory="tests.user_models:untraceable", input_shape=[4])
+    spec = ImportSpec(kind="import", factory="tests.user_models:bare", input_shape=[4])
     assert build(spec).example_inputs(3)[0].shape == (3, 4)
     with pytest.raises(SwarmError, match="has no example_inputs"):
-        load_model("tests.user_models:untraceable").example_inputs(3)
+        load_model("tests.user_models:bare").example_inputs(3)

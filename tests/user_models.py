@@ -41,6 +41,9 @@ class Untraceable(nn.Module):
             raise ValueError("non-finite input")
         return self.second(self.first(x))
 
+    def example_inputs(self, batch_size: int):
+        return (torch.randn(batch_size, 4),)
+
 
 def branchy(width: int = 16) -> Branchy:
     return Branchy(width)
@@ -48,6 +51,11 @@ def branchy(width: int = 16) -> Branchy:
 
 def untraceable() -> Untraceable:
     return Untraceable()
+
+
+def bare() -> nn.Module:
+    """A module without example_inputs()."""
+    return nn.Linear(4, 4)
 
 
 def not_a_module():

@@ -27,6 +27,7 @@ class Op:
     out_dtypes: list[str] = field(default_factory=list)
     out_bytes: int = 0
     params: list[str] = field(default_factory=list)             # parameters this op owns
+    n_params: int = 0
     param_bytes: int = 0
     buffer_bytes: int = 0
     act_bytes: int = 0             # activations saved for backward (not parameters)
@@ -167,6 +168,17 @@ class OpDAG:
         return [cut < len(self.ops) - 2 and all(self.ops[self.index[v]].out_shapes for v in self.crossing(cut))
                 for cut in range(len(self.ops))]
 
+    def balanced_partition(self, n_stages: int) -> Partition:
+        """Cut where cumulative FLOPs come closest to k/n of the total, at valid cuts only (a simple
+        compute-balanced split; the OP-Fence scheduler does the real, cost-aware partitioning)."""
+        valid, total, acc, starts = self.valid_cuts(), self.total_flops, 0, [0]
+        for i, op in enumerate(self.ops[:-1]):
+            acc += op.flops
+            target = total * len(starts) / n_stages
+            if valid[i] and len(starts) < n_stages and acc + self.ops[i + 1].flops - target > target - acc:
+                starts.append(i + 1)
+        return Partition(tuple(starts), len(self.ops))
+
     # ---- stages --------------------------------------------------------------------------
     def check_partition(self, partition: Partition) -> None:
         if partition.n_ops != len(self.ops):
@@ -188,7 +200,8 @@ class OpDAG:
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "granularity": self.granularity, "batch_size": self.batch_size,
-                "params": sum(op.param_bytes for op in self.ops), "total_flops": self.total_flops,
+                "params": sum(op.n_params for op in self.ops), "param_bytes": self.param_bytes,
+                "total_flops": self.total_flops,
                 "ops": [op.to_dict() for op in self.ops]}
 
     @classmethod

@@ -219,7 +219,7 @@ class _Profiler(fx.Interpreter):
             inputs=[i.name for i in n.all_input_nodes],
             out_shapes=[list(t.shape) for t in out_tensors], out_dtypes=[str(t.dtype).removeprefix("torch.") for t in out_tensors],
             out_bytes=sum(_nbytes(t) for t in out_tensors),
-            params=names, param_bytes=sum(_nbytes(p) for p in params), buffer_bytes=buffer_bytes,
+            params=names, n_params=sum(p.numel() for p in params), param_bytes=sum(_nbytes(p) for p in params), buffer_bytes=buffer_bytes,
             act_bytes=self.act_bytes, flops_fwd=fwd.flops.get_total_flops(), flops_bwd=flops_bwd,
             mem_bytes_fwd=fwd.meter.mem_bytes, mem_bytes_bwd=mem_bwd,
             kernels_fwd=fwd.meter.kernels, kernels_bwd=kernels_bwd, flops_by_size=dict(sorted(by_size.items())),

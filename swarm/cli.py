@@ -1,0 +1,141 @@
+"""``python node.py <command>``: the node's command line. Commands stay thin; the work lives in the package."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from swarm.config import NodeConfig, config_dir, load
+from swarm.errors import SwarmError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (plus exit code 2), like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def _human(n: float, unit: str = "") -> str:
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{prefix}{unit}" if prefix else f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.3g}E{unit}"
+
+
+def _node_config(args: argparse.Namespace) -> NodeConfig:
+    cfg = load(NodeConfig, args.config) if args.config else NodeConfig()
+    overrides = {k: getattr(args, k) for k in ("model", "granularity", "device") if getattr(args, k, None)}
+    return cfg.model_copy(update=overrides)
+
+
+def _trace(cfg: NodeConfig, batch_size: int):
+    import torch
+
+    from swarm.dag.trace import trace
+    from swarm.models import load_model
+
+    built = load_model(cfg.model)
+    torch.manual_seed(0)
+    return trace(built.module, built.example_inputs(batch_size), cfg.granularity, built.sequential_modules, built.name)
+
+
+def cmd_dag(args: argparse.Namespace) -> int:
+    cfg = _node_config(args)
+    dag = _trace(cfg, args.batch_size).dag
+    cuts = dag.cut_bytes()
+    largest = max(range(len(cuts)), key=cuts.__getitem__)
+    if args.json:
+        out = dag.to_dict()
+        out["largest_cut"] = {"after": dag.ops[largest].name, "bytes": cuts[largest]}
+        print(json.dumps(out))
+        return 0
+    print(f"{'#':>4}  {'op':<28}{'kind':<22}{'output':<20}{'params':>9}{'GFLOP f+b':>11}{'out MB':>9}{'cut MB':>9}")
+    for i, op in enumerate(dag.ops):
+        shape = "x".join(map(str, op.out_shapes[0])) + ("+" if len(op.out_shapes) > 1 else "") if op.out_shapes else "-"
+        print(f"{i:>4}  {op.name[:27]:<28}{op.kind[:21]:<22}{shape[:19]:<20}{_human(op.n_params):>9}"
+              f"{op.flops / 1e9:>11.3f}{op.out_bytes / 1e6:>9.3f}{cuts[i] / 1e6:>9.3f}")
+    print(f"model {dag.model}: {len(dag)} ops ({dag.granularity}), {_human(sum(op.n_params for op in dag.ops))} params "
+          f"({dag.param_bytes / 1e6:.1f} MB), {dag.total_flops / 1e9:.2f} GFLOP per batch of {dag.batch_size} "
+          f"(forward+backward), largest cut {cuts[largest] / 1e6:.3f} MB after {dag.ops[largest].name}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from swarm.estimator.profile import load_or_measure
+
+    profile = load_or_measure(args.device or "auto", refresh=args.refresh)
+    if args.json:
+        print(json.dumps(profile.to_dict()))
+        return 0
+    print(f"device      {profile.device} ({profile.name}), {profile.threads} threads, torch {profile.torch_version}")
+    print("matmul      " + "  ".join(f"n={2 ** k}: {v:.3f}" for k, v in sorted(profile.matmul_tflops.items())) + "  TFLOP/s")
+    print(f"memory      {profile.memory_available_bytes / 2**30:.1f} GiB available of {profile.memory_total_bytes / 2**30:.1f} GiB, "
+          f"{profile.mem_bandwidth_gbps:.1f} GB/s")
+    print(f"overhead    {profile.kernel_overhead_us:.2f} us per kernel; calibration x{profile.calibration:.2f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Until the training runtime lands: what a pipeline of the default model would cost here."""
+    from swarm.estimator import TrainingSettings, estimate
+    from swarm.estimator.profile import load_or_measure
+
+    cfg = _node_config(args)
+    dag = _trace(cfg, cfg.micro_batch_size).dag
+    profile = load_or_measure(cfg.device)
+    partition = dag.balanced_partition(args.stages)
+    costs = estimate(dag, partition, [profile] * partition.n_stages, TrainingSettings(cfg.micro_batch_size, cfg.optimizer))
+    print(f"{dag.model}: {len(dag)} ops, {dag.total_flops / 1e9:.2f} GFLOP per micro-batch of {cfg.micro_batch_size}; "
+          f"device {profile.device} {profile.tflops:.3f} TFLOP/s")
+    print(f"{'stage':>5}  {'ops':<30}{'GFLOP':>8}{'fwd ms':>9}{'bwd ms':>9}{'peak MB':>9}{'send MB':>9}")
+    for s, (r, c) in enumerate(zip(partition.ranges(), costs)):
+        ops = f"{dag.ops[r.start].name}..{dag.ops[r.stop - 1].name}"
+        print(f"{s:>5}  {ops[:29]:<30}{c.flops / 1e9:>8.2f}{c.forward_s * 1e3:>9.1f}{c.backward_s * 1e3:>9.1f}"
+              f"{c.peak_memory_bytes / 1e6:>9.1f}{c.output_bytes / 1e6:>9.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="node.py", description="swarm: train deep networks together, peer to peer")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help=f"node config YAML (default values: {config_dir() / 'node.yaml'})")
+        p.add_argument("--model", help="preset name, model YAML, or package.module:factory")
+        p.add_argument("--granularity", choices=["fine", "coarse"], help="OP-DAG granularity")
+
+    p = sub.add_parser("dag", help="trace a model into its OP-DAG and print it")
+    model_args(p)
+    p.add_argument("--batch-size", type=int, default=1, help="samples in the traced batch (costs scale with it)")
+    p.add_argument("--json", action="store_true", help="print the OP-DAG as JSON")
+    p.set_defaults(func=cmd_dag)
+
+    p = sub.add_parser("profile", help="measure this device (cached) and print its profile")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("demo", help="the main job: for now, estimate a pipeline of the default model on this device")
+    model_args(p)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--stages", type=int, default=4)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

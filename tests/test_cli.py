@@ -1,0 +1,53 @@
+"""The command line: JSON fields scripts depend on, and one-line errors with exit code 2."""
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def test_dag_json_fields():
+    res = run_cli("dag", "--model", "gpt2-tiny", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert {"ops", "params", "total_flops"} <= set(data)
+    assert data["params"] == 3323392
+    assert all({"name", "kind", "inputs", "flops", "param_bytes", "out_bytes"} <= set(op) for op in data["ops"])
+    assert data["total_flops"] == sum(op["flops"] for op in data["ops"])
+
+
+def test_dag_table_for_a_user_model_with_fine_granularity():
+    res = run_cli("dag", "--model", "tests.user_models:branchy", "--granularity", "fine", "--batch-size", "4")
+    assert res.returncode == 0, res.stderr
+    assert "cat" in res.stdout and "largest cut" in res.stdout.splitlines()[-1]
+
+
+def test_profile_json_is_cached(tmp_path):
+    first = run_cli("profile", "--device", "cpu", "--json")
+    assert first.returncode == 0, first.stderr
+    profile = json.loads(first.stdout)
+    assert profile["device"] == "cpu" and profile["tflops"] > 0 and profile["memory_total_bytes"] > 0
+    again = json.loads(run_cli("profile", "--device", "cpu", "--json").stdout)
+    assert again["measured_at"] == profile["measured_at"]  # served from the cache
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dag", "--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["dag", "--model", "tests.user_models:untraceable"], "torch.fx cannot trace model"),
+    (["dag", "--config", "/nonexistent/node.yaml"], "config file not found"),
+    (["dag", "--granularity", "medium"], "invalid choice: 'medium'"),
+    (["dag", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.stderr
+
+
+def test_bad_config_key_via_cli(tmp_path):
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("model: gpt2-tiny\ngranularty: fine\n")
+    res = run_cli("dag", "--config", str(cfg))
+    assert res.returncode == 2 and "key 'granularty': unknown key" in res.stderr
