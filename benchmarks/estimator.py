@@ -45,7 +45,7 @@ def measure_stage(stage, inputs, repeats: int) -> float:
 
 
 def run(models: list[str], n_stages: int, repeats: int) -> list[dict]:
-    profile = load_or_measure("cpu")
+    profile = load_or_measure("cpu", refresh=True)  # measured in the same run as the stages
     rows = []
     for name in models:
         micro_batch = CASES.get(name, 1)
