@@ -1,0 +1,187 @@
+"""Membership: the only module that touches the hivemind DHT. It owns every DHT key.
+
+Each node publishes one *member record* under ``<prefix>_members``, in a subkey holding its RSA
+public key: ``RSASignatureValidator`` makes the subkey writable by its owner only, and
+``SchemaValidator`` (installed on every node) rejects records of the wrong shape at store time.
+Readers validate again and drop what is malformed or stale, so a hostile record is ignored, never
+fatal. DHT records cannot be deleted: a leaving node publishes ``state="offline"``; a killed node's
+record simply expires after ``ttl_s``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import pydantic.v1 as pv1
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.errors import SwarmError
+
+MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
+DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
+STATES = ("joining", "online", "offline")
+
+
+class _RecordV1(pv1.BaseModel):
+    """Wire schema of a member record (strict: no type conversions are accepted)."""
+
+    peer_id: pv1.StrictStr
+    maddrs: List[pv1.StrictStr]
+    device: pv1.StrictStr
+    device_name: pv1.StrictStr
+    tflops: pv1.StrictFloat
+    memory_bytes: pv1.StrictInt
+    versions: Dict[pv1.StrictStr, pv1.StrictStr]
+    started_at: pv1.StrictFloat
+    updated_at: pv1.StrictFloat
+    state: pv1.StrictStr
+    bandwidth_bps: Dict[pv1.StrictStr, pv1.StrictFloat]
+    rtt_s: Dict[pv1.StrictStr, pv1.StrictFloat]
+    stage: Optional[pv1.StrictInt]
+
+
+class _MembersSchema(pv1.BaseModel):
+    members: Dict[BytesWithPublicKey, _RecordV1]
+
+
+@dataclass
+class MemberRecord:
+    peer_id: str
+    maddrs: list[str]
+    device: str
+    device_name: str
+    tflops: float
+    memory_bytes: int
+    versions: dict[str, str]
+    started_at: float
+    updated_at: float = 0.0
+    state: str = "online"
+    bandwidth_bps: dict[str, float] = field(default_factory=dict)  # measured, to other peer ids
+    rtt_s: dict[str, float] = field(default_factory=dict)
+    stage: int | None = None
+
+    @property
+    def uptime_s(self) -> float:
+        return max(0.0, self.updated_at - self.started_at)
+
+    def to_wire(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("tflops", "started_at", "updated_at"):
+            d[name] = float(d[name])
+        for name in ("bandwidth_bps", "rtt_s"):  # the most recent measurements, capped
+            d[name] = {k: float(v) for k, v in list(d[name].items())[-MAX_LINKS:]}
+        d["memory_bytes"] = int(d["memory_bytes"])
+        return d
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "MemberRecord | None":
+        """The record, or None when ``value`` is malformed (it is then ignored)."""
+        try:
+            parsed = _RecordV1.parse_obj(value)
+        except (pv1.ValidationError, TypeError):
+            return None
+        if parsed.state not in STATES or len(parsed.bandwidth_bps) > MAX_LINKS or len(parsed.rtt_s) > MAX_LINKS:
+            return None
+        return cls(**parsed.dict())
+
+
+def make_validators(prefix: str, private_key: RSAPrivateKey) -> list:
+    """Validators every node of a swarm must install (same prefix everywhere)."""
+    return [RSASignatureValidator(private_key), SchemaValidator(_MembersSchema, allow_extra_keys=True, prefix=prefix)]
+
+
+def load_signing_key(path: str) -> RSAPrivateKey:
+    """The node's persistent record-signing key (created on first use)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = RSAPrivateKey()
+    try:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                key._private_key = serialization.load_pem_private_key(f.read(), password=None)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            pem = key._private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+    except (OSError, ValueError, TypeError) as e:
+        raise SwarmError(f"cannot use signing key file {path}: {e}") from None
+    return key
+
+
+class SwarmDHT(DHT):
+    """A hivemind DHT whose child process (and its p2pd) exits when the owner process dies."""
+
+    def run(self) -> None:
+        os.setpgrp()  # the DHT child and its p2pd form one process group we can kill together
+        owner = self._parent_pid
+
+        def watchdog() -> None:
+            while os.getppid() == owner:
+                time.sleep(0.5)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        threading.Thread(target=watchdog, daemon=True, name="owner-watchdog").start()
+        super().run()
+
+
+@dataclass
+class MembershipView:
+    """Live members at one moment, by peer id (offline and expired records dropped)."""
+
+    members: dict[str, MemberRecord]
+    taken_at: float
+
+    def peers(self) -> list[str]:
+        return sorted(self.members)
+
+    def bandwidth(self, a: str, b: str) -> float:
+        """Bits/s between two members: the smaller of the two measured directions; for an edge
+        nobody measured, the smaller of the two peers' median measured bandwidths (the weaker access
+        link bounds it), else ``DEFAULT_BANDWIDTH_BPS``."""
+        measured = [v for v in (self.members[a].bandwidth_bps.get(b), self.members[b].bandwidth_bps.get(a)) if v]
+        if measured:
+            return min(measured)
+        medians = [statistics.median(m.bandwidth_bps.values()) for m in (self.members[a], self.members[b]) if m.bandwidth_bps]
+        return min(medians) if medians else DEFAULT_BANDWIDTH_BPS
+
+    def bandwidth_matrix(self) -> dict[str, dict[str, float]]:
+        peers = self.peers()
+        return {a: {b: self.bandwidth(a, b) for b in peers if b != a} for a in peers}
+
+
+class Membership:
+    """Publish this node's record and read everyone's (a synchronous facade over the DHT)."""
+
+    def __init__(self, dht: DHT, signer: RSASignatureValidator, prefix: str = "swarm", ttl_s: float = 30.0):
+        self.dht, self.signer, self.key, self.ttl_s = dht, signer, f"{prefix}_members", ttl_s
+
+    def publish(self, record: MemberRecord, timeout_s: float = 10.0) -> bool:
+        record.updated_at = get_dht_time()
+        future = self.dht.store(self.key, record.to_wire(), expiration_time=record.updated_at + self.ttl_s,
+                                subkey=self.signer.local_public_key, return_future=True)
+        return bool(future.result(timeout=timeout_s))
+
+    def view(self, timeout_s: float = 10.0) -> MembershipView:
+        found = self.dht.get(self.key, latest=True, return_future=True).result(timeout=timeout_s)
+        now, members = get_dht_time(), {}
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        for entry in entries.values():
+            record = MemberRecord.from_wire(getattr(entry, "value", None))
+            if record is None or record.state == "offline" or entry.expiration_time < now:
+                continue
+            if record.peer_id not in members or members[record.peer_id].updated_at < record.updated_at:
+                members[record.peer_id] = record
+        return MembershipView(members, now)
