@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Sequence
 
-from swarm.config import NodeConfig, config_dir, load
+from swarm.config import NetworkConfig, NodeConfig, config_dir, load, validate
 from swarm.errors import SwarmError
 
 
@@ -98,6 +99,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _network(args: argparse.Namespace):
+    cfg = _node_config(args)
+    flags = {"initial_peers": args.initial_peers, "host_maddrs": getattr(args, "host_maddrs", None),
+             "announce_maddrs": getattr(args, "announce_maddrs", None), "identity_path": getattr(args, "identity", None),
+             "prefix": args.prefix}
+    return cfg, validate(NetworkConfig, {**cfg.network.model_dump(), **{k: v for k, v in flags.items() if v is not None}},
+                         "command-line flags")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from swarm.node import run_node
+
+    cfg, net = _network(args)
+    return run_node(net, cfg.device, log=lambda msg: print(msg, flush=True))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from swarm.node import read_members
+
+    _, net = _network(args)
+    view = read_members(net)
+    records = [view.members[p] for p in view.peers()]
+    if args.json:
+        print(json.dumps([{**r.to_wire(), "uptime_s": r.uptime_s} for r in records]))
+        return 0
+    print(f"{'peer':<14}{'device':<18}{'TFLOP/s':>9}{'mem GB':>8}{'bw to others':>22}{'state':>9}{'uptime':>9}{'stage':>7}")
+    for r in records:
+        bw = [f"{b / 1e6:.0f}" for b in r.bandwidth_bps.values()]
+        bw_text = f"{min(bw, key=float)}-{max(bw, key=float)} Mbit/s" if bw else "not measured"
+        print(f"{r.peer_id[-12:]:<14}{(r.device + ' ' + r.device_name)[:17]:<18}{r.tflops:>9.3f}{r.memory_bytes / 1e9:>8.1f}"
+              f"{bw_text:>22}{r.state:>9}{r.uptime_s:>8.0f}s{'-' if r.stage is None else r.stage:>7}")
+    print(f"{len(records)} members")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="node.py", description="swarm: train deep networks together, peer to peer")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -119,6 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 
+    def network_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--initial-peers", nargs="*", metavar="MADDR",
+                       help="bootstrap peers (default: bootstrap/peers.txt); none: start a new swarm")
+        p.add_argument("--prefix", help="DHT key prefix of the swarm (default: swarm)")
+
+    p = sub.add_parser("run", help="start a node: join the swarm and advertise this device")
+    p.add_argument("--config", help="node config YAML")
+    network_args(p)
+    p.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="addresses to listen on")
+    p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses others should dial")
+    p.add_argument("--identity", metavar="PATH", help="identity file (same file, same peer id)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="join as a client, print the member table and exit")
+    p.add_argument("--config", help="node config YAML")
+    network_args(p)
+    p.add_argument("--json", action="store_true", help="print a list of member objects")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("demo", help="the main job: for now, estimate a pipeline of the default model on this device")
     model_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -129,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("hivemind").setLevel(logging.WARNING)  # its INFO chatter is not for users
     if getattr(args, "batch_size", 1) < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)
         return 2

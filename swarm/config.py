@@ -60,6 +60,19 @@ class ImportSpec(_ModelSpecBase):
 ModelSpec = Annotated[Union[GPTSpec, ResNetSpec, ImportSpec], Field(discriminator="kind")]
 
 
+class NetworkConfig(Strict):
+    """How a node joins a swarm. Multiaddrs are validated when the node starts."""
+
+    initial_peers: list[str] | None = Field(default=None, description="None: the public list in bootstrap/peers.txt")
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = Field(default_factory=list)
+    identity_path: str | None = Field(default=None, description="persistent identity; default ~/.swarm/identity")
+    prefix: str = Field(default="swarm", pattern=r"^[A-Za-z0-9_.-]+$", description="DHT key prefix: one per swarm")
+    ttl_s: float = Field(default=30.0, gt=0)
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    startup_timeout_s: float = Field(default=30.0, gt=0)
+
+
 class NodeConfig(Strict):
     """What a node runs and how it describes the model."""
 
@@ -68,6 +81,7 @@ class NodeConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     micro_batch_size: PositiveInt = 4
     optimizer: Literal["adam", "sgd"] = "adam"
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
 
 
 def config_dir() -> Path:

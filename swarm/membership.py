@@ -76,6 +76,10 @@ class MemberRecord:
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for name in ("peer_id", "device", "device_name", "state"):  # e.g. torch's TorchVersion is a str subclass
+            d[name] = str(d[name])
+        d["maddrs"] = [str(a) for a in d["maddrs"]]
+        d["versions"] = {str(k): str(v) for k, v in d["versions"].items()}
         for name in ("tflops", "started_at", "updated_at"):
             d[name] = float(d[name])
         for name in ("bandwidth_bps", "rtt_s"):  # the most recent measurements, capped
@@ -169,10 +173,14 @@ class Membership:
         self.dht, self.signer, self.key, self.ttl_s = dht, signer, f"{prefix}_members", ttl_s
 
     def publish(self, record: MemberRecord, timeout_s: float = 10.0) -> bool:
+        """Store (refresh) this node's record; False if no DHT peer accepted it in time."""
         record.updated_at = get_dht_time()
         future = self.dht.store(self.key, record.to_wire(), expiration_time=record.updated_at + self.ttl_s,
                                 subkey=self.signer.local_public_key, return_future=True)
-        return bool(future.result(timeout=timeout_s))
+        try:
+            return bool(future.result(timeout=timeout_s))
+        except TimeoutError:
+            return False
 
     def view(self, timeout_s: float = 10.0) -> MembershipView:
         found = self.dht.get(self.key, latest=True, return_future=True).result(timeout=timeout_s)

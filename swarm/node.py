@@ -1,0 +1,127 @@
+"""A swarm node: joins the DHT, advertises its measured telemetry, keeps it fresh, leaves cleanly.
+
+``run_node`` is what ``node.py run`` does; ``read_members`` is what ``node.py status`` does.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from multiaddr import Multiaddr
+
+from swarm import __version__
+from swarm.config import NetworkConfig
+from swarm.errors import SwarmError
+from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, load_signing_key, make_validators
+
+PUBLIC_PEERS = Path(__file__).resolve().parent.parent / "bootstrap" / "peers.txt"
+
+
+def check_maddrs(values: list[str], what: str, need_peer_id: bool = False) -> list[str]:
+    """Validate libp2p multiaddrs (``multiaddr`` package); hivemind gets the strings."""
+    for value in values:
+        try:
+            addr = Multiaddr(value)
+        except Exception as e:  # the package raises several types (StringParseError, ValueError, ...)
+            raise SwarmError(f"invalid multiaddr in {what}: '{value}' ({e})") from None
+        if need_peer_id and "p2p" not in [p.name for p in addr.protocols()]:
+            raise SwarmError(f"{what}: '{value}' lacks /p2p/<peer id>")
+    return list(values)
+
+
+def read_peer_list(path: str | Path) -> list[str]:
+    """Multiaddrs from a peer-list file: one per line, '#' comments and blank lines ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SwarmError(f"cannot read peer list {path}: {e.strerror}") from None
+    peers = [line.split("#", 1)[0].strip() for line in lines]
+    return check_maddrs([p for p in peers if p], f"peer list {path}", need_peer_id=True)
+
+
+def identity_paths(net: NetworkConfig) -> tuple[str, str]:
+    """(p2p identity, record-signing key): both persistent, so a restarted node keeps its peer id."""
+    base = os.path.expanduser(net.identity_path or "~/.swarm/identity")
+    for path in (base, base + ".sign"):
+        if os.path.exists(path) and not os.access(path, os.R_OK):
+            raise SwarmError(f"cannot read identity file {path}: permission denied")
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    return base, base + ".sign"
+
+
+def start_dht(net: NetworkConfig, initial_peers: list[str], validators: list, identity: str | None,
+              client_mode: bool = False) -> SwarmDHT:
+    """Start and join; every failure becomes one line (bad port, unreachable bootstrap, bad identity)."""
+    check_maddrs(net.host_maddrs, "host_maddrs")
+    check_maddrs(net.announce_maddrs, "announce_maddrs")
+    check_maddrs(initial_peers, "initial peers", need_peer_id=True)
+    try:
+        return SwarmDHT(initial_peers=initial_peers, start=True, host_maddrs=net.host_maddrs,
+                        announce_maddrs=net.announce_maddrs or None, identity_path=identity,
+                        record_validators=validators, startup_timeout=net.startup_timeout_s, client_mode=client_mode)
+    except Exception as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        if "bootstrap" in text:
+            raise SwarmError(f"no bootstrap peer reachable ({', '.join(initial_peers)}) within "
+                             f"{net.startup_timeout_s:.0f} s") from None
+        if "address already in use" in text.lower():
+            raise SwarmError(f"cannot listen on {', '.join(net.host_maddrs)}: address already in use") from None
+        if identity and ("identity" in text.lower() or "key" in text.lower()):
+            raise SwarmError(f"cannot use identity file {identity}: {text[:200]}") from None
+        raise SwarmError(f"cannot start the DHT: {text[:300]}") from None
+
+
+def _initial_peers(net: NetworkConfig) -> list[str]:
+    return list(net.initial_peers) if net.initial_peers is not None else read_peer_list(PUBLIC_PEERS)
+
+
+def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
+    """Serve until SIGINT/SIGTERM: publish the member record every ``heartbeat_s``."""
+    import torch
+
+    from swarm.estimator.profile import load_or_measure
+
+    peers = _initial_peers(net)
+    identity, sign_path = identity_paths(net)
+    profile = load_or_measure(device)
+    validators = make_validators(net.prefix, load_signing_key(sign_path))
+    dht = start_dht(net, peers, validators, identity)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        membership = Membership(dht, validators[0], net.prefix, net.ttl_s)
+        maddrs = [str(a) for a in dht.get_visible_maddrs()]
+        record = MemberRecord(
+            peer_id=str(dht.peer_id), maddrs=maddrs, device=profile.device, device_name=profile.name,
+            tflops=profile.tflops, memory_bytes=profile.memory_available_bytes,
+            versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            started_at=time.time())
+        log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
+        while not stop.is_set():
+            if not membership.publish(record):
+                log("warning: could not store the member record this round")
+            stop.wait(net.heartbeat_s)
+        record.state = "offline"
+        membership.publish(record, timeout_s=5)
+        log("left the swarm")
+        return 0
+    finally:
+        dht.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def read_members(net: NetworkConfig, timeout_s: float = 10.0) -> MembershipView:
+    """Join as a client (no identity, no record of its own) and read the membership view."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    validators = make_validators(net.prefix, RSAPrivateKey())
+    dht = start_dht(net, _initial_peers(net), validators, identity=None, client_mode=True)
+    try:
+        return Membership(dht, validators[0], net.prefix, net.ttl_s).view(timeout_s)
+    finally:
+        dht.shutdown()
