@@ -45,10 +45,19 @@ def read_peer_list(path: str | Path) -> list[str]:
 
 def identity_paths(net: NetworkConfig) -> tuple[str, str]:
     """(p2p identity, record-signing key): both persistent, so a restarted node keeps its peer id."""
+    from hivemind.proto import crypto_pb2
+
     base = os.path.expanduser(net.identity_path or "~/.swarm/identity")
-    for path in (base, base + ".sign"):
-        if os.path.exists(path) and not os.access(path, os.R_OK):
-            raise SwarmError(f"cannot read identity file {path}: permission denied")
+    if os.path.exists(base):
+        try:
+            with open(base, "rb") as f:
+                key = crypto_pb2.PrivateKey.FromString(f.read())
+            if not key.data:
+                raise ValueError("empty key")
+        except OSError as e:
+            raise SwarmError(f"cannot read identity file {base}: {e.strerror}") from None
+        except Exception:
+            raise SwarmError(f"identity file {base} is not a libp2p private key") from None
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     return base, base + ".sign"
 

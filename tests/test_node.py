@@ -1,0 +1,130 @@
+"""Real node processes on loopback: membership, TTL expiry, persistent identity, clean exits."""
+import json
+import random
+import signal
+import socket
+
+import pytest
+
+from swarm.config import NetworkConfig
+from swarm.estimator.profile import load_or_measure
+from swarm.membership import Membership, make_validators
+from swarm.node import start_dht
+from tests.conftest import run_cli
+from tests.swarmproc import Proc, p2pd_pids, wait_until
+
+MADDR = r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)"
+
+
+@pytest.fixture
+def swarm_procs():
+    """Processes started by a test; all are killed afterwards and no p2pd may survive them."""
+    before = p2pd_pids()
+    procs: list[Proc] = []
+    yield procs
+    for p in procs:
+        p.cleanup()
+    wait_until(lambda: p2pd_pids() <= before, 15, what="all p2pd daemons of the test gone")
+
+
+def node_config(tmp_path, **network) -> str:
+    path = tmp_path / "node.yaml"
+    net = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 5.0, "startup_timeout_s": 20, **network}
+    path.write_text(json.dumps({"device": "cpu", "network": net}))  # JSON is YAML
+    return str(path)
+
+
+def start_node(procs, tmp_path, name, bootstrap):
+    proc = Proc("node.py", "run", "--config", node_config(tmp_path), "--initial-peers", bootstrap,
+                "--identity", str(tmp_path / f"{name}.id"))
+    procs.append(proc)
+    return proc
+
+
+def test_six_nodes_membership_ttl_and_identity(tmp_path, swarm_procs):
+    load_or_measure("cpu")  # measured once here; nodes read the cache
+    boot = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", str(tmp_path / "boot.id"))
+    swarm_procs.append(boot)
+    bootstrap = boot.wait_for(MADDR, 30).group(1)
+    names = [f"n{i}" for i in range(6)]
+    random.Random(7).shuffle(names)
+    nodes = {name: start_node(swarm_procs, tmp_path, name, bootstrap) for name in names}
+    peer_ids = {name: p.wait_for(r"peer (\w+) listening", 60).group(1) for name, p in nodes.items()}
+
+    net = NetworkConfig(initial_peers=[bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    from hivemind.utils.crypto import RSAPrivateKey
+    validators = make_validators(net.prefix, RSAPrivateKey())
+    observer = start_dht(net, [bootstrap], validators, identity=None, client_mode=True)
+    try:
+        membership = Membership(observer, validators[0], net.prefix)
+        wait_until(lambda: set(membership.view().members) == set(peer_ids.values()), 60, what="all 6 nodes visible")
+        view = membership.view()
+        assert all(r.tflops > 0 and r.device == "cpu" and r.versions["swarm"] for r in view.members.values())
+
+        status = run_cli("status", "--initial-peers", bootstrap, "--json", timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert {m["peer_id"] for m in json.loads(status.stdout)} == set(peer_ids.values())
+
+        victim = names[2]
+        nodes[victim].kill(signal.SIGKILL)
+        wait_until(lambda: peer_ids[victim] not in membership.view().members, 30, what="killed node expired")
+        assert len(membership.view().members) == 5
+
+        again = start_node(swarm_procs, tmp_path, victim, bootstrap)
+        assert again.wait_for(r"peer (\w+) listening", 60).group(1) == peer_ids[victim]
+        wait_until(lambda: peer_ids[victim] in membership.view().members, 30, what="restarted node visible")
+
+        leaver = names[4]
+        nodes[leaver].kill(signal.SIGTERM)
+        assert nodes[leaver].popen.wait(timeout=20) == 0
+        nodes[leaver].wait_for("left the swarm", 5)
+        wait_until(lambda: peer_ids[leaver] not in membership.view().members, 10, what="leaver gone before its TTL")
+    finally:
+        observer.shutdown()
+
+
+def test_unreachable_bootstrap_fails_in_one_line(tmp_path, swarm_procs):
+    before = p2pd_pids()
+    res = run_cli("run", "--config", node_config(tmp_path, startup_timeout_s=5), "--identity", str(tmp_path / "x.id"),
+                  "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/QmbpBtjbbHJgp6dXBPmtZQLmj6YgAGu9LSccs5L7DCbWKB", timeout=60)
+    assert res.returncode == 2 and "no bootstrap peer reachable" in res.stderr
+    assert "Traceback" not in res.stderr and len([l for l in res.stderr.splitlines() if l.startswith("error")]) == 1
+    assert p2pd_pids() <= before
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--initial-peers", "/ip4/1.2.3/tcp/1", "invalid multiaddr in initial peers"),
+    ("--initial-peers", "/ip4/127.0.0.1/tcp/1", "lacks /p2p/<peer id>"),
+    ("--host-maddrs", "/ip9/x", "invalid multiaddr in host_maddrs"),
+])
+def test_bad_multiaddrs(tmp_path, flag, value, message):
+    args = ["run", "--config", node_config(tmp_path), "--identity", str(tmp_path / "y.id")]
+    if flag != "--initial-peers":
+        args += ["--initial-peers"]
+    res = run_cli(*args, flag, value, timeout=60)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_port_in_use_and_unreadable_identity(tmp_path, swarm_procs):
+    before = p2pd_pids()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = run_cli("run", "--config", node_config(tmp_path), "--initial-peers", "--identity", str(tmp_path / "z.id"),
+                      "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "address already in use" in res.stderr or "cannot start the DHT" in res.stderr
+    bad = tmp_path / "garbage.id"
+    bad.write_bytes(b"not a key")
+    res = run_cli("run", "--config", node_config(tmp_path), "--initial-peers", "--identity", str(bad), timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "garbage.id" in res.stderr, res.stderr
+    assert p2pd_pids() <= before
+
+
+def test_unreadable_identity_file_as_non_root(tmp_path):
+    ident = tmp_path / "locked.id"
+    ident.write_bytes(b"x")
+    ident.chmod(0)
+    res = run_cli("run", "--config", node_config(tmp_path), "--initial-peers", "--identity", str(ident), timeout=60)
+    assert res.returncode == 2 and "locked.id" in res.stderr and "Traceback" not in res.stderr
