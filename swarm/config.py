@@ -71,6 +71,7 @@ class NetworkConfig(Strict):
     ttl_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=10.0, gt=0)
     startup_timeout_s: float = Field(default=30.0, gt=0)
+    probe_interval_s: float = Field(default=30.0, gt=0, description="one bandwidth probe (~1 s) per interval")
 
 
 class NodeConfig(Strict):

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -11,11 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+from hivemind.p2p import PeerID
 from multiaddr import Multiaddr
 
 from swarm import __version__
 from swarm.config import NetworkConfig
 from swarm.errors import SwarmError
+from swarm.transport import measure_link, serve_probes
 from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, load_signing_key, make_validators
 
 PUBLIC_PEERS = Path(__file__).resolve().parent.parent / "bootstrap" / "peers.txt"
@@ -88,6 +91,52 @@ def _initial_peers(net: NetworkConfig) -> list[str]:
     return list(net.initial_peers) if net.initial_peers is not None else read_peer_list(PUBLIC_PEERS)
 
 
+class _LinkProber:
+    """Measures one peer per ``interval_s`` in the background; keeps smoothed results (EMA, 1/2)."""
+
+    def __init__(self, dht: SwarmDHT, interval_s: float):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="transport").start()
+        self.p2p = self._run(dht.replicate_p2p())
+        self._run(serve_probes(self.p2p))
+        self.interval_s, self.next_at, self.pending = interval_s, 0.0, None
+        self.bandwidth_bps: dict[str, float] = {}
+        self.rtt_s: dict[str, float] = {}
+        self.probed_at: dict[str, float] = {}
+
+    def _run(self, coro, timeout_s: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def step(self, peers: list[str]) -> None:
+        """Collect a finished probe; start the next one when due (least recently probed peer first)."""
+        if self.pending is not None and self.pending[1].done():
+            peer, future = self.pending
+            self.pending = None
+            if future.exception() is None:
+                bandwidth, rtt = future.result()
+                for table, value in ((self.bandwidth_bps, bandwidth), (self.rtt_s, rtt)):
+                    table[peer] = (table.pop(peer) + value) / 2 if peer in table else value  # newest last
+        if self.pending is None and peers and time.monotonic() >= self.next_at:
+            peer = min(peers, key=lambda p: (self.probed_at.get(p, 0.0), p))
+            self.probed_at[peer] = self.next_at = time.monotonic()
+            self.next_at += self.interval_s
+            coro = asyncio.wait_for(measure_link(self.p2p, PeerID.from_base58(peer)), 60)
+            self.pending = (peer, asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            await self.p2p.shutdown()  # a replica: closes our connections, the daemon belongs to the DHT
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self._run(shutdown(), timeout_s=5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
     """Serve until SIGINT/SIGTERM: publish the member record every ``heartbeat_s``."""
     import torch
@@ -110,10 +159,14 @@ def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
             versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             started_at=time.time())
         log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
+        prober = _LinkProber(dht, net.probe_interval_s)
         while not stop.is_set():
+            prober.step([p for p in membership.view().peers() if p != record.peer_id])
+            record.bandwidth_bps, record.rtt_s = dict(prober.bandwidth_bps), dict(prober.rtt_s)
             if not membership.publish(record):
                 log("warning: could not store the member record this round")
             stop.wait(net.heartbeat_s)
+        prober.close()
         record.state = "offline"
         membership.publish(record, timeout_s=5)
         log("left the swarm")

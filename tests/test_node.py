@@ -128,3 +128,54 @@ def test_unreadable_identity_file_as_non_root(tmp_path):
     ident.chmod(0)
     res = run_cli("run", "--config", node_config(tmp_path), "--initial-peers", "--identity", str(ident), timeout=60)
     assert res.returncode == 2 and "locked.id" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bandwidth_is_measured_over_the_swarm_transport(tmp_path, swarm_procs):
+    load_or_measure("cpu")
+    cfg = node_config(tmp_path, probe_interval_s=1.0)
+    first = Proc("node.py", "run", "--config", cfg, "--initial-peers", "--identity", str(tmp_path / "a.id"))
+    swarm_procs.append(first)
+    addr = first.wait_for(MADDR, 60).group(1)
+    second = Proc("node.py", "run", "--config", cfg, "--initial-peers", addr, "--identity", str(tmp_path / "b.id"))
+    swarm_procs.append(second)
+    second.wait_for("listening", 60)
+
+    def both_measured():
+        res = run_cli("status", "--initial-peers", addr, "--json", timeout=60)
+        members = json.loads(res.stdout) if res.returncode == 0 else []
+        return members if len(members) == 2 and all(m["bandwidth_bps"] for m in members) else None
+
+    members = wait_until(both_measured, 60, what="both nodes measured each other")
+    ids = {m["peer_id"] for m in members}
+    for m in members:
+        (other, bps), = m["bandwidth_bps"].items()
+        assert other in ids - {m["peer_id"]}
+        assert bps > 200e6  # unshaped loopback through p2pd: ~1-3 Gbit/s here
+        assert 0 < m["rtt_s"][other] < 0.1
+
+
+def test_probe_rejects_oversized_and_stalled_streams():
+    import asyncio
+    import struct
+
+    from swarm.membership import SwarmDHT
+    from swarm.transport import PROBE, measure_link, serve_probes
+
+    a = SwarmDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    b = SwarmDHT(initial_peers=[str(x) for x in a.get_visible_maddrs()], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+
+    async def scenario():
+        pa, pb = await a.replicate_p2p(), await b.replicate_p2p()
+        await serve_probes(pa)
+        _, reader, writer = await pb.call_binary_stream_handler(pa.peer_id, PROBE)
+        writer.write(struct.pack(">Q", 1 << 40))  # claims a terabyte
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without an answer
+        bandwidth, rtt = await measure_link(pb, pa.peer_id, target_s=0.2)  # the server still serves
+        assert bandwidth > 0 and rtt > 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        a.shutdown()
+        b.shutdown()
