@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from multiaddr import Multiaddr
 from swarm import __version__
 from swarm.config import NetworkConfig
 from swarm.errors import SwarmError
-from swarm.transport import measure_link, serve_probes
+from swarm.transport import LinkProber
 from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, load_signing_key, make_validators
 
 PUBLIC_PEERS = Path(__file__).resolve().parent.parent / "bootstrap" / "peers.txt"
@@ -98,7 +99,8 @@ class _LinkProber:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="transport").start()
         self.p2p = self._run(dht.replicate_p2p())
-        self._run(serve_probes(self.p2p))
+        self.links = LinkProber(self.p2p)
+        self._run(self.links.serve())
         self.interval_s, self.next_at, self.pending = interval_s, 0.0, None
         self.bandwidth_bps: dict[str, float] = {}
         self.rtt_s: dict[str, float] = {}
@@ -119,8 +121,8 @@ class _LinkProber:
         if self.pending is None and peers and time.monotonic() >= self.next_at:
             peer = min(peers, key=lambda p: (self.probed_at.get(p, 0.0), p))
             self.probed_at[peer] = self.next_at = time.monotonic()
-            self.next_at += self.interval_s
-            coro = asyncio.wait_for(measure_link(self.p2p, PeerID.from_base58(peer)), 60)
+            self.next_at += self.interval_s * random.uniform(0.5, 1.5)  # jitter: peers rarely collide
+            coro = asyncio.wait_for(self.links.measure(PeerID.from_base58(peer)), 60)
             self.pending = (peer, asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def close(self) -> None:

@@ -2,8 +2,10 @@
 
 Probe protocol ``swarm.probe.v1`` on a libp2p binary stream: the caller sends an 8-byte big-endian
 length ``n`` (at most ``MAX_PROBE_BYTES``) and ``n`` bytes; the callee reads them and answers one
-byte. RTT = time of an empty probe; bandwidth = 8 n / (time of an n-byte probe - RTT), with ``n``
-grown until the transfer takes about ``target_s``. The callee bounds every read in time, so a peer
+byte (``0x01``), or ``0x02`` at once when it is busy: a node takes part in one probe at a time, in
+either role, because concurrent probes share its access link (and the ACKs of one flow queue behind
+the data of the other) and would all read low. RTT = time of an empty probe; bandwidth = 8 n / (time of an n-byte probe - RTT), with ``n``
+sized so that the transfer takes about ``target_s``. The callee bounds every read in time, so a peer
 that stalls or lies about ``n`` costs nothing but a closed stream.
 """
 from __future__ import annotations
@@ -20,59 +22,84 @@ CHUNK = 1 << 20
 _HEADER = struct.Struct(">Q")
 
 
-async def _serve_probe(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       timeout_s: float = 30.0) -> None:
-    try:
-        (n,) = _HEADER.unpack(await asyncio.wait_for(reader.readexactly(_HEADER.size), timeout_s))
-        if n > MAX_PROBE_BYTES:
-            return  # hostile or broken: close without reading
-        deadline = time.monotonic() + timeout_s
-        while n:
-            chunk = await asyncio.wait_for(reader.read(min(n, CHUNK)), max(0.01, deadline - time.monotonic()))
-            if not chunk:
-                return  # the caller hung up early: no answer
-            n -= len(chunk)
-        writer.write(b"\x01")
-        await writer.drain()
-    except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError, struct.error):
-        pass  # cancelled only when this node shuts down: the stream just closes
-    finally:
-        writer.close()
+class ProbeBusy(Exception):
+    """The peer (or this node) is in another probe; try later."""
 
 
-async def serve_probes(p2p: P2P) -> None:
-    await p2p.add_binary_stream_handler(PROBE, _serve_probe)
+class LinkProber:
+    """Serves probes and measures links, one probe at a time per node."""
 
+    def __init__(self, p2p: P2P, timeout_s: float = 30.0):
+        self.p2p, self.timeout_s, self.busy = p2p, timeout_s, False
 
-async def probe_once(p2p: P2P, peer: PeerID, n_bytes: int, timeout_s: float = 30.0) -> float:
-    """Seconds from the first byte sent to the callee's answer."""
-    async def transfer() -> float:
-        _, reader, writer = await p2p.call_binary_stream_handler(peer, PROBE)
+    async def serve(self) -> None:
+        await self.p2p.add_binary_stream_handler(PROBE, self._serve)
+
+    async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held = False
         try:
-            start = time.perf_counter()
-            writer.write(_HEADER.pack(n_bytes))
-            payload = bytes(min(n_bytes, CHUNK))
-            left = n_bytes
-            while left:
-                writer.write(payload[: min(left, CHUNK)])
-                left -= min(left, CHUNK)
+            (n,) = _HEADER.unpack(await asyncio.wait_for(reader.readexactly(_HEADER.size), self.timeout_s))
+            if n > MAX_PROBE_BYTES:
+                return  # hostile or broken: close without reading
+            if self.busy and n:
+                writer.write(b"\x02")
                 await writer.drain()
-            if await reader.readexactly(1) != b"\x01":
-                raise ConnectionError("bad probe answer")
-            return time.perf_counter() - start
+                return
+            held = self.busy = bool(n)
+            deadline = time.monotonic() + self.timeout_s
+            while n:
+                chunk = await asyncio.wait_for(reader.read(min(n, CHUNK)), max(0.01, deadline - time.monotonic()))
+                if not chunk:
+                    return  # the caller hung up early: no answer
+                n -= len(chunk)
+            writer.write(b"\x01")
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError, struct.error):
+            pass  # cancelled only when this node shuts down: the stream just closes
         finally:
+            if held:
+                self.busy = False
             writer.close()
 
-    return await asyncio.wait_for(transfer(), timeout_s)
+    async def probe_once(self, peer: PeerID, n_bytes: int, timeout_s: float = 30.0) -> float:
+        """Seconds from the first byte sent to the callee's answer."""
+        async def transfer() -> float:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(peer, PROBE)
+            try:
+                start = time.perf_counter()
+                writer.write(_HEADER.pack(n_bytes))
+                payload, left = bytes(min(n_bytes, CHUNK)), n_bytes
+                while left:
+                    writer.write(payload[: min(left, CHUNK)])
+                    left -= min(left, CHUNK)
+                    await writer.drain()
+                answer = await reader.readexactly(1)
+                if answer == b"\x02":
+                    raise ProbeBusy(f"peer {peer} is busy")
+                if answer != b"\x01":
+                    raise ConnectionError("bad probe answer")
+                return time.perf_counter() - start
+            finally:
+                writer.close()
 
+        return await asyncio.wait_for(transfer(), timeout_s)
 
-async def measure_link(p2p: P2P, peer: PeerID, target_s: float = 1.0, first_bytes: int = 64 << 10) -> tuple[float, float]:
-    """(bandwidth_bps, rtt_s) to ``peer``: probes grow 4x until one takes ``target_s / 4`` or more."""
-    rtt = min([await probe_once(p2p, peer, 0) for _ in range(3)])
-    n, elapsed = first_bytes, 0.0
-    while True:
-        elapsed = await probe_once(p2p, peer, n, timeout_s=30 * target_s + 10)
-        if elapsed >= target_s / 4 or n >= MAX_PROBE_BYTES:
-            break
-        n = min(MAX_PROBE_BYTES, max(n * 4, int(n * target_s / max(elapsed, 1e-3))))
-    return 8 * n / max(elapsed - rtt, 1e-6), rtt
+    async def measure(self, peer: PeerID, target_s: float = 1.0, first_bytes: int = 64 << 10) -> tuple[float, float]:
+        """(bandwidth_bps, rtt_s) to ``peer``: probes grow until one takes a tenth of ``target_s``; the
+        last probe is then sized to take ``target_s`` (short probes read high: buffers absorb them)."""
+        if self.busy:
+            raise ProbeBusy("this node is in another probe")
+        self.busy = True
+        try:
+            rtt = min([await self.probe_once(peer, 0) for _ in range(3)])
+            n, limit = first_bytes, 30 * target_s + 10
+            while True:
+                elapsed = await self.probe_once(peer, n, limit)
+                if elapsed >= target_s / 10 or n >= MAX_PROBE_BYTES:
+                    break
+                n = min(MAX_PROBE_BYTES, n * 4)
+            n = min(MAX_PROBE_BYTES, max(n, int(n * target_s / max(elapsed - rtt, 1e-3))))
+            elapsed = await self.probe_once(peer, n, limit)
+            return 8 * n / max(elapsed - rtt, 1e-6), rtt
+        finally:
+            self.busy = False

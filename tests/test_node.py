@@ -159,19 +159,19 @@ def test_probe_rejects_oversized_and_stalled_streams():
     import struct
 
     from swarm.membership import SwarmDHT
-    from swarm.transport import PROBE, measure_link, serve_probes
+    from swarm.transport import PROBE, LinkProber
 
     a = SwarmDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     b = SwarmDHT(initial_peers=[str(x) for x in a.get_visible_maddrs()], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 
     async def scenario():
         pa, pb = await a.replicate_p2p(), await b.replicate_p2p()
-        await serve_probes(pa)
+        await LinkProber(pa).serve()
         _, reader, writer = await pb.call_binary_stream_handler(pa.peer_id, PROBE)
         writer.write(struct.pack(">Q", 1 << 40))  # claims a terabyte
         await writer.drain()
         assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without an answer
-        bandwidth, rtt = await measure_link(pb, pa.peer_id, target_s=0.2)  # the server still serves
+        bandwidth, rtt = await LinkProber(pb).measure(pa.peer_id, target_s=0.2)  # the server still serves
         assert bandwidth > 0 and rtt > 0
 
     try:
