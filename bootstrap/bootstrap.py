@@ -7,14 +7,12 @@ Prints its multiaddrs (put them in a peer list, see peers.txt), serves until SIG
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from swarm.config import NetworkConfig, validate
 from swarm.errors import SwarmError
 from swarm.membership import load_signing_key, make_validators
-from swarm.node import check_maddrs, identity_paths, start_dht
+from swarm.node import check_maddrs, identity_paths, start_dht, stop_on_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        for addr in dht.get_visible_maddrs():
-            print(addr, flush=True)
-        stop.wait()
-        return 0
+        with stop_on_signals() as stop:
+            for addr in dht.get_visible_maddrs():
+                print(addr, flush=True)
+            stop.wait()
+            return 0
     finally:
         dht.shutdown()
 

@@ -11,6 +11,9 @@ from swarm.config import NetworkConfig, NodeConfig, config_dir, load, validate
 from swarm.errors import SwarmError
 
 
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument errors in one line (plus exit code 2), like every other input error."""
 
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dag)
 
     p = sub.add_parser("profile", help="measure this device (cached) and print its profile")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="addresses to listen on")
     p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses others should dial")
     p.add_argument("--identity", metavar="PATH", help="identity file (same file, same peer id)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="join as a client, print the member table and exit")
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: for now, estimate a pipeline of the default model on this device")
     model_args(p)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--stages", type=int, default=4)
     p.set_defaults(func=cmd_demo)
     return parser

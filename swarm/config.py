@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
@@ -55,9 +55,6 @@ class ImportSpec(_ModelSpecBase):
         default=None, description="per-sample input shape, when the module has no example_inputs()")
     input_dtype: Literal["float32", "int64"] = "float32"
     input_high: PositiveInt = Field(default=2, description="exclusive upper bound of int64 inputs")
-
-
-ModelSpec = Annotated[Union[GPTSpec, ResNetSpec, ImportSpec], Field(discriminator="kind")]
 
 
 class NetworkConfig(Strict):

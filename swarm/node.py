@@ -11,7 +11,9 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from hivemind.p2p import PeerID
 from multiaddr import Multiaddr
@@ -88,11 +90,23 @@ def start_dht(net: NetworkConfig, initial_peers: list[str], validators: list, id
         raise SwarmError(f"cannot start the DHT: {text[:300]}") from None
 
 
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM; the previous handlers come back afterwards."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _initial_peers(net: NetworkConfig) -> list[str]:
     return list(net.initial_peers) if net.initial_peers is not None else read_peer_list(PUBLIC_PEERS)
 
 
-class _LinkProber:
+class _ProbeSchedule:
     """Measures one peer per ``interval_s`` in the background; keeps smoothed results (EMA, 1/2)."""
 
     def __init__(self, dht: SwarmDHT, interval_s: float):
@@ -109,8 +123,9 @@ class _LinkProber:
     def _run(self, coro, timeout_s: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
-    def step(self, peers: list[str]) -> None:
-        """Collect a finished probe; start the next one when due (least recently probed peer first)."""
+    def step(self, peers: Callable[[], list[str]]) -> None:
+        """Collect a finished probe; start the next one when due (least recently probed peer first).
+        ``peers`` is called only then: reading the membership is a DHT lookup."""
         if self.pending is not None and self.pending[1].done():
             peer, future = self.pending
             self.pending = None
@@ -118,8 +133,11 @@ class _LinkProber:
                 bandwidth, rtt = future.result()
                 for table, value in ((self.bandwidth_bps, bandwidth), (self.rtt_s, rtt)):
                     table[peer] = (table.pop(peer) + value) / 2 if peer in table else value  # newest last
-        if self.pending is None and peers and time.monotonic() >= self.next_at:
-            peer = min(peers, key=lambda p: (self.probed_at.get(p, 0.0), p))
+        if self.pending is None and time.monotonic() >= self.next_at:
+            candidates = peers()
+            if not candidates:
+                return
+            peer = min(candidates, key=lambda p: (self.probed_at.get(p, 0.0), p))
             self.probed_at[peer] = self.next_at = time.monotonic()
             self.next_at += self.interval_s * random.uniform(0.5, 1.5)  # jitter: peers rarely collide
             coro = asyncio.wait_for(self.links.measure(PeerID.from_base58(peer)), 60)
@@ -150,33 +168,30 @@ def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
     profile = load_or_measure(device)
     validators = make_validators(net.prefix, load_signing_key(sign_path))
     dht = start_dht(net, peers, validators, identity)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        membership = Membership(dht, validators[0], net.prefix, net.ttl_s)
-        maddrs = [str(a) for a in dht.get_visible_maddrs()]
-        record = MemberRecord(
-            peer_id=str(dht.peer_id), maddrs=maddrs, device=profile.device, device_name=profile.name,
-            tflops=profile.tflops, memory_bytes=profile.memory_available_bytes,
-            versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-            started_at=time.time())
-        log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
-        prober = _LinkProber(dht, net.probe_interval_s)
-        while not stop.is_set():
-            prober.step([p for p in membership.view().peers() if p != record.peer_id])
-            record.bandwidth_bps, record.rtt_s = dict(prober.bandwidth_bps), dict(prober.rtt_s)
-            if not membership.publish(record):
-                log("warning: could not store the member record this round")
-            stop.wait(net.heartbeat_s)
-        prober.close()
-        record.state = "offline"
-        membership.publish(record, timeout_s=5)
-        log("left the swarm")
-        return 0
+        with stop_on_signals() as stop:
+            membership = Membership(dht, validators[0], net.prefix, net.ttl_s)
+            maddrs = [str(a) for a in dht.get_visible_maddrs()]
+            record = MemberRecord(
+                peer_id=str(dht.peer_id), maddrs=maddrs, device=profile.device, device_name=profile.name,
+                tflops=profile.tflops, memory_bytes=profile.memory_available_bytes,
+                versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+                started_at=time.time())
+            log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
+            probes = _ProbeSchedule(dht, net.probe_interval_s)
+            while not stop.is_set():
+                probes.step(lambda: [p for p in membership.view().peers() if p != record.peer_id])
+                record.bandwidth_bps, record.rtt_s = dict(probes.bandwidth_bps), dict(probes.rtt_s)
+                if not membership.publish(record):
+                    log("warning: could not store the member record this round")
+                stop.wait(net.heartbeat_s)
+            probes.close()
+            record.state = "offline"
+            membership.publish(record, timeout_s=5)
+            log("left the swarm")
+            return 0
     finally:
         dht.shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def read_members(net: NetworkConfig, timeout_s: float = 10.0) -> MembershipView:

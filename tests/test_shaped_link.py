@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -40,7 +41,6 @@ def shaped_pair():
         yield ns, ips
     finally:
         for n in ns:
-            subprocess.run(["ip", "netns", "pids", n], capture_output=True)
             subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=30)
 
 
@@ -65,7 +65,7 @@ def test_shaped_link_bandwidth_within_25_percent(tmp_path, shaped_pair):
         node(ns_b, ip_b, "b", addr).wait_for("listening", 60)
 
         def measured():
-            res = subprocess.run(["ip", "netns", "exec", ns_b, os.sys.executable, "node.py", "status", "--initial-peers", addr,
+            res = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "node.py", "status", "--initial-peers", addr,
                                   "--json"], capture_output=True, text=True, timeout=60)
             members = json.loads(res.stdout) if res.returncode == 0 else []
             return members if len(members) == 2 and all(m["bandwidth_bps"] for m in members) else None

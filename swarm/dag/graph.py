@@ -122,6 +122,7 @@ class OpDAG:
                 if src not in self.index:
                     raise SwarmError(f"op '{op.name}' reads '{src}', which is not defined before it")
             self.index[op.name] = i
+        self._last_use = self._compute_last_use()
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -137,6 +138,9 @@ class OpDAG:
 
     def last_use(self) -> list[int]:
         """For each op, the index of its last consumer (its own index if unused)."""
+        return self._last_use
+
+    def _compute_last_use(self) -> list[int]:
         last = list(range(len(self.ops)))
         for i, op in enumerate(self.ops):
             for src in op.inputs:
