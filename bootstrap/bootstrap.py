@@ -1,6 +1,7 @@
 """A bootstrap peer: a DHT-only node that new nodes dial first.
 
     python -m bootstrap.bootstrap [--host-maddrs /ip4/0.0.0.0/tcp/31337] [--identity PATH] [--prefix swarm]
+        [--credentials FILE]
 
 Prints its multiaddrs (put them in a peer list, see peers.txt), serves until SIGINT/SIGTERM.
 """
@@ -11,8 +12,8 @@ import sys
 
 from swarm.config import NetworkConfig, validate
 from swarm.errors import SwarmError
-from swarm.membership import load_signing_key, make_validators
-from swarm.node import check_maddrs, identity_paths, start_dht, stop_on_signals
+from swarm.membership import make_validators
+from swarm.node import check_maddrs, node_identity, private_swarm, start_dht, stop_on_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--initial-peers", nargs="*", default=[], help="other bootstrap peers to link with")
     parser.add_argument("--identity", default="~/.swarm/bootstrap.identity")
     parser.add_argument("--prefix", default="swarm")
+    parser.add_argument("--credentials", help="private swarm: this peer's credential (see docs/private-swarm.md)")
     args = parser.parse_args(argv)
     try:
         net = validate(NetworkConfig, {"host_maddrs": args.host_maddrs, "announce_maddrs": args.announce_maddrs,
                                        "initial_peers": args.initial_peers, "identity_path": args.identity,
-                                       "prefix": args.prefix}, "bootstrap flags")
+                                       "prefix": args.prefix, "credentials_path": args.credentials}, "bootstrap flags")
         check_maddrs(net.initial_peers, "--initial-peers", need_peer_id=True)
-        identity, sign_path = identity_paths(net)
-        dht = start_dht(net, net.initial_peers, make_validators(net.prefix, load_signing_key(sign_path)), identity)
+        identity = node_identity(net)
+        dht = start_dht(net, net.initial_peers, make_validators(net.prefix, identity.key), identity.path,
+                        authorizer=private_swarm(net, identity))
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

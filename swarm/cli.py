@@ -21,6 +21,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+def _at_least(low: float, kind: type = int):
+    """argparse type: a number of ``kind`` that is at least ``low`` (bad values give the usual one-line error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text} is below the minimum {low:g}")
+        return value
+    return parse
+
+
 def _human(n: float, unit: str = "") -> str:
     for prefix in ("", "K", "M", "G", "T", "P"):
         if abs(n) < 1000:
@@ -106,7 +119,7 @@ def _network(args: argparse.Namespace):
     cfg = _node_config(args)
     flags = {"initial_peers": args.initial_peers, "host_maddrs": getattr(args, "host_maddrs", None),
              "announce_maddrs": getattr(args, "announce_maddrs", None), "identity_path": getattr(args, "identity", None),
-             "prefix": args.prefix}
+             "prefix": args.prefix, "credentials_path": args.credentials}
     return cfg, validate(NetworkConfig, {**cfg.network.model_dump(), **{k: v for k, v in flags.items() if v is not None}},
                          "command-line flags")
 
@@ -125,7 +138,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     view = read_members(net)
     records = [view.members[p] for p in view.peers()]
     if args.json:
-        print(json.dumps([{**r.to_wire(), "uptime_s": r.uptime_s} for r in records]))
+        hidden = {"credential"}  # binary; members have already checked it
+        print(json.dumps([{**{k: v for k, v in r.to_wire().items() if k not in hidden}, "uptime_s": r.uptime_s}
+                          for r in records]))
         return 0
     print(f"{'peer':<14}{'device':<18}{'TFLOP/s':>9}{'mem GB':>8}{'bw to others':>22}{'state':>9}{'uptime':>9}{'stage':>7}")
     for r in records:
@@ -134,6 +149,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{r.peer_id[-12:]:<14}{(r.device + ' ' + r.device_name)[:17]:<18}{r.tflops:>9.3f}{r.memory_bytes / 1e9:>8.1f}"
               f"{bw_text:>22}{r.state:>9}{r.uptime_s:>8.0f}s{'-' if r.stage is None else r.stage:>7}")
     print(f"{len(records)} members")
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    from swarm.auth import load_identity
+
+    identity = load_identity(args.identity)
+    if args.json:
+        print(json.dumps({"peer_id": identity.peer_id, "public_key": identity.public_key, "path": identity.path}))
+    else:
+        print(f"peer id     {identity.peer_id}\npublic key  {identity.public_key}\nfile        {identity.path}")
+    return 0
+
+
+def cmd_swarm_init(args: argparse.Namespace) -> int:
+    from swarm.private import init_swarm
+
+    made = init_swarm(args.dir, args.name, args.members, args.valid_days)
+    print(f"private swarm '{args.name}' in {args.dir}: keep {made.authority_path} secret and offline")
+    for member in made.members:
+        print(f"  member {member.peer_id}: --identity {member.identity_path} --credentials {member.credential_path}")
+    print(f"admit more members with: node.py swarm-admit {args.dir} --public-key 'ssh-rsa ...' --out FILE")
+    return 0
+
+
+def cmd_swarm_admit(args: argparse.Namespace) -> int:
+    from swarm.auth import load_identity
+    from swarm.private import admit
+
+    if bool(args.public_key) == bool(args.identity):
+        raise SwarmError("swarm-admit needs exactly one of --public-key and --identity")
+    key = args.public_key or load_identity(args.identity, create=False).public_key
+    cred = admit(args.dir, key, args.out, args.valid_days)
+    print(f"admitted peer {cred.peer_id} to '{cred.swarm}' until {cred.token.expiration_time}: {args.out}")
     return 0
 
 
@@ -148,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dag", help="trace a model into its OP-DAG and print it")
     model_args(p)
-    p.add_argument("--batch-size", type=int, default=1, help="samples in the traced batch (costs scale with it)")
+    p.add_argument("--batch-size", type=_at_least(1), default=1, help="samples in the traced batch (costs scale with it)")
     p.add_argument("--json", action="store_true", help="print the OP-DAG as JSON")
     p.set_defaults(func=cmd_dag)
 
@@ -162,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--initial-peers", nargs="*", metavar="MADDR",
                        help="bootstrap peers (default: bootstrap/peers.txt); none: start a new swarm")
         p.add_argument("--prefix", help="DHT key prefix of the swarm (default: swarm)")
+        p.add_argument("--credentials", metavar="FILE", help="private swarm: this node's credential file")
 
     p = sub.add_parser("run", help="start a node: join the swarm and advertise this device")
     p.add_argument("--config", help="node config YAML")
@@ -175,13 +225,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="join as a client, print the member table and exit")
     p.add_argument("--config", help="node config YAML")
     network_args(p)
+    p.add_argument("--identity", metavar="PATH", help="private swarm: the identity the credential belongs to")
     p.add_argument("--json", action="store_true", help="print a list of member objects")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("identity", help="print this node's peer id and public key (creating the identity if needed)")
+    p.add_argument("--identity", metavar="PATH", default="~/.swarm/identity")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser("swarm-init", help="create a private swarm: authority key and member credentials")
+    p.add_argument("dir", help="new directory for the swarm's keys (must not exist or be empty)")
+    p.add_argument("--name", default="private", help="the swarm's name (shown in credentials)")
+    p.add_argument("--members", type=_at_least(0), default=0, help="also create this many member identities + credentials")
+    p.add_argument("--valid-days", type=_at_least(0.001, float), default=365.0, help="credential lifetime")
+    p.set_defaults(func=cmd_swarm_init)
+
+    p = sub.add_parser("swarm-admit", help="issue a credential for one more member of a private swarm")
+    p.add_argument("dir", help="the directory made by swarm-init (holds the authority key)")
+    p.add_argument("--public-key", help="the member's public key, as printed by `node.py identity`")
+    p.add_argument("--identity", metavar="PATH", help="or: the member's identity file")
+    p.add_argument("--out", required=True, help="credential file to write")
+    p.add_argument("--valid-days", type=_at_least(0.001, float), default=365.0)
+    p.set_defaults(func=cmd_swarm_admit)
 
     p = sub.add_parser("demo", help="the main job: for now, estimate a pipeline of the default model on this device")
     model_args(p)
     p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--stages", type=_at_least(1), default=4)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -189,9 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("hivemind").setLevel(logging.WARNING)  # its INFO chatter is not for users
-    if getattr(args, "batch_size", 1) < 1:
-        print("error: --batch-size must be at least 1", file=sys.stderr)
-        return 2
     try:
         return args.func(args)
     except SwarmError as e:

@@ -64,6 +64,8 @@ class NetworkConfig(Strict):
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] = Field(default_factory=list)
     identity_path: str | None = Field(default=None, description="persistent identity; default ~/.swarm/identity")
+    credentials_path: str | None = Field(default=None, description="private swarm: this node's credential "
+                                         "(from `node.py swarm-init` / `swarm-admit`); None joins a public swarm")
     prefix: str = Field(default="swarm", pattern=r"^[A-Za-z0-9_.-]+$", description="DHT key prefix: one per swarm")
     ttl_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=10.0, gt=0)

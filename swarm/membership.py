@@ -4,12 +4,15 @@ Each node publishes one *member record* under ``<prefix>_members``, in a subkey 
 public key: ``RSASignatureValidator`` makes the subkey writable by its owner only, and
 ``SchemaValidator`` (installed on every node) rejects records of the wrong shape at store time.
 Readers validate again and drop what is malformed or stale, so a hostile record is ignored, never
-fatal. DHT records cannot be deleted: a leaving node publishes ``state="offline"``; a killed node's
+fatal. A record counts only if its ``peer_id`` is the one derived from the key that signed it (one
+RSA key is both the libp2p identity and the record signer), and, in a private swarm, only if it
+carries a valid credential for that peer. DHT records cannot be deleted: a leaving node publishes ``state="offline"``; a killed node's
 record simply expires after ``ttl_s``.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import statistics
@@ -23,9 +26,9 @@ from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from swarm.errors import SwarmError
+from swarm.auth import CredentialChecker, peer_id_of
 
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
@@ -48,6 +51,7 @@ class _RecordV1(pv1.BaseModel):
     bandwidth_bps: Dict[pv1.StrictStr, pv1.StrictFloat]
     rtt_s: Dict[pv1.StrictStr, pv1.StrictFloat]
     stage: Optional[pv1.StrictInt]
+    credential: Optional[pv1.StrictBytes] = None
 
 
 class _MembersSchema(pv1.BaseModel):
@@ -69,6 +73,7 @@ class MemberRecord:
     bandwidth_bps: dict[str, float] = field(default_factory=dict)  # measured, to other peer ids
     rtt_s: dict[str, float] = field(default_factory=dict)
     stage: int | None = None
+    credential: bytes | None = None  # private swarms: the member's credential (swarm.auth)
 
     @property
     def uptime_s(self) -> float:
@@ -102,27 +107,6 @@ class MemberRecord:
 def make_validators(prefix: str, private_key: RSAPrivateKey) -> list:
     """Validators every node of a swarm must install (same prefix everywhere)."""
     return [RSASignatureValidator(private_key), SchemaValidator(_MembersSchema, allow_extra_keys=True, prefix=prefix)]
-
-
-def load_signing_key(path: str) -> RSAPrivateKey:
-    """The node's persistent record-signing key (created on first use)."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = RSAPrivateKey()
-    try:
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                key._private_key = serialization.load_pem_private_key(f.read(), password=None)
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            pem = key._private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption())
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-    except (OSError, ValueError, TypeError) as e:
-        raise SwarmError(f"cannot use signing key file {path}: {e}") from None
-    return key
 
 
 class SwarmDHT(DHT):
@@ -166,11 +150,24 @@ class MembershipView:
         return {a: {b: self.bandwidth(a, b) for b in peers if b != a} for a in peers}
 
 
-class Membership:
-    """Publish this node's record and read everyone's (a synchronous facade over the DHT)."""
+@functools.lru_cache(maxsize=4096)
+def owner_peer_id(subkey: bytes) -> str | None:
+    """The peer id of the key named in an ``[owner:...]`` subkey (None if there is none)."""
+    keys = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey) if isinstance(subkey, bytes) else []
+    try:
+        return peer_id_of(RSAPublicKey.from_bytes(keys[0])) if len(keys) == 1 else None
+    except Exception:
+        return None
 
-    def __init__(self, dht: DHT, signer: RSASignatureValidator, prefix: str = "swarm", ttl_s: float = 30.0):
+
+class Membership:
+    """Publish this node's record and read everyone's (a synchronous facade over the DHT).
+    ``checker`` (private swarms) makes the view keep only records carrying a valid credential."""
+
+    def __init__(self, dht: DHT, signer: RSASignatureValidator, prefix: str = "swarm", ttl_s: float = 30.0,
+                 checker: CredentialChecker | None = None):
         self.dht, self.signer, self.key, self.ttl_s = dht, signer, f"{prefix}_members", ttl_s
+        self.checker = checker
 
     def publish(self, record: MemberRecord, timeout_s: float = 10.0) -> bool:
         """Store (refresh) this node's record; False if no DHT peer accepted it in time."""
@@ -182,13 +179,24 @@ class Membership:
         except TimeoutError:
             return False
 
+    def accepts(self, subkey: Any, record: MemberRecord) -> bool:
+        """The record is its signer's own (peer id bound to the key) and, if private, credentialed."""
+        if owner_peer_id(subkey) != record.peer_id:
+            return False
+        if self.checker is None:
+            return True
+        token = self.checker.valid_bytes(record.credential or b"")
+        return token is not None and token.username == record.peer_id
+
     def view(self, timeout_s: float = 10.0) -> MembershipView:
         found = self.dht.get(self.key, latest=True, return_future=True).result(timeout=timeout_s)
         now, members = get_dht_time(), {}
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        for entry in entries.values():
+        for subkey, entry in entries.items():
             record = MemberRecord.from_wire(getattr(entry, "value", None))
             if record is None or record.state == "offline" or entry.expiration_time < now:
+                continue
+            if not self.accepts(subkey, record):
                 continue
             if record.peer_id not in members or members[record.peer_id].updated_at < record.updated_at:
                 members[record.peer_id] = record

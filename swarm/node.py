@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import sys
@@ -16,13 +15,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from hivemind.p2p import PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 from multiaddr import Multiaddr
 
 from swarm import __version__
 from swarm.config import NetworkConfig
 from swarm.errors import SwarmError
 from swarm.transport import LinkProber
-from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, load_signing_key, make_validators
+from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
+from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
 
 PUBLIC_PEERS = Path(__file__).resolve().parent.parent / "bootstrap" / "peers.txt"
 
@@ -49,27 +50,18 @@ def read_peer_list(path: str | Path) -> list[str]:
     return check_maddrs([p for p in peers if p], f"peer list {path}", need_peer_id=True)
 
 
-def identity_paths(net: NetworkConfig) -> tuple[str, str]:
-    """(p2p identity, record-signing key): both persistent, so a restarted node keeps its peer id."""
-    from hivemind.proto import crypto_pb2
+def node_identity(net: NetworkConfig) -> Identity:
+    """The persistent identity: p2pd's key, which also signs the member record."""
+    return load_identity(net.identity_path or "~/.swarm/identity")
 
-    base = os.path.expanduser(net.identity_path or "~/.swarm/identity")
-    if os.path.exists(base):
-        try:
-            with open(base, "rb") as f:
-                key = crypto_pb2.PrivateKey.FromString(f.read())
-            if not key.data:
-                raise ValueError("empty key")
-        except OSError as e:
-            raise SwarmError(f"cannot read identity file {base}: {e.strerror}") from None
-        except Exception:
-            raise SwarmError(f"identity file {base} is not a libp2p private key") from None
-    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
-    return base, base + ".sign"
+
+def private_swarm(net: NetworkConfig, identity: Identity) -> SwarmAuthorizer | None:
+    """The authorizer for a private swarm (``credentials_path`` set), else None for a public one."""
+    return SwarmAuthorizer(identity, read_credential(net.credentials_path)) if net.credentials_path else None
 
 
 def start_dht(net: NetworkConfig, initial_peers: list[str], validators: list, identity: str | None,
-              client_mode: bool = False) -> SwarmDHT:
+              client_mode: bool = False, authorizer: SwarmAuthorizer | None = None) -> SwarmDHT:
     """Start and join; every failure becomes one line (bad port, unreachable bootstrap, bad identity)."""
     check_maddrs(net.host_maddrs, "host_maddrs")
     check_maddrs(net.announce_maddrs, "announce_maddrs")
@@ -77,11 +69,13 @@ def start_dht(net: NetworkConfig, initial_peers: list[str], validators: list, id
     try:
         return SwarmDHT(initial_peers=initial_peers, start=True, host_maddrs=net.host_maddrs,
                         announce_maddrs=net.announce_maddrs or None, identity_path=identity,
-                        record_validators=validators, startup_timeout=net.startup_timeout_s, client_mode=client_mode)
+                        record_validators=validators, startup_timeout=net.startup_timeout_s, client_mode=client_mode,
+                        authorizer=authorizer)
     except Exception as e:
         text = " ".join(str(e).split()) or type(e).__name__
         if "bootstrap" in text:
-            raise SwarmError(f"no bootstrap peer reachable ({', '.join(initial_peers)}) within "
+            private = " and admitted this node (credentials of this swarm?)" if authorizer else ""
+            raise SwarmError(f"no bootstrap peer reachable{private} ({', '.join(initial_peers)}) within "
                              f"{net.startup_timeout_s:.0f} s") from None
         if "address already in use" in text.lower():
             raise SwarmError(f"cannot listen on {', '.join(net.host_maddrs)}: address already in use") from None
@@ -109,11 +103,11 @@ def _initial_peers(net: NetworkConfig) -> list[str]:
 class _ProbeSchedule:
     """Measures one peer per ``interval_s`` in the background; keeps smoothed results (EMA, 1/2)."""
 
-    def __init__(self, dht: SwarmDHT, interval_s: float):
+    def __init__(self, dht: SwarmDHT, interval_s: float, admit: Callable[[str], bool] | None = None):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="transport").start()
         self.p2p = self._run(dht.replicate_p2p())
-        self.links = LinkProber(self.p2p)
+        self.links = LinkProber(self.p2p, admit=admit)
         self._run(self.links.serve())
         self.interval_s, self.next_at, self.pending = interval_s, 0.0, None
         self.bandwidth_bps: dict[str, float] = {}
@@ -164,23 +158,33 @@ def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
     from swarm.estimator.profile import load_or_measure
 
     peers = _initial_peers(net)
-    identity, sign_path = identity_paths(net)
+    identity = node_identity(net)
+    authorizer = private_swarm(net, identity)
     profile = load_or_measure(device)
-    validators = make_validators(net.prefix, load_signing_key(sign_path))
-    dht = start_dht(net, peers, validators, identity)
+    validators = make_validators(net.prefix, identity.key)
+    dht = start_dht(net, peers, validators, identity.path, authorizer=authorizer)
     try:
         with stop_on_signals() as stop:
-            membership = Membership(dht, validators[0], net.prefix, net.ttl_s)
+            checker = authorizer.checker if authorizer else None
+            membership = Membership(dht, validators[0], net.prefix, net.ttl_s, checker)
             maddrs = [str(a) for a in dht.get_visible_maddrs()]
             record = MemberRecord(
-                peer_id=str(dht.peer_id), maddrs=maddrs, device=profile.device, device_name=profile.name,
+                peer_id=identity.peer_id, maddrs=maddrs, device=profile.device, device_name=profile.name,
                 tflops=profile.tflops, memory_bytes=profile.memory_available_bytes,
                 versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-                started_at=time.time())
+                started_at=time.time(),
+                credential=authorizer.credential.token.SerializeToString() if authorizer else None)
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
-            probes = _ProbeSchedule(dht, net.probe_interval_s)
+            members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
+
+            def other_peers() -> list[str]:
+                members.clear()
+                members.update(membership.view().peers())
+                return sorted(members - {record.peer_id})
+
+            probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)
             while not stop.is_set():
-                probes.step(lambda: [p for p in membership.view().peers() if p != record.peer_id])
+                probes.step(other_peers)
                 record.bandwidth_bps, record.rtt_s = dict(probes.bandwidth_bps), dict(probes.rtt_s)
                 if not membership.publish(record):
                     log("warning: could not store the member record this round")
@@ -195,12 +199,14 @@ def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
 
 
 def read_members(net: NetworkConfig, timeout_s: float = 10.0) -> MembershipView:
-    """Join as a client (no identity, no record of its own) and read the membership view."""
-    from hivemind.utils.crypto import RSAPrivateKey
-
+    """Join as a client (no record of its own; a fresh p2p identity) and read the membership view.
+    In a private swarm the node's identity key and credential authorize the reads."""
+    authorizer = private_swarm(net, load_identity(net.identity_path or "~/.swarm/identity", create=False)) \
+        if net.credentials_path else None
     validators = make_validators(net.prefix, RSAPrivateKey())
-    dht = start_dht(net, _initial_peers(net), validators, identity=None, client_mode=True)
+    dht = start_dht(net, _initial_peers(net), validators, identity=None, client_mode=True, authorizer=authorizer)
     try:
-        return Membership(dht, validators[0], net.prefix, net.ttl_s).view(timeout_s)
+        checker = authorizer.checker if authorizer else None
+        return Membership(dht, validators[0], net.prefix, net.ttl_s, checker).view(timeout_s)
     finally:
         dht.shutdown()

@@ -6,13 +6,15 @@ byte (``0x01``), or ``0x02`` at once when it is busy: a node takes part in one p
 either role, because concurrent probes share its access link (and the ACKs of one flow queue behind
 the data of the other) and would all read low. RTT = time of an empty probe; bandwidth = 8 n / (time of an n-byte probe - RTT), with ``n``
 sized so that the transfer takes about ``target_s``. The callee bounds every read in time, so a peer
-that stalls or lies about ``n`` costs nothing but a closed stream.
+that stalls or lies about ``n`` costs nothing but a closed stream. In a private swarm, ``admit`` (a
+check of the caller's authenticated libp2p peer id) turns away non-members the same way.
 """
 from __future__ import annotations
 
 import asyncio
 import struct
 import time
+from typing import Callable
 
 from hivemind.p2p import P2P, PeerID
 
@@ -29,8 +31,8 @@ class ProbeBusy(Exception):
 class LinkProber:
     """Serves probes and measures links, one probe at a time per node."""
 
-    def __init__(self, p2p: P2P, timeout_s: float = 30.0):
-        self.p2p, self.timeout_s, self.busy = p2p, timeout_s, False
+    def __init__(self, p2p: P2P, timeout_s: float = 30.0, admit: Callable[[str], bool] | None = None):
+        self.p2p, self.timeout_s, self.busy, self.admit = p2p, timeout_s, False, admit
 
     async def serve(self) -> None:
         await self.p2p.add_binary_stream_handler(PROBE, self._serve)
@@ -38,6 +40,8 @@ class LinkProber:
     async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held = False
         try:
+            if self.admit is not None and not self.admit(stream_info.peer_id.to_base58()):
+                return  # private swarm: not a member, the stream just closes
             (n,) = _HEADER.unpack(await asyncio.wait_for(reader.readexactly(_HEADER.size), self.timeout_s))
             if n > MAX_PROBE_BYTES:
                 return  # hostile or broken: close without reading

@@ -1,9 +1,12 @@
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.swarmproc import Proc, p2pd_pids, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,3 +21,21 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python node.py ARGS`` from the repository root; bounded in time."""
     return subprocess.run([sys.executable, str(ROOT / "node.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture
+def swarm_procs():
+    """Processes started by a test; all are killed afterwards and no p2pd may survive them."""
+    before = p2pd_pids()
+    procs: list[Proc] = []
+    yield procs
+    for p in procs:
+        p.cleanup()
+    wait_until(lambda: p2pd_pids() <= before, 15, what="all p2pd daemons of the test gone")
+
+
+def node_config(tmp_path, **network) -> str:
+    path = tmp_path / "node.yaml"
+    net = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 5.0, "startup_timeout_s": 20, **network}
+    path.write_text(json.dumps({"device": "cpu", "network": net}))  # JSON is YAML
+    return str(path)

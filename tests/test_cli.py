@@ -36,7 +36,7 @@ def test_profile_json_is_cached(tmp_path):
     (["dag", "--model", "tests.user_models:untraceable"], "torch.fx cannot trace model"),
     (["dag", "--config", "/nonexistent/node.yaml"], "config file not found"),
     (["dag", "--granularity", "medium"], "invalid choice: 'medium'"),
-    (["dag", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["dag", "--batch-size", "0"], "argument --batch-size: 0 is below the minimum 1"),
     (["nonsense"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):

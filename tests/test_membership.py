@@ -5,13 +5,15 @@ import pytest
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.auth import peer_id_of
 from swarm.membership import (DEFAULT_BANDWIDTH_BPS, MAX_LINKS, MemberRecord, Membership, MembershipView, SwarmDHT,
                               make_validators)
 
 
 def record(peer: str, **kw) -> MemberRecord:
-    return MemberRecord(peer_id=peer, maddrs=[], device="cpu", device_name="test", tflops=1.0, memory_bytes=1 << 30,
-                        versions={"swarm": "0"}, started_at=time.time(), updated_at=time.time(), **kw)
+    fields = dict(maddrs=[], device="cpu", device_name="test", tflops=1.0, memory_bytes=1 << 30,
+                  versions={"swarm": "0"}, started_at=time.time(), updated_at=time.time())
+    return MemberRecord(peer_id=peer, **{**fields, **kw})
 
 
 def test_wire_round_trip_and_malformed_records_are_ignored():
@@ -53,11 +55,14 @@ def two_dhts():
 
 def test_hostile_writes_are_refused(two_dhts):
     (first, second), validators = two_dhts
-    assert Membership(first, validators[0][0], "t").publish(record(str(first.peer_id)))
+    first_id = peer_id_of(validators[0][0]._private_key.get_public_key())  # the signer's peer id
+    assert Membership(first, validators[0][0], "t").publish(record(first_id))
     expires = get_dht_time() + 30
     own_subkey, other_subkey = validators[1][0].local_public_key, validators[0][0].local_public_key
     assert not second.store("t_members", {"peer_id": 5}, expires, subkey=own_subkey)               # wrong shape
     assert not second.store("t_members", record("forged").to_wire(), expires, subkey=other_subkey)  # not the owner
     assert not second.store("t_members", "flat value", expires)                                     # no subkey
+    # well-formed and signed by its owner, but claiming another peer's id: stored, yet ignored by readers
+    assert Membership(second, validators[1][0], "t").publish(record(first_id, tflops=99.0))
     view = Membership(second, validators[1][0], "t").view()
-    assert list(view.members) == [str(first.peer_id)]
+    assert list(view.members) == [first_id] and view.members[first_id].tflops == 1.0

@@ -10,28 +10,8 @@ from swarm.config import NetworkConfig
 from swarm.estimator.profile import load_or_measure
 from swarm.membership import Membership, make_validators
 from swarm.node import start_dht
-from tests.conftest import run_cli
-from tests.swarmproc import Proc, p2pd_pids, wait_until
-
-MADDR = r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)"
-
-
-@pytest.fixture
-def swarm_procs():
-    """Processes started by a test; all are killed afterwards and no p2pd may survive them."""
-    before = p2pd_pids()
-    procs: list[Proc] = []
-    yield procs
-    for p in procs:
-        p.cleanup()
-    wait_until(lambda: p2pd_pids() <= before, 15, what="all p2pd daemons of the test gone")
-
-
-def node_config(tmp_path, **network) -> str:
-    path = tmp_path / "node.yaml"
-    net = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 5.0, "startup_timeout_s": 20, **network}
-    path.write_text(json.dumps({"device": "cpu", "network": net}))  # JSON is YAML
-    return str(path)
+from tests.conftest import node_config, run_cli
+from tests.swarmproc import MADDR, Proc, p2pd_pids, wait_until
 
 
 def start_node(procs, tmp_path, name, bootstrap):
