@@ -1,0 +1,197 @@
+"""The planning cost model: what a pipeline of replicated stages costs per training step.
+
+Pure and deterministic (numpy arithmetic over the OP-DAG's costs and the peers' advertised numbers),
+so that every node computes the same prediction from the same inputs. Per micro-batch of the traced
+size, for stage ``s`` holding ops ``[a, b)`` on replicas ``R_s`` (each replica holds the whole stage
+and takes micro-batches in proportion to its speed)::
+
+    compute_s  = F_s / (sum_{p in R_s} tflops_p * 1e12) + K_s * kernel_overhead / |R_s|
+    memory_s   = (2 + optimizer states) * P_s + buffers_s + A_s * in_flight    <= min memory of R_s
+    link_s     = min(raw, raw / ratio_max + codec)     raw = 2 C_s / (bw_s * min(|R_s|, |R_s+1|))
+    codec      = 2 C_s / (codec_bytes_per_s * min(|R_s|, |R_s+1|))
+    allreduce_s = 2 (|R_s| - 1) / |R_s| * P_s / bw_within(R_s)                   once per step
+
+``C_s`` is the activation cut after stage ``s`` (the gradient coming back has the same size; AdaTopK
+reuses the forward mask, so one ratio serves both), ``bw_s`` the slowest pair between the two replica
+sets, ``bw_within`` the slowest pair inside one. A step of ``M`` micro-batches through ``S`` stages::
+
+    bottleneck = max(max_s compute_s, max_s link_s)
+    step = (M + S - 1) * bottleneck + max_s allreduce_s
+
+Each link then gets the *smallest* ratio that keeps it within the bottleneck (compress no harder
+than needed: fewer dropped values, better accuracy), and none if raw transfer already fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from swarm.dag.graph import OpDAG
+from swarm.errors import SwarmError
+from swarm.estimator.workload import OPTIMIZER_STATES
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """What planning needs of a peer (from its member record, or a what-if YAML)."""
+
+    peer_id: str
+    tflops: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    micro_batches: int = 8              # M: micro-batches per optimizer step
+    in_flight: int = 4                  # micro-batches whose activations a stage holds at once
+    optimizer: str = "adam"
+    kernel_overhead_s: float = 10e-6    # per launched kernel (dominates small ops on CPU)
+    max_ratio: float = 16.0             # AdaTopK's hardest compression
+    codec_bytes_per_s: float = 1e9      # AdaTopK encode+decode throughput (raw bytes/s)
+    max_stages: int = 16                # search bound; also bounds pipeline fill time
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1 or self.in_flight < 1 or self.max_stages < 1 or self.max_ratio < 1:
+            raise SwarmError("plan settings: micro_batches, in_flight, max_stages and max_ratio must be >= 1")
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise SwarmError(f"plan settings: unknown optimizer '{self.optimizer}'")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Per-micro-batch costs of the model's *segments*: runs of ops between two allowed cuts.
+
+    Arrays hold prefix sums over segments (length ``n + 1``) so any stage's cost is O(1);
+    ``cut_bytes[k]`` is the activation crossing the boundary after segment ``k``."""
+
+    names: tuple[str, ...]          # op names, in topological order
+    seg_stop: tuple[int, ...]       # op index one past each segment's last op
+    flops: np.ndarray
+    kernels: np.ndarray
+    param_bytes: np.ndarray
+    buffer_bytes: np.ndarray
+    act_bytes: np.ndarray
+    cut_bytes: np.ndarray
+    model: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.seg_stop)
+
+    def op_range(self, a: int, b: int) -> tuple[int, int]:
+        """Op indices ``[first, stop)`` of segments ``[a, b)``."""
+        return (self.seg_stop[a - 1] if a else 0), self.seg_stop[b - 1]
+
+    @classmethod
+    def from_segments(cls, flops, kernels, param_bytes, act_bytes, cut_bytes, buffer_bytes=None,
+                      names=None, model: str = "") -> "Workload":
+        """From per-segment costs (one op per segment); ``cut_bytes`` has one entry per segment."""
+        n = len(flops)
+        names = tuple(names or (f"op{i}" for i in range(n)))
+        prefix = lambda v: np.concatenate([[0.0], np.cumsum(np.asarray(v, dtype=np.float64))])  # noqa: E731
+        return cls(names, tuple(range(1, n + 1)), prefix(flops), prefix(kernels), prefix(param_bytes),
+                   prefix(buffer_bytes if buffer_bytes is not None else [0] * n), prefix(act_bytes),
+                   np.asarray(cut_bytes, dtype=np.float64), model)
+
+    @classmethod
+    def from_dag(cls, dag: OpDAG, micro_batch_size: int | None = None) -> "Workload":
+        """Segments of ``dag`` at its valid cuts, costs scaled to ``micro_batch_size`` samples."""
+        scale = (micro_batch_size or dag.batch_size) / dag.batch_size
+        valid, cuts = dag.valid_cuts(), dag.cut_bytes()
+        last_input = max((i for i, op in enumerate(dag.ops) if op.op == "placeholder"), default=0)
+        stops = [i + 1 for i in range(len(dag.ops) - 1) if valid[i] and i >= last_input] + [len(dag.ops)]
+        starts = [0] + stops[:-1]
+        seg = lambda f: [sum(f(op) for op in dag.ops[a:b]) for a, b in zip(starts, stops)]  # noqa: E731
+        return cls.from_segments(
+            flops=[x * scale for x in seg(lambda o: o.flops)], kernels=seg(lambda o: o.kernels_fwd + o.kernels_bwd),
+            param_bytes=seg(lambda o: o.param_bytes), buffer_bytes=seg(lambda o: o.buffer_bytes),
+            act_bytes=[x * scale for x in seg(lambda o: o.act_bytes)],
+            cut_bytes=[cuts[b - 1] * scale if b < len(dag.ops) else 0 for b in stops],
+            names=[op.name for op in dag.ops], model=dag.model,
+        )._with_stops(tuple(stops))
+
+    def _with_stops(self, stops: tuple[int, ...]) -> "Workload":
+        return Workload(self.names, stops, self.flops, self.kernels, self.param_bytes, self.buffer_bytes,
+                        self.act_bytes, self.cut_bytes, self.model)
+
+    def memory(self, a, b, settings: PlanSettings):
+        """Bytes one replica of segments ``[a, b)`` needs (arrays broadcast)."""
+        params = self.param_bytes[b] - self.param_bytes[a]
+        return ((2 + OPTIMIZER_STATES[settings.optimizer]) * params + self.buffer_bytes[b] - self.buffer_bytes[a]
+                + (self.act_bytes[b] - self.act_bytes[a]) * settings.in_flight)
+
+
+@dataclass(frozen=True)
+class Swarm:
+    """Peers sorted by id and their bandwidth matrix (bits/s, symmetric, diagonal = inf)."""
+
+    peers: tuple[PeerSpec, ...]
+    bandwidth: np.ndarray = field(repr=False)
+
+    @classmethod
+    def build(cls, peers: list[PeerSpec], bandwidth) -> "Swarm":
+        """``bandwidth``: a callable ``(a, b) -> bits/s`` or a square array in ``peers`` order.
+        Peers are sorted by id, so the input order never matters; each edge is the slower direction."""
+        order = sorted(range(len(peers)), key=lambda i: peers[i].peer_id)
+        ids = [peers[i].peer_id for i in order]
+        if len(set(ids)) != len(ids):
+            raise SwarmError("duplicate peer id in the planning input")
+        if callable(bandwidth):
+            m = np.array([[np.inf if a == b else float(bandwidth(a, b)) for b in ids] for a in ids], dtype=np.float64)
+        else:
+            m = np.asarray(bandwidth, dtype=np.float64)[np.ix_(order, order)].copy()
+        m = np.minimum(m, m.T)
+        np.fill_diagonal(m, np.inf)
+        if (m <= 0).any() or np.isnan(m).any():
+            raise SwarmError("bandwidths must be positive numbers")
+        return cls(tuple(peers[i] for i in order), m)
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.peer_id for p in self.peers]
+
+    def min_bw(self, a: list[int], b: list[int]) -> float:
+        return float(self.bandwidth[np.ix_(a, b)].min())
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    compute_s: float
+    memory_bytes: float
+    allreduce_s: float
+
+
+def stage_costs(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list[int],
+                settings: PlanSettings) -> StageCosts:
+    a, b = segs
+    tflops = sum(swarm.peers[p].tflops for p in replicas)
+    r = len(replicas)
+    compute = (w.flops[b] - w.flops[a]) / (tflops * 1e12) + (w.kernels[b] - w.kernels[a]) * settings.kernel_overhead_s / r
+    params = w.param_bytes[b] - w.param_bytes[a]
+    allreduce = 2 * (r - 1) / r * params * 8 / swarm.min_bw(replicas, replicas) if r > 1 else 0.0
+    return StageCosts(float(compute), float(w.memory(a, b, settings)), float(allreduce))
+
+
+def link_time(cut_bytes: float, bw_bps: float, flows: int, ratio: float, settings: PlanSettings) -> float:
+    """Seconds per micro-batch for activation + gradient over ``flows`` parallel pairs at ``ratio``."""
+    raw = 2 * cut_bytes * 8 / (bw_bps * flows)
+    if ratio <= 1.0:
+        return raw
+    return raw / ratio + 2 * cut_bytes / (settings.codec_bytes_per_s * flows)
+
+
+def best_link_time(cut_bytes: float, bw_bps: float, flows: int, settings: PlanSettings) -> float:
+    return min(link_time(cut_bytes, bw_bps, flows, 1.0, settings),
+               link_time(cut_bytes, bw_bps, flows, settings.max_ratio, settings))
+
+
+def ratio_for(cut_bytes: float, bw_bps: float, flows: int, target_s: float, settings: PlanSettings) -> float:
+    """The smallest compression ratio that keeps the link within ``target_s`` (1 = off)."""
+    if link_time(cut_bytes, bw_bps, flows, 1.0, settings) <= target_s * (1 + 1e-9):
+        return 1.0
+    raw = link_time(cut_bytes, bw_bps, flows, 1.0, settings)
+    codec = 2 * cut_bytes / (settings.codec_bytes_per_s * flows)
+    if target_s <= codec:
+        return settings.max_ratio
+    return float(min(settings.max_ratio, max(1.0, np.ceil(raw / (target_s - codec) * 100) / 100)))

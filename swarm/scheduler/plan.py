@@ -1,0 +1,115 @@
+"""A Plan: ordered stages (op ranges + replica peers), pipeline links with target compression ratios,
+spare peers and the predicted step time. Plain data: printable, JSON, hashable."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from swarm.scheduler.costs import PlanSettings, Swarm, Workload, best_link_time, link_time, ratio_for, stage_costs
+
+
+def _round(x: float) -> float | None:
+    """Floats as they enter JSON and the hash: 6 significant digits (bit-level noise never matters)."""
+    return None if not math.isfinite(x) else float(f"{x:.6g}")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    first_op: int
+    stop_op: int
+    ops: tuple[str, ...]
+    peers: tuple[str, ...]
+    compute_s: float
+    memory_bytes: float
+    allreduce_s: float
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    src: int            # stage indices
+    dst: int
+    bandwidth_bps: float
+    bytes: float        # activation bytes per micro-batch before compression (gradient: same)
+    ratio: float        # AdaTopK target: raw bytes / wire bytes (1 = uncompressed)
+    time_s: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    stages: tuple[StagePlan, ...]
+    links: tuple[LinkPlan, ...]
+    spares: tuple[str, ...]
+    bottleneck_s: float
+    predicted_step_s: float     # inf when some stage does not fit in its replicas' memory
+    micro_batches: int
+
+    @property
+    def feasible(self) -> bool:
+        return math.isfinite(self.predicted_step_s)
+
+    def role(self, peer_id: str) -> dict:
+        """A peer's part in the plan: its stage (or spare) and its pipeline neighbours."""
+        for s in self.stages:
+            if peer_id in s.peers:
+                prev = self.stages[s.index - 1].peers if s.index else ()
+                nxt = self.stages[s.index + 1].peers if s.index + 1 < len(self.stages) else ()
+                return {"stage": s.index, "replicas": [p for p in s.peers if p != peer_id],
+                        "previous": list(prev), "next": list(nxt)}
+        return {"stage": None, "spare": peer_id in self.spares}
+
+    def to_dict(self) -> dict:
+        def clean(d: dict) -> dict:
+            return {k: (_round(v) if isinstance(v, float) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        return {"model": self.model, "stages": [clean(asdict(s)) for s in self.stages],
+                "links": [clean(asdict(link)) for link in self.links], "spares": list(self.spares),
+                "bottleneck_s": _round(self.bottleneck_s), "predicted_step_s": _round(self.predicted_step_s),
+                "micro_batches": self.micro_batches, "feasible": self.feasible}
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        lines = [f"{'stage':>5}  {'ops':<34}{'peers':<28}{'compute ms':>11}{'mem MB':>9}{'allreduce ms':>13}"]
+        for s in self.stages:
+            ops = f"{s.ops[0]}..{s.ops[-1]} ({len(s.ops)})"
+            peers = ",".join(p[-6:] for p in s.peers)
+            lines.append(f"{s.index:>5}  {ops[:33]:<34}{peers[:27]:<28}{s.compute_s * 1e3:>11.2f}"
+                         f"{s.memory_bytes / 1e6:>9.1f}{s.allreduce_s * 1e3:>13.2f}")
+        for link in self.links:
+            lines.append(f"link {link.src}->{link.dst}: {link.bytes / 1e6:.3f} MB at {link.bandwidth_bps / 1e6:.1f} Mbit/s, "
+                         f"ratio {link.ratio:g}, {link.time_s * 1e3:.2f} ms")
+        lines.append(f"spares: {len(self.spares)}; bottleneck {self.bottleneck_s * 1e3:.2f} ms per micro-batch; "
+                     f"predicted step {self.predicted_step_s:.3f} s ({self.micro_batches} micro-batches)")
+        return "\n".join(lines)
+
+
+def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list[int]]], settings: PlanSettings,
+             compress: bool = True) -> Plan:
+    """The exact cost model (see ``costs``) of stages given as ((first seg, stop seg), peer indices)."""
+    costs = [stage_costs(w, swarm, segs, peers, settings) for segs, peers in stages]
+    fits = all(c.memory_bytes <= min(swarm.peers[p].memory_bytes for p in peers) for c, (_, peers) in zip(costs, stages))
+    raw_links = []
+    for s in range(len(stages) - 1):
+        (_, cut_seg), peers = stages[s]
+        nxt = stages[s + 1][1]
+        raw_links.append((float(w.cut_bytes[cut_seg - 1]), swarm.min_bw(peers, nxt), min(len(peers), len(nxt))))
+    best = [best_link_time(c, bw, f, settings) if compress else link_time(c, bw, f, 1.0, settings)
+            for c, bw, f in raw_links]
+    bottleneck = max([c.compute_s for c in costs] + best)
+    ratios = [ratio_for(c, bw, f, bottleneck, settings) if compress else 1.0 for c, bw, f in raw_links]
+    links = tuple(LinkPlan(s, s + 1, bw, c, r, link_time(c, bw, f, r, settings))
+                  for s, ((c, bw, f), r) in enumerate(zip(raw_links, ratios)))
+    step = (settings.micro_batches + len(stages) - 1) * bottleneck + max(c.allreduce_s for c in costs)
+    used = {p for _, peers in stages for p in peers}
+    plan_stages = []
+    for s, (((a, b), peers), c) in enumerate(zip(stages, costs)):
+        first, stop = w.op_range(a, b)
+        plan_stages.append(StagePlan(s, first, stop, w.names[first:stop], tuple(sorted(swarm.peers[p].peer_id for p in peers)),
+                                     c.compute_s, c.memory_bytes, c.allreduce_s))
+    return Plan(w.model, tuple(plan_stages), links, tuple(p.peer_id for i, p in enumerate(swarm.peers) if i not in used),
+                bottleneck, step if fits else math.inf, settings.micro_batches)
