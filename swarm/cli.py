@@ -115,6 +115,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from swarm.scheduler import Workload, baseline, schedule
+    from swarm.scheduler.whatif import load_peers_file
+
+    cfg = _node_config(args)
+    swarm, settings, micro_batch_size = load_peers_file(args.peers)
+    dag = _trace(cfg, micro_batch_size or cfg.micro_batch_size).dag
+    workload = Workload.from_dag(dag)
+    plan, naive = schedule(workload, swarm, settings), baseline(workload, swarm, settings)
+    speedup = naive.predicted_step_s / plan.predicted_step_s if plan.feasible else 0.0
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "hash": plan.hash, "speedup": speedup if plan.feasible and naive.feasible else None,
+                          "baseline": {**naive.to_dict(), "hash": naive.hash}}))
+        return 0 if plan.feasible else 1
+    print(f"{dag.model}: {len(dag)} ops, {len(swarm.peers)} peers, micro-batch {dag.batch_size} x {settings.micro_batches}")
+    print(plan.describe())
+    print(f"plan {plan.hash}")
+    naive_text = f"{naive.predicted_step_s:.3f} s" if naive.feasible else "does not fit in memory"
+    print(f"naive baseline (one peer per stage in id order, equal op counts, no compression): {naive_text}"
+          + (f"; OP-Fence is {speedup:.1f}x faster" if plan.feasible and naive.feasible else ""))
+    if not plan.feasible:
+        print("error: no plan fits the model in these peers' memory", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _network(args: argparse.Namespace):
     cfg = _node_config(args)
     flags = {"initial_peers": args.initial_peers, "host_maddrs": getattr(args, "host_maddrs", None),
@@ -200,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_at_least(1), default=1, help="samples in the traced batch (costs scale with it)")
     p.add_argument("--json", action="store_true", help="print the OP-DAG as JSON")
     p.set_defaults(func=cmd_dag)
+
+    p = sub.add_parser("plan", help="what-if planning: the OP-Fence plan for hypothetical peers")
+    model_args(p)
+    p.add_argument("--peers", required=True, metavar="PEERS.yaml", help="hypothetical peers (see configs/peers/)")
+    p.add_argument("--json", action="store_true", help="print the plan and the naive baseline as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="measure this device (cached) and print its profile")
     p.add_argument("--device", choices=DEVICES)

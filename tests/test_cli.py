@@ -51,3 +51,29 @@ def test_bad_config_key_via_cli(tmp_path):
     cfg.write_text("model: gpt2-tiny\ngranularty: fine\n")
     res = run_cli("dag", "--config", str(cfg))
     assert res.returncode == 2 and "key 'granularty': unknown key" in res.stderr
+
+
+def test_plan_what_if_json(tmp_path):
+    res = run_cli("plan", "--model", "gpt2-tiny", "--peers", "configs/peers/three-sites.yaml", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for plan in (out, out["baseline"]):
+        assert {"stages", "links", "spares", "predicted_step_s"} <= set(plan)
+        assert all({"ops", "peers"} <= set(s) for s in plan["stages"])
+        assert all({"src", "dst", "bandwidth_bps", "ratio"} <= set(link) for link in plan["links"])
+    assert out["predicted_step_s"] < out["baseline"]["predicted_step_s"]
+    staged = [p for s in out["stages"] for p in s["peers"]]
+    assert sorted(staged + out["spares"]) == sorted(p for s in out["baseline"]["stages"] for p in s["peers"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("peers: []", "peers"),
+    ("peers: [{id: a, tflops: -1, memory_gb: 8}]", "tflops"),
+    ("peers: [{id: a, tflops: 1, memory_gb: 8, site: moon}]", "unknown site 'moon'"),
+    ("peers: [{id: a, tflops: 1, memory_gb: 8}]\nlinks: [{between: [a, nowhere], mbps: 5}]", "both must be peer ids"),
+])
+def test_plan_bad_peers_file(tmp_path, text, message):
+    path = tmp_path / "peers.yaml"
+    path.write_text(text)
+    res = run_cli("plan", "--model", "gpt2-tiny", "--peers", str(path))
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -77,7 +77,7 @@ class Plan:
         lines = [f"{'stage':>5}  {'ops':<34}{'peers':<28}{'compute ms':>11}{'mem MB':>9}{'allreduce ms':>13}"]
         for s in self.stages:
             ops = f"{s.ops[0]}..{s.ops[-1]} ({len(s.ops)})"
-            peers = ",".join(p[-6:] for p in s.peers)
+            peers = s.peers[0][-20:] + (f" (+{len(s.peers) - 1})" if len(s.peers) > 1 else "")
             lines.append(f"{s.index:>5}  {ops[:33]:<34}{peers[:27]:<28}{s.compute_s * 1e3:>11.2f}"
                          f"{s.memory_bytes / 1e6:>9.1f}{s.allreduce_s * 1e3:>13.2f}")
         for link in self.links:
