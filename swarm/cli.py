@@ -49,14 +49,9 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 def _trace(cfg: NodeConfig, batch_size: int):
-    import torch
+    from swarm.models import trace_model
 
-    from swarm.dag.trace import trace
-    from swarm.models import load_model
-
-    built = load_model(cfg.model)
-    torch.manual_seed(0)
-    return trace(built.module, built.example_inputs(batch_size), cfg.granularity, built.sequential_modules, built.name)
+    return trace_model(cfg.model, cfg.granularity, batch_size)
 
 
 def cmd_dag(args: argparse.Namespace) -> int:
@@ -154,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from swarm.node import run_node
 
     cfg, net = _network(args)
-    return run_node(net, cfg.device, log=lambda msg: print(msg, flush=True))
+    return run_node(cfg, net, log=lambda msg: print(msg, flush=True))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -168,12 +163,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps([{**{k: v for k, v in r.to_wire().items() if k not in hidden}, "uptime_s": r.uptime_s}
                           for r in records]))
         return 0
-    print(f"{'peer':<14}{'device':<18}{'TFLOP/s':>9}{'mem GB':>8}{'bw to others':>22}{'state':>9}{'uptime':>9}{'stage':>7}")
+    print(f"{'peer':<14}{'device':<18}{'TFLOP/s':>9}{'mem GB':>8}{'bw to others':>22}{'state':>9}{'uptime':>9}"
+          f"{'epoch':>7}{'plan':>18}  role")
     for r in records:
         bw = [f"{b / 1e6:.0f}" for b in r.bandwidth_bps.values()]
         bw_text = f"{min(bw, key=float)}-{max(bw, key=float)} Mbit/s" if bw else "not measured"
         print(f"{r.peer_id[-12:]:<14}{(r.device + ' ' + r.device_name)[:17]:<18}{r.tflops:>9.3f}{r.memory_bytes / 1e9:>8.1f}"
-              f"{bw_text:>22}{r.state:>9}{r.uptime_s:>8.0f}s{'-' if r.stage is None else r.stage:>7}")
+              f"{bw_text:>22}{r.state:>9}{r.uptime_s:>8.0f}s{r.committed_epoch if r.committed_epoch is not None else '-':>7}"
+              f"{r.committed_hash or '-':>18}  {r.role or '-'}")
+    plans = {(r.committed_epoch, r.committed_hash) for r in records if r.committed_hash}
+    if plans:
+        epoch, plan = max(plans, key=lambda p: p[0])
+        agree = sum((r.committed_epoch, r.committed_hash) == (epoch, plan) for r in records)
+        print(f"committed: epoch {epoch}, plan {plan} ({agree} of {len(records)} members run it)")
     print(f"{len(records)} members")
     return 0
 

@@ -73,6 +73,17 @@ class NetworkConfig(Strict):
     probe_interval_s: float = Field(default=30.0, gt=0, description="one bandwidth probe (~1 s) per interval")
 
 
+class ElectionConfig(Strict):
+    """When the swarm re-plans (docs/election.md) and what a plan assumes."""
+
+    join_batch_s: float = Field(default=20.0, ge=0, description="joins seen within this window share one epoch")
+    min_epoch_s: float = Field(default=60.0, ge=0, description="no join/drift re-plan sooner than this after a commit")
+    election_timeout_s: float = Field(default=30.0, gt=0, description="retry one epoch higher after this")
+    drift_gain: float = Field(default=1.25, gt=1, description="re-plan when a new plan predicts this speed-up")
+    drift_check_s: float = Field(default=60.0, gt=0)
+    micro_batches: PositiveInt = Field(default=8, description="micro-batches per optimizer step")
+
+
 class NodeConfig(Strict):
     """What a node runs and how it describes the model."""
 
@@ -82,6 +93,7 @@ class NodeConfig(Strict):
     micro_batch_size: PositiveInt = 4
     optimizer: Literal["adam", "sgd"] = "adam"
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    election: ElectionConfig = Field(default_factory=ElectionConfig)
 
 
 def config_dir() -> Path:

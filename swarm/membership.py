@@ -33,6 +33,7 @@ from swarm.auth import CredentialChecker, peer_id_of
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
 STATES = ("joining", "online", "offline")
+MAX_PLAN_CHARS = 12_000            # a ballot's plan JSON (without op names): ~150 peers
 
 
 class _RecordV1(pv1.BaseModel):
@@ -52,10 +53,26 @@ class _RecordV1(pv1.BaseModel):
     rtt_s: Dict[pv1.StrictStr, pv1.StrictFloat]
     stage: Optional[pv1.StrictInt]
     credential: Optional[pv1.StrictBytes] = None
+    vote_epoch: Optional[pv1.StrictInt] = None
+    vote_hash: Optional[pv1.StrictStr] = None
+    committed_epoch: Optional[pv1.StrictInt] = None
+    committed_hash: Optional[pv1.StrictStr] = None
+    role: Optional[pv1.StrictStr] = None
 
 
-class _MembersSchema(pv1.BaseModel):
+class _BallotV1(pv1.BaseModel):
+    """A proposer's ballot and its plan (``Plan.compact`` as JSON)."""
+
+    epoch: pv1.StrictInt
+    plan_hash: pv1.StrictStr
+    proposer: pv1.StrictStr
+    members: List[pv1.StrictStr]
+    plan: pv1.constr(strict=True, max_length=MAX_PLAN_CHARS)
+
+
+class _SwarmSchema(pv1.BaseModel):
     members: Dict[BytesWithPublicKey, _RecordV1]
+    ballots: Dict[BytesWithPublicKey, _BallotV1]
 
 
 @dataclass
@@ -74,6 +91,11 @@ class MemberRecord:
     rtt_s: dict[str, float] = field(default_factory=dict)
     stage: int | None = None
     credential: bytes | None = None  # private swarms: the member's credential (swarm.auth)
+    vote_epoch: int | None = None     # election (swarm.election): my vote ...
+    vote_hash: str | None = None
+    committed_epoch: int | None = None  # ... and the plan I run
+    committed_hash: str | None = None
+    role: str | None = None           # in the committed plan: "stage 2", "spare"
 
     @property
     def uptime_s(self) -> float:
@@ -106,7 +128,7 @@ class MemberRecord:
 
 def make_validators(prefix: str, private_key: RSAPrivateKey) -> list:
     """Validators every node of a swarm must install (same prefix everywhere)."""
-    return [RSASignatureValidator(private_key), SchemaValidator(_MembersSchema, allow_extra_keys=True, prefix=prefix)]
+    return [RSASignatureValidator(private_key), SchemaValidator(_SwarmSchema, allow_extra_keys=True, prefix=prefix)]
 
 
 class SwarmDHT(DHT):
@@ -167,6 +189,7 @@ class Membership:
     def __init__(self, dht: DHT, signer: RSASignatureValidator, prefix: str = "swarm", ttl_s: float = 30.0,
                  checker: CredentialChecker | None = None):
         self.dht, self.signer, self.key, self.ttl_s = dht, signer, f"{prefix}_members", ttl_s
+        self.ballot_key = f"{prefix}_ballots"
         self.checker = checker
 
     def publish(self, record: MemberRecord, timeout_s: float = 10.0) -> bool:
@@ -178,6 +201,32 @@ class Membership:
             return bool(future.result(timeout=timeout_s))
         except TimeoutError:
             return False
+
+    def publish_ballot(self, epoch: int, plan_hash: str, proposer: str, members: list[str], plan_json: str,
+                       timeout_s: float = 10.0) -> bool:
+        """Store this node's current ballot (one per proposer: a new one replaces the old)."""
+        value = {"epoch": int(epoch), "plan_hash": str(plan_hash), "proposer": str(proposer),
+                 "members": [str(m) for m in members], "plan": plan_json}
+        future = self.dht.store(self.ballot_key, value, expiration_time=get_dht_time() + 10 * self.ttl_s,
+                                subkey=self.signer.local_public_key, return_future=True)
+        try:
+            return bool(future.result(timeout=timeout_s))
+        except TimeoutError:
+            return False
+
+    def ballots(self, timeout_s: float = 10.0) -> dict[str, dict]:
+        """Valid ballots by proposer peer id (a ballot counts only if its proposer signed it)."""
+        found = self.dht.get(self.ballot_key, latest=True, return_future=True).result(timeout=timeout_s)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        out = {}
+        for subkey, entry in entries.items():
+            try:
+                ballot = _BallotV1.parse_obj(getattr(entry, "value", None)).dict()
+            except (pv1.ValidationError, TypeError):
+                continue
+            if owner_peer_id(subkey) == ballot["proposer"] and ballot["members"] == sorted(set(ballot["members"])):
+                out[ballot["proposer"]] = ballot
+        return out
 
     def accepts(self, subkey: Any, record: MemberRecord) -> bool:
         """The record is its signer's own (peer id bound to the key) and, if private, credentialed."""

@@ -19,7 +19,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from multiaddr import Multiaddr
 
 from swarm import __version__
-from swarm.config import NetworkConfig
+from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
 from swarm.transport import LinkProber
 from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
@@ -151,16 +151,21 @@ class _ProbeSchedule:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
-    """Serve until SIGINT/SIGTERM: publish the member record every ``heartbeat_s``."""
+def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
+    """Serve until SIGINT/SIGTERM: publish the member record every ``heartbeat_s`` and take part in
+    the election of the plan."""
     import torch
 
     from swarm.estimator.profile import load_or_measure
+    from swarm.models import trace_model
+    from swarm.planning import Elector
+    from swarm.scheduler import Workload
 
     peers = _initial_peers(net)
     identity = node_identity(net)
     authorizer = private_swarm(net, identity)
-    profile = load_or_measure(device)
+    profile = load_or_measure(cfg.device)
+    workload = Workload.from_dag(trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size).dag)
     validators = make_validators(net.prefix, identity.key)
     dht = start_dht(net, peers, validators, identity.path, authorizer=authorizer)
     try:
@@ -176,16 +181,16 @@ def run_node(net: NetworkConfig, device: str = "auto", log=print) -> int:
                 credential=authorizer.credential.token.SerializeToString() if authorizer else None)
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
-
-            def other_peers() -> list[str]:
-                members.clear()
-                members.update(membership.view().peers())
-                return sorted(members - {record.peer_id})
-
             probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)
+            elector = Elector(record.peer_id, membership, workload, cfg.election, log)
             while not stop.is_set():
-                probes.step(other_peers)
+                view = membership.view()
+                members.clear()
+                members.update(view.peers())
+                probes.step(lambda: sorted(members - {record.peer_id}))
                 record.bandwidth_bps, record.rtt_s = dict(probes.bandwidth_bps), dict(probes.rtt_s)
+                if record.peer_id in view.members:  # the election starts once our own record is visible
+                    elector.step(view, record)
                 if not membership.publish(record):
                     log("warning: could not store the member record this round")
                 stop.wait(net.heartbeat_s)

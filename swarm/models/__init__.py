@@ -101,3 +101,12 @@ def build(spec: GPTSpec | ResNetSpec | ImportSpec) -> BuiltModel:
 
 def load_model(name: str) -> BuiltModel:
     return build(resolve(name))
+
+
+def trace_model(name: str, granularity: str, batch_size: int):
+    """Build model ``name`` (seeded, so every node builds the same one) and trace its OP-DAG."""
+    from swarm.dag.trace import trace
+
+    built = load_model(name)
+    torch.manual_seed(0)
+    return trace(built.module, built.example_inputs(batch_size), granularity, built.sequential_modules, built.name)

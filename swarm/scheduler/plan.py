@@ -69,6 +69,32 @@ class Plan:
                 "bottleneck_s": _round(self.bottleneck_s), "predicted_step_s": _round(self.predicted_step_s),
                 "micro_batches": self.micro_batches, "feasible": self.feasible}
 
+    def compact(self) -> dict:
+        """``to_dict`` without op names (peers rebuild them from their own OP-DAG): small enough for the DHT."""
+        d = self.to_dict()
+        d["stages"] = [{k: v for k, v in s.items() if k != "ops"} for s in d["stages"]]
+        return d
+
+    @classmethod
+    def from_compact(cls, d: dict, names: tuple[str, ...]) -> "Plan":
+        """Inverse of ``compact`` given the OP-DAG's op names; ValueError if malformed."""
+        try:
+            stages = tuple(StagePlan(int(s["index"]), int(s["first_op"]), int(s["stop_op"]),
+                                     tuple(names[int(s["first_op"]):int(s["stop_op"])]), tuple(map(str, s["peers"])),
+                                     float(s["compute_s"]), float(s["memory_bytes"]), float(s["allreduce_s"]))
+                           for s in d["stages"])
+            links = tuple(LinkPlan(int(x["src"]), int(x["dst"]), float(x["bandwidth_bps"]), float(x["bytes"]),
+                                   float(x["ratio"]), float(x["time_s"])) for x in d["links"])
+            step = math.inf if d["predicted_step_s"] is None else float(d["predicted_step_s"])
+            return cls(str(d["model"]), stages, links, tuple(map(str, d["spares"])), float(d["bottleneck_s"]), step,
+                       int(d["micro_batches"]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"malformed plan: {e!r}") from None
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(sorted([p for s in self.stages for p in s.peers] + list(self.spares)))
+
     @property
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

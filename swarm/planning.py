@@ -1,0 +1,104 @@
+"""The node's side of the election: feeds DHT observations to the ``Election`` state machine and
+carries out its commands (plan with the OP-Fence scheduler, publish ballots and votes, adopt the
+committed plan). Every DHT access goes through ``Membership``."""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from hivemind.utils import get_dht_time
+
+from swarm.config import ElectionConfig
+from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, PeerState, Publish
+from swarm.membership import MemberRecord, Membership, MembershipView
+from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, evaluate, schedule
+
+
+def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
+    """The planning input for ``members`` from their records and the measured bandwidth matrix."""
+    peers = [PeerSpec(m, view.members[m].tflops, view.members[m].memory_bytes) for m in members]
+    return Swarm.build(peers, view.bandwidth)
+
+
+def layout_of(plan: Plan, w: Workload, swarm: Swarm) -> list[tuple[tuple[int, int], list[int]]]:
+    """A committed plan as a layout over ``w``'s segments and ``swarm``'s peer indices."""
+    seg = {stop: k + 1 for k, stop in enumerate(w.seg_stop)} | {0: 0}
+    index = {p: i for i, p in enumerate(swarm.ids)}
+    return [((seg[s.first_op], seg[s.stop_op]), [index[p] for p in s.peers]) for s in plan.stages]
+
+
+def _pair(epoch: int | None, value: str | None) -> tuple[int, str] | None:
+    return (epoch, value) if epoch is not None and value else None
+
+
+class Elector:
+    """One node's election loop; ``step`` once per heartbeat, before the record is published."""
+
+    def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
+                 log: Callable[[str], None] = print):
+        self.me, self.membership, self.workload, self.log = me, membership, workload, log
+        self.settings = PlanSettings(micro_batches=cfg.micro_batches)
+        self.cfg = cfg
+        self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s))
+        self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified
+        self.plan: Plan | None = None       # the committed one
+        self.drift_checked_at = 0.0
+
+    def step(self, view: MembershipView, record: MemberRecord) -> None:
+        now = get_dht_time()
+        ballots = self.membership.ballots()
+        peers = {}
+        for pid, r in view.members.items():
+            b = ballots.get(pid)
+            peers[pid] = PeerState(Ballot(b["epoch"], b["plan_hash"], pid, tuple(b["members"])) if b else None,
+                                   _pair(r.vote_epoch, r.vote_hash), _pair(r.committed_epoch, r.committed_hash))
+        self._check_drift(view, now)
+        self._run(self.election.observe(now, peers), view, ballots, record)
+
+    def _run(self, commands: list, view: MembershipView, ballots: dict, record: MemberRecord) -> None:
+        for c in commands:
+            if isinstance(c, ComputePlan):
+                plan = schedule(self.workload, swarm_of(view, c.members), self.settings)
+                self.plans[plan.hash] = plan
+                ballot = Ballot(c.epoch, plan.hash, self.me, c.members)
+                self.membership.publish_ballot(c.epoch, plan.hash, self.me, list(c.members), json.dumps(plan.compact()))
+                self.log(f"proposed epoch {c.epoch} plan {plan.hash} for {len(c.members)} members "
+                         f"({self.election.reason}), predicted step {plan.predicted_step_s:.3f} s")
+                self._run(self.election.proposed(ballot), view, ballots, record)
+            elif isinstance(c, Publish):
+                record.vote_epoch, record.vote_hash = c.state.vote if c.state.vote else (None, None)
+                record.committed_epoch, record.committed_hash = c.state.committed if c.state.committed else (None, None)
+            elif isinstance(c, Commit):
+                self._adopt(c, ballots, record)
+
+    def _adopt(self, c: Commit, ballots: dict, record: MemberRecord) -> None:
+        plan = self.plans.get(c.ballot.plan_hash)
+        if plan is None and c.ballot.proposer in ballots:
+            try:
+                plan = Plan.from_compact(json.loads(ballots[c.ballot.proposer]["plan"]), self.workload.names)
+            except ValueError as e:
+                self.log(f"warning: committed plan {c.ballot.plan_hash} is unreadable ({e})")
+        if plan is not None and (plan.hash != c.ballot.plan_hash or plan.members != c.ballot.members):
+            self.log(f"warning: committed plan {c.ballot.plan_hash} does not match this node's model/OP-DAG")
+            plan = None
+        self.plan = plan
+        role = plan.role(self.me) if plan else {"stage": None}
+        record.stage = role["stage"]
+        record.role = (f"stage {role['stage']}" if role["stage"] is not None else "spare" if role.get("spare")
+                       else "outside the plan" if plan else None)
+        self.log(f"committed epoch {c.ballot.epoch} plan {c.ballot.plan_hash} with {len(c.ballot.members)} members "
+                 f"({c.reason}): {record.role or 'role unknown'}")
+
+    def _check_drift(self, view: MembershipView, now: float) -> None:
+        """The leader re-prices the committed plan under fresh measurements now and then."""
+        if (self.plan is None or now - self.drift_checked_at < self.cfg.drift_check_s or self.me != min(view.members)
+                or not set(self.plan.members) <= set(view.members)):
+            return
+        self.drift_checked_at = now
+        swarm = swarm_of(view, self.plan.members)  # joins are the join trigger's business
+        current = evaluate(self.workload, swarm, layout_of(self.plan, self.workload, swarm), self.settings)
+        fresh = schedule(self.workload, swarm, self.settings)
+        if current.predicted_step_s > self.cfg.drift_gain * fresh.predicted_step_s:
+            self.log(f"drift: committed plan now predicts {current.predicted_step_s:.3f} s, a new one "
+                     f"{fresh.predicted_step_s:.3f} s")
+            self.election.report_drift()
