@@ -5,7 +5,7 @@ length ``n`` (at most ``MAX_PROBE_BYTES``) and ``n`` bytes; the callee reads the
 byte (``0x01``), or ``0x02`` at once when it is busy: a node takes part in one probe at a time, in
 either role, because concurrent probes share its access link (and the ACKs of one flow queue behind
 the data of the other) and would all read low. RTT = time of an empty probe; bandwidth = 8 n / (time of an n-byte probe - RTT), with ``n``
-sized so that the transfer takes about ``target_s``. The callee bounds every read in time, so a peer
+sized so that the transfer takes about ``target_s`` (the faster of two such probes counts). The callee bounds every read in time, so a peer
 that stalls or lies about ``n`` costs nothing but a closed stream. In a private swarm, ``admit`` (a
 check of the caller's authenticated libp2p peer id) turns away non-members the same way.
 """
@@ -103,7 +103,9 @@ class LinkProber:
                     break
                 n = min(MAX_PROBE_BYTES, n * 4)
             n = min(MAX_PROBE_BYTES, max(n, int(n * target_s / max(elapsed - rtt, 1e-3))))
-            elapsed = await self.probe_once(peer, n, limit)
+            # two full-length probes, keep the faster: interference (other traffic, a busy CPU on either
+            # end) only ever slows a transfer down, so the faster one is the better capacity estimate
+            elapsed = min([await self.probe_once(peer, n, limit) for _ in range(2)])
             return 8 * n / max(elapsed - rtt, 1e-6), rtt
         finally:
             self.busy = False
