@@ -1,0 +1,183 @@
+"""AdaTopK codec: keep the k largest-magnitude values of a tensor, quantised, with compact indices.
+
+Wire layout of one packet (little-endian; see docs/adatopk.md)::
+
+    header   magic b"ATK1", dtype code u8, index kind u8 (0 varint gaps, 1 bitmap, 2 none: reuse
+             the forward mask), ndim u8, pad u8, shape i64[ndim], k i64, block u32, index bytes u32
+    indices  varint (LEB128) gaps between sorted kept positions, or a bitmap of numel bits
+    scales   f32[ceil(k / block)]: max |value| / 127 of each block of kept values
+    values   i8[k]
+
+``encode`` sizes ``k`` so that raw bytes / packet bytes is the requested ratio (within a few %);
+``encode_like`` compresses a second tensor on the positions of a first one (the backward gradient of
+an activation reuses the forward mask, so its packet carries no indices at all).
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from swarm.errors import SwarmError
+
+MAGIC = b"ATK1"
+BLOCK = 64
+_HEAD = struct.Struct("<4sBBBB")
+_TAIL = struct.Struct("<qII")
+DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+CODES = {v: k for k, v in DTYPES.items()}
+VARINT, BITMAP, REUSE = 0, 1, 2
+MAX_NDIM = 8
+
+
+def varint_encode(values: np.ndarray) -> bytes:
+    """LEB128 of non-negative integers, vectorised."""
+    values = values.astype(np.uint64)
+    if not len(values):
+        return b""
+    n_bytes = np.maximum(1, (np.floor(np.log2(np.maximum(values, 1).astype(np.float64))) // 7 + 1).astype(np.int64))
+    n_bytes[values == 0] = 1
+    owner = np.repeat(np.arange(len(values)), n_bytes)
+    pos = np.arange(len(owner)) - np.repeat(np.cumsum(n_bytes) - n_bytes, n_bytes)
+    out = ((values[owner] >> (7 * pos).astype(np.uint64)) & 0x7F).astype(np.uint8)
+    out[pos < n_bytes[owner] - 1] |= 0x80
+    return out.tobytes()
+
+
+def varint_decode(data: bytes, count: int) -> np.ndarray:
+    """Inverse of ``varint_encode`` for exactly ``count`` values; SwarmError on anything else."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if count == 0:
+        if len(raw):
+            raise SwarmError("AdaTopK packet: index bytes but no indices")
+        return np.zeros(0, dtype=np.uint64)
+    ends = np.flatnonzero(raw < 0x80)
+    if len(ends) != count or ends[-1] != len(raw) - 1:
+        raise SwarmError(f"AdaTopK packet: {len(ends)} indices where {count} were announced")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 9:
+        raise SwarmError("AdaTopK packet: index too long")
+    pos = np.arange(len(raw)) - np.repeat(starts, lengths)
+    return np.add.reduceat((raw & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64), starts)
+
+
+def _index_bytes_estimate(k: int, numel: int) -> float:
+    if k == 0:
+        return 0.0
+    gap_bytes = max(1.0, math.ceil(math.log2(max(numel / k, 1.0) + 1) / 7))
+    return min(k * gap_bytes, numel / 8)
+
+
+def _packet_bytes(k: int, numel: int, ndim: int, with_indices: bool = True) -> float:
+    head = _HEAD.size + 8 * ndim + _TAIL.size
+    return head + (_index_bytes_estimate(k, numel) if with_indices else 0) + 4 * math.ceil(k / BLOCK) + k
+
+
+def keep_for_ratio(numel: int, element_bytes: int, ratio: float, ndim: int = 1) -> int:
+    """The largest k whose packet is at most raw / ratio bytes (at least 1)."""
+    budget = numel * element_bytes / ratio
+    lo, hi = 1, numel
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _packet_bytes(mid, numel, ndim) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass(frozen=True)
+class Packet:
+    data: bytes
+    indices: torch.Tensor     # sorted kept positions (the mask, kept for the backward pass)
+
+
+def _quantise(values: torch.Tensor) -> tuple[bytes, bytes]:
+    v = values.float()
+    pad = (-len(v)) % BLOCK
+    blocks = torch.nn.functional.pad(v, (0, pad)).view(-1, BLOCK)
+    scales = blocks.abs().amax(dim=1) / 127.0
+    q = torch.round(blocks / scales.clamp_min(1e-30)[:, None]).clamp(-127, 127).to(torch.int8).flatten()[: len(v)]
+    return scales.cpu().numpy().astype("<f4").tobytes(), q.cpu().numpy().tobytes()
+
+
+def _pack(x: torch.Tensor, indices: torch.Tensor, kind: int) -> bytes:
+    if x.dtype not in CODES:
+        raise SwarmError(f"AdaTopK: unsupported dtype {x.dtype}")
+    flat = x.detach().flatten()
+    values = flat[indices]
+    if kind == VARINT:
+        idx = indices.cpu().numpy().astype(np.int64)
+        index_data = varint_encode(np.diff(idx, prepend=0))
+    elif kind == BITMAP:
+        bits = np.zeros(flat.numel(), dtype=bool)
+        bits[indices.cpu().numpy()] = True
+        index_data = np.packbits(bits).tobytes()
+    else:
+        index_data = b""
+    scales, q = _quantise(values)
+    head = _HEAD.pack(MAGIC, CODES[x.dtype], kind, x.dim(), 0) + struct.pack(f"<{x.dim()}q", *x.shape)
+    return head + _TAIL.pack(len(indices), BLOCK, len(index_data)) + index_data + scales + q
+
+
+def encode(x: torch.Tensor, ratio: float) -> Packet:
+    """Compress ``x`` to about ``raw bytes / ratio`` (ratio <= 1: keep everything, still quantised)."""
+    numel = x.numel()
+    k = numel if ratio <= 1 else keep_for_ratio(numel, x.element_size(), ratio, x.dim())
+    flat = x.detach().flatten()
+    indices = torch.topk(flat.float().abs(), k, sorted=False).indices.sort().values if k < numel \
+        else torch.arange(numel, device=x.device)
+    kind = BITMAP if _index_bytes_estimate(k, numel) >= numel / 8 else VARINT
+    return Packet(_pack(x, indices, kind), indices)
+
+
+def encode_like(x: torch.Tensor, indices: torch.Tensor) -> bytes:
+    """Compress ``x`` on the positions of an earlier packet (no indices on the wire)."""
+    return _pack(x, indices, REUSE)
+
+
+def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 << 28,
+           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense tensor, kept positions); ``indices`` must be given for a packet made by ``encode_like``.
+    Every size is checked against the packet length and ``max_numel`` before anything is allocated."""
+    try:
+        magic, code, kind, ndim, _ = _HEAD.unpack_from(data, 0)
+        if magic != MAGIC or code not in DTYPES or kind not in (VARINT, BITMAP, REUSE) or ndim > MAX_NDIM:
+            raise SwarmError("AdaTopK packet: bad header")
+        shape = struct.unpack_from(f"<{ndim}q", data, _HEAD.size)
+        k, block, n_index = _TAIL.unpack_from(data, _HEAD.size + 8 * ndim)
+    except struct.error:
+        raise SwarmError("AdaTopK packet: truncated header") from None
+    numel = math.prod(shape)
+    if any(d < 0 for d in shape) or numel > max_numel or not 0 <= k <= numel or block != BLOCK:
+        raise SwarmError(f"AdaTopK packet: shape {shape} / k {k} out of bounds")
+    offset = _HEAD.size + 8 * ndim + _TAIL.size
+    n_scales = math.ceil(k / BLOCK)
+    if len(data) != offset + n_index + 4 * n_scales + k:
+        raise SwarmError(f"AdaTopK packet: {len(data)} bytes, header announces {offset + n_index + 4 * n_scales + k}")
+    index_data = data[offset: offset + n_index]
+    if kind == VARINT:
+        positions = np.cumsum(varint_decode(index_data, k).astype(np.int64))
+    elif kind == BITMAP:
+        if n_index != (numel + 7) // 8:
+            raise SwarmError("AdaTopK packet: bitmap size does not match the shape")
+        positions = np.flatnonzero(np.unpackbits(np.frombuffer(index_data, dtype=np.uint8))[:numel])
+    else:
+        if indices is None or len(indices) != k:
+            raise SwarmError("AdaTopK packet reuses a mask this node does not have")
+        positions = None
+    if positions is not None:
+        if len(positions) != k or (k and (positions[-1] >= numel or positions[0] < 0)):
+            raise SwarmError("AdaTopK packet: indices out of range")
+        indices = torch.from_numpy(positions.astype(np.int64))
+    start = offset + n_index
+    scales = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n_scales, offset=start).copy())
+    q = torch.from_numpy(np.frombuffer(data, dtype=np.int8, count=k, offset=start + 4 * n_scales).copy())
+    values = q.float() * scales.repeat_interleave(BLOCK)[:k]
+    out = torch.zeros(numel, dtype=DTYPES[code], device=device)
+    out[indices.to(device)] = values.to(device, DTYPES[code])
+    return out.view(shape), indices

@@ -1,0 +1,67 @@
+"""AdaTopK codec: exact top-k kept, ratio met, mask reused backwards, round trip, hostile packets."""
+import numpy as np
+import pytest
+import torch
+
+from swarm.compression import decode, encode, encode_like
+from swarm.compression.adatopk import varint_decode, varint_encode
+from swarm.errors import SwarmError
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 256), (4096,), (3, 5, 7)])
+@pytest.mark.parametrize("ratio", [4, 10, 16, 32])
+def test_keeps_the_exact_top_k_and_meets_the_ratio(shape, ratio):
+    torch.manual_seed(sum(shape) + ratio)
+    x = torch.randn(shape)
+    packet = encode(x, ratio)
+    k = len(packet.indices)
+    expected = torch.topk(x.abs().flatten(), k).indices.sort().values
+    assert torch.equal(packet.indices, expected)
+    achieved = x.numel() * 4 / len(packet.data)
+    if x.numel() >= 4096:
+        assert abs(achieved / ratio - 1) <= 0.10, achieved
+    else:
+        assert achieved <= ratio * 1.10   # tiny tensors: the header caps the ratio
+    y, idx = decode(packet.data)
+    assert torch.equal(idx, packet.indices) and y.shape == x.shape
+    kept = x.flatten()[idx]
+    assert torch.allclose(y.flatten()[idx], kept, atol=kept.abs().max().item() / 127 + 1e-6)
+    mask = torch.ones(x.numel(), dtype=torch.bool)
+    mask[idx] = False
+    assert (y.flatten()[mask] == 0).all()
+
+
+def test_backward_reuses_the_forward_mask():
+    torch.manual_seed(0)
+    act, grad = torch.randn(16, 128), torch.randn(16, 128)
+    packet = encode(act, 10)
+    data = encode_like(grad, packet.indices)
+    assert len(data) < len(packet.data)   # no indices on the wire
+    g, idx = decode(data, packet.indices)
+    assert torch.equal(idx, packet.indices)
+    assert torch.allclose(g.flatten()[idx], grad.flatten()[idx], atol=grad.abs().max().item() / 127 + 1e-6)
+    with pytest.raises(SwarmError, match="reuses a mask"):
+        decode(data)
+
+
+def test_ratio_one_is_lossless_up_to_int8_and_dtypes_round_trip():
+    x = torch.randn(300).to(torch.float16)
+    y, _ = decode(encode(x, 1).data)
+    assert y.dtype == torch.float16 and torch.allclose(y.float(), x.float(), atol=x.abs().max().item() / 127 + 1e-3)
+
+
+def test_varint_round_trip():
+    values = np.array([0, 1, 127, 128, 16383, 16384, 2**35, 5], dtype=np.uint64)
+    assert np.array_equal(varint_decode(varint_encode(values), len(values)), values)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d[:10],                                   # truncated
+    lambda d: b"XXXX" + d[4:],                          # wrong magic
+    lambda d: d + b"\x00",                              # trailing byte
+    lambda d: d[:8] + (2**40).to_bytes(8, "little") + d[16:],   # huge shape
+])
+def test_hostile_packets_are_refused_in_one_error(mutate):
+    data = encode(torch.randn(64, 64), 10).data
+    with pytest.raises(SwarmError):
+        decode(mutate(data), max_numel=1 << 20)
