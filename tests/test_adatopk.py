@@ -65,3 +65,12 @@ def test_hostile_packets_are_refused_in_one_error(mutate):
     data = encode(torch.randn(64, 64), 10).data
     with pytest.raises(SwarmError):
         decode(mutate(data), max_numel=1 << 20)
+
+
+def test_ties_at_the_threshold_still_keep_exactly_k():
+    x = torch.cat([torch.full((3000,), 2.0), torch.ones(5000)])[torch.randperm(8000, generator=torch.Generator().manual_seed(1))]
+    packet = encode(x, 8)
+    k = len(packet.indices)
+    dropped = torch.ones(8000, dtype=torch.bool)
+    dropped[packet.indices] = False
+    assert len(set(packet.indices.tolist())) == k and x[packet.indices].abs().min() >= x[dropped].abs().max()

@@ -38,8 +38,9 @@ def varint_encode(values: np.ndarray) -> bytes:
     values = values.astype(np.uint64)
     if not len(values):
         return b""
-    n_bytes = np.maximum(1, (np.floor(np.log2(np.maximum(values, 1).astype(np.float64))) // 7 + 1).astype(np.int64))
-    n_bytes[values == 0] = 1
+    n_bytes = np.ones(len(values), dtype=np.int64)
+    for shift in range(7, 64, 7):
+        n_bytes += values >= np.uint64(1 << shift)
     owner = np.repeat(np.arange(len(values)), n_bytes)
     pos = np.arange(len(owner)) - np.repeat(np.cumsum(n_bytes) - n_bytes, n_bytes)
     out = ((values[owner] >> (7 * pos).astype(np.uint64)) & 0x7F).astype(np.uint8)
@@ -124,13 +125,23 @@ def _pack(x: torch.Tensor, indices: torch.Tensor, kind: int) -> bytes:
     return head + _TAIL.pack(len(indices), BLOCK, len(index_data)) + index_data + scales + q
 
 
+def _top_k_positions(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted positions of the k largest magnitudes: threshold at the k-th value and scan (no sort of
+    the winners); ties at the threshold fall back to an exact topk."""
+    threshold = torch.kthvalue(magnitude.cpu() if magnitude.device.type == "mps" else magnitude,
+                               magnitude.numel() - k + 1).values.to(magnitude.device)
+    positions = (magnitude >= threshold).nonzero().flatten()
+    if len(positions) == k:
+        return positions
+    return torch.topk(magnitude, k, sorted=False).indices.sort().values
+
+
 def encode(x: torch.Tensor, ratio: float) -> Packet:
     """Compress ``x`` to about ``raw bytes / ratio`` (ratio <= 1: keep everything, still quantised)."""
     numel = x.numel()
     k = numel if ratio <= 1 else keep_for_ratio(numel, x.element_size(), ratio, x.dim())
-    flat = x.detach().flatten()
-    indices = torch.topk(flat.float().abs(), k, sorted=False).indices.sort().values if k < numel \
-        else torch.arange(numel, device=x.device)
+    magnitude = x.detach().flatten().float().abs()
+    indices = _top_k_positions(magnitude, k) if k < numel else torch.arange(numel, device=x.device)
     kind = BITMAP if _index_bytes_estimate(k, numel) >= numel / 8 else VARINT
     return Packet(_pack(x, indices, kind), indices)
 
