@@ -1,0 +1,140 @@
+"""The wire format between pipeline neighbours: versioned frames of tensors and metadata, no pickle.
+
+    frame   = b"SWM1" | u32 header length | header (msgpack map) | payload
+    header  = {"v": 1, "kind": str, "meta": {str: int | float | str | bool | None},
+               "tensors": [{"name": str, "dtype": str, "shape": [int], "codec": "raw" | "adatopk",
+                            "nbytes": int}]}
+    payload = the tensors' bytes, in header order (raw: C-contiguous little-endian; adatopk: a packet
+              of ``swarm.compression``)
+
+``unpack`` checks the magic, version, header size, names, dtypes, shapes, element counts and byte
+counts against ``Limits`` and against the frame's real length before it allocates a single tensor,
+so a malformed or oversized frame costs one ``SwarmError``. See docs/wire.md.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+
+from swarm.compression import adatopk
+from swarm.errors import SwarmError
+
+MAGIC = b"SWM1"
+VERSION = 1
+_PREFIX = struct.Struct("<4sI")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}
+META_TYPES = (int, float, str, bool, type(None))
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = 64 << 10
+    max_tensors: int = 64
+    max_ndim: int = 8
+    max_numel: int = 1 << 28          # per tensor
+    max_frame_bytes: int = 1 << 30
+    dtypes: frozenset = field(default_factory=lambda: frozenset(DTYPES))
+
+
+@dataclass
+class Message:
+    kind: str
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)   # adatopk kept positions, by tensor
+
+
+def pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor], ratios: dict[str, float] | None = None,
+         reuse: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """One frame; ``ratios[name] > 1`` sends that tensor AdaTopK-compressed, ``reuse[name]`` sends it
+    on an earlier mask. Returns (frame, masks used) so the caller can reuse them backwards."""
+    ratios, reuse = ratios or {}, reuse or {}
+    entries, chunks, masks = [], [], {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.dtype not in NAMES:
+            raise SwarmError(f"wire: tensor '{name}' has unsupported dtype {t.dtype}")
+        if name in reuse:
+            data, codec = adatopk.encode_like(t, reuse[name]), "adatopk"
+            masks[name] = reuse[name]
+        elif ratios.get(name, 1.0) > 1.0 and t.is_floating_point():
+            packet = adatopk.encode(t, ratios[name])
+            data, codec, masks[name] = packet.data, "adatopk", packet.indices
+        else:
+            data, codec = t.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes(), "raw"
+        entries.append({"name": name, "dtype": NAMES[t.dtype], "shape": list(t.shape), "codec": codec, "nbytes": len(data)})
+        chunks.append(data)
+    header = msgpack.packb({"v": VERSION, "kind": kind, "meta": meta, "tensors": entries}, use_bin_type=True)
+    return _PREFIX.pack(MAGIC, len(header)) + header + b"".join(chunks), masks
+
+
+def unpack(frame: bytes, limits: Limits = Limits(), masks: dict[str, torch.Tensor] | None = None) -> Message:
+    """Parse a frame (every bound checked first); ``masks`` for tensors sent on a reused mask."""
+    if len(frame) > limits.max_frame_bytes:
+        raise SwarmError(f"wire: frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
+    try:
+        magic, header_len = _PREFIX.unpack_from(frame, 0)
+    except struct.error:
+        raise SwarmError("wire: truncated frame") from None
+    if magic != MAGIC:
+        raise SwarmError("wire: not a swarm frame (bad magic)")
+    if header_len > limits.max_header_bytes or _PREFIX.size + header_len > len(frame):
+        raise SwarmError(f"wire: header of {header_len} bytes is too large or truncated")
+    try:
+        header = msgpack.unpackb(frame[_PREFIX.size:_PREFIX.size + header_len], raw=False, strict_map_key=True)
+    except Exception as e:
+        raise SwarmError(f"wire: unreadable header ({type(e).__name__})") from None
+    entries = _check_header(header, limits)
+    offset = _PREFIX.size + header_len
+    if offset + sum(e["nbytes"] for e in entries) != len(frame):
+        raise SwarmError("wire: payload length does not match the header")
+    tensors, kept = {}, {}
+    for e in entries:
+        data = frame[offset: offset + e["nbytes"]]
+        offset += e["nbytes"]
+        dtype = DTYPES[e["dtype"]]
+        if e["codec"] == "raw":
+            numel = math.prod(e["shape"])
+            if e["nbytes"] != numel * dtype.itemsize:
+                raise SwarmError(f"wire: tensor '{e['name']}' has {e['nbytes']} bytes for shape {e['shape']}")
+            tensors[e["name"]] = torch.frombuffer(bytearray(data), dtype=dtype).view(e["shape"]) if numel else \
+                torch.empty(e["shape"], dtype=dtype)
+        else:
+            t, kept[e["name"]] = adatopk.decode(data, (masks or {}).get(e["name"]), max_numel=limits.max_numel)
+            if list(t.shape) != e["shape"] or t.dtype != dtype:
+                raise SwarmError(f"wire: tensor '{e['name']}' packet does not match its header")
+            tensors[e["name"]] = t
+    return Message(header["kind"], header["meta"], tensors, kept)
+
+
+def _check_header(header, limits: Limits) -> list[dict]:
+    if not isinstance(header, dict) or header.get("v") != VERSION:
+        raise SwarmError(f"wire: unsupported header version {header.get('v') if isinstance(header, dict) else None!r}")
+    kind, meta, entries = header.get("kind"), header.get("meta"), header.get("tensors")
+    if not isinstance(kind, str) or not isinstance(meta, dict) or not isinstance(entries, list):
+        raise SwarmError("wire: header needs kind (str), meta (map) and tensors (list)")
+    if not all(isinstance(k, str) and isinstance(v, META_TYPES) for k, v in meta.items()):
+        raise SwarmError("wire: meta values must be scalars")
+    if len(entries) > limits.max_tensors:
+        raise SwarmError(f"wire: {len(entries)} tensors (limit {limits.max_tensors})")
+    names = set()
+    for e in entries:
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e.get("dtype") in limits.dtypes
+                and e.get("codec") in ("raw", "adatopk") and isinstance(e.get("shape"), list)
+                and isinstance(e.get("nbytes"), int) and e["nbytes"] >= 0):
+            raise SwarmError(f"wire: malformed tensor entry {str(e)[:80]}")
+        shape = e["shape"]
+        if len(shape) > limits.max_ndim or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise SwarmError(f"wire: tensor '{e['name']}' has a bad shape {shape[:10]}")
+        if math.prod(shape) > limits.max_numel:
+            raise SwarmError(f"wire: tensor '{e['name']}' has {math.prod(shape)} elements (limit {limits.max_numel})")
+        if e["name"] in names:
+            raise SwarmError(f"wire: tensor '{e['name']}' appears twice")
+        names.add(e["name"])
+    return entries
