@@ -1,0 +1,78 @@
+"""One pipeline stage at work: forward and backward passes by micro-batch id, gradient accumulation,
+an optimizer step per training step. Transport-agnostic: tensors in, tensors out."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from swarm.dag.stages import Stage
+from swarm.errors import SwarmError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise SwarmError(f"unknown optimizer '{name}'")
+
+
+class StageWorker:
+    """Runs ``stage``; keeps what backward needs for at most ``max_in_flight`` micro-batches."""
+
+    def __init__(self, stage: Stage, optimizer: str = "adam", lr: float = 1e-3, max_in_flight: int = 64,
+                 loss_fn: LossFn | None = None):
+        self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
+        self.params = [p for p in stage.module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(optimizer, self.params, lr) if self.params else None
+        self.saved: dict[int, tuple[list, list]] = {}
+        self.step_id = 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.loss_fn is not None
+
+    def forward(self, mb: int, inputs: list[torch.Tensor], targets: torch.Tensor | None = None,
+                scale: float = 1.0) -> list[torch.Tensor]:
+        """Outputs of micro-batch ``mb`` (detached); the last stage returns ``[loss]`` and will
+        backpropagate ``loss * scale`` (1 / micro-batches: accumulated gradients are the mean)."""
+        if mb in self.saved:
+            raise SwarmError(f"micro-batch {mb} of step {self.step_id} is already in flight")
+        if len(self.saved) >= self.max_in_flight:
+            raise SwarmError(f"more than {self.max_in_flight} micro-batches in flight")
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        outputs = list(self.stage(*leaves))
+        if self.is_last:
+            if targets is None:
+                raise SwarmError("the last stage needs targets")
+            loss = self.loss_fn(outputs[0], targets)
+            self.saved[mb] = (leaves, [loss * scale])
+            return [loss.detach()]
+        self.saved[mb] = (leaves, outputs)
+        return [o.detach() for o in outputs]
+
+    def backward(self, mb: int, grads: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Gradients w.r.t. the inputs of micro-batch ``mb`` given those w.r.t. its outputs (the last
+        stage needs none: it starts from its loss)."""
+        if mb not in self.saved:
+            raise SwarmError(f"no forward pass of micro-batch {mb} in step {self.step_id} to differentiate")
+        leaves, outputs = self.saved.pop(mb)
+        if self.is_last:
+            outputs[0].backward()
+        else:
+            pairs = [(o, g) for o, g in zip(outputs, grads or []) if g is not None and o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return [leaf.grad if leaf.requires_grad else None for leaf in leaves]
+
+    def step(self) -> None:
+        """Apply the accumulated gradients (one optimizer step) and start the next step."""
+        if self.saved:
+            raise SwarmError(f"step {self.step_id} ends with {len(self.saved)} micro-batches still in flight")
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step_id += 1
