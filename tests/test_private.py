@@ -11,7 +11,6 @@ from swarm.auth import CredentialChecker, issue_credential, load_identity, peer_
 from swarm.config import NetworkConfig
 from swarm.estimator.profile import load_or_measure
 from swarm.membership import MemberRecord, Membership, make_validators
-from swarm.node import start_dht
 from swarm.private import init_swarm
 from swarm.transport import LinkProber
 from tests.conftest import node_config, run_cli

@@ -80,3 +80,9 @@ def run_stages(stages: list[Stage], *inputs: Any) -> Any:
 def stage_parameters(stages: list[Stage]) -> dict[str, torch.nn.Parameter]:
     """All parameters by qualified name (the same names as in the original model)."""
     return {name: p for stage in stages for name, p in stage.module.named_parameters()}
+
+
+def input_specs(dag, io: StageIO) -> list[tuple[list[int], str]]:
+    """(traced shape, dtype name) of each input of a stage: what its RPCs accept (batch dim free)."""
+    ops = [dag.ops[dag.index[name]] for name in io.inputs]
+    return [(list(op.out_shapes[0]), op.out_dtypes[0].removeprefix("torch.")) for op in ops]

@@ -24,8 +24,10 @@ class StageWorker:
     """Runs ``stage``; keeps what backward needs for at most ``max_in_flight`` micro-batches."""
 
     def __init__(self, stage: Stage, optimizer: str = "adam", lr: float = 1e-3, max_in_flight: int = 64,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, input_specs: list[tuple[list[int], str]] | None = None,
+                 max_batch: int = 1024):
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
+        self.input_specs, self.max_batch = input_specs, max_batch
         self.params = [p for p in stage.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(optimizer, self.params, lr) if self.params else None
         self.saved: dict[int, tuple[list, list]] = {}
@@ -43,6 +45,7 @@ class StageWorker:
             raise SwarmError(f"micro-batch {mb} of step {self.step_id} is already in flight")
         if len(self.saved) >= self.max_in_flight:
             raise SwarmError(f"more than {self.max_in_flight} micro-batches in flight")
+        self._check(inputs)
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
         outputs = list(self.stage(*leaves))
         if self.is_last:
@@ -53,6 +56,19 @@ class StageWorker:
             return [loss.detach()]
         self.saved[mb] = (leaves, outputs)
         return [o.detach() for o in outputs]
+
+    def _check(self, inputs: list[torch.Tensor]) -> None:
+        """Inputs must look like the traced boundary (any batch size up to ``max_batch``): a peer
+        cannot make this stage allocate for shapes it was never planned for."""
+        if self.input_specs is None:
+            return
+        if len(inputs) != len(self.input_specs):
+            raise SwarmError(f"stage {self.stage.io.index} takes {len(self.input_specs)} inputs, got {len(inputs)}")
+        for i, (t, (shape, dtype)) in enumerate(zip(inputs, self.input_specs)):
+            if str(t.dtype).removeprefix("torch.") != dtype or list(t.shape[1:]) != list(shape[1:]) \
+                    or not 0 < t.shape[0] <= self.max_batch:
+                raise SwarmError(f"input {i}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} does not match "
+                                 f"the stage's {dtype} [batch<={self.max_batch}, {', '.join(map(str, shape[1:]))}]")
 
     def backward(self, mb: int, grads: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
         """Gradients w.r.t. the inputs of micro-batch ``mb`` given those w.r.t. its outputs (the last
@@ -67,6 +83,10 @@ class StageWorker:
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return [leaf.grad if leaf.requires_grad else None for leaf in leaves]
+
+    def drop(self, mb: int) -> None:
+        """Forget micro-batch ``mb`` (its downstream failed; it may be retried elsewhere)."""
+        self.saved.pop(mb, None)
 
     def step(self) -> None:
         """Apply the accumulated gradients (one optimizer step) and start the next step."""
