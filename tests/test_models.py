@@ -67,3 +67,13 @@ def test_import_spec_input_shape_gives_example_inputs():
     assert build(spec).example_inputs(3)[0].shape == (3, 4)
     with pytest.raises(SwarmError, match="has no example_inputs"):
         load_model("tests.user_models:bare").example_inputs(3)
+
+
+def test_every_process_builds_the_same_initial_weights():
+    import subprocess
+    import sys
+
+    code = ("import torch, hashlib; from swarm.models import trace_model; gm = trace_model('gpt2-tiny', 'coarse', 1).gm; "
+            "print(hashlib.sha256(b''.join(p.detach().numpy().tobytes() for p in gm.parameters())).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout for _ in range(2)}
+    assert len(digests) == 1 and len(next(iter(digests))) == 65

@@ -107,6 +107,6 @@ def trace_model(name: str, granularity: str, batch_size: int):
     """Build model ``name`` (seeded, so every node builds the same one) and trace its OP-DAG."""
     from swarm.dag.trace import trace
 
+    torch.manual_seed(0)   # same initial weights in every process
     built = load_model(name)
-    torch.manual_seed(0)
     return trace(built.module, built.example_inputs(batch_size), granularity, built.sequential_modules, built.name)
