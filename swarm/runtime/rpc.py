@@ -55,6 +55,9 @@ class StageServer:
             reply = await self.answer(frame)
             write_frame(writer, reply)
             await writer.drain()
+            # closing first can cut the reply's tail in the daemons: wait until the caller has read it
+            # all and hung up (it closes right after reading)
+            await asyncio.wait_for(reader.read(1), self.timeout_s)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SwarmError, struct.error):
             self.errors += 1
         finally:
