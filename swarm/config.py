@@ -82,6 +82,33 @@ class ElectionConfig(Strict):
     drift_gain: float = Field(default=1.25, gt=1, description="re-plan when a new plan predicts this speed-up")
     drift_check_s: float = Field(default=60.0, gt=0)
     micro_batches: PositiveInt = Field(default=8, description="micro-batches per optimizer step")
+    stages: int = Field(default=0, ge=0, description="pipeline stages of every plan (0: the scheduler chooses)")
+    min_members: PositiveInt = Field(default=1, description="the first plan waits until this many members are live")
+
+
+class CompressionConfig(Strict):
+    """AdaTopK on pipeline links (docs/adatopk.md)."""
+
+    mode: Literal["auto", "off", "fixed"] = Field(
+        default="auto", description="auto: per-link ratio from the plan and the live bandwidth; fixed: `ratio` on every link")
+    ratio: float = Field(default=10.0, ge=1.0, description="wire ratio (raw / sent bytes) in fixed mode")
+    max_ratio: float = Field(default=16.0, ge=1.0, description="hardest compression auto mode may choose")
+    warmup_steps: int = Field(default=20, ge=0, description="uncompressed optimizer steps at the start")
+
+
+class TrainingConfig(Strict):
+    """What the elected pipeline trains on and how."""
+
+    data: str = Field(default="generated", description="generated (bundled byte-level text), synthetic-images, "
+                      "a text file, or an image folder (one subfolder per class)")
+    lr: float = Field(default=1e-3, gt=0)
+    schedule: Literal["gpipe", "1f1b"] = Field(
+        default="1f1b", description="gpipe: all micro-batches in flight; 1f1b: as many as stages, backward first")
+    max_steps: int | None = Field(default=None, ge=0, description="stop driving after this many steps (None: never)")
+    save_dir: str | None = Field(default=None, description="write each stage's parameters here at max_steps")
+    metrics_path: str | None = Field(default=None, description="append one JSON line per step (first-stage nodes)")
+    threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's default)")
+    timeout_s: float = Field(default=60.0, gt=0, description="bound on every pipeline call")
 
 
 class NodeConfig(Strict):
@@ -94,6 +121,8 @@ class NodeConfig(Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     election: ElectionConfig = Field(default_factory=ElectionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
 
 def config_dir() -> Path:

@@ -37,9 +37,10 @@ class Elector:
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
                  log: Callable[[str], None] = print):
         self.me, self.membership, self.workload, self.log = me, membership, workload, log
-        self.settings = PlanSettings(micro_batches=cfg.micro_batches)
+        self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages)
         self.cfg = cfg
-        self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s))
+        self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
+                                                                 cfg.min_members))
         self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified
         self.plan: Plan | None = None       # the committed one
         self.drift_checked_at = 0.0

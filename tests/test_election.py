@@ -16,9 +16,9 @@ def plan_hash(epoch: int, members: tuple[str, ...]) -> str:
 class Sim:
     """Nodes that see each other's published states through a lossy, partitionable medium."""
 
-    def __init__(self, names):
-        self.now = 0.0
-        self.nodes = {n: Election(n, FAST) for n in names}
+    def __init__(self, names, settings=FAST):
+        self.now, self.settings = 0.0, settings
+        self.nodes = {n: Election(n, settings) for n in names}
         self.published = {n: PeerState() for n in names}
         self.alive = set(names)
         self.group = {n: 0 for n in names}
@@ -26,7 +26,7 @@ class Sim:
         self.commits: dict[str, list[Ballot]] = {n: [] for n in names}
 
     def join(self, name, group=0):
-        self.nodes[name] = Election(name, FAST)
+        self.nodes[name] = Election(name, self.settings)
         self.published[name], self.group[name], self.commits[name] = PeerState(), group, []
         self.alive.add(name)
 
@@ -88,6 +88,16 @@ def test_staggered_joins_end_in_one_plan():
     sim.settle(60)
     sim.check_safety()
     assert sim.agreed() and len(sim.nodes["n1"].committed.members) == 8
+
+
+def test_first_plan_waits_for_min_members():
+    sim = Sim(["n2", "n4"], ElectionSettings(join_batch_s=2.0, min_epoch_s=3.0, election_timeout_s=5.0, min_members=3))
+    sim.settle(20)
+    assert all(node.committed is None and node.asked is None for node in sim.nodes.values())
+    sim.join("n3")
+    sim.settle(20)
+    sim.check_safety()
+    assert sim.agreed() and len(sim.nodes["n2"].committed.members) == 3
 
 
 def test_dead_member_is_dropped_in_a_new_epoch():

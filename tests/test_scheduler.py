@@ -111,3 +111,14 @@ def test_baseline_is_one_peer_per_stage_in_id_order_with_equal_op_counts():
     naive = baseline(w, swarm)
     assert [s.peers[0] for s in naive.stages] == sorted(swarm.ids)
     assert {s.stop_op - s.first_op for s in naive.stages} <= {2, 3} and all(link.ratio == 1 for link in naive.links)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 5])
+def test_fixed_stage_count_is_met_and_never_beats_the_free_choice(stages):
+    rng = np.random.default_rng(7)
+    w, swarm = random_workload(rng, 12), sites_swarm(rng, [3, 3], inside_bps=1e9, between_bps=50e6)
+    free = schedule(w, swarm)
+    fixed = schedule(w, swarm, PlanSettings(stages=stages))
+    assert len(fixed.stages) == stages and fixed.feasible
+    assert fixed.predicted_step_s >= free.predicted_step_s * (1 - 1e-9)
+    assert not schedule(w, swarm, PlanSettings(stages=7)).feasible   # more stages than peers: no plan

@@ -4,7 +4,7 @@ out, no I/O). The protocol and its guarantees are in docs/election.md; in short:
 - Every member publishes its *vote* (epoch, plan hash) and its last *commit*; a proposer also
   publishes its *ballot* (epoch, plan hash, proposer, members = everyone it sees live).
 - Only the live member with the smallest peer id proposes, and only when an election is needed: no
-  plan yet, a plan member is gone, members outside the plan have been live for ``join_batch_s``
+  plan yet (and at least ``min_members`` live), a plan member is gone, members outside the plan have been live for ``join_batch_s``
   (after ``min_epoch_s`` of the current epoch), or the runtime reports drift. A ballot's epoch is one
   above every epoch the proposer has seen.
 - A member votes for the best ballot it sees that names it (highest epoch, then smallest proposer);
@@ -45,6 +45,7 @@ class ElectionSettings:
     join_batch_s: float = 20.0       # members outside the plan wait this long, so joins batch up
     min_epoch_s: float = 60.0        # no join- or drift-triggered epoch sooner than this after a commit
     election_timeout_s: float = 30.0 # a ballot not committed by then is retried one epoch higher
+    min_members: int = 1             # the first plan waits until this many members are live
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class Election:
         settled = current is None or now - self.committed_at >= self.settings.min_epoch_s
         if current is not None and set(current.members) - set(live):
             reason = "a member left"
-        elif batched and settled:
+        elif batched and settled and (current is not None or len(live) >= self.settings.min_members):
             reason = "members joined" if current else "first plan"
         elif current is not None and self.drift and settled:
             reason = "measurements drifted"

@@ -50,10 +50,13 @@ class PlanSettings:
     max_ratio: float = 16.0             # AdaTopK's hardest compression
     codec_bytes_per_s: float = 2e8      # AdaTopK encode+decode throughput, raw bytes/s (benchmarks.codec, 2-core CPU)
     max_stages: int = 16                # search bound; also bounds pipeline fill time
+    stages: int = 0                     # exactly this many stages (0: the scheduler chooses)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1 or self.in_flight < 1 or self.max_stages < 1 or self.max_ratio < 1:
             raise SwarmError("plan settings: micro_batches, in_flight, max_stages and max_ratio must be >= 1")
+        if self.stages < 0:
+            raise SwarmError("plan settings: stages must be >= 0 (0: chosen by the scheduler)")
         if self.optimizer not in OPTIMIZER_STATES:
             raise SwarmError(f"plan settings: unknown optimizer '{self.optimizer}'")
 

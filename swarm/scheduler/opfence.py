@@ -13,6 +13,9 @@ first and ties break on the plan hash.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
 
 from swarm.scheduler.costs import PlanSettings, Swarm, Workload
@@ -129,6 +132,8 @@ def _layouts(w: Workload, swarm: Swarm, units: _Units, settings: PlanSettings) -
                                                              np.full(len(idx), jn)], axis=1)
     layouts = {}
     for stages, (_, (i, j, jn)) in final.items():
+        if settings.stages and stages != settings.stages:
+            continue
         layout, stop = [], n
         for s in range(stages, 0, -1):
             layout.append(((i, stop), [p for v in range(j, jn) for p in units.members[v]]))
@@ -146,8 +151,8 @@ def _key(plan: Plan) -> tuple:
 
 def _recut(ranges: _Ranges, swarm: Swarm, groups: list[list[int]]) -> Layout | None:
     """The best cuts (by DP bottleneck) for fixed, ordered replica groups; None if nothing fits."""
-    n = ranges.w.n
-    if len(groups) > min(n, ranges.settings.max_stages):
+    n, fixed = ranges.w.n, ranges.settings.stages
+    if len(groups) > min(n, ranges.settings.max_stages) or (fixed and len(groups) != fixed):
         return None
     best, back = np.full(n + 1, np.inf), []
     best[0] = 0.0
@@ -222,9 +227,9 @@ def schedule(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(),
                 units = _Units(swarm, [fences[k] for k in order], max_units, key)
                 for layout in _layouts(w, swarm, units, settings).values():
                     candidates.append((evaluate(w, swarm, layout, settings), layout))
-    if not candidates:  # nothing fits: report the strongest single peer's pipeline, infeasible
+    if not candidates:  # nothing fits (or a fixed stage count cannot be met): the strongest peer alone, infeasible
         strongest = max(range(len(swarm.peers)), key=lambda p: (swarm.peers[p].memory_bytes, swarm.peers[p].peer_id))
-        return evaluate(w, swarm, [((0, w.n), [strongest])], settings)
+        return replace(evaluate(w, swarm, [((0, w.n), [strongest])], settings), predicted_step_s=math.inf)
     candidates.sort(key=lambda c: _key(c[0]))
     if len(swarm.peers) <= refine_peers:
         seen, refined = set(), []
