@@ -1,11 +1,15 @@
-"""Training data that needs no download: byte-level text (a generated corpus or local files),
-sampled deterministically by step so that every first-stage replica can take its own shard."""
+"""Training data that needs no download, sampled deterministically by step so that every first-stage replica can
+take its own shard: byte-level text (a generated corpus or local files) and labelled images (generated on the fly
+or a local folder of one subfolder per class)."""
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from swarm.errors import SwarmError
 
@@ -14,6 +18,7 @@ _VERBS = ["sends", "measures", "elects", "compresses", "averages", "trains", "fo
 _OBJECTS = ["the activations", "its gradients", "a new plan", "the bandwidth", "the next batch", "small tensors",
             "the loss", "a checkpoint"]
 _TAILS = ["quickly", "over a slow link", "without a coordinator", "every step", "to its neighbour", "in order", "again"]
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def generated_corpus(n_bytes: int = 1 << 20, seed: int = 0) -> bytes:
@@ -24,6 +29,11 @@ def generated_corpus(n_bytes: int = 1 << 20, seed: int = 0) -> bytes:
         out.append(s)
         size += len(s)
     return "".join(out).encode()[:n_bytes]
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of step ``step``: the same in every process, so each replica can cut out its shard."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 class ByteCorpus:
@@ -44,7 +54,75 @@ class ByteCorpus:
 
     def batch(self, step: int, size: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-byte targets of shard ``rank`` of ``world`` of step ``step``'s global batch."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        gen = _step_generator(self.seed, step)
         starts = torch.randint(0, len(self.data) - self.seq_len - 1, (size * world,), generator=gen)[rank::world]
         rows = torch.stack([self.data[s: s + self.seq_len + 1] for s in starts.tolist()])
         return rows[:, :-1], rows[:, 1:]
+
+
+class SyntheticImages:
+    """Classes of smooth random templates seen through smooth and per-pixel noise: learnable, but not trivially."""
+
+    def __init__(self, num_classes: int, image_size: int, in_channels: int = 3, seed: int = 0):
+        gen = torch.Generator().manual_seed(-1 - seed)  # a stream apart from every step's
+        coarse = torch.randn(num_classes, in_channels, 4, 4, generator=gen)
+        self.templates = (coarse - coarse.mean(dim=(1, 2, 3), keepdim=True)) / coarse.std(dim=(1, 2, 3), keepdim=True)
+        self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
+
+    def batch(self, step: int, size: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (standardised per sample) and int64 labels of shard ``rank`` of ``world`` of step ``step``'s batch."""
+        gen, n = _step_generator(self.seed, step), size * world
+        labels = torch.randint(0, self.num_classes, (n,), generator=gen)
+        coarse = 0.5 * self.templates[labels] + torch.randn((n, *self.templates.shape[1:]), generator=gen)
+        x = F.interpolate(coarse, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = x + 0.5 * torch.randn(x.shape, generator=gen)
+        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / x.std(dim=(1, 2, 3), keepdim=True)
+        return x[rank::world], labels[rank::world]
+
+
+class ImageFolder:
+    """Labelled images held in memory as one normalised tensor; batches are drawn by step like ``ByteCorpus``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], seed: int = 0):
+        self.images, self.labels, self.classes, self.seed = images, labels, classes, seed
+        self.num_classes = len(classes)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, image_size: int, in_channels: int = 3, seed: int = 0) -> "ImageFolder":
+        """Read ``path/<class>/<image>`` (sorted class names are the labels), resized and normalised per channel."""
+        if in_channels not in (1, 3):
+            raise SwarmError(f"image folder needs in_channels 1 (grey) or 3 (RGB), not {in_channels}")
+        root = Path(path)
+        if not root.is_dir():
+            raise SwarmError(f"image folder {path} does not exist or is not a directory")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise SwarmError(f"image folder {path} has no class subfolders")
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            files = sorted(f for f in (root / name).iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+            if not files:
+                raise SwarmError(f"class folder {root / name} has no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+            images += [_load_image(f, image_size, in_channels) for f in files]
+            labels += [label] * len(files)
+        x = torch.stack(images).float() / 255
+        mean, std = x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        return cls((x - mean) / std, torch.tensor(labels), classes, seed)
+
+    def batch(self, step: int, size: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and int64 labels of shard ``rank`` of ``world`` of step ``step``'s global batch."""
+        gen = _step_generator(self.seed, step)
+        idx = torch.randint(0, len(self.labels), (size * world,), generator=gen)[rank::world]
+        return self.images[idx], self.labels[idx]
+
+
+def _load_image(path: Path, image_size: int, in_channels: int) -> torch.Tensor:
+    """One image file as uint8 (in_channels, image_size, image_size)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if in_channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
+    except UnidentifiedImageError:
+        raise SwarmError(f"cannot read image {path}: corrupt or not an image") from None
+    except OSError as e:
+        raise SwarmError(f"cannot read image {path}: {e.strerror or e}") from None
+    return torch.from_numpy(np.array(im)).reshape(image_size, image_size, in_channels).permute(2, 0, 1)
