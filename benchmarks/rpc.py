@@ -21,7 +21,7 @@ from swarm.dag.stages import extract_stages
 from swarm.dag.trace import trace
 from swarm.models import load_model
 from swarm.runtime import LocalPipeline, StageWorker
-from swarm.runtime.rpc import PROTOCOL, StageServer, stream_caller, train_step
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
 from swarm.wire import Limits
 
 
@@ -41,9 +41,10 @@ async def remote_times(workers, batches, micro_batches: int) -> list[float]:
         p2ps.append(await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await p2ps[-1].get_visible_maddrs()))
     try:
         limits = Limits(max_frame_bytes=256 << 20)
-        last = StageServer(workers[2], None, limits)
-        middle = StageServer(workers[1], stream_caller(p2ps[1], p2ps[2].peer_id, limits), limits)
-        first = StageServer(workers[0], stream_caller(p2ps[0], p2ps[1].peer_id, limits), limits)
+        ids = [(p.peer_id.to_base58(),) for p in p2ps]
+        hoods = [Neighbours(ids[0][0], ids[0], (), ids[1]), Neighbours(ids[1][0], ids[1], ids[0], ids[2]),
+                 Neighbours(ids[2][0], ids[2], ids[1], ())]
+        first, middle, last = (StageServer(w, h, stream_caller(p, limits), limits) for w, h, p in zip(workers, hoods, p2ps))
         await p2ps[2].add_binary_stream_handler(PROTOCOL, last.handle)
         await p2ps[1].add_binary_stream_handler(PROTOCOL, middle.handle)
         times = []

@@ -1,8 +1,10 @@
-"""Remote autodiff over real libp2p streams: three stages in three p2p daemons train exactly like one
-process; garbage, stale steps and oversized frames get error replies and the stages keep serving."""
+"""Remote autodiff over real libp2p streams: three stages (the middle one on two replicas that
+all-reduce their gradients) in four p2p daemons train exactly like one process; garbage, stale steps,
+strangers and oversized frames get error replies and the stages keep serving."""
 import asyncio
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hivemind.p2p import P2P
@@ -11,7 +13,7 @@ from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import trace
 from swarm.models import load_model
 from swarm.runtime import StageWorker, make_optimizer
-from swarm.runtime.rpc import PROTOCOL, StageServer, stream_caller, train_step
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
 from swarm.wire import Limits, pack, unpack
 
 
@@ -19,66 +21,90 @@ def lm_loss(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-async def _scenario():
+def reference_step(model, opt, x, y, micro_batches):
+    opt.zero_grad()
+    losses = []
+    for xm, ym in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+        loss = lm_loss(model(xm), ym)
+        (loss / micro_batches).backward()
+        losses.append(loss.item())
+    opt.step()
+    return sum(losses) / len(losses)
+
+
+async def _scenario(schedule):
     torch.manual_seed(0)
     built = load_model("gpt2-tiny")
     reference = copy.deepcopy(built.module)
     traced = trace(built.module, built.example_inputs(2), "coarse", name=built.name)
     stages = extract_stages(traced, traced.dag.balanced_partition(3))
-    workers = [StageWorker(s, "adam", 1e-3, loss_fn=lm_loss if i == 2 else None, max_batch=64,
-                           input_specs=input_specs(traced.dag, s.io)) for i, s in enumerate(stages)]
+    # stage 1 twice: each replica gets its own copy of the (identical) initial weights
+    layout = [stages[0], stages[1], copy.deepcopy(stages[1]), stages[2]]
+    workers = [StageWorker(s, "adam", 1e-3, loss_fn=lm_loss if s.io.index == 2 else None, max_batch=64,
+                           input_specs=input_specs(traced.dag, s.io)) for s in layout]
     p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
-    for _ in range(2):
+    for _ in range(3):
         p2ps.append(await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await p2ps[-1].get_visible_maddrs()))
+    ids = [p.peer_id.to_base58() for p in p2ps]
+    first, mids, last = (ids[0],), tuple(sorted(ids[1:3])), (ids[3],)
     try:
         limits = Limits(max_frame_bytes=64 << 20)
-        last = StageServer(workers[2], None, limits)
-        middle = StageServer(workers[1], stream_caller(p2ps[1], p2ps[2].peer_id, limits), limits)
-        first = StageServer(workers[0], stream_caller(p2ps[0], p2ps[1].peer_id, limits), limits)
-        await p2ps[2].add_binary_stream_handler(PROTOCOL, last.handle)
-        await p2ps[1].add_binary_stream_handler(PROTOCOL, middle.handle)
+        hoods = [Neighbours(ids[0], first, (), mids), Neighbours(ids[1], mids, first, last),
+                 Neighbours(ids[2], mids, first, last), Neighbours(ids[3], last, mids, ())]
+        servers = [StageServer(w, h, stream_caller(p, limits), limits, schedule=schedule)
+                   for w, h, p in zip(workers, hoods, p2ps)]
+        for p, server in zip(p2ps[1:], servers[1:]):
+            await p.add_binary_stream_handler(PROTOCOL, server.handle)
 
         opt = make_optimizer("adam", reference.parameters(), 1e-3)
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
             data = torch.randint(0, 256, (8, 129), generator=gen)
             x, y = data[:, :-1], data[:, 1:]
-            loss = await train_step(first, x, y, micro_batches=4, in_flight=3)
-            opt.zero_grad()
-            ref = []
-            for xm, ym in zip(x.chunk(4), y.chunk(4)):
-                ref_loss = lm_loss(reference(xm), ym)
-                (ref_loss / 4).backward()
-                ref.append(ref_loss.item())
-            opt.step()
-            assert abs(loss - sum(ref) / 4) < 1e-5
-        ours = {n: p for w in workers for n, p in w.stage.module.named_parameters()}
-        for name, p in reference.named_parameters():
-            assert torch.allclose(ours[name], p, atol=1e-5, rtol=1e-4), name
+            loss = await train_step(servers[0], x, y, micro_batches=4, in_flight=3)
+            assert abs(loss - reference_step(reference, opt, x, y, 4)) < 1e-5
+        assert workers[1].step_id == workers[2].step_id == 3
+        for i in (0, 1, 2, 3):
+            ours = dict(workers[i].stage.module.named_parameters())
+            for name, p in reference.named_parameters():
+                if name in ours:
+                    assert torch.allclose(ours[name], p, atol=1e-5, rtol=1e-4), name
+        # the two replicas really shared the work, and their weights are bit-identical after the all-reduce
+        assert servers[1].counters.bytes_sent > 0 and servers[2].counters.bytes_sent > 0
+        for a, b in zip(workers[1].params, workers[2].params):
+            assert torch.equal(a, b)
 
         # hostile or confused callers: each gets an error reply (or a closed stream); nothing changes
-        call = stream_caller(p2ps[0], p2ps[1].peer_id, limits)
-        bad = [b"garbage", pack("forward", {"step": 99, "mb": 0}, {"x0": torch.zeros(1, 128, 256)})[0],
-               pack("forward", {"step": workers[1].step_id, "mb": 0}, {"x0": torch.zeros(3, 3)})[0],
-               pack("forward", {"step": workers[1].step_id, "mb": 0}, {"x0": torch.zeros(1, 4096, 256)})[0],
-               pack("launch", {"step": workers[1].step_id}, {})[0]]
+        call = stream_caller(p2ps[0], limits)
+        step = workers[1].step_id
+        bad = [b"garbage", pack("forward", {"step": 99, "mb": 0}, {"x0": torch.zeros(1, 128, 128)})[0],
+               pack("forward", {"step": step, "mb": 0}, {"x0": torch.zeros(3, 3)})[0],
+               pack("forward", {"step": step, "mb": 0}, {"x0": torch.zeros(1, 4096, 128)})[0],
+               pack("forward", {"step": step, "mb": -1}, {"x0": torch.zeros(1, 128, 128)})[0],
+               pack("reduce", {"step": step, "part": 0}, {"g": torch.zeros(10)})[0],   # stage 0 is no replica
+               pack("launch", {"step": step}, {})[0]]
         for frame in bad:
-            reply = unpack(await call(frame), limits)
+            reply = unpack(await call(ids[1], frame), limits)
             assert reply.kind == "error", reply.meta
+        stranger = unpack(await stream_caller(p2ps[3], limits)(ids[1], bad[2]), limits)   # stage 2 is downstream
+        assert stranger.kind == "error" and "not a previous-stage replica" in stranger.meta["message"]
+        wrong_part = pack("reduce", {"step": step, "part": 1 - mids.index(ids[1])}, {"g": torch.zeros(10)})[0]
+        assert unpack(await stream_caller(p2ps[2], limits)(ids[1], wrong_part), limits).kind == "error"
         _, reader, writer = await p2ps[0].call_binary_stream_handler(p2ps[1].peer_id, PROTOCOL)
         writer.write((1 << 40).to_bytes(8, "big"))   # announces a 1 TiB frame: closed without reading it
         await writer.drain()
         assert await reader.read() == b""
         writer.close()
-        assert middle.errors >= 6 and not workers[1].saved
-        before = {n: p.clone() for n, p in ours.items()}
+        assert servers[1].errors >= len(bad) + 2 and not workers[1].saved and not servers[1].rounds
+        before = {n: p.clone() for w in workers for n, p in w.stage.module.named_parameters()}
         data = torch.randint(0, 256, (4, 129), generator=gen)
-        await train_step(first, data[:, :-1], data[:, 1:], micro_batches=2)   # still serving
-        assert any(not torch.equal(before[n], p) for n, p in ours.items())
+        await train_step(servers[0], data[:, :-1], data[:, 1:], micro_batches=2)   # still serving
+        assert any(not torch.equal(before[n], p) for w in workers for n, p in w.stage.module.named_parameters())
     finally:
         for p in p2ps:
             await p.shutdown()
 
 
-def test_three_stages_over_libp2p_train_like_one_process_and_survive_garbage():
-    asyncio.run(asyncio.wait_for(_scenario(), 240))
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_pipeline_with_replicas_over_libp2p_trains_like_one_process_and_survives_garbage(schedule):
+    asyncio.run(asyncio.wait_for(_scenario(schedule), 240))

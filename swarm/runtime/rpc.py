@@ -1,29 +1,50 @@
 """Remote autodiff between pipeline neighbours over libp2p streams (protocol ``swarm.stage.v1``).
 
-A request and its reply are each one length-prefixed wire frame (``swarm.wire``). ``forward`` carries
-a micro-batch's activations (and, for the last stage, its targets) to the next stage; the reply is the
-gradient w.r.t. those activations, computed after the rest of the pipeline has run forward and
-backward on it. So one ``forward`` call from the first stage runs the whole pipeline for one
-micro-batch and brings its gradient back: autodiff across machines with no shared Python object.
-The first stage keeps several micro-batches in flight, which pipelines the stages. ``step`` applies
-the accumulated gradients, stage after stage. Every request names its step id and micro-batch id;
-a stale step, a duplicate micro-batch or a malformed frame gets an ``error`` reply and changes nothing.
+A request and its reply are each one length-prefixed wire frame (``swarm.wire``). Kinds:
+
+- ``forward`` {step, mb, scale}: a micro-batch's activations ``x0..`` (and ``targets`` for the last
+  stage). The reply ``grads`` carries the gradient w.r.t. them (``g0..``), computed after the rest
+  of the pipeline ran forward and backward, and the loss. So one ``forward`` call from the first stage
+  runs the whole pipeline for one micro-batch: autodiff across machines with no shared Python object.
+  Activations travel AdaTopK-compressed at the link's current ratio (``LinkPolicy``); the gradient
+  comes back on the same mask, without indices. Each micro-batch goes to one replica of the next
+  stage (by micro-batch id); if that replica cannot be reached it is retried on the others.
+- ``step`` {step}: sent by every replica of the previous stage once its micro-batches are done. When
+  all have arrived, the stage sums its gradients with its replicas (``reduce``), applies one optimizer
+  step and passes ``step`` on; the reply comes once everything downstream has stepped too.
+- ``reduce`` {step, part}: a replica's part of the flat gradient for its owner; the reply is the sum
+  over all replicas (``swarm.runtime.allreduce``).
+
+Every request names its step id (and micro-batch id); a stale step, a duplicate micro-batch, a caller
+that is not a pipeline neighbour, a malformed frame get an ``error`` reply (``retry`` set where another
+attempt may succeed) and change nothing.
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import struct
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import torch
 
+from swarm.compression.policy import LinkPolicy
 from swarm.errors import SwarmError
+from swarm.runtime.allreduce import ReduceRound, parts
 from swarm.runtime.worker import StageWorker
-from swarm.wire import Limits, pack, unpack
+from swarm.wire import Limits, Message, pack, unpack
 
 PROTOCOL = "swarm.stage.v1"
 _LEN = struct.Struct(">Q")
+Call = Callable[[str, bytes], Awaitable[bytes]]   # (peer id, request frame) -> reply frame
+
+
+class Retry(SwarmError):
+    """A failure another attempt (later, or on another replica) may not meet."""
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int, timeout_s: float) -> bytes:
@@ -37,121 +58,353 @@ def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
     writer.write(_LEN.pack(len(frame)) + frame)
 
 
-class StageServer:
-    """Serves one stage: ``forward`` (returns input gradients), ``step``. ``next_call`` sends a frame
-    to the next stage and returns its reply (None for the last stage)."""
+def error_frame(e: Exception) -> bytes:
+    if isinstance(e, SwarmError):
+        meta = {"message": str(e)[:500], "retry": isinstance(e, Retry)}
+    else:  # a pass that fails on odd input must not take the stage down
+        meta = {"message": f"stage failed: {type(e).__name__}: {str(e)[:300]}", "retry": False}
+    return pack("error", meta, {})[0]
 
-    def __init__(self, worker: StageWorker, next_call: Callable | None, limits: Limits = Limits(),
-                 timeout_s: float = 120.0, admit: Callable[[str], bool] | None = None):
-        self.worker, self.next_call, self.limits, self.timeout_s, self.admit = worker, next_call, limits, timeout_s, admit
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="stage")   # one pass at a time, in order of arrival
-        self.errors = 0
+
+def check_reply(reply: Message, what: str) -> Message:
+    if reply.kind == "error":
+        cls = Retry if reply.meta.get("retry") else SwarmError
+        raise cls(f"{what}: {reply.meta.get('message')}")
+    return reply
+
+
+def stream_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0) -> Call:
+    """``call(peer, frame) -> reply frame`` over a new libp2p stream per request; transport failures
+    (dial, reset, time-out) raise ``Retry``."""
+    from hivemind.p2p import PeerID
+
+    async def call(peer: str, frame: bytes) -> bytes:
+        async def exchange() -> bytes:
+            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
+            try:
+                write_frame(writer, frame)
+                await writer.drain()
+                return await read_frame(reader, limits.max_frame_bytes, timeout_s)
+            finally:
+                writer.close()
+        try:
+            return await asyncio.wait_for(exchange(), timeout_s)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, struct.error) as e:
+            raise Retry(f"peer {peer[-8:]} unreachable ({type(e).__name__})") from None
+        except SwarmError:
+            raise
+        except Exception as e:   # hivemind's daemon errors (failed to dial, ...)
+            raise Retry(f"peer {peer[-8:]} unreachable ({' '.join(str(e).split())[:120]})") from None
+    return call
+
+
+class PriorityRunner:
+    """One compute thread: passes run one at a time, lower priority value first, then in arrival order
+    (1F1B: backward before forward; GPipe: arrival order)."""
+
+    def __init__(self, name: str = "stage"):
+        self.queue: list = []
+        self.seq = itertools.count()
+        self.ready = threading.Condition()
+        self.closed = False
+        threading.Thread(target=self._loop, daemon=True, name=name).start()
+
+    async def run(self, priority: int, fn, *args):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.ready:
+            heapq.heappush(self.queue, (priority, next(self.seq), fn, args, loop, future))
+            self.ready.notify()
+        return await future
+
+    def _loop(self) -> None:
+        while True:
+            with self.ready:
+                while not self.queue and not self.closed:
+                    self.ready.wait()
+                if self.closed:
+                    return
+                _, _, fn, args, loop, future = heapq.heappop(self.queue)
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:  # handed to the awaiting coroutine
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def close(self) -> None:
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """This node's place in the plan: its stage's replicas (sorted, itself included) and those of the
+    stages before and after it."""
+
+    me: str
+    replicas: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    downstream: tuple[str, ...] = ()
+
+    def route(self, mb: int, banned: set[str] = frozenset()) -> list[str]:
+        """Next-stage replicas to try for micro-batch ``mb``: its own first (spreads the load evenly),
+        then the others; recently failed ones last."""
+        n = len(self.downstream)
+        order = [self.downstream[(mb + k) % n] for k in range(n)]
+        return [p for p in order if p not in banned] + [p for p in order if p in banned]
+
+
+@dataclass
+class Counters:
+    bytes_sent: int = 0
+    bytes_raw: int = 0          # what the sent activations would have cost uncompressed
+    errors: int = 0
+    retries: int = 0
+    ratios: dict[str, float] = field(default_factory=dict)   # last ratio used, by next-stage peer
+
+
+class StageServer:
+    """Serves one stage of the committed plan. ``call`` reaches other peers; ``policy`` decides the
+    ratio of the outgoing link (None: last stage); ``bandwidth(peer)`` is the newest measurement."""
+
+    def __init__(self, worker: StageWorker, peers: Neighbours, call: Call | None, limits: Limits = Limits(),
+                 policy: LinkPolicy | None = None, bandwidth: Callable[[str], float | None] = lambda p: None,
+                 timeout_s: float = 120.0, schedule: str = "1f1b", max_requests: int = 64,
+                 admit: Callable[[str], bool] | None = None):
+        self.worker, self.peers, self.call, self.limits = worker, peers, call, limits
+        self.policy, self.bandwidth, self.timeout_s, self.admit = policy, bandwidth, timeout_s, admit
+        self.backward_first = schedule == "1f1b"
+        self.compute = PriorityRunner()
+        self.counters = Counters()
+        self.slots = max_requests
+        self.banned: dict[str, float] = {}
+        self.arrived: dict[int, set[str]] = {}
+        self.all_in: dict[int, asyncio.Event] = {}
+        self.finishing: dict[int, asyncio.Task] = {}
+        self.rounds: dict[int, ReduceRound] = {}
+        self.flat_numel = sum(p.numel() for p in worker.params)
+        self.stepped: Callable[[int], None] = lambda step: None   # hook after every optimizer step
+
+    @property
+    def errors(self) -> int:
+        return self.counters.errors
 
     async def handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request per stream (the libp2p handler)."""
+        peer = stream_info.peer_id.to_base58()
         try:
-            if self.admit is not None and not self.admit(stream_info.peer_id.to_base58()):
+            if self.admit is not None and not self.admit(peer):
                 return
             frame = await read_frame(reader, self.limits.max_frame_bytes, self.timeout_s)
-            reply = await self.answer(frame)
+            reply = await self.answer(frame, peer)
             write_frame(writer, reply)
+            self.counters.bytes_sent += len(reply) + _LEN.size
             await writer.drain()
             # closing first can cut the reply's tail in the daemons: wait until the caller has read it
             # all and hung up (it closes right after reading)
             await asyncio.wait_for(reader.read(1), self.timeout_s)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SwarmError, struct.error):
-            self.errors += 1
+            self.counters.errors += 1
         finally:
             writer.close()
 
-    async def answer(self, frame: bytes) -> bytes:
-        """The reply frame to a request frame: never raises."""
+    async def answer(self, frame: bytes, sender: str) -> bytes:
+        """The reply frame to a request frame from ``sender`` (authenticated peer id): never raises."""
+        if self.slots <= 0:
+            self.counters.errors += 1
+            return error_frame(Retry("stage busy: too many requests in progress"))
+        self.slots -= 1
         try:
             msg = unpack(frame, self.limits)
-            step, mb = msg.meta.get("step"), msg.meta.get("mb")
+            step = msg.meta.get("step")
             if not isinstance(step, int) or step != self.worker.step_id:
-                raise SwarmError(f"step {step!r} is not the current step {self.worker.step_id}")
-            if msg.kind == "forward":
-                return await self._forward(msg, mb)
-            if msg.kind == "step":
-                return await self._step(step)
+                raise (Retry if isinstance(step, int) and step > self.worker.step_id else SwarmError)(
+                    f"step {step!r} is not the current step {self.worker.step_id}")
+            upstream = self.peers.upstream or (self.peers.me,)   # the first stage is driven by its own node
+            if msg.kind in ("forward", "step"):
+                self._check_sender(sender, upstream, "a previous-stage replica")
+                return await (self._forward(msg, msg.meta.get("mb")) if msg.kind == "forward" else self._step(step, sender))
+            if msg.kind == "reduce":
+                self._check_sender(sender, tuple(p for p in self.peers.replicas if p != self.peers.me), "a replica")
+                return await self._reduce(msg, sender)
             raise SwarmError(f"unknown request kind '{msg.kind}'")
-        except SwarmError as e:
-            self.errors += 1
-            return pack("error", {"message": str(e)[:500]}, {})[0]
-        except Exception as e:  # a pass that fails on odd input must not take the stage down
-            self.errors += 1
-            return pack("error", {"message": f"stage failed: {type(e).__name__}: {str(e)[:300]}"}, {})[0]
+        except Exception as e:
+            self.counters.errors += 1
+            return error_frame(e)
+        finally:
+            self.slots += 1
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+    def _check_sender(self, sender: str, allowed: tuple[str, ...], what: str) -> None:
+        if sender not in allowed:
+            raise SwarmError(f"peer {sender[-8:]} is not {what} of stage {self.worker.stage.io.index}")
 
-    async def _forward(self, msg, mb) -> bytes:
+    async def _run(self, backward: bool, fn, *args):
+        """(result, seconds of compute) of ``fn(*args)`` on the compute thread."""
+        def timed():
+            started = time.perf_counter()
+            return fn(*args), time.perf_counter() - started
+        return await self.compute.run(0 if backward and self.backward_first else 1, timed)
+
+    async def _forward(self, msg: Message, mb) -> bytes:
         if not isinstance(mb, int) or mb < 0:
             raise SwarmError(f"bad micro-batch id {mb!r}")
-        names = sorted(k for k in msg.tensors if k.startswith("x"))
-        inputs = [msg.tensors[f"x{i}"] for i in range(len(names))]
-        scale = float(msg.meta.get("scale", 1.0))
-        targets = msg.tensors.get("targets")
-        step = self.worker.step_id
-        outputs = await self._run(self.worker.forward, mb, inputs, targets, scale)
-        if self.next_call is None:
+        n_inputs = len([k for k in msg.tensors if k.startswith("x")])
+        inputs = [msg.tensors.get(f"x{i}") for i in range(n_inputs)]
+        if any(t is None for t in inputs):
+            raise SwarmError("inputs must be named x0, x1, ... without gaps")
+        scale = msg.meta.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            raise SwarmError(f"bad loss scale {scale!r}")
+        targets, step = msg.tensors.get("targets"), self.worker.step_id
+        outputs, forward_s = await self._run(False, self.worker.forward, mb, inputs, targets, float(scale))
+        if not self.peers.downstream:
             loss = outputs[0].item()
-            grads = await self._run(self.worker.backward, mb, None)
+            grads, backward_s = await self._run(True, self.worker.backward, mb, None)
         else:
-            tensors = {f"x{i}": o for i, o in enumerate(outputs)}
-            if targets is not None:
-                tensors["targets"] = targets
-            reply = unpack(await self.next_call(pack("forward", {"step": step, "mb": mb, "scale": scale}, tensors)[0]),
-                           self.limits)
-            if reply.kind == "error":
-                await self._run(self.worker.drop, mb)
-                raise SwarmError(f"next stage: {reply.meta.get('message')}")
+            try:
+                reply = await self._send_forward(step, mb, float(scale), outputs, targets)
+            except BaseException:
+                await self._run(True, self.worker.drop, mb)
+                raise
             loss = reply.meta.get("loss")
             out_grads = [reply.tensors.get(f"g{i}") for i in range(len(outputs))]
-            grads = await self._run(self.worker.backward, mb, out_grads)
+            grads, backward_s = await self._run(True, self.worker.backward, mb, out_grads)
+        if self.policy is not None:
+            self.policy.observe_compute(forward_s + backward_s)
+        reuse = {f"g{i}": msg.masks[f"x{i}"] for i in range(n_inputs) if f"x{i}" in msg.masks}
         return pack("grads", {"step": step, "mb": mb, "loss": loss},
-                    {f"g{i}": g for i, g in enumerate(grads) if g is not None})[0]
+                    {f"g{i}": g for i, g in enumerate(grads) if g is not None}, reuse=reuse)[0]
 
-    async def _step(self, step: int) -> bytes:
-        await self._run(self.worker.step)
-        if self.next_call is not None:
-            reply = unpack(await self.next_call(pack("step", {"step": step}, {})[0]), self.limits)
-            if reply.kind == "error":
-                raise SwarmError(f"next stage: {reply.meta.get('message')}")
+    async def _send_forward(self, step: int, mb: int, scale: float, outputs: list, targets) -> Message:
+        """Send a micro-batch's activations to a next-stage replica, falling back to the others."""
+        tensors = {f"x{i}": o for i, o in enumerate(outputs)}
+        if targets is not None:
+            tensors["targets"] = targets
+        floats = [k for k, t in tensors.items() if t.is_floating_point()]
+        raw = sum(tensors[k].numel() * tensors[k].element_size() for k in floats)
+        now, last_error = time.monotonic(), None
+        banned = {p for p, until in self.banned.items() if until > now}
+        for peer in self.peers.route(mb, banned):
+            ratio = self.policy.ratio(step, self.bandwidth(peer), raw) if self.policy else 1.0
+            started = time.perf_counter()
+            frame, masks = pack("forward", {"step": step, "mb": mb, "scale": scale}, tensors,
+                                ratios={k: ratio for k in floats})
+            encode_s = time.perf_counter() - started
+            self.counters.ratios[peer] = ratio
+            try:
+                reply_frame = await self.call(peer, frame)
+            except Retry as e:
+                self.banned[peer], last_error = time.monotonic() + 10.0, e
+                self.counters.retries += 1
+                continue
+            self.counters.bytes_sent += len(frame) + _LEN.size
+            self.counters.bytes_raw += raw
+            started = time.perf_counter()
+            reply = unpack(reply_frame, self.limits, {f"g{k[1:]}": m for k, m in masks.items()})
+            if ratio > 1 and self.policy is not None:
+                self.policy.observe_codec(raw, encode_s + time.perf_counter() - started)
+            return check_reply(reply, f"stage {self.worker.stage.io.index + 1}")
+        raise Retry(f"no replica of stage {self.worker.stage.io.index + 1} reachable ({last_error})")
+
+    async def _step(self, step: int, sender: str) -> bytes:
+        expected = set(self.peers.upstream) or {self.peers.me}
+        self.arrived.setdefault(step, set()).add(sender)
+        all_in = self.all_in.setdefault(step, asyncio.Event())
+        if expected <= self.arrived[step] and step not in self.finishing:
+            self.finishing[step] = asyncio.ensure_future(self._finish(step))
+            all_in.set()
+        try:   # the other previous-stage replicas may still be at work
+            await asyncio.wait_for(all_in.wait(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise Retry(f"step {step}: not every previous-stage replica finished in time") from None
+        await asyncio.wait_for(asyncio.shield(self.finishing[step]), self.timeout_s)
         return pack("stepped", {"step": step}, {})[0]
 
+    async def _finish(self, step: int) -> None:
+        """All micro-batches of ``step`` are done here: sum with the replicas, step, pass it on."""
+        async def downstream(peer: str) -> None:
+            check_reply(unpack(await self.call(peer, pack("step", {"step": step}, {})[0]), self.limits),
+                        f"step at stage {self.worker.stage.io.index + 1}")
 
-def stream_caller(p2p, peer, limits: Limits = Limits(), timeout_s: float = 120.0):
-    """``call(frame) -> reply frame`` over a new libp2p stream to ``peer`` per request."""
-    async def call(frame: bytes) -> bytes:
-        _, reader, writer = await p2p.call_binary_stream_handler(peer, PROTOCOL)
-        try:
-            write_frame(writer, frame)
-            await writer.drain()
-            return await read_frame(reader, limits.max_frame_bytes, timeout_s)
-        finally:
-            writer.close()
-    return call
+        await asyncio.gather(self._reduce_and_apply(step), *(downstream(p) for p in self.peers.downstream))
+        for table in (self.arrived, self.all_in, self.rounds):
+            table.pop(step, None)
+        self.stepped(step)
+
+    async def _reduce_and_apply(self, step: int) -> None:
+        replicas = self.peers.replicas
+        if len(replicas) > 1 and self.flat_numel:
+            flat, _ = await self._run(True, self.worker.flat_grads)
+            bounds = parts(self.flat_numel, len(replicas))
+            mine = replicas.index(self.peers.me)
+            self._round(step, mine).add(self.peers.me, flat[slice(*bounds[mine])].clone())
+
+            async def exchange(j: int) -> torch.Tensor:
+                if j == mine:
+                    return await asyncio.wait_for(asyncio.shield(self.rounds[step].done), self.timeout_s)
+                frame = pack("reduce", {"step": step, "part": j}, {"g": flat[slice(*bounds[j])]})[0]
+                self.counters.bytes_sent += len(frame) + _LEN.size
+                reply = check_reply(unpack(await self.call(replicas[j], frame), self.limits), "all-reduce")
+                total = reply.tensors.get("g")
+                if total is None or total.dtype != torch.float32 or total.numel() != bounds[j][1] - bounds[j][0]:
+                    raise SwarmError(f"all-reduce: replica {replicas[j][-8:]} sent a malformed sum")
+                return total
+
+            sums = await asyncio.gather(*(exchange(j) for j in range(len(replicas))))
+            await self._run(True, self.worker.set_flat_grads, torch.cat(sums))
+        await self._run(True, self.worker.step)
+
+    def _round(self, step: int, part: int) -> ReduceRound:
+        if step not in self.rounds:
+            bounds = parts(self.flat_numel, len(self.peers.replicas))[part]
+            self.rounds[step] = ReduceRound(self.peers.replicas, bounds[1] - bounds[0])
+        return self.rounds[step]
+
+    async def _reduce(self, msg: Message, sender: str) -> bytes:
+        step, part = msg.meta["step"], msg.meta.get("part")
+        if type(part) is not int or part != self.peers.replicas.index(self.peers.me):
+            raise SwarmError(f"part {part!r} is not owned by this replica")
+        if set(msg.tensors) != {"g"}:
+            raise SwarmError("a reduce request carries exactly one tensor 'g'")
+        self._round(step, part).add(sender, msg.tensors["g"])
+        total = await asyncio.wait_for(asyncio.shield(self.rounds[step].done), self.timeout_s)
+        return pack("reduced", {"step": step, "part": part}, {"g": total})[0]
+
+    def close(self) -> None:
+        self.compute.close()
 
 
 async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int,
-                     in_flight: int = 4) -> float:
-    """One optimizer step driven by the first stage: micro-batches go down the pipeline concurrently
-    (at most ``in_flight``), their gradients come back, then every stage steps. Returns the mean loss."""
-    step = first.worker.step_id
+                     in_flight: int = 4, rank: int = 0, world: int = 1, deadline_s: float = 300.0) -> float:
+    """One optimizer step driven by a first-stage replica: its ``micro_batches`` go down the pipeline
+    concurrently (at most ``in_flight``), their gradients come back, then every stage steps. Losses
+    are scaled by ``1 / (micro_batches * world)``: the replicas' summed gradients are the global mean.
+    A micro-batch that failed with a retryable error is sent again until ``deadline_s``. Returns the
+    mean loss of this replica's micro-batches."""
+    step, me = first.worker.step_id, first.peers.me
     gate = asyncio.Semaphore(in_flight)
+    deadline = time.monotonic() + deadline_s
 
-    async def one(mb: int, x: torch.Tensor, y: torch.Tensor) -> float:
-        async with gate:
-            reply = unpack(await first.answer(pack("forward", {"step": step, "mb": mb, "scale": 1 / micro_batches},
-                                                   {"x0": x, "targets": y})[0]), first.limits)
-            if reply.kind == "error":
-                raise SwarmError(reply.meta.get("message", "pipeline error"))
-            return float(reply.meta["loss"])
+    async def one(m: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        mb, delay = rank * micro_batches + m, 0.05
+        frame = pack("forward", {"step": step, "mb": mb, "scale": 1 / (micro_batches * world)}, {"x0": x, "targets": y})[0]
+        while True:
+            async with gate:
+                try:
+                    return float(check_reply(unpack(await first.answer(frame, me), first.limits), "pipeline").meta["loss"])
+                except Retry:
+                    if time.monotonic() + delay > deadline:
+                        raise
+            await asyncio.sleep(delay)   # back-off before the next attempt (a peer restarting, a plan being adopted)
+            delay = min(2 * delay, 2.0)
 
     losses = await asyncio.gather(*(one(m, x, y) for m, (x, y) in enumerate(zip(inputs.chunk(micro_batches),
                                                                                  targets.chunk(micro_batches)))))
-    reply = unpack(await first.answer(pack("step", {"step": step}, {})[0]), first.limits)
-    if reply.kind == "error":
-        raise SwarmError(reply.meta.get("message", "step failed"))
+    check_reply(unpack(await first.answer(pack("step", {"step": step}, {})[0], me), first.limits), "step")
     return sum(losses) / len(losses)

@@ -88,6 +88,25 @@ class StageWorker:
         """Forget micro-batch ``mb`` (its downstream failed; it may be retried elsewhere)."""
         self.saved.pop(mb, None)
 
+    def flat_grads(self) -> torch.Tensor:
+        """The accumulated gradients as one float32 vector (zeros where a parameter got none)."""
+        if not self.params:
+            return torch.zeros(0)
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
+                          for p in self.params])
+
+    def set_flat_grads(self, flat: torch.Tensor) -> None:
+        """Replace the accumulated gradients by ``flat`` (the replicas' sum, from ``flat_grads`` layout)."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The stage's parameters and buffers by the model's qualified names."""
+        return {k: v.detach().clone() for k, v in self.stage.module.state_dict().items()}
+
     def step(self) -> None:
         """Apply the accumulated gradients (one optimizer step) and start the next step."""
         if self.saved:

@@ -1,0 +1,63 @@
+"""AdaTopK's rule at run time: the ratio each pipeline link uses, re-decided for every micro-batch from
+the plan's per-micro-batch budget and the newest measurements (docs/adatopk.md).
+
+The planner priced every link with the cost model of ``swarm.scheduler.costs``; a running stage
+applies the *same* rule (``ratio_for``: the smallest ratio that keeps the link within the budget, 1
+when raw transfer fits or compression does not pay) with live inputs instead of planned ones:
+
+- bandwidth: the newest probe of that exact peer (else the plan's figure for the link);
+- codec throughput: this node's measured encode + decode seconds per raw byte (EMA);
+- budget: the plan's bottleneck per micro-batch, or this stage's measured compute per micro-batch
+  if that is larger (a link faster than the slowest stage cannot speed the pipeline up).
+
+The first ``warmup_steps`` optimizer steps always go uncompressed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarm.scheduler.costs import PlanSettings, ratio_for
+
+EMA = 0.2   # weight of a new measurement
+
+
+def ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new
+
+
+@dataclass
+class LinkPolicy:
+    """One outgoing pipeline link of this stage (to any replica of the next stage)."""
+
+    mode: str                   # auto | off | fixed
+    cut_bytes: float            # raw activation bytes per micro-batch of the planned size
+    budget_s: float             # the plan's bottleneck per micro-batch
+    flows: int                  # parallel replica pairs on this link
+    planned_bps: float          # the plan's bandwidth for this link
+    fixed_ratio: float = 10.0
+    max_ratio: float = 16.0
+    warmup_steps: int = 0
+    codec_s_per_byte: float | None = None   # measured encode + decode time per raw byte
+    compute_s: float | None = None          # measured forward + backward per micro-batch of this stage
+
+    def ratio(self, step: int, bandwidth_bps: float | None, cut_bytes: float | None = None) -> float:
+        """The ratio for a micro-batch of ``cut_bytes`` (default: planned) at ``step`` to a peer
+        measured at ``bandwidth_bps`` (None: not measured yet)."""
+        if self.mode == "off" or step < self.warmup_steps:
+            return 1.0
+        if self.mode == "fixed":
+            return self.fixed_ratio
+        settings = PlanSettings(max_ratio=self.max_ratio, codec_bytes_per_s=self.codec_bytes_per_s)
+        budget = max(self.budget_s, self.compute_s or 0.0)
+        return ratio_for(cut_bytes or self.cut_bytes, bandwidth_bps or self.planned_bps, self.flows, budget, settings)
+
+    @property
+    def codec_bytes_per_s(self) -> float:
+        return 1 / self.codec_s_per_byte if self.codec_s_per_byte else PlanSettings().codec_bytes_per_s
+
+    def observe_codec(self, raw_bytes: int, seconds: float) -> None:
+        if raw_bytes > 0 and seconds > 0:
+            self.codec_s_per_byte = ema(self.codec_s_per_byte, seconds / raw_bytes)
+
+    def observe_compute(self, seconds: float) -> None:
+        self.compute_s = ema(self.compute_s, seconds)
