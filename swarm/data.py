@@ -126,3 +126,38 @@ def _load_image(path: Path, image_size: int, in_channels: int) -> torch.Tensor:
     except OSError as e:
         raise SwarmError(f"cannot read image {path}: {e.strerror or e}") from None
     return torch.from_numpy(np.array(im)).reshape(image_size, image_size, in_channels).permute(2, 0, 1)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over [batch, time, vocab] logits."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def training_data(source: str, input_shape: list[int], input_dtype: str, output_shape: list[int]):
+    """(dataset, loss function) for ``source`` shaped to the model's traced input and output:
+    ``auto`` picks the generated corpus for token inputs and synthetic images for image inputs;
+    ``generated``, ``synthetic-images``, a text file, or an image folder (one subfolder per class)."""
+    tokens = input_dtype == "int64" and len(input_shape) == 2
+    images = input_dtype.startswith("float") and len(input_shape) == 4 and len(output_shape) == 2
+    if source == "auto":
+        if not (tokens or images):
+            raise SwarmError(f"no default training data for a model mapping {input_dtype} {input_shape} to "
+                             f"{output_shape}: set training.data")
+        source = "generated" if tokens else "synthetic-images"
+    path = Path(source)
+    if source == "generated" or path.is_file():
+        if not tokens:
+            raise SwarmError(f"text data needs a model that takes token ids [batch, time], not {input_dtype} {input_shape}")
+        return ByteCorpus(generated_corpus() if source == "generated" else path.read_bytes(), input_shape[1]), lm_loss
+    if source != "synthetic-images" and not path.is_dir():
+        raise SwarmError(f"training data '{source}': not auto, generated, synthetic-images, a text file or an image folder")
+    if not images:
+        raise SwarmError(f"image data needs a classifier from [batch, channels, height, width] to [batch, classes], "
+                         f"not {input_dtype} {input_shape} to {output_shape}")
+    channels, size, classes = input_shape[1], input_shape[2], output_shape[1]
+    if source == "synthetic-images":
+        return SyntheticImages(classes, size, channels), F.cross_entropy
+    folder = ImageFolder.from_dir(path, size, channels)
+    if len(folder.classes) > classes:
+        raise SwarmError(f"image folder {source} has {len(folder.classes)} classes; the model predicts {classes}")
+    return folder, F.cross_entropy

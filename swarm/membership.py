@@ -58,6 +58,8 @@ class _RecordV1(pv1.BaseModel):
     committed_epoch: Optional[pv1.StrictInt] = None
     committed_hash: Optional[pv1.StrictStr] = None
     role: Optional[pv1.StrictStr] = None
+    step: Optional[pv1.StrictInt] = None
+    codec_bps: Optional[pv1.StrictFloat] = None
 
 
 class _BallotV1(pv1.BaseModel):
@@ -96,6 +98,8 @@ class MemberRecord:
     committed_epoch: int | None = None  # ... and the plan I run
     committed_hash: str | None = None
     role: str | None = None           # in the committed plan: "stage 2", "spare"
+    step: int | None = None           # optimizer steps this node's stage has applied
+    codec_bps: float | None = None    # measured AdaTopK encode + decode throughput (raw bytes/s)
 
     @property
     def uptime_s(self) -> float:
@@ -112,6 +116,8 @@ class MemberRecord:
         for name in ("bandwidth_bps", "rtt_s"):  # the most recent measurements, capped
             d[name] = {k: float(v) for k, v in list(d[name].items())[-MAX_LINKS:]}
         d["memory_bytes"] = int(d["memory_bytes"])
+        if d["codec_bps"] is not None:
+            d["codec_bps"] = float(d["codec_bps"])
         return d
 
     @classmethod

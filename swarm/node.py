@@ -151,21 +151,68 @@ class _ProbeSchedule:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+class _Training:
+    """Follows the committed plan: runs a ``TrainingSession`` for this node's stage, a new one per plan."""
+
+    def __init__(self, me: str, traced, cfg: NodeConfig, probes: _ProbeSchedule, admit, log):
+        self.me, self.traced, self.cfg, self.probes, self.admit, self.log = me, traced, cfg, probes, admit, log
+        self.session = None
+        self.hash: str | None = None
+        self.step = 0
+
+    def follow(self, plan, view: MembershipView, record: MemberRecord) -> None:
+        from swarm.runtime.session import TrainingSession
+
+        if plan is not None and plan.hash != self.hash:
+            self.hash = plan.hash
+            self.stop()
+            if not plan.feasible:
+                self.log(f"warning: plan {plan.hash} does not fit its peers' memory; not training")
+            elif plan.role(self.me)["stage"] is not None:
+                known = [view.members[p].step for p in plan.members if p in view.members and view.members[p].step]
+                start = max([self.step, *known])
+                try:
+                    self.session = TrainingSession(plan, self.me, self.traced, self.cfg, self.probes.p2p, self.probes.loop,
+                                                   self.probes.bandwidth_bps.get, start, self.admit, self.log)
+                    self.session.start()
+                except SwarmError as e:
+                    self.session = None
+                    self.log(f"error: cannot run stage {plan.role(self.me)['stage']} of plan {plan.hash}: {e}")
+                else:
+                    self.log(f"training: stage {self.session.index} of {len(plan.stages)} from step {start}")
+        if self.session is not None:
+            self.step = self.session.step
+            if self.session.policy is not None and self.session.policy.codec_s_per_byte:
+                record.codec_bps = self.session.policy.codec_bytes_per_s
+        record.step = self.step
+
+    def stop(self) -> None:
+        if self.session is not None:
+            self.session.stop()
+            self.session = None
+
+
 def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
-    """Serve until SIGINT/SIGTERM: publish the member record every ``heartbeat_s`` and take part in
-    the election of the plan."""
+    """Serve until SIGINT/SIGTERM: publish the member record every ``heartbeat_s``, take part in the
+    election of the plan, and train this node's stage of the committed plan."""
     import torch
 
+    from swarm.data import training_data
     from swarm.estimator.profile import load_or_measure
     from swarm.models import trace_model
     from swarm.planning import Elector
+    from swarm.runtime.session import model_io
     from swarm.scheduler import Workload
 
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
     peers = _initial_peers(net)
     identity = node_identity(net)
     authorizer = private_swarm(net, identity)
     profile = load_or_measure(cfg.device)
-    workload = Workload.from_dag(trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size).dag)
+    traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)
+    training_data(cfg.training.data, *model_io(traced))   # a bad data source is an error now, not after the election
+    workload = Workload.from_dag(traced.dag)
     validators = make_validators(net.prefix, identity.key)
     dht = start_dht(net, peers, validators, identity.path, authorizer=authorizer)
     try:
@@ -182,7 +229,8 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
             probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)
-            elector = Elector(record.peer_id, membership, workload, cfg.election, log)
+            elector = Elector(record.peer_id, membership, workload, cfg.election, log, cfg.compression.max_ratio)
+            training = _Training(record.peer_id, traced, cfg, probes, members.__contains__ if authorizer else None, log)
             while not stop.is_set():
                 view = membership.view()
                 members.clear()
@@ -191,9 +239,11 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                 record.bandwidth_bps, record.rtt_s = dict(probes.bandwidth_bps), dict(probes.rtt_s)
                 if record.peer_id in view.members:  # the election starts once our own record is visible
                     elector.step(view, record)
+                    training.follow(elector.plan, view, record)
                 if not membership.publish(record):
                     log("warning: could not store the member record this round")
                 stop.wait(net.heartbeat_s)
+            training.stop()
             probes.close()
             record.state = "offline"
             membership.publish(record, timeout_s=5)

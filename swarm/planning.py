@@ -4,6 +4,8 @@ committed plan). Every DHT access goes through ``Membership``."""
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import replace
 from typing import Callable
 
 from hivemind.utils import get_dht_time
@@ -35,9 +37,9 @@ class Elector:
     """One node's election loop; ``step`` once per heartbeat, before the record is published."""
 
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, max_ratio: float = PlanSettings.max_ratio):
         self.me, self.membership, self.workload, self.log = me, membership, workload, log
-        self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages)
+        self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages, max_ratio=max_ratio)
         self.cfg = cfg
         self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
                                                                  cfg.min_members))
@@ -59,7 +61,7 @@ class Elector:
     def _run(self, commands: list, view: MembershipView, ballots: dict, record: MemberRecord) -> None:
         for c in commands:
             if isinstance(c, ComputePlan):
-                plan = schedule(self.workload, swarm_of(view, c.members), self.settings)
+                plan = schedule(self.workload, swarm_of(view, c.members), self._settings(view, c.members))
                 self.plans[plan.hash] = plan
                 ballot = Ballot(c.epoch, plan.hash, self.me, c.members)
                 self.membership.publish_ballot(c.epoch, plan.hash, self.me, list(c.members), json.dumps(plan.compact()))
@@ -90,6 +92,11 @@ class Elector:
         self.log(f"committed epoch {c.ballot.epoch} plan {c.ballot.plan_hash} with {len(c.ballot.members)} members "
                  f"({c.reason}): {record.role or 'role unknown'}")
 
+    def _settings(self, view: MembershipView, members) -> PlanSettings:
+        """Plan settings with the members' measured AdaTopK codec throughput (median), once known."""
+        rates = [view.members[m].codec_bps for m in members if m in view.members and view.members[m].codec_bps]
+        return replace(self.settings, codec_bytes_per_s=statistics.median(rates)) if rates else self.settings
+
     def _check_drift(self, view: MembershipView, now: float) -> None:
         """The leader re-prices the committed plan under fresh measurements now and then."""
         if (self.plan is None or now - self.drift_checked_at < self.cfg.drift_check_s or self.me != min(view.members)
@@ -97,8 +104,9 @@ class Elector:
             return
         self.drift_checked_at = now
         swarm = swarm_of(view, self.plan.members)  # joins are the join trigger's business
-        current = evaluate(self.workload, swarm, layout_of(self.plan, self.workload, swarm), self.settings)
-        fresh = schedule(self.workload, swarm, self.settings)
+        settings = self._settings(view, self.plan.members)
+        current = evaluate(self.workload, swarm, layout_of(self.plan, self.workload, swarm), settings)
+        fresh = schedule(self.workload, swarm, settings)
         if current.predicted_step_s > self.cfg.drift_gain * fresh.predicted_step_s:
             self.log(f"drift: committed plan now predicts {current.predicted_step_s:.3f} s, a new one "
                      f"{fresh.predicted_step_s:.3f} s")

@@ -1,0 +1,158 @@
+"""This node's part of a committed plan: it materialises its stage, serves it over libp2p
+(``swarm.runtime.rpc``) and, on a first-stage node, drives training steps on its shard of the data.
+
+A session lives on the node's transport event loop; ``start``/``stop`` are the synchronous facade
+the node's heartbeat loop uses. A new plan means a new session: parameters live in the node's copy of
+the whole model, so ops the node keeps keep their trained values (hand-over of moved ops: churn issue).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from swarm.compression.policy import LinkPolicy
+from swarm.config import NodeConfig
+from swarm.dag.graph import Partition
+from swarm.dag.stages import extract_stages, input_specs
+from swarm.dag.trace import TracedModel
+from swarm.data import training_data
+from swarm.errors import SwarmError
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
+from swarm.runtime.worker import StageWorker
+from swarm.scheduler import Plan
+from swarm.wire import Limits
+
+
+def model_io(traced: TracedModel) -> tuple[list[int], str, list[int]]:
+    """(input shape, input dtype, output shape) of the traced model (batch dimension first)."""
+    dag = traced.dag
+    first = next(op for op in dag.ops if op.op == "placeholder")
+    output = next(op for op in dag.ops if op.op == "output")
+    result = dag.ops[dag.index[output.inputs[0]]]
+    return list(first.out_shapes[0]), first.out_dtypes[0].removeprefix("torch."), list(result.out_shapes[0])
+
+
+def frame_limit(traced: TracedModel, max_batch: int, flat_numel: int) -> int:
+    """The largest frame this stage can legitimately receive: a boundary's activations (or gradients)
+    for ``max_batch`` samples, or a replica's share of the flat gradient, plus headroom."""
+    per_sample = max(traced.dag.cut_bytes()) / traced.dag.batch_size
+    return int(2 * per_sample * max_batch + 4 * flat_numel + (1 << 20))
+
+
+class TrainingSession:
+    """Runs ``plan``'s stage for peer ``me`` (a node outside the plan's stages gets no session)."""
+
+    def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: asyncio.AbstractEventLoop,
+                 bandwidth: Callable[[str], float | None] = lambda p: None, start_step: int = 0,
+                 admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = print):
+        role = plan.role(me)
+        if role["stage"] is None:
+            raise SwarmError("this node has no stage in the plan")
+        self.plan, self.me, self.cfg, self.p2p, self.loop, self.log = plan, me, cfg, p2p, loop, log
+        self.index, self.training = role["stage"], cfg.training
+        spec = plan.stages[self.index]
+        partition = Partition(tuple(s.first_op for s in plan.stages), len(traced.dag.ops))
+        stage = extract_stages(traced, partition)[self.index]
+        last = self.index == len(plan.stages) - 1
+        in_shape, in_dtype, out_shape = model_io(traced)
+        self.data, loss_fn = training_data(self.training.data, in_shape, in_dtype, out_shape)
+        mbs = cfg.micro_batch_size
+        self.worker = StageWorker(stage, cfg.optimizer, self.training.lr, max_in_flight=4 * plan.micro_batches,
+                                  loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
+                                  max_batch=mbs)
+        self.worker.step_id = start_step
+        limits = Limits(max_frame_bytes=frame_limit(traced, mbs, sum(p.numel() for p in self.worker.params)))
+        replicas = tuple(sorted(spec.peers))
+        upstream = tuple(sorted(plan.stages[self.index - 1].peers)) if self.index else ()
+        downstream = () if last else tuple(sorted(plan.stages[self.index + 1].peers))
+        policy = None
+        if not last:
+            link, comp = plan.links[self.index], cfg.compression
+            policy = LinkPolicy(comp.mode, link.bytes, plan.bottleneck_s, min(len(replicas), len(downstream)),
+                                link.bandwidth_bps, comp.ratio, comp.max_ratio, comp.warmup_steps)
+        self.policy = policy
+        self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream),
+                                  stream_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
+                                  self.training.timeout_s, self.training.schedule, admit=admit)
+        self.server.stepped = self._stepped
+        self.rank, self.world = (replicas.index(me), len(replicas)) if self.index == 0 else (0, 1)
+        self.driver: asyncio.Task | None = None
+        self.failed: str | None = None
+        self.started_at = time.time()
+
+    @property
+    def step(self) -> int:
+        return self.worker.step_id
+
+    @property
+    def done(self) -> bool:
+        return self.training.max_steps is not None and self.step >= self.training.max_steps
+
+    def start(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(30)
+
+    async def _start(self) -> None:
+        await self.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle)
+        if self.index == 0 and not self.done:
+            self.driver = asyncio.ensure_future(self._drive())
+
+    async def _stop(self) -> None:
+        if self.driver is not None:
+            self.driver.cancel()
+            await asyncio.gather(self.driver, return_exceptions=True)
+        await self.p2p.remove_binary_stream_handler(PROTOCOL)
+        self.server.close()
+
+    async def _drive(self) -> None:
+        """The first stage's training loop: one optimizer step per iteration on this replica's shard."""
+        m, mbs = self.plan.micro_batches, self.cfg.micro_batch_size
+        in_flight = m if self.training.schedule == "gpipe" else len(self.plan.stages)
+        try:
+            while not self.done:
+                started, step = time.perf_counter(), self.step
+                x, y = self.data.batch(step, m * mbs, self.rank, self.world)
+                loss = await train_step(self.server, x, y, m, in_flight, self.rank, self.world,
+                                        deadline_s=self.training.timeout_s * 4)
+                if not math.isfinite(loss):
+                    raise SwarmError(f"loss became {loss} at step {step}")
+                self._record(step, time.perf_counter() - started, loss=loss, samples=m * mbs * self.world)
+            self.log(f"training finished at step {self.step} (max_steps)")
+        except SwarmError as e:
+            self.failed = str(e)
+            self.log(f"error: training stopped at step {self.step}: {e}")
+
+    def _stepped(self, step: int) -> None:
+        if self.index:
+            self._record(step, None)
+        if self.training.save_dir and self.training.max_steps is not None and step + 1 == self.training.max_steps:
+            self.save(Path(self.training.save_dir))
+
+    def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0) -> None:
+        c = self.server.counters
+        row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
+               "bytes_sent": c.bytes_sent, "bytes_raw": c.bytes_raw, "retries": c.retries,
+               "ratio": max(c.ratios.values(), default=1.0)}
+        if loss is not None:
+            row.update(loss=loss, samples=samples, step_s=seconds, samples_per_s=samples / seconds if seconds else None)
+            if step % 10 == 0 or step + 1 == self.training.max_steps:
+                self.log(f"step {step} loss {loss:.4f} {row['samples_per_s']:.1f} samples/s, sent "
+                         f"{c.bytes_sent / 1e6:.1f} MB, link ratio {row['ratio']:g}")
+        if self.training.metrics_path:
+            with open(self.training.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save(self, directory: Path) -> Path:
+        """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"stage{self.index}-{self.me[-8:]}.pt"
+        torch.save({"step": self.step, "stage": self.index, "state": self.worker.state()}, path)
+        return path

@@ -1,0 +1,70 @@
+"""Training across real node processes: three `node.py run` processes elect a 3-stage plan and train
+gpt2-tiny to exactly the parameters of single-process training on the same data."""
+import json
+from pathlib import Path
+
+import torch
+
+from swarm.data import ByteCorpus, generated_corpus, lm_loss
+from swarm.models import load_model
+from swarm.runtime import make_optimizer
+from tests.swarmproc import MADDR, Proc, wait_until
+
+STEPS, MICRO_BATCHES, MICRO_BATCH_SIZE = 3, 4, 2
+
+
+def write_config(tmp_path: Path, **sections) -> str:
+    cfg = {"device": "cpu", "micro_batch_size": MICRO_BATCH_SIZE,
+           "network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 6.0,
+                       "startup_timeout_s": 30, "probe_interval_s": 5.0},
+           "election": {"join_batch_s": 2, "min_members": 3, "stages": 3, "micro_batches": MICRO_BATCHES,
+                        "drift_check_s": 600},
+           **sections}
+    path = tmp_path / "node.yaml"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def start_swarm(procs, tmp_path: Path, config: str, n: int) -> None:
+    first = Proc("node.py", "run", "--config", config, "--identity", str(tmp_path / "0.id"), "--initial-peers")
+    procs.append(first)
+    maddr = first.wait_for(MADDR, 90).group(1)
+    for i in range(1, n):
+        procs.append(Proc("node.py", "run", "--config", config, "--identity", str(tmp_path / f"{i}.id"),
+                          "--initial-peers", maddr))
+
+
+def reference_parameters(steps: int) -> dict[str, torch.Tensor]:
+    """Single-process training with the data and seed the swarm uses."""
+    torch.manual_seed(0)
+    model = load_model("gpt2-tiny").module
+    opt = make_optimizer("adam", model.parameters(), 1e-3)
+    corpus = ByteCorpus(generated_corpus(), 128)
+    for step in range(steps):
+        x, y = corpus.batch(step, MICRO_BATCHES * MICRO_BATCH_SIZE)
+        opt.zero_grad()
+        for xm, ym in zip(x.chunk(MICRO_BATCHES), y.chunk(MICRO_BATCHES)):
+            (lm_loss(model(xm), ym) / MICRO_BATCHES).backward()
+        opt.step()
+    return dict(model.named_parameters())
+
+
+def test_three_node_processes_train_exactly_like_one_process(tmp_path, swarm_procs):
+    save = tmp_path / "save"
+    config = write_config(tmp_path, training={"max_steps": STEPS, "save_dir": str(save), "threads": 1,
+                                              "metrics_path": str(tmp_path / "metrics.jsonl")},
+                          compression={"mode": "off"})
+    start_swarm(swarm_procs, tmp_path, config, 3)
+    files = wait_until(lambda: len(list(save.glob("*.pt"))) == 3 and list(save.glob("*.pt")), 150,
+                       what="three stages saved their parameters")
+    saved = [torch.load(f) for f in files]
+    assert sorted(s["stage"] for s in saved) == [0, 1, 2] and all(s["step"] == STEPS for s in saved)
+    ours = {name: t for s in saved for name, t in s["state"].items()}
+    reference = reference_parameters(STEPS)
+    assert set(reference) <= set(ours)
+    for name, p in reference.items():
+        assert torch.allclose(ours[name], p, atol=1e-5, rtol=1e-4), name
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    driven = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in driven] == list(range(STEPS)) and len({r["plan_hash"] for r in rows}) == 1
+    assert all(r["ratio"] == 1.0 and r["bytes_sent"] > 0 for r in rows)
