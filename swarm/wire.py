@@ -48,12 +48,15 @@ class Message:
     meta: dict
     tensors: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)   # adatopk kept positions, by tensor
+    sizes: dict[str, int] = field(default_factory=dict)            # bytes each tensor took on the wire
 
 
 def pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor], ratios: dict[str, float] | None = None,
-         reuse: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """One frame; ``ratios[name] > 1`` sends that tensor AdaTopK-compressed, ``reuse[name]`` sends it
-    on an earlier mask. Returns (frame, masks used) so the caller can reuse them backwards."""
+         reuse: dict[str, torch.Tensor] | None = None, scales: adatopk.ChannelScale | None = None
+         ) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """One frame; ``ratios[name] > 1`` sends that tensor AdaTopK-compressed (selection normalised by
+    the link's ``scales``), ``reuse[name]`` sends it on an earlier mask. Returns (frame, masks used)
+    so the caller can reuse them backwards."""
     ratios, reuse = ratios or {}, reuse or {}
     entries, chunks, masks = [], [], {}
     for name, t in tensors.items():
@@ -64,7 +67,7 @@ def pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor], ratios: dict[s
             data, codec = adatopk.encode_like(t, reuse[name]), "adatopk"
             masks[name] = reuse[name]
         elif ratios.get(name, 1.0) > 1.0 and t.is_floating_point():
-            packet = adatopk.encode(t, ratios[name])
+            packet = scales.encode(name, t, ratios[name]) if scales else adatopk.encode(t, ratios[name])
             data, codec, masks[name] = packet.data, "adatopk", packet.indices
         else:
             data, codec = t.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes(), "raw"
@@ -110,7 +113,14 @@ def unpack(frame: bytes, limits: Limits = Limits(), masks: dict[str, torch.Tenso
             if list(t.shape) != e["shape"] or t.dtype != dtype:
                 raise SwarmError(f"wire: tensor '{e['name']}' packet does not match its header")
             tensors[e["name"]] = t
-    return Message(header["kind"], header["meta"], tensors, kept)
+    return Message(header["kind"], header["meta"], tensors, kept, {e["name"]: e["nbytes"] for e in entries})
+
+
+def sizes(frame: bytes) -> dict[str, int]:
+    """Bytes each tensor takes in a frame this node packed (read from its header)."""
+    _, header_len = _PREFIX.unpack_from(frame, 0)
+    header = msgpack.unpackb(frame[_PREFIX.size:_PREFIX.size + header_len], raw=False)
+    return {e["name"]: e["nbytes"] for e in header["tensors"]}
 
 
 def _check_header(header, limits: Limits) -> list[dict]:

@@ -4,19 +4,30 @@ import pytest
 import torch
 
 from swarm.compression import decode, encode, encode_like
-from swarm.compression.adatopk import varint_decode, varint_encode
+from swarm.compression.adatopk import ChannelScale, channel_dim, varint_decode, varint_encode
 from swarm.errors import SwarmError
 
 
-@pytest.mark.parametrize("shape", [(8, 64, 256), (4096,), (3, 5, 7)])
+def kept_mask(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[idx] = True
+    return mask.view(x.shape)
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 256), (4096,), (3, 5, 7), (2, 32, 6, 6)])
 @pytest.mark.parametrize("ratio", [4, 10, 16, 32])
-def test_keeps_the_exact_top_k_and_meets_the_ratio(shape, ratio):
+def test_keeps_the_exact_top_k_of_every_position_and_meets_the_ratio(shape, ratio):
     torch.manual_seed(sum(shape) + ratio)
     x = torch.randn(shape)
     packet = encode(x, ratio)
     k = len(packet.indices)
-    expected = torch.topk(x.abs().flatten(), k).indices.sort().values
-    assert torch.equal(packet.indices, expected)
+    if len(shape) == 1 or shape[channel_dim(x)] < 16:   # one position or few channels: one global top-k
+        assert torch.equal(packet.indices, torch.topk(x.abs().flatten(), k).indices.sort().values)
+    else:   # every position (all dims but the channel dim) keeps the same count: its largest values
+        rows = x.movedim(channel_dim(x), -1).reshape(-1, x.shape[channel_dim(x)]).abs()
+        keep = kept_mask(x, packet.indices).movedim(channel_dim(x), -1).reshape(rows.shape)
+        assert set((keep.sum(1) - k // len(rows)).tolist()) <= {0, 1} and keep.sum() == k
+        assert (rows.masked_fill(~keep, float("inf")).min(1).values >= rows.masked_fill(keep, 0).max(1).values).all()
     achieved = x.numel() * 4 / len(packet.data)
     if x.numel() >= 4096:
         assert abs(achieved / ratio - 1) <= 0.10, achieved
@@ -26,9 +37,26 @@ def test_keeps_the_exact_top_k_and_meets_the_ratio(shape, ratio):
     assert torch.equal(idx, packet.indices) and y.shape == x.shape
     kept = x.flatten()[idx]
     assert torch.allclose(y.flatten()[idx], kept, atol=kept.abs().max().item() / 127 + 1e-6)
-    mask = torch.ones(x.numel(), dtype=torch.bool)
-    mask[idx] = False
-    assert (y.flatten()[mask] == 0).all()
+    assert (y.flatten()[~kept_mask(x, idx).flatten()] == 0).all()
+
+
+def test_channel_scale_spreads_the_budget_over_channels_and_looks_only_backwards():
+    torch.manual_seed(0)
+    loud = torch.randn(4, 32, 64)
+    loud[..., :4] *= 100          # four outlier channels, as in a transformer's residual stream
+    plain = kept_mask(loud, encode(loud, 10).indices)
+    assert plain[..., :4].float().mean() > 0.9   # plain top-k: outliers first
+    scales = ChannelScale()
+    first = scales.encode("x0", loud, 10)              # no history yet: plain selection
+    assert torch.equal(first.indices, encode(loud, 10).indices)
+    spread = kept_mask(loud, scales.encode("x0", loud.clone(), 10).indices)
+    assert spread[..., :4].float().mean() < 0.5 and spread[..., 4:].float().mean() > plain[..., 4:].float().mean()
+    later = loud.clone()
+    later[:, 20:] = torch.randn(4, 12, 64) * 1000    # later tokens change: earlier ones keep the same values
+    scales2 = ChannelScale()
+    scales2.encode("x0", loud, 10)
+    again = kept_mask(loud, scales2.encode("x0", later, 10).indices)
+    assert torch.equal(again[:, :20], spread[:, :20])
 
 
 def test_backward_reuses_the_forward_mask():

@@ -1,4 +1,9 @@
-"""AdaTopK codec: keep the k largest-magnitude values of a tensor, quantised, with compact indices.
+"""AdaTopK codec: keep the k values of a tensor that matter most, quantised, with compact indices.
+
+Selection (``top_k_positions``): in every position (a token, a pixel) the same number of values,
+those largest relative to their channel's typical magnitude (``ChannelScale``: an average over
+earlier tensors of the link). Plain global top-k spends the budget on a few outlier channels and,
+in a causal model, lets later tokens decide what earlier ones keep (docs/adatopk.md).
 
 Wire layout of one packet (little-endian; see docs/adatopk.md)::
 
@@ -125,25 +130,69 @@ def _pack(x: torch.Tensor, indices: torch.Tensor, kind: int) -> bytes:
     return head + _TAIL.pack(len(indices), BLOCK, len(index_data)) + index_data + scales + q
 
 
-def _top_k_positions(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted positions of the k largest magnitudes: threshold at the k-th value and scan (no sort of
-    the winners); ties at the threshold fall back to an exact topk."""
-    threshold = torch.kthvalue(magnitude.cpu() if magnitude.device.type == "mps" else magnitude,
-                               magnitude.numel() - k + 1).values.to(magnitude.device)
-    positions = (magnitude >= threshold).nonzero().flatten()
-    if len(positions) == k:
-        return positions
-    return torch.topk(magnitude, k, sorted=False).indices.sort().values
+def channel_dim(x: torch.Tensor) -> int:
+    """The feature dimension: 1 for NCHW images, else the last (tokens x features)."""
+    return 1 if x.dim() == 4 else max(x.dim() - 1, 0)
 
 
-def encode(x: torch.Tensor, ratio: float) -> Packet:
-    """Compress ``x`` to about ``raw bytes / ratio`` (ratio <= 1: keep everything, still quantised)."""
+def channel_rms(x: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square of each channel over every position of a tensor of 2+ dims."""
+    cd = channel_dim(x)
+    return x.detach().float().pow(2).mean(dim=[d for d in range(x.dim()) if d != cd]).sqrt()
+
+
+def top_k_positions(x: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted flat positions of the kept values: in every *position* (all dims but the channel dim)
+    the ``k / positions`` largest ``|x| / scale`` (exactly k in all); one global top-k when the tensor has a single
+    position, fewer than 16 channels or k below one per position. A position's choice depends on
+    nothing else in the tensor: in a causal model no later token influences what an earlier one keeps."""
+    cd = channel_dim(x)
+    channels = x.shape[cd] if x.dim() else 1
+    rows = x.numel() // max(channels, 1)
+    z = x.detach().float().abs()
+    if scale is not None and scale.numel() == channels and x.dim() > 1:
+        shape = [1] * x.dim()
+        shape[cd] = channels
+        z = z / scale.to(z.device).clamp_min(1e-12).view(shape)
+    if rows <= 1 or channels < 16 or k < rows:
+        return torch.topk(z.flatten(), k, sorted=False).indices.sort().values
+    z = z.movedim(cd, -1)
+    per_row, extra = divmod(k, rows)   # the first ``extra`` positions keep one more: exactly k in all
+    top = z.reshape(rows, channels).topk(min(per_row + 1, channels), dim=1, sorted=True).indices
+    keep = torch.zeros(rows, channels, dtype=torch.bool, device=x.device)
+    keep.scatter_(1, top[:, :per_row], True)
+    keep[torch.arange(extra, device=x.device), top[:extra, per_row]] = True
+    return keep.view(z.shape).movedim(-1, cd).flatten().nonzero().flatten()
+
+
+def encode(x: torch.Tensor, ratio: float, scale: torch.Tensor | None = None) -> Packet:
+    """Compress ``x`` to about ``raw bytes / ratio`` (ratio <= 1: keep everything, still quantised);
+    ``scale``: per-channel magnitudes that selection divides by (see ``ChannelScale``)."""
     numel = x.numel()
     k = numel if ratio <= 1 else keep_for_ratio(numel, x.element_size(), ratio, x.dim())
-    magnitude = x.detach().flatten().float().abs()
-    indices = _top_k_positions(magnitude, k) if k < numel else torch.arange(numel, device=x.device)
-    kind = BITMAP if _index_bytes_estimate(k, numel) >= numel / 8 else VARINT
+    indices = top_k_positions(x, k, scale) if k < numel else torch.arange(numel, device=x.device)
+    kind = BITMAP if _index_bytes_estimate(len(indices), numel) >= numel / 8 else VARINT
     return Packet(_pack(x, indices, kind), indices)
+
+
+class ChannelScale:
+    """Per-channel RMS of the tensors sent on one link, averaged (EMA) over *earlier* tensors. Selection
+    divides by it so that a few large-magnitude channels (common in residual streams) do not take the
+    whole budget, and no position of a tensor sees statistics of the tensor's other positions."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.scales: dict[tuple[str, int], torch.Tensor] = {}
+
+    def encode(self, name: str, x: torch.Tensor, ratio: float) -> Packet:
+        if x.dim() < 2:
+            return encode(x, ratio)
+        current = channel_rms(x)
+        key = (name, current.numel())
+        old = self.scales.get(key)
+        packet = encode(x, ratio, old)
+        self.scales[key] = current if old is None else self.decay * old + (1 - self.decay) * current
+        return packet
 
 
 def encode_like(x: torch.Tensor, indices: torch.Tensor) -> bytes:

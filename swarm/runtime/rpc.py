@@ -32,11 +32,12 @@ from typing import Awaitable, Callable
 
 import torch
 
+from swarm.compression.adatopk import ChannelScale
 from swarm.compression.policy import LinkPolicy
 from swarm.errors import SwarmError
 from swarm.runtime.allreduce import ReduceRound, parts
 from swarm.runtime.worker import StageWorker
-from swarm.wire import Limits, Message, pack, unpack
+from swarm.wire import Limits, Message, pack, sizes, unpack
 
 PROTOCOL = "swarm.stage.v1"
 _LEN = struct.Struct(">Q")
@@ -95,6 +96,15 @@ def stream_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0) -> C
             raise
         except Exception as e:   # hivemind's daemon errors (failed to dial, ...)
             raise Retry(f"peer {peer[-8:]} unreachable ({' '.join(str(e).split())[:120]})") from None
+    return call
+
+
+def local_caller(me: str, servers: dict) -> Call:
+    """``call`` between stage servers of one process (tests, benchmarks): the same frames, no daemon."""
+    async def call(peer: str, frame: bytes) -> bytes:
+        if peer not in servers:
+            raise Retry(f"peer {peer[-8:]} unreachable (not in this process)")
+        return await servers[peer].answer(frame, me)
     return call
 
 
@@ -162,8 +172,9 @@ class Neighbours:
 
 @dataclass
 class Counters:
-    bytes_sent: int = 0
-    bytes_raw: int = 0          # what the sent activations would have cost uncompressed
+    bytes_sent: int = 0         # every frame this stage sent (requests and replies)
+    act_raw: int = 0            # activations sent and their gradients received, uncompressed ...
+    act_wire: int = 0           # ... and as they crossed the wire (AdaTopK's achieved ratio: raw / wire)
     errors: int = 0
     retries: int = 0
     ratios: dict[str, float] = field(default_factory=dict)   # last ratio used, by next-stage peer
@@ -182,6 +193,7 @@ class StageServer:
         self.backward_first = schedule == "1f1b"
         self.compute = PriorityRunner()
         self.counters = Counters()
+        self.channel_scale = ChannelScale()
         self.slots = max_requests
         self.banned: dict[str, float] = {}
         self.arrived: dict[int, set[str]] = {}
@@ -294,7 +306,7 @@ class StageServer:
             ratio = self.policy.ratio(step, self.bandwidth(peer), raw) if self.policy else 1.0
             started = time.perf_counter()
             frame, masks = pack("forward", {"step": step, "mb": mb, "scale": scale}, tensors,
-                                ratios={k: ratio for k in floats})
+                                ratios={k: ratio for k in floats}, scales=self.channel_scale)
             encode_s = time.perf_counter() - started
             self.counters.ratios[peer] = ratio
             try:
@@ -303,13 +315,16 @@ class StageServer:
                 self.banned[peer], last_error = time.monotonic() + 10.0, e
                 self.counters.retries += 1
                 continue
-            self.counters.bytes_sent += len(frame) + _LEN.size
-            self.counters.bytes_raw += raw
             started = time.perf_counter()
-            reply = unpack(reply_frame, self.limits, {f"g{k[1:]}": m for k, m in masks.items()})
+            reply = check_reply(unpack(reply_frame, self.limits, {f"g{k[1:]}": m for k, m in masks.items()}),
+                                f"stage {self.worker.stage.io.index + 1}")
             if ratio > 1 and self.policy is not None:
                 self.policy.observe_codec(raw, encode_s + time.perf_counter() - started)
-            return check_reply(reply, f"stage {self.worker.stage.io.index + 1}")
+            sent, grads = sizes(frame), [k for k in reply.tensors if k.startswith("g")]
+            self.counters.bytes_sent += len(frame) + _LEN.size
+            self.counters.act_raw += raw + sum(reply.tensors[k].numel() * reply.tensors[k].element_size() for k in grads)
+            self.counters.act_wire += sum(sent[k] for k in floats) + sum(reply.sizes[k] for k in grads)
+            return reply
         raise Retry(f"no replica of stage {self.worker.stage.io.index + 1} reachable ({last_error})")
 
     async def _step(self, step: int, sender: str) -> bytes:

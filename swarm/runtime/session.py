@@ -139,7 +139,7 @@ class TrainingSession:
     def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0) -> None:
         c = self.server.counters
         row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
-               "bytes_sent": c.bytes_sent, "bytes_raw": c.bytes_raw, "retries": c.retries,
+               "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
                "ratio": max(c.ratios.values(), default=1.0)}
         if loss is not None:
             row.update(loss=loss, samples=samples, step_s=seconds, samples_per_s=samples / seconds if seconds else None)
