@@ -91,22 +91,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the training runtime lands: what a pipeline of the default model would cost here."""
-    from swarm.estimator import TrainingSettings, estimate
-    from swarm.estimator.profile import load_or_measure
+    """The main job: a private swarm of node processes on loopback trains a model."""
+    from swarm.demo import DemoSettings, run_demo
 
-    cfg = _node_config(args)
-    dag = _trace(cfg, cfg.micro_batch_size).dag
-    profile = load_or_measure(cfg.device)
-    partition = dag.balanced_partition(args.stages)
-    costs = estimate(dag, partition, [profile] * partition.n_stages, TrainingSettings(cfg.micro_batch_size, cfg.optimizer))
-    print(f"{dag.model}: {len(dag)} ops, {dag.total_flops / 1e9:.2f} GFLOP per micro-batch of {cfg.micro_batch_size}; "
-          f"device {profile.device} {profile.tflops:.3f} TFLOP/s")
-    print(f"{'stage':>5}  {'ops':<30}{'GFLOP':>8}{'fwd ms':>9}{'bwd ms':>9}{'peak MB':>9}{'send MB':>9}")
-    for s, (r, c) in enumerate(zip(partition.ranges(), costs)):
-        ops = f"{dag.ops[r.start].name}..{dag.ops[r.stop - 1].name}"
-        print(f"{s:>5}  {ops[:29]:<30}{c.flops / 1e9:>8.2f}{c.forward_s * 1e3:>9.1f}{c.backward_s * 1e3:>9.1f}"
-              f"{c.peak_memory_bytes / 1e6:>9.1f}{c.output_bytes / 1e6:>9.3f}")
+    run_demo(DemoSettings(nodes=args.nodes, steps=args.steps, model=args.model or "gpt2-tiny", stages=args.stages,
+                          compression=args.compression, micro_batches=args.micro_batches,
+                          micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps, out_dir=args.out_dir, json_out=args.json_out,
+                          plot=args.plot, device=args.device or "cpu"))
     return 0
 
 
@@ -283,10 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-days", type=_at_least(0.001, float), default=365.0)
     p.set_defaults(func=cmd_swarm_admit)
 
-    p = sub.add_parser("demo", help="the main job: for now, estimate a pipeline of the default model on this device")
-    model_args(p)
+    p = sub.add_parser("demo", help="the main job: a local private swarm of node processes trains a model")
+    p.add_argument("--nodes", type=_at_least(1), default=4, help="node processes to start on loopback")
+    p.add_argument("--steps", type=_at_least(1), default=100, help="optimizer steps to train")
+    p.add_argument("--model", help="preset name, model YAML, or package.module:factory (default gpt2-tiny)")
+    p.add_argument("--stages", type=_at_least(0), default=0, help="pipeline stages (default 0: elected by the swarm)")
+    p.add_argument("--compression", default="auto", metavar="auto|off|RATIO",
+                   help="AdaTopK on pipeline links: auto (per link, from bandwidth), off, or a fixed wire ratio")
+    p.add_argument("--micro-batches", type=_at_least(1), default=8, help="micro-batches per step")
+    p.add_argument("--micro-batch-size", type=_at_least(1), default=4)
+    p.add_argument("--warmup-steps", type=_at_least(0), default=5, help="uncompressed steps before AdaTopK starts")
     p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--stages", type=_at_least(1), default=4)
+    p.add_argument("--out-dir", default="demo-out", help="node logs, keys, config, metrics and plot")
+    p.add_argument("--json-out", metavar="FILE", help="metrics JSON (default: OUT_DIR/metrics.json)")
+    p.add_argument("--plot", metavar="FILE", help="loss/throughput PNG (default: OUT_DIR/demo.png)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -102,6 +102,7 @@ class TrainingConfig(Strict):
     data: str = Field(default="generated", description="generated (bundled byte-level text), synthetic-images, "
                       "a text file, or an image folder (one subfolder per class)")
     lr: float = Field(default=1e-3, gt=0)
+    lr_warmup_steps: int = Field(default=20, ge=0, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(
         default="1f1b", description="gpipe: all micro-batches in flight; 1f1b: as many as stages, backward first")
     max_steps: int | None = Field(default=None, ge=0, description="stop driving after this many steps (None: never)")

@@ -159,10 +159,17 @@ class _Training:
         self.session = None
         self.hash: str | None = None
         self.step = 0
+        self.view: MembershipView | None = None
+
+    def bandwidth(self, peer: str) -> float | None:
+        """Bits/s to ``peer`` from the newest view (either side's probe, or the documented estimate)."""
+        view = self.view
+        return view.bandwidth(self.me, peer) if view and self.me in view.members and peer in view.members else None
 
     def follow(self, plan, view: MembershipView, record: MemberRecord) -> None:
         from swarm.runtime.session import TrainingSession
 
+        self.view = view
         if plan is not None and plan.hash != self.hash:
             self.hash = plan.hash
             self.stop()
@@ -173,7 +180,7 @@ class _Training:
                 start = max([self.step, *known])
                 try:
                     self.session = TrainingSession(plan, self.me, self.traced, self.cfg, self.probes.p2p, self.probes.loop,
-                                                   self.probes.bandwidth_bps.get, start, self.admit, self.log)
+                                                   self.bandwidth, start, self.admit, self.log)
                     self.session.start()
                 except SwarmError as e:
                     self.session = None

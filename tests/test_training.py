@@ -7,8 +7,9 @@ import torch
 
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import load_model
-from swarm.runtime import make_optimizer
-from tests.swarmproc import MADDR, Proc, wait_until
+from swarm.runtime import lr_at, make_optimizer
+from tests.conftest import run_cli
+from tests.swarmproc import MADDR, Proc, p2pd_pids, wait_until
 
 STEPS, MICRO_BATCHES, MICRO_BATCH_SIZE = 3, 4, 2
 
@@ -45,6 +46,7 @@ def reference_parameters(steps: int) -> dict[str, torch.Tensor]:
         opt.zero_grad()
         for xm, ym in zip(x.chunk(MICRO_BATCHES), y.chunk(MICRO_BATCHES)):
             (lm_loss(model(xm), ym) / MICRO_BATCHES).backward()
+        opt.param_groups[0]["lr"] = lr_at(step, 1e-3, 20)   # the default linear warm-up
         opt.step()
     return dict(model.named_parameters())
 
@@ -68,3 +70,23 @@ def test_three_node_processes_train_exactly_like_one_process(tmp_path, swarm_pro
     driven = [r for r in rows if "loss" in r]
     assert [r["step"] for r in driven] == list(range(STEPS)) and len({r["plan_hash"] for r in rows}) == 1
     assert all(r["ratio"] == 1.0 and r["bytes_sent"] > 0 for r in rows)
+
+
+def test_demo_trains_a_private_swarm_and_leaves_nothing_running(tmp_path):
+    out, before = tmp_path / "demo", p2pd_pids()
+    result = run_cli("demo", "--nodes", "3", "--steps", "4", "--micro-batches", "2", "--micro-batch-size", "2",
+                     "--compression", "8", "--warmup-steps", "0", "--out-dir", str(out), "--json-out", str(tmp_path / "m.json"), timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["steps"] == 4 and metrics["nodes"] == 3 and len(metrics["plan_hash"]) == 16
+    assert metrics["loss_last"] < metrics["loss_first"] and metrics["samples_per_s"] > 0 and metrics["bytes_sent"] > 0
+    assert metrics["wire_ratio"] >= 8   # every pipeline link at the fixed ratio (the gradients go back harder)
+    assert (out / "demo.png").stat().st_size > 10_000
+    assert not p2pd_pids() - before and "left the swarm" in (out / "node0.log").read_text()
+
+
+def test_demo_rejects_bad_input_in_one_line(tmp_path):
+    for args, message in [(["--nodes", "0"], "below the minimum"), (["--compression", "fast"], "auto, off or a ratio"),
+                          (["--model", "nope"], "unknown model")]:
+        result = run_cli("demo", "--out-dir", str(tmp_path / "d"), *args)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -65,7 +65,7 @@ class TrainingSession:
         mbs = cfg.micro_batch_size
         self.worker = StageWorker(stage, cfg.optimizer, self.training.lr, max_in_flight=4 * plan.micro_batches,
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
-                                  max_batch=mbs)
+                                  max_batch=mbs, warmup_steps=self.training.lr_warmup_steps)
         self.worker.step_id = start_step
         limits = Limits(max_frame_bytes=frame_limit(traced, mbs, sum(p.numel() for p in self.worker.params)))
         replicas = tuple(sorted(spec.peers))

@@ -20,13 +20,19 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise SwarmError(f"unknown optimizer '{name}'")
 
 
+def lr_at(step: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (from 0): linear warm-up, then constant."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+
+
 class StageWorker:
     """Runs ``stage``; keeps what backward needs for at most ``max_in_flight`` micro-batches."""
 
     def __init__(self, stage: Stage, optimizer: str = "adam", lr: float = 1e-3, max_in_flight: int = 64,
                  loss_fn: LossFn | None = None, input_specs: list[tuple[list[int], str]] | None = None,
-                 max_batch: int = 1024):
+                 max_batch: int = 1024, warmup_steps: int = 0):
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
+        self.lr, self.warmup_steps = lr, warmup_steps
         self.input_specs, self.max_batch = input_specs, max_batch
         self.params = [p for p in stage.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(optimizer, self.params, lr) if self.params else None
@@ -112,6 +118,8 @@ class StageWorker:
         if self.saved:
             raise SwarmError(f"step {self.step_id} ends with {len(self.saved)} micro-batches still in flight")
         if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step_id, self.lr, self.warmup_steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step_id += 1

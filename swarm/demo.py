@@ -1,0 +1,221 @@
+"""The main job: a private swarm of N node processes on loopback elects a plan and trains on bundled
+data; progress, a metrics JSON and a loss/throughput plot come out, and nothing is left running.
+
+Every node is a real ``node.py run`` (its own DHT, p2p daemon, election, stage server); the demo
+only creates the swarm's keys and config, starts the nodes, follows the metrics they append to one
+JSON-lines file, and stops them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarm.errors import SwarmError
+
+ROOT = Path(__file__).resolve().parent.parent
+MADDR = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
+
+
+@dataclass
+class DemoSettings:
+    nodes: int = 4
+    steps: int = 100
+    model: str = "gpt2-tiny"
+    stages: int = 0                  # 0: elected freely
+    compression: str = "auto"        # auto | off | a fixed wire ratio
+    micro_batches: int = 8
+    micro_batch_size: int = 4
+    warmup_steps: int = 5            # uncompressed steps first
+    out_dir: str = "demo-out"
+    json_out: str | None = None      # default: <out_dir>/metrics.json
+    plot: str | None = None          # default: <out_dir>/demo.png
+    device: str = "cpu"
+    timeout_s: float = 1800.0
+
+
+class _Node:
+    def __init__(self, index: int, config: Path, member, log: Path, initial_peer: str | None):
+        self.log = log
+        peers = [initial_peer] if initial_peer else []
+        self.popen = subprocess.Popen(
+            [sys.executable, str(ROOT / "node.py"), "run", "--config", str(config), "--identity", member.identity_path,
+             "--credentials", member.credential_path, "--initial-peers", *peers],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            tail = self.text().strip().splitlines()[-1:] or ["(no output)"]
+            raise SwarmError(f"node {self.log.stem} exited with code {self.popen.returncode}: {tail[0]}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(10)
+
+
+def _config(s: DemoSettings, metrics: Path) -> dict:
+    fixed = s.compression not in ("auto", "off")
+    try:
+        ratio = float(s.compression) if fixed else 10.0
+    except ValueError:
+        raise SwarmError(f"--compression must be auto, off or a ratio >= 1, not '{s.compression}'") from None
+    if ratio < 1:
+        raise SwarmError(f"--compression ratio must be >= 1, not {ratio:g}")
+    threads = max(1, (os.cpu_count() or 1) // s.nodes)
+    return {"model": s.model, "device": s.device, "micro_batch_size": s.micro_batch_size,
+            "network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 8.0,
+                        "startup_timeout_s": 60, "probe_interval_s": 15.0},
+            "election": {"join_batch_s": 2, "min_members": s.nodes, "stages": s.stages, "micro_batches": s.micro_batches,
+                         "min_epoch_s": 3600, "drift_check_s": 3600},
+            "training": {"max_steps": s.steps, "metrics_path": str(metrics), "threads": threads},
+            "compression": {"mode": "fixed" if fixed else s.compression, "ratio": ratio, "warmup_steps": s.warmup_steps}}
+
+
+def _rows(metrics: Path) -> list[dict]:
+    if not metrics.exists():
+        return []
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue   # a line being written right now
+    return rows
+
+
+def summarise(rows: list[dict], s: DemoSettings) -> dict:
+    """The metrics JSON: per-step losses (mean over first-stage replicas) and throughput, totals."""
+    by_step: dict[int, list[dict]] = {}
+    for r in rows:
+        if "loss" in r:
+            by_step.setdefault(r["step"], []).append(r)
+    steps = sorted(by_step)
+    if not steps:
+        raise SwarmError("the swarm trained no step")
+    loss = [sum(r["loss"] for r in by_step[k]) / len(by_step[k]) for k in steps]
+    rate = [by_step[k][0]["samples"] / max(r["step_s"] for r in by_step[k]) for k in steps]
+    last = {}
+    for r in rows:   # each node's newest counters
+        last[r["peer"]] = r
+    span = max(r["time"] for r in by_step[steps[-1]]) - min(r["time"] - r["step_s"] for r in by_step[steps[0]])
+    samples = sum(by_step[k][0]["samples"] for k in steps)
+    act_raw, act_wire = sum(r["act_raw"] for r in last.values()), sum(r["act_wire"] for r in last.values())
+    return {"steps": len(steps), "loss_first": loss[0], "loss_last": loss[-1], "samples_per_s": samples / span,
+            "bytes_sent": sum(r["bytes_sent"] for r in last.values()), "plan_hash": rows[-1]["plan_hash"],
+            "nodes": s.nodes, "stages": 1 + max(r["stage"] for r in rows), "model": s.model,
+            "wire_ratio": act_raw / act_wire if act_wire else 1.0, "elapsed_s": span,
+            "loss": loss, "step_samples_per_s": rate}
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = range(len(summary["loss"]))
+    a.plot(steps, summary["loss"])
+    a.set(xlabel="step", ylabel="training loss", title=f"{summary['model']}: {summary['nodes']} nodes, "
+          f"{summary['stages']} stages")
+    b.plot(steps, summary["step_samples_per_s"])
+    b.set(xlabel="step", ylabel="samples/s", title=f"wire ratio {summary['wire_ratio']:.1f}x, "
+          f"{summary['bytes_sent'] / 1e6:.0f} MB sent")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(s: DemoSettings, log=print) -> dict:
+    """Start the swarm, train ``s.steps`` steps, stop everything; returns the metrics written."""
+    from tqdm import tqdm
+
+    from swarm.estimator.profile import load_or_measure
+    from swarm.models import trace_model
+    from swarm.private import init_swarm
+
+    if s.nodes < 1 or s.steps < 1:
+        raise SwarmError("--nodes and --steps must be at least 1")
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    config = out / "node.yaml"
+    config.write_text(json.dumps(_config(s, metrics), indent=1))
+    trace_model(s.model, "coarse", s.micro_batch_size)   # a bad model name fails here, in one line
+    load_or_measure(s.device)                              # profile once; the nodes read the cache
+    keys = out / "keys"
+    if keys.exists():
+        for f in sorted(keys.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+    members = init_swarm(str(keys), "demo", s.nodes).members
+    nodes: list[_Node] = []
+    deadline = time.monotonic() + s.timeout_s
+    try:
+        nodes.append(_Node(0, config, members[0], out / "node0.log", None))
+        maddr = _wait(lambda: MADDR.search(nodes[0].text()), nodes, 90, "node 0 to listen")
+        for i in range(1, s.nodes):
+            nodes.append(_Node(i, config, members[i], out / f"node{i}.log", maddr.group(1)))
+        log(f"{s.nodes} nodes started (private swarm, logs in {out}/); electing a plan ...")
+        with tqdm(total=s.steps, unit="step", dynamic_ncols=True) as bar:
+            while True:
+                rows = [r for r in _rows(metrics) if "loss" in r]
+                done = len({r["step"] for r in rows})
+                if done > bar.n:
+                    r = rows[-1]
+                    sent = sum(x["bytes_sent"] for x in {x["peer"]: x for x in _rows(metrics)}.values())
+                    bar.set_postfix(loss=f"{r['loss']:.3f}", samples_s=f"{r['samples_per_s']:.1f}", sent=f"{sent / 1e6:.0f}MB")
+                    bar.update(done - bar.n)
+                if done >= s.steps:
+                    break
+                for n in nodes:
+                    n.check_alive()
+                if time.monotonic() > deadline:
+                    raise SwarmError(f"the demo did not finish {s.steps} steps within {s.timeout_s:.0f} s")
+                time.sleep(0.5)   # polling the metrics file the nodes append to
+        summary = summarise(_rows(metrics), s)
+    finally:
+        for n in nodes:
+            n.stop()
+        stop_by = time.monotonic() + 20
+        while any(n.popen.poll() is None for n in nodes) and time.monotonic() < stop_by:
+            time.sleep(0.2)
+        for n in nodes:
+            n.kill()
+    json_out = Path(s.json_out or out / "metrics.json")
+    json_out.write_text(json.dumps(summary, indent=1))
+    png = Path(s.plot or out / "demo.png")
+    plot(summary, png)
+    log(f"trained {summary['steps']} steps on {s.nodes} nodes ({summary['stages']} stages, plan {summary['plan_hash']}): "
+        f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, {summary['samples_per_s']:.1f} samples/s, "
+        f"{summary['bytes_sent'] / 1e6:.1f} MB sent (wire ratio {summary['wire_ratio']:.1f}x)")
+    log(f"metrics: {json_out}  plot: {png}")
+    return summary
+
+
+def _wait(predicate, nodes: list[_Node], timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for n in nodes:
+            n.check_alive()
+        time.sleep(0.2)   # polling a node's log for its address
+    raise SwarmError(f"timed out waiting for {what}")
