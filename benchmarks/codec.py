@@ -1,7 +1,8 @@
 """AdaTopK codec throughput: encode/decode MB/s (of raw fp32 input) and achieved ratio, by target
-ratio and tensor size. Prints a table and writes JSON.
+ratio and activation shape (micro-batch x tokens x features: per-token selection on a channel
+scale, as on a pipeline link). Prints a table and writes JSON.
 
-    python -m benchmarks.codec [--json-out benchmarks/results/codec.json]
+    python -m benchmarks.codec [--device cpu|cuda] [--json-out benchmarks/results/codec.json]
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from swarm.compression import decode, encode, encode_like
+from swarm.compression.adatopk import channel_rms
 
 
 def best_time(fn, repeats: int = 5) -> float:
@@ -20,6 +22,8 @@ def best_time(fn, repeats: int = 5) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -27,23 +31,26 @@ def best_time(fn, repeats: int = 5) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json-out", default="benchmarks/results/codec.json")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     rows = []
-    print(f"{'elements':>10}{'target':>8}{'achieved':>10}{'enc MB/s':>10}{'dec MB/s':>10}{'bwd enc MB/s':>14}{'bwd ratio':>11}")
-    for numel in (1 << 16, 1 << 20, 1 << 22):
-        x = torch.randn(numel)
+    print(f"{'shape':>16}{'target':>8}{'achieved':>10}{'enc MB/s':>10}{'dec MB/s':>10}{'bwd enc MB/s':>14}{'bwd ratio':>11}")
+    for shape in ((2, 128, 256), (4, 256, 1024), (4, 1024, 1024)):
+        x = torch.randn(shape, device=device)
+        scale, numel = channel_rms(x), x.numel()
         raw = numel * 4
         for ratio in (4, 10, 32, 100):
-            packet = encode(x, ratio)
-            enc = best_time(lambda: encode(x, ratio))
-            dec = best_time(lambda: decode(packet.data))
+            packet = encode(x, ratio, scale)
+            enc = best_time(lambda: encode(x, ratio, scale))
+            dec = best_time(lambda: decode(packet.data, device=device))
             bwd = best_time(lambda: encode_like(x, packet.indices))
-            row = {"elements": numel, "target_ratio": ratio, "achieved_ratio": raw / len(packet.data),
+            row = {"device": str(device), "shape": list(shape), "elements": numel, "target_ratio": ratio, "achieved_ratio": raw / len(packet.data),
                    "encode_mb_s": raw / enc / 1e6, "decode_mb_s": raw / dec / 1e6, "backward_encode_mb_s": raw / bwd / 1e6,
                    "backward_ratio": raw / len(encode_like(x, packet.indices))}
             rows.append(row)
-            print(f"{numel:>10}{ratio:>8}{row['achieved_ratio']:>10.2f}{row['encode_mb_s']:>10.0f}{row['decode_mb_s']:>10.0f}"
+            print(f"{'x'.join(map(str, shape)):>16}{ratio:>8}{row['achieved_ratio']:>10.2f}{row['encode_mb_s']:>10.0f}{row['decode_mb_s']:>10.0f}"
                   f"{row['backward_encode_mb_s']:>14.0f}{row['backward_ratio']:>11.1f}")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(rows, indent=1))

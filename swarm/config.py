@@ -99,8 +99,8 @@ class CompressionConfig(Strict):
 class TrainingConfig(Strict):
     """What the elected pipeline trains on and how."""
 
-    data: str = Field(default="generated", description="generated (bundled byte-level text), synthetic-images, "
-                      "a text file, or an image folder (one subfolder per class)")
+    data: str = Field(default="auto", description="auto (generated text for token models, synthetic images for "
+                      "image classifiers), generated, synthetic-images, a text file, or an image folder")
     lr: float = Field(default=1e-3, gt=0)
     lr_warmup_steps: int = Field(default=20, ge=0, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(

@@ -154,8 +154,9 @@ class _ProbeSchedule:
 class _Training:
     """Follows the committed plan: runs a ``TrainingSession`` for this node's stage, a new one per plan."""
 
-    def __init__(self, me: str, traced, cfg: NodeConfig, probes: _ProbeSchedule, admit, log):
+    def __init__(self, me: str, traced, cfg: NodeConfig, probes: _ProbeSchedule, admit, log, device: str = "cpu"):
         self.me, self.traced, self.cfg, self.probes, self.admit, self.log = me, traced, cfg, probes, admit, log
+        self.device = device
         self.session = None
         self.hash: str | None = None
         self.step = 0
@@ -180,7 +181,7 @@ class _Training:
                 start = max([self.step, *known])
                 try:
                     self.session = TrainingSession(plan, self.me, self.traced, self.cfg, self.probes.p2p, self.probes.loop,
-                                                   self.bandwidth, start, self.admit, self.log)
+                                                   self.bandwidth, start, self.admit, self.log, self.device)
                     self.session.start()
                 except SwarmError as e:
                     self.session = None
@@ -237,7 +238,8 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
             probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)
             elector = Elector(record.peer_id, membership, workload, cfg.election, log, cfg.compression.max_ratio)
-            training = _Training(record.peer_id, traced, cfg, probes, members.__contains__ if authorizer else None, log)
+            training = _Training(record.peer_id, traced, cfg, probes, members.__contains__ if authorizer else None, log,
+                                 profile.device)
             while not stop.is_set():
                 view = membership.view()
                 members.clear()

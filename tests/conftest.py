@@ -37,5 +37,6 @@ def swarm_procs():
 def node_config(tmp_path, **network) -> str:
     path = tmp_path / "node.yaml"
     net = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 5.0, "startup_timeout_s": 20, **network}
-    path.write_text(json.dumps({"device": "cpu", "network": net}))  # JSON is YAML
+    # these nodes test membership and election: they take their stage but train no step
+    path.write_text(json.dumps({"device": "cpu", "network": net, "training": {"max_steps": 0}}))  # JSON is YAML
     return str(path)

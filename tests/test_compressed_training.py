@@ -3,14 +3,12 @@ compression (the stage servers' real path: frames, masks, channel scales; in one
 import asyncio
 
 import pytest
-import torch
 
 from swarm.compression.policy import LinkPolicy
-from swarm.dag.stages import extract_stages, input_specs
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import trace_model
-from swarm.runtime import StageWorker
-from swarm.runtime.rpc import Neighbours, StageServer, local_caller, train_step
+from swarm.runtime.local import local_servers
+from swarm.runtime.rpc import train_step
 
 STEPS, MICRO_BATCHES, MICRO_BATCH_SIZE = 50, 4, 4
 
@@ -18,24 +16,15 @@ STEPS, MICRO_BATCHES, MICRO_BATCH_SIZE = 50, 4, 4
 def train(mode: str, ratio: float = 1.0, n_stages: int = 3) -> tuple[list[float], float]:
     """Losses of every step and the achieved wire ratio (activations + gradients, raw / sent)."""
     traced = trace_model("gpt2-tiny", "coarse", MICRO_BATCH_SIZE)
-    stages = extract_stages(traced, traced.dag.balanced_partition(n_stages))
-    ids = [f"peer{i}" for i in range(n_stages)]
-    servers: dict[str, StageServer] = {}
-    for i, stage in enumerate(stages):
-        last = i == n_stages - 1
-        worker = StageWorker(stage, "adam", 1e-3, loss_fn=lm_loss if last else None, max_batch=MICRO_BATCH_SIZE,
-                             input_specs=input_specs(traced.dag, stage.io))
-        policy = None if last else LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio)
-        hood = Neighbours(ids[i], (ids[i],), tuple(ids[i - 1:i]), tuple(ids[i + 1:i + 2]))
-        servers[ids[i]] = StageServer(worker, hood, local_caller(ids[i], servers), policy=policy)
+    servers = local_servers(traced, n_stages, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio))
     corpus = ByteCorpus(generated_corpus(), 128)
 
     async def run() -> list[float]:
-        return [await train_step(servers[ids[0]], *corpus.batch(step, MICRO_BATCHES * MICRO_BATCH_SIZE), MICRO_BATCHES, 3)
+        return [await train_step(servers[0], *corpus.batch(step, MICRO_BATCHES * MICRO_BATCH_SIZE), MICRO_BATCHES, 3)
                 for step in range(STEPS)]
 
     losses = asyncio.run(run())
-    counters = [s.counters for s in servers.values()]
+    counters = [s.counters for s in servers]
     return losses, sum(c.act_raw for c in counters) / sum(c.act_wire for c in counters)
 
 

@@ -17,7 +17,8 @@ def config(tmp_path) -> str:
     path = tmp_path / "node.yaml"
     net = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 6.0, "startup_timeout_s": 30,
            "probe_interval_s": 10.0}
-    path.write_text(json.dumps({"device": "cpu", "network": net, "election": ELECTION}))
+    path.write_text(json.dumps({"device": "cpu", "network": net, "election": ELECTION,
+                                "training": {"max_steps": 0}}))   # elections only: no training traffic
     return str(path)
 
 

@@ -53,7 +53,8 @@ def test_shaped_link_bandwidth_within_25_percent(tmp_path, shaped_pair):
     def node(ns, ip, name, *peers):
         cfg = tmp_path / f"{name}.yaml"
         cfg.write_text(json.dumps({"device": "cpu", "network": {"host_maddrs": [f"/ip4/{ip}/tcp/0"], "heartbeat_s": 1.0,
-                                                                 "ttl_s": 10.0, "probe_interval_s": 2.0}}))
+                                                                 "ttl_s": 10.0, "probe_interval_s": 2.0},
+                                   "training": {"max_steps": 0}}))   # probes only: no training traffic
         proc = Proc("-c", "import os,sys; os.execvp('ip', ['ip','netns','exec',sys.argv[1],sys.executable,'node.py',*sys.argv[2:]])",
                     ns, "run", "--config", str(cfg), "--identity", str(tmp_path / f"{name}.id"), "--initial-peers", *peers)
         procs.append(proc)

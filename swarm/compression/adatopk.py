@@ -115,7 +115,7 @@ def _pack(x: torch.Tensor, indices: torch.Tensor, kind: int) -> bytes:
     if x.dtype not in CODES:
         raise SwarmError(f"AdaTopK: unsupported dtype {x.dtype}")
     flat = x.detach().flatten()
-    values = flat[indices]
+    values = flat[indices.to(flat.device)]
     if kind == VARINT:
         idx = indices.cpu().numpy().astype(np.int64)
         index_data = varint_encode(np.diff(idx, prepend=0))

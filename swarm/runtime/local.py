@@ -47,3 +47,24 @@ class LocalPipeline:
         for w in self.workers:
             w.step()
         return sum(losses) / len(losses)
+
+
+def local_servers(traced, n_stages: int, loss_fn, policy=None, lr: float = 1e-3, max_batch: int = 64,
+                  device: str = "cpu") -> list:
+    """Stage servers of ``traced`` cut into ``n_stages`` (FLOP-balanced), one replica each, calling each
+    other in this process: the networked path (frames, AdaTopK, masks) without daemons. ``policy()``
+    makes each outgoing link's ``LinkPolicy``. Returns the servers in stage order."""
+    from swarm.dag.stages import extract_stages, input_specs
+    from swarm.runtime.rpc import Neighbours, StageServer, local_caller
+
+    stages = extract_stages(traced, traced.dag.balanced_partition(n_stages))
+    ids = [f"stage{i}" for i in range(n_stages)]
+    servers: dict = {}
+    for i, stage in enumerate(stages):
+        last = i == n_stages - 1
+        worker = StageWorker(stage, "adam", lr, loss_fn=loss_fn if last else None, max_batch=max_batch,
+                             input_specs=input_specs(traced.dag, stage.io), device=device)
+        hood = Neighbours(ids[i], (ids[i],), tuple(ids[i - 1:i]), tuple(ids[i + 1:i + 2]))
+        servers[ids[i]] = StageServer(worker, hood, local_caller(ids[i], servers),
+                                      policy=None if last or policy is None else policy())
+    return list(servers.values())

@@ -50,7 +50,7 @@ class TrainingSession:
 
     def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: asyncio.AbstractEventLoop,
                  bandwidth: Callable[[str], float | None] = lambda p: None, start_step: int = 0,
-                 admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = print):
+                 admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = print, device: str = "cpu"):
         role = plan.role(me)
         if role["stage"] is None:
             raise SwarmError("this node has no stage in the plan")
@@ -65,7 +65,7 @@ class TrainingSession:
         mbs = cfg.micro_batch_size
         self.worker = StageWorker(stage, cfg.optimizer, self.training.lr, max_in_flight=4 * plan.micro_batches,
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
-                                  max_batch=mbs, warmup_steps=self.training.lr_warmup_steps)
+                                  max_batch=mbs, warmup_steps=self.training.lr_warmup_steps, device=device)
         self.worker.step_id = start_step
         limits = Limits(max_frame_bytes=frame_limit(traced, mbs, sum(p.numel() for p in self.worker.params)))
         replicas = tuple(sorted(spec.peers))

@@ -30,8 +30,10 @@ class StageWorker:
 
     def __init__(self, stage: Stage, optimizer: str = "adam", lr: float = 1e-3, max_in_flight: int = 64,
                  loss_fn: LossFn | None = None, input_specs: list[tuple[list[int], str]] | None = None,
-                 max_batch: int = 1024, warmup_steps: int = 0):
+                 max_batch: int = 1024, warmup_steps: int = 0, device: str | torch.device = "cpu"):
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
+        self.device = torch.device(device)
+        stage.module.to(self.device)
         self.lr, self.warmup_steps = lr, warmup_steps
         self.input_specs, self.max_batch = input_specs, max_batch
         self.params = [p for p in stage.module.parameters() if p.requires_grad]
@@ -52,12 +54,12 @@ class StageWorker:
         if len(self.saved) >= self.max_in_flight:
             raise SwarmError(f"more than {self.max_in_flight} micro-batches in flight")
         self._check(inputs)
-        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        leaves = [t.detach().to(self.device).requires_grad_(t.is_floating_point()) for t in inputs]
         outputs = list(self.stage(*leaves))
         if self.is_last:
             if targets is None:
                 raise SwarmError("the last stage needs targets")
-            loss = self.loss_fn(outputs[0], targets)
+            loss = self.loss_fn(outputs[0], targets.to(self.device))
             self.saved[mb] = (leaves, [loss * scale])
             return [loss.detach()]
         self.saved[mb] = (leaves, outputs)
@@ -87,7 +89,7 @@ class StageWorker:
         else:
             pairs = [(o, g) for o, g in zip(outputs, grads or []) if g is not None and o.requires_grad]
             if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                torch.autograd.backward([o for o, _ in pairs], [g.to(self.device) for _, g in pairs])
         return [leaf.grad if leaf.requires_grad else None for leaf in leaves]
 
     def drop(self, mb: int) -> None:
@@ -95,23 +97,23 @@ class StageWorker:
         self.saved.pop(mb, None)
 
     def flat_grads(self) -> torch.Tensor:
-        """The accumulated gradients as one float32 vector (zeros where a parameter got none)."""
+        """The accumulated gradients as one float32 CPU vector (zeros where a parameter got none)."""
         if not self.params:
             return torch.zeros(0)
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
-                          for p in self.params])
+                          for p in self.params]).cpu()
 
     def set_flat_grads(self, flat: torch.Tensor) -> None:
         """Replace the accumulated gradients by ``flat`` (the replicas' sum, from ``flat_grads`` layout)."""
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone()
+            p.grad = flat[offset: offset + n].view_as(p).to(p.device, p.dtype, copy=True)
             offset += n
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The stage's parameters and buffers by the model's qualified names."""
-        return {k: v.detach().clone() for k, v in self.stage.module.state_dict().items()}
+        """The stage's parameters and buffers by the model's qualified names (on the CPU)."""
+        return {k: v.detach().cpu().clone() for k, v in self.stage.module.state_dict().items()}
 
     def step(self) -> None:
         """Apply the accumulated gradients (one optimizer step) and start the next step."""

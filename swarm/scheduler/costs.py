@@ -195,6 +195,8 @@ def ratio_for(cut_bytes: float, bw_bps: float, flows: int, target_s: float, sett
         return 1.0
     raw = link_time(cut_bytes, bw_bps, flows, 1.0, settings)
     codec = 2 * cut_bytes / (settings.codec_bytes_per_s * flows)
+    if link_time(cut_bytes, bw_bps, flows, settings.max_ratio, settings) >= raw:
+        return 1.0   # compression does not pay on this link: raw is the fastest it gets
     if target_s <= codec:
         return settings.max_ratio
     return float(min(settings.max_ratio, max(1.0, np.ceil(raw / (target_s - codec) * 100) / 100)))
