@@ -13,7 +13,7 @@ from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import trace
 from swarm.models import load_model
 from swarm.runtime import StageWorker, make_optimizer
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, stream_caller, train_step
 from swarm.wire import Limits, pack, unpack
 
 
@@ -108,3 +108,43 @@ async def _scenario(schedule):
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_pipeline_with_replicas_over_libp2p_trains_like_one_process_and_survives_garbage(schedule):
     asyncio.run(asyncio.wait_for(_scenario(schedule), 240))
+
+
+def test_a_flood_of_requests_is_turned_away_and_every_wait_is_bounded():
+    torch.manual_seed(0)
+    built = load_model("gpt2-tiny")
+    traced = trace(built.module, built.example_inputs(1), "coarse", name=built.name)
+    stage = extract_stages(traced, traced.dag.balanced_partition(2))[1]
+    worker = StageWorker(stage, loss_fn=lm_loss)
+    hood = Neighbours("me", ("me",), ("up1", "up2"), ())
+    server = StageServer(worker, hood, None, timeout_s=1.0, max_requests=4)
+    step = pack("step", {"step": 0}, {})[0]
+
+    async def flood():
+        return await asyncio.gather(*(server.answer(step, "up1") for _ in range(10)))
+
+    replies = [unpack(r) for r in asyncio.run(flood())]   # up2 never comes: every held request times out
+    busy = [r for r in replies if "busy" in r.meta["message"]]
+    waited = [r for r in replies if "not every previous-stage replica" in r.meta["message"]]
+    assert len(busy) == 6 and len(waited) == 4 and all(r.kind == "error" and r.meta["retry"] for r in replies)
+    assert server.slots == 4 and worker.step_id == 0 and not worker.saved
+
+
+def test_a_micro_batch_whose_replica_is_gone_is_retried_on_another():
+    torch.manual_seed(0)
+    built = load_model("gpt2-tiny")
+    traced = trace(built.module, built.example_inputs(1), "coarse", name=built.name)
+    first, second = extract_stages(traced, traced.dag.balanced_partition(2))
+    replicas = ("b1", "b2")
+    servers = {}
+    servers["a"] = StageServer(StageWorker(first), Neighbours("a", ("a",), (), replicas), local_caller("a", servers))
+    servers["b1"] = StageServer(StageWorker(second, loss_fn=lm_loss), Neighbours("b1", replicas, ("a",), ()),
+                                local_caller("b1", servers))    # b2 is gone: calls to it fail like a failed dial
+    x = torch.randint(0, 256, (1, 129))
+    forward = pack("forward", {"step": 0, "mb": 1, "scale": 1.0}, {"x0": x[:, :-1], "targets": x[:, 1:]})[0]
+    reply = unpack(asyncio.run(servers["a"].answer(forward, "a")))   # mb 1 prefers b2
+    assert reply.kind == "grads" and reply.meta["loss"] > 0 and servers["a"].counters.retries == 1
+    assert servers["b1"].worker.params[0].grad is not None and not servers["b1"].worker.saved
+    again = pack("forward", {"step": 0, "mb": 3, "scale": 1.0}, {"x0": x[:, :-1], "targets": x[:, 1:]})[0]
+    assert unpack(asyncio.run(servers["a"].answer(again, "a"))).kind == "grads"
+    assert servers["a"].counters.retries == 1   # b2 is set aside for a while: tried last, not first
