@@ -1,0 +1,128 @@
+"""Training state keyed by OP-DAG op: what a node can hand over, back up and checkpoint.
+
+An op's state is its parameters (``p:<name>``), its buffers (``b:<name>``, e.g. BatchNorm statistics)
+and the optimizer's per-parameter state (``o:<key>:<name>``: Adam's moments and step count), all
+tagged with the optimizer step they belong to. Because state is keyed by op and not by stage, a new
+plan that moves ops between peers moves exactly those tensors, whoever held them before.
+
+Checkpoints: ``<dir>/step-<step>/<op>.pt`` (``torch.save`` of a dict of tensors; written to a temporary
+name, then renamed), one directory per checkpointed step; a stage's ``done-<k>`` marker closes its part
+of a step. A swarm restarted from the directory resumes at the newest step that every op has.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swarm.dag.graph import OpDAG
+from swarm.errors import SwarmError
+
+
+@dataclass
+class OpState:
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+
+def op_tensors(dag: OpDAG, module: torch.nn.Module) -> dict[str, list[tuple[str, str]]]:
+    """For every op owning state: its (kind, qualified name) pairs, kind ``p`` (parameter) or ``b`` (buffer)."""
+    buffers = dict(module.named_buffers())
+    out = {}
+    for op in dag.ops:
+        names = [("p", n) for n in op.params]
+        if op.op == "call_module":
+            names += [("b", n) for n in buffers if n.startswith(op.target + ".")]
+        elif op.op == "get_attr" and op.target in buffers:
+            names.append(("b", op.target))
+        if names:
+            out[op.name] = names
+    return out
+
+
+def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, owned: dict[str, list[tuple[str, str]]],
+            ops: list[str], step: int) -> dict[str, OpState]:
+    """Copies (on the CPU) of the state of ``ops`` in ``module`` and ``optimizer`` at ``step``."""
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    out = {}
+    for op in ops:
+        tensors = {}
+        for kind, name in owned.get(op, []):
+            if kind == "b":
+                tensors[f"b:{name}"] = buffers[name].detach().cpu().clone()
+                continue
+            p = params[name]
+            tensors[f"p:{name}"] = p.detach().cpu().clone()
+            for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"o:{key}:{name}"] = value.detach().cpu().clone()
+        out[op] = OpState(step, tensors)
+    return out
+
+
+def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, states: dict[str, OpState]) -> None:
+    """Load op states into ``module`` (and ``optimizer``'s per-parameter state). Every name and shape
+    is checked first: a state that does not fit is a one-line error and nothing is loaded."""
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    plan = []
+    for op, state in states.items():
+        for key, t in state.tensors.items():
+            kind, _, rest = key.partition(":")
+            slot, name = rest.partition(":")[::2] if kind == "o" else ("", rest)
+            target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o") else None
+            if target is None:
+                raise SwarmError(f"state of op '{op}': '{key}' does not belong to this stage")
+            if kind != "o" and t.shape != target.shape:
+                raise SwarmError(f"state of op '{op}': '{name}' has shape {list(t.shape)}, expected {list(target.shape)}")
+            plan.append((kind, slot, target, t))
+    with torch.no_grad():
+        for kind, slot, target, t in plan:
+            if kind != "o":
+                target.copy_(t)
+            elif optimizer is not None:
+                optimizer.state[target][slot] = t.to(target.device) if t.dim() else t.clone()
+
+
+def _file_name(op: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", op) + ".pt"
+
+
+def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: int, keep: int = 2) -> Path:
+    """Write ``states`` (all of one step) under ``directory/step-<step>/``, then this stage's marker;
+    older step directories beyond the newest ``keep`` are removed."""
+    root = Path(directory)
+    steps = {s.step for s in states.values()}
+    if len(steps) != 1:
+        raise SwarmError(f"a checkpoint holds one step, got {sorted(steps)}")
+    step_dir = root / f"step-{steps.pop():09d}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    for op, state in states.items():
+        tmp = step_dir / f".{_file_name(op)}.tmp"
+        torch.save({"op": op, "step": state.step, "tensors": state.tensors}, tmp)
+        os.replace(tmp, step_dir / _file_name(op))
+    (step_dir / f"done-{stage}").touch()
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    return step_dir
+
+
+def read_checkpoint(directory: str | Path, ops: list[str]) -> dict[str, OpState]:
+    """The state of ``ops`` at the newest checkpointed step that has all of them ({} if none)."""
+    root = Path(directory)
+    for step_dir in sorted(root.glob("step-*"), reverse=True):
+        files = [step_dir / _file_name(op) for op in ops]
+        if all(f.exists() for f in files):
+            out = {}
+            for op, f in zip(ops, files):
+                try:
+                    data = torch.load(f, weights_only=True)
+                except Exception as e:
+                    raise SwarmError(f"cannot read checkpoint {f}: {type(e).__name__}") from None
+                out[op] = OpState(int(data["step"]), data["tensors"])
+            return out
+    return {}
