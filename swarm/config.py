@@ -71,6 +71,8 @@ class NetworkConfig(Strict):
     heartbeat_s: float = Field(default=10.0, gt=0)
     startup_timeout_s: float = Field(default=30.0, gt=0)
     probe_interval_s: float = Field(default=30.0, gt=0, description="one bandwidth probe (~1 s) per interval")
+    leave_timeout_s: float = Field(default=60.0, ge=0, description="on SIGTERM/Ctrl-C, wait at most this long "
+                                   "for the swarm to take this node's state over")
 
 
 class ElectionConfig(Strict):
@@ -107,6 +109,10 @@ class TrainingConfig(Strict):
         default="1f1b", description="gpipe: all micro-batches in flight; 1f1b: as many as stages, backward first")
     max_steps: int | None = Field(default=None, ge=0, description="stop driving after this many steps (None: never)")
     save_dir: str | None = Field(default=None, description="write each stage's parameters here at max_steps")
+    checkpoint_dir: str | None = Field(default=None, description="write ops' state here (and resume from it)")
+    checkpoint_every_steps: PositiveInt = Field(default=50, description="checkpoint period")
+    backup_every_steps: int = Field(default=10, ge=0, description="snapshot period of single-holder stages "
+                                    "(at most this many steps lost when a sole holder dies; 0: no backups)")
     metrics_path: str | None = Field(default=None, description="append one JSON line per step (first-stage nodes)")
     threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's default)")
     timeout_s: float = Field(default=60.0, gt=0, description="bound on every pipeline call")

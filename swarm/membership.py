@@ -32,7 +32,8 @@ from swarm.auth import CredentialChecker, peer_id_of
 
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
-STATES = ("joining", "online", "offline")
+STATES = ("joining", "online", "leaving", "offline")   # leaving: handing its state over, out of elections
+MAX_HOLDS = 16                     # op ranges a record advertises
 MAX_PLAN_CHARS = 12_000            # a ballot's plan JSON (without op names): ~150 peers
 
 
@@ -60,6 +61,8 @@ class _RecordV1(pv1.BaseModel):
     role: Optional[pv1.StrictStr] = None
     step: Optional[pv1.StrictInt] = None
     codec_bps: Optional[pv1.StrictFloat] = None
+    holds: Optional[List[List[pv1.StrictInt]]] = None
+    ready: Optional[pv1.StrictStr] = None
 
 
 class _BallotV1(pv1.BaseModel):
@@ -100,6 +103,8 @@ class MemberRecord:
     role: str | None = None           # in the committed plan: "stage 2", "spare"
     step: int | None = None           # optimizer steps this node's stage has applied
     codec_bps: float | None = None    # measured AdaTopK encode + decode throughput (raw bytes/s)
+    holds: list[list[int]] | None = None   # [first op, stop op, step]: state this node can hand over
+    ready: str | None = None          # hash of the plan whose stage this node runs (state loaded)
 
     @property
     def uptime_s(self) -> float:
@@ -128,6 +133,9 @@ class MemberRecord:
         except (pv1.ValidationError, TypeError):
             return None
         if parsed.state not in STATES or len(parsed.bandwidth_bps) > MAX_LINKS or len(parsed.rtt_s) > MAX_LINKS:
+            return None
+        if parsed.holds is not None and (len(parsed.holds) > MAX_HOLDS or any(
+                len(h) != 3 or not 0 <= h[0] < h[1] or h[2] < 0 for h in parsed.holds)):
             return None
         return cls(**parsed.dict())
 
@@ -162,6 +170,10 @@ class MembershipView:
 
     def peers(self) -> list[str]:
         return sorted(self.members)
+
+    def electorate(self) -> "MembershipView":
+        """The members that take part in elections (not those leaving)."""
+        return MembershipView({p: r for p, r in self.members.items() if r.state != "leaving"}, self.taken_at)
 
     def bandwidth(self, a: str, b: str) -> float:
         """Bits/s between two members: the smaller of the two measured directions; for an edge

@@ -151,53 +151,12 @@ class _ProbeSchedule:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-class _Training:
-    """Follows the committed plan: runs a ``TrainingSession`` for this node's stage, a new one per plan."""
-
-    def __init__(self, me: str, traced, cfg: NodeConfig, probes: _ProbeSchedule, admit, log, device: str = "cpu"):
-        self.me, self.traced, self.cfg, self.probes, self.admit, self.log = me, traced, cfg, probes, admit, log
-        self.device = device
-        self.session = None
-        self.hash: str | None = None
-        self.step = 0
-        self.view: MembershipView | None = None
-
-    def bandwidth(self, peer: str) -> float | None:
-        """Bits/s to ``peer`` from the newest view (either side's probe, or the documented estimate)."""
-        view = self.view
-        return view.bandwidth(self.me, peer) if view and self.me in view.members and peer in view.members else None
-
-    def follow(self, plan, view: MembershipView, record: MemberRecord) -> None:
-        from swarm.runtime.session import TrainingSession
-
-        self.view = view
-        if plan is not None and plan.hash != self.hash:
-            self.hash = plan.hash
-            self.stop()
-            if not plan.feasible:
-                self.log(f"warning: plan {plan.hash} does not fit its peers' memory; not training")
-            elif plan.role(self.me)["stage"] is not None:
-                known = [view.members[p].step for p in plan.members if p in view.members and view.members[p].step]
-                start = max([self.step, *known])
-                try:
-                    self.session = TrainingSession(plan, self.me, self.traced, self.cfg, self.probes.p2p, self.probes.loop,
-                                                   self.bandwidth, start, self.admit, self.log, self.device)
-                    self.session.start()
-                except SwarmError as e:
-                    self.session = None
-                    self.log(f"error: cannot run stage {plan.role(self.me)['stage']} of plan {plan.hash}: {e}")
-                else:
-                    self.log(f"training: stage {self.session.index} of {len(plan.stages)} from step {start}")
-        if self.session is not None:
-            self.step = self.session.step
-            if self.session.policy is not None and self.session.policy.codec_s_per_byte:
-                record.codec_bps = self.session.policy.codec_bytes_per_s
-        record.step = self.step
-
-    def stop(self) -> None:
-        if self.session is not None:
-            self.session.stop()
-            self.session = None
+def _bandwidth_from(views: list[MembershipView], me: str) -> Callable[[str], float | None]:
+    """Bits/s to a peer from the newest view (either side's probe, or the documented estimate)."""
+    def bandwidth(peer: str) -> float | None:
+        view = views[-1] if views else None
+        return view.bandwidth(me, peer) if view and me in view.members and peer in view.members else None
+    return bandwidth
 
 
 def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
@@ -209,6 +168,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
     from swarm.estimator.profile import load_or_measure
     from swarm.models import trace_model
     from swarm.planning import Elector
+    from swarm.runtime.follow import PlanFollower
     from swarm.runtime.session import model_io
     from swarm.scheduler import Workload
 
@@ -238,21 +198,42 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
             probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)
             elector = Elector(record.peer_id, membership, workload, cfg.election, log, cfg.compression.max_ratio)
-            training = _Training(record.peer_id, traced, cfg, probes, members.__contains__ if authorizer else None, log,
-                                 profile.device)
-            while not stop.is_set():
+            views: list[MembershipView] = []
+            follower = PlanFollower(record.peer_id, traced, cfg, probes.p2p, probes.loop, _bandwidth_from(views, record.peer_id),
+                                    members.__contains__ if authorizer else None, log, profile.device)
+
+            def heartbeat() -> MembershipView:
                 view = membership.view()
+                views[:] = [view]
                 members.clear()
                 members.update(view.peers())
                 probes.step(lambda: sorted(members - {record.peer_id}))
                 record.bandwidth_bps, record.rtt_s = dict(probes.bandwidth_bps), dict(probes.rtt_s)
+                return view
+
+            while not stop.is_set():
+                view = heartbeat()
                 if record.peer_id in view.members:  # the election starts once our own record is visible
-                    elector.step(view, record)
-                    training.follow(elector.plan, view, record)
+                    elector.step(view.electorate(), record)
+                    follower.follow(elector.plan, view, record)
                 if not membership.publish(record):
                     log("warning: could not store the member record this round")
                 stop.wait(net.heartbeat_s)
-            training.stop()
+            # leaving: out of elections, training stopped, state served until the others took it over
+            record.state, old_plan = "leaving", record.ready
+            follower.stop()
+            follower.follow(None, view, record)
+            deadline = time.monotonic() + net.leave_timeout_s
+            log(f"leaving: handing state over (at most {net.leave_timeout_s:.0f} s)")
+            while time.monotonic() < deadline:
+                membership.publish(record)
+                view = heartbeat()
+                if follower.handed_over(view, old_plan):
+                    break
+                time.sleep(min(net.heartbeat_s, 1.0))   # the others re-plan and fetch at their own pace
+            else:
+                log("warning: the swarm did not take this node's state over in time")
+            follower.close()
             probes.close()
             record.state = "offline"
             membership.publish(record, timeout_s=5)

@@ -40,6 +40,7 @@ from swarm.runtime.worker import StageWorker
 from swarm.wire import Limits, Message, pack, sizes, unpack
 
 PROTOCOL = "swarm.stage.v1"
+MAX_CACHED_REPLIES = 256    # per step: bounds the memory a confused or hostile upstream can make us hold
 _LEN = struct.Struct(">Q")
 Call = Callable[[str, bytes], Awaitable[bytes]]   # (peer id, request frame) -> reply frame
 
@@ -197,6 +198,7 @@ class StageServer:
         self.slots = max_requests
         self.banned: dict[str, float] = {}
         self.arrived: dict[int, set[str]] = {}
+        self.replies: dict[int, bytes] = {}   # this step's answered micro-batches (retries get the same reply)
         self.all_in: dict[int, asyncio.Event] = {}
         self.finishing: dict[int, asyncio.Task] = {}
         self.rounds: dict[int, ReduceRound] = {}
@@ -266,6 +268,14 @@ class StageServer:
     async def _forward(self, msg: Message, mb) -> bytes:
         if not isinstance(mb, int) or mb < 0:
             raise SwarmError(f"bad micro-batch id {mb!r}")
+        if mb in self.replies:   # a retry whose first reply was lost: the same answer, nothing accumulated twice
+            return self.replies[mb]
+        reply = await self._compute_forward(msg, mb)
+        if len(self.replies) < MAX_CACHED_REPLIES:
+            self.replies[mb] = reply
+        return reply
+
+    async def _compute_forward(self, msg: Message, mb: int) -> bytes:
         n_inputs = len([k for k in msg.tensors if k.startswith("x")])
         inputs = [msg.tensors.get(f"x{i}") for i in range(n_inputs)]
         if any(t is None for t in inputs):
@@ -347,9 +357,15 @@ class StageServer:
             check_reply(unpack(await self.call(peer, pack("step", {"step": step}, {})[0]), self.limits),
                         f"step at stage {self.worker.stage.io.index + 1}")
 
-        await asyncio.gather(self._reduce_and_apply(step), *(downstream(p) for p in self.peers.downstream))
-        for table in (self.arrived, self.all_in, self.rounds):
-            table.pop(step, None)
+        try:
+            await asyncio.gather(self._reduce_and_apply(step), *(downstream(p) for p in self.peers.downstream))
+        except BaseException:
+            self.finishing.pop(step, None)   # the previous stage may send ``step`` again
+            raise
+        finally:
+            for table in (self.arrived, self.all_in, self.rounds):
+                table.pop(step, None)
+        self.replies.clear()
         self.stepped(step)
 
     async def _reduce_and_apply(self, step: int) -> None:
@@ -396,23 +412,31 @@ class StageServer:
 
 
 async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int,
-                     in_flight: int = 4, rank: int = 0, world: int = 1, deadline_s: float = 300.0) -> float:
+                     in_flight: int = 4, rank: int = 0, world: int = 1, deadline_s: float = 300.0,
+                     done: dict[int, float] | None = None) -> float:
     """One optimizer step driven by a first-stage replica: its ``micro_batches`` go down the pipeline
     concurrently (at most ``in_flight``), their gradients come back, then every stage steps. Losses
     are scaled by ``1 / (micro_batches * world)``: the replicas' summed gradients are the global mean.
-    A micro-batch that failed with a retryable error is sent again until ``deadline_s``. Returns the
-    mean loss of this replica's micro-batches."""
+    A micro-batch that failed with a retryable error is sent again until ``deadline_s``; ``done``
+    (micro-batch id -> loss) carries what already went through over calls for the same step, so a
+    retried step never sends a finished micro-batch twice. Returns the mean loss of this replica's
+    micro-batches."""
     step, me = first.worker.step_id, first.peers.me
+    done = {} if done is None else done
     gate = asyncio.Semaphore(in_flight)
     deadline = time.monotonic() + deadline_s
 
     async def one(m: int, x: torch.Tensor, y: torch.Tensor) -> float:
         mb, delay = rank * micro_batches + m, 0.05
+        if mb in done:
+            return done[mb]
         frame = pack("forward", {"step": step, "mb": mb, "scale": 1 / (micro_batches * world)}, {"x0": x, "targets": y})[0]
         while True:
             async with gate:
                 try:
-                    return float(check_reply(unpack(await first.answer(frame, me), first.limits), "pipeline").meta["loss"])
+                    loss = float(check_reply(unpack(await first.answer(frame, me), first.limits), "pipeline").meta["loss"])
+                    done[mb] = loss
+                    return loss
                 except Retry:
                     if time.monotonic() + delay > deadline:
                         raise

@@ -24,6 +24,7 @@ from swarm.dag.trace import TracedModel
 from swarm.data import training_data
 from swarm.errors import SwarmError
 from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
+from swarm.runtime.state import OpState, capture, op_tensors, restore, write_checkpoint
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
 from swarm.wire import Limits
@@ -50,7 +51,8 @@ class TrainingSession:
 
     def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: asyncio.AbstractEventLoop,
                  bandwidth: Callable[[str], float | None] = lambda p: None, start_step: int = 0,
-                 admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = print, device: str = "cpu"):
+                 admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = print, device: str = "cpu",
+                 states: dict[str, OpState] | None = None):
         role = plan.role(me)
         if role["stage"] is None:
             raise SwarmError("this node has no stage in the plan")
@@ -67,6 +69,11 @@ class TrainingSession:
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
                                   max_batch=mbs, warmup_steps=self.training.lr_warmup_steps, device=device)
         self.worker.step_id = start_step
+        self.owned = op_tensors(traced.dag, traced.gm)
+        self.ops = [op for op in stage.io.ops if op in self.owned]
+        for p in self.worker.params:
+            p.grad = None   # a step the previous plan left half-done is dropped here
+        restore(stage.module, self.worker.optimizer, {op: st for op, st in (states or {}).items() if op in self.ops})
         limits = Limits(max_frame_bytes=frame_limit(traced, mbs, sum(p.numel() for p in self.worker.params)))
         replicas = tuple(sorted(spec.peers))
         upstream = tuple(sorted(plan.stages[self.index - 1].peers)) if self.index else ()
@@ -116,25 +123,45 @@ class TrainingSession:
         """The first stage's training loop: one optimizer step per iteration on this replica's shard."""
         m, mbs = self.plan.micro_batches, self.cfg.micro_batch_size
         in_flight = m if self.training.schedule == "gpipe" else len(self.plan.stages)
-        try:
-            while not self.done:
-                started, step = time.perf_counter(), self.step
-                x, y = self.data.batch(step, m * mbs, self.rank, self.world)
+        failures, done, started = 0, {}, time.perf_counter()
+        while not self.done:
+            step = self.step
+            x, y = self.data.batch(step, m * mbs, self.rank, self.world)
+            try:
                 loss = await train_step(self.server, x, y, m, in_flight, self.rank, self.world,
-                                        deadline_s=self.training.timeout_s * 4)
-                if not math.isfinite(loss):
-                    raise SwarmError(f"loss became {loss} at step {step}")
-                self._record(step, time.perf_counter() - started, loss=loss, samples=m * mbs * self.world)
-            self.log(f"training finished at step {self.step} (max_steps)")
-        except SwarmError as e:
-            self.failed = str(e)
-            self.log(f"error: training stopped at step {self.step}: {e}")
+                                        deadline_s=self.training.timeout_s * 2, done=done)
+            except SwarmError as e:   # a peer died or fell behind: retry the step until a new plan replaces us
+                self.failed, failures = str(e), failures + 1
+                if failures == 1:
+                    self.log(f"warning: step {step} failed ({e}); retrying until the swarm re-plans")
+                await asyncio.sleep(min(1.0 * failures, 5.0))   # back-off between attempts
+                continue
+            if not math.isfinite(loss):
+                self.failed = f"loss became {loss} at step {step}"
+                self.log(f"error: training stopped: {self.failed}")
+                return
+            failures, self.failed, done = 0, None, {}
+            self._record(step, time.perf_counter() - started, loss=loss, samples=m * mbs * self.world)
+            started = time.perf_counter()
+        self.log(f"training finished at step {self.step} (max_steps)")
+
+    async def capture(self, ops: list[str]) -> dict[str, OpState]:
+        """The state of ``ops`` as it is between two passes (on the compute thread)."""
+        return await self.server.compute.run(0, self.final_state, ops)
+
+    def final_state(self, ops: list[str] | None = None) -> dict[str, OpState]:
+        """The state of this stage's ops (call only when no pass runs: stopped, or on the compute thread)."""
+        return capture(self.worker.stage.module, self.worker.optimizer, self.owned, ops or self.ops, self.worker.step_id)
 
     def _stepped(self, step: int) -> None:
         if self.index:
             self._record(step, None)
         if self.training.save_dir and self.training.max_steps is not None and step + 1 == self.training.max_steps:
             self.save(Path(self.training.save_dir))
+        every, first = self.training.checkpoint_every_steps, self.server.peers.replicas[0] == self.me
+        if self.training.checkpoint_dir and first and (step + 1) % every == 0:
+            states = self.final_state()   # between steps: nothing runs on this stage now
+            self.loop.run_in_executor(None, write_checkpoint, self.training.checkpoint_dir, states, self.index)
 
     def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0) -> None:
         c = self.server.counters

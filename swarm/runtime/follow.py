@@ -1,0 +1,282 @@
+"""A node follows the committed plans: it hands training state over by op, backs up stages that have a
+single holder, and runs its own stage (``TrainingSession``) once its state is in place.
+
+Adopting plan P (one heartbeat at a time, never blocking the heartbeat for a transfer):
+
+1. stop the previous session and keep its final state (by op, with its step) in the node's store;
+2. wait until every live member of P has committed P (so every old session has stopped and every
+   donor's state is frozen);
+3. the start step is the highest step any member holds; for each op of this node's new stage, take
+   the newest state anyone advertises (``holds`` in the member records): from the node's own store, or
+   fetched over ``swarm.state.v1``, the ops spread over all donors that hold that newest step;
+4. start the session at the start step and advertise ``ready = P``.
+
+A stage held by a single peer is backed up: the plan's spares (else the next stage's first replica)
+fetch a snapshot of it every ``backup_every_steps`` steps, so a SIGKILLed sole holder costs at most
+that many steps of its ops, never the model. Every node serves ``swarm.state.v1`` all the time.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Callable
+
+from swarm.config import NodeConfig
+from swarm.errors import SwarmError
+from swarm.membership import MAX_HOLDS, MemberRecord, MembershipView
+from swarm.runtime.rpc import error_frame, read_frame, write_frame
+from swarm.runtime.state import OpState, capture, op_tensors, read_checkpoint
+from swarm.scheduler import Plan
+from swarm.wire import Limits, pack, unpack
+
+STATE_PROTOCOL = "swarm.state.v1"
+
+
+def holds_ranges(index: dict[str, int], steps: dict[str, int]) -> list[list[int]]:
+    """Compact ``[first op, stop op, step]`` ranges of the ops in ``steps`` (at most ``MAX_HOLDS``:
+    the newest ranges are kept)."""
+    out: list[list[int]] = []
+    for i, op in sorted((index[op], op) for op in steps):
+        if out and out[-1][1] == i and out[-1][2] == steps[op]:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1, steps[op]])
+    return sorted(out, key=lambda h: -h[2])[:MAX_HOLDS]
+
+
+def backups(plan: Plan) -> dict[int, str]:
+    """Who backs up each single-holder stage: the spares in turn, else the next (or previous) stage's
+    first replica."""
+    out, spares = {}, list(plan.spares)
+    singles = [s for s in plan.stages if len(s.peers) == 1]
+    for k, s in enumerate(singles):
+        if spares:
+            out[s.index] = spares[k % len(spares)]
+        elif len(plan.stages) > 1:
+            other = plan.stages[s.index + 1] if s.index + 1 < len(plan.stages) else plan.stages[s.index - 1]
+            out[s.index] = sorted(other.peers)[0]
+    return out
+
+
+class PlanFollower:
+    """Everything between the committed plan and this node's running stage (see the module docstring)."""
+
+    def __init__(self, me: str, traced, cfg: NodeConfig, p2p, loop: asyncio.AbstractEventLoop,
+                 bandwidth: Callable[[str], float | None], admit: Callable[[str], bool] | None, log,
+                 device: str = "cpu"):
+        self.me, self.traced, self.cfg, self.p2p, self.loop = me, traced, cfg, p2p, loop
+        self.bandwidth, self.admit, self.log, self.device = bandwidth, admit, log, device
+        self.dag = traced.dag
+        self.owned = op_tensors(self.dag, traced.gm)
+        biggest = max((sum(t.numel() for n, t in traced.gm.state_dict().items()), 1))
+        self.limits = Limits(max_frame_bytes=16 * biggest + (1 << 20), max_tensors=4096, max_header_bytes=1 << 20)
+        self.store: dict[str, OpState] = {}
+        self.session = None
+        self.plan: Plan | None = None
+        self.pending: Plan | None = None
+        self.fetching: asyncio.Future | None = None
+        self.backup_job: asyncio.Future | None = None
+        self.served = 0
+        if cfg.training.checkpoint_dir:
+            self.store.update(read_checkpoint(cfg.training.checkpoint_dir, sorted(self.owned)))
+            if self.store:
+                log(f"checkpoint: state of {len(self.store)} ops at step {self.step} from {cfg.training.checkpoint_dir}")
+        self._call(self.p2p.add_binary_stream_handler(STATE_PROTOCOL, self._serve))
+
+    def _call(self, coro, timeout_s: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    @property
+    def step(self) -> int:
+        live = self.session.step if self.session is not None else 0
+        return max([live, *(s.step for s in self.store.values())])
+
+    # --- serving state --------------------------------------------------------------------------
+
+    async def _state_of(self, op: str) -> OpState | None:
+        session = self.session
+        if session is not None and op in session.ops:
+            return (await session.capture([op]))[op]
+        return self.store.get(op)
+
+    async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self.admit is not None and not self.admit(stream_info.peer_id.to_base58()):
+                return
+            try:
+                msg = unpack(await read_frame(reader, 1 << 16, 30.0), Limits(max_frame_bytes=1 << 16))
+                op = msg.meta.get("op")
+                if msg.kind != "fetch" or not isinstance(op, str):
+                    raise SwarmError("expected a fetch request naming an op")
+                state = await self._state_of(op)
+                if state is None:
+                    raise SwarmError(f"no state of op '{op}' here")
+                reply = pack("state", {"op": op, "step": state.step}, state.tensors)[0]
+                self.served += 1
+            except SwarmError as e:
+                reply = error_frame(e)
+            write_frame(writer, reply)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(1), 60.0)   # until the caller has read it all
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, struct.error, SwarmError):
+            pass
+        finally:
+            writer.close()
+
+    async def _fetch_one(self, peer: str, op: str) -> OpState:
+        from hivemind.p2p import PeerID
+
+        async def exchange() -> bytes:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), STATE_PROTOCOL)
+            try:
+                write_frame(writer, pack("fetch", {"op": op}, {})[0])
+                await writer.drain()
+                return await read_frame(reader, self.limits.max_frame_bytes, 60.0)
+            finally:
+                writer.close()
+
+        msg = unpack(await asyncio.wait_for(exchange(), 120.0), self.limits)
+        if msg.kind != "state" or msg.meta.get("op") != op or not isinstance(msg.meta.get("step"), int):
+            raise SwarmError(f"peer {peer[-8:]} answered no state of '{op}': {msg.meta.get('message', msg.kind)}")
+        return OpState(msg.meta["step"], msg.tensors)
+
+    async def fetch(self, sources: dict[str, list[str]]) -> dict[str, OpState]:
+        """The state of every op in ``sources`` (op -> donors holding its newest step): ops are spread
+        over the donors round-robin, each op tried on its other donors if one fails."""
+        async def one(k: int, op: str) -> tuple[str, OpState | None]:
+            donors = sources[op]
+            for j in range(len(donors)):
+                peer = donors[(k + j) % len(donors)]
+                try:
+                    return op, await self._fetch_one(peer, op)
+                except Exception as e:   # any donor failure: try the next one
+                    self.log(f"warning: fetching '{op}' from {peer[-8:]} failed ({type(e).__name__}: {str(e)[:100]})")
+            return op, None
+        results = await asyncio.gather(*(one(k, op) for k, op in enumerate(sorted(sources))))
+        return {op: state for op, state in results if state is not None}
+
+    # --- following plans ------------------------------------------------------------------------
+
+    def follow(self, plan: Plan | None, view: MembershipView, record: MemberRecord) -> None:
+        """One heartbeat: adopt a newly committed plan step by step; back up single-holder stages."""
+        pending = self.pending.hash if self.pending is not None else None
+        if plan is not None and (self.plan is None or plan.hash != self.plan.hash) and plan.hash != pending:
+            self._stop_session()
+            record.ready, self.pending, self.fetching = None, plan, None
+            if not plan.feasible:
+                self.log(f"warning: plan {plan.hash} does not fit its peers' memory; not training")
+        if self.pending is not None and self.pending.feasible:
+            self._adopt(self.pending, view, record)
+        if self.plan is not None and self.pending is None:
+            self._backup(view)
+        if self.session is not None and self.session.policy is not None and self.session.policy.codec_s_per_byte:
+            record.codec_bps = self.session.policy.codec_bytes_per_s
+        record.step = self.step
+        steps = {op: s.step for op, s in self.store.items()}
+        if self.session is not None:
+            steps.update({op: self.session.step for op in self.session.ops})
+        record.holds = holds_ranges(self.dag.index, steps) or None
+
+    def _adopt(self, plan: Plan, view: MembershipView, record: MemberRecord) -> None:
+        live = [m for m in plan.members if m in view.members]
+        if any(view.members[m].committed_hash != plan.hash for m in live):
+            return   # some member still runs the previous plan: its state is not final yet
+        stage = plan.role(self.me)["stage"]
+        if stage is None:
+            self.plan, self.pending, record.ready = plan, None, plan.hash
+            return
+        spec = plan.stages[stage]
+        ops = [op for op in spec.ops if op in self.owned]
+        if self.fetching is None:
+            start = max([self.step, *(view.members[m].step or 0 for m in live)])
+            newest = self._sources(view, ops)
+            local = {op: self.store[op] for op, (step, _) in newest.items() if op in self.store and self.store[op].step >= step}
+            remote = {op: donors for op, (step, donors) in newest.items() if op not in local}
+            self.start_step, self.local = start, local
+            self.fetching = asyncio.run_coroutine_threadsafe(self.fetch(remote), self.loop) if remote else None
+            if self.fetching is None:
+                self._start(plan, stage, local, record)
+            return
+        if not self.fetching.done():
+            return
+        fetched = self.fetching.result() if self.fetching.exception() is None else {}
+        self._start(plan, stage, {**self.local, **fetched}, record)
+
+    def _sources(self, view: MembershipView, ops: list[str]) -> dict[str, tuple[int, list[str]]]:
+        """For each op: the newest step anyone advertises and who holds it (this node included)."""
+        found: dict[str, tuple[int, list[str]]] = {}
+        holders = {p: r.holds or [] for p, r in view.members.items() if p != self.me}
+        holders[self.me] = [[self.dag.index[op], self.dag.index[op] + 1, s.step] for op, s in self.store.items()]
+        for op in ops:
+            i = self.dag.index[op]
+            for peer, ranges in sorted(holders.items()):
+                for first, stop, step in ranges:
+                    if first <= i < stop:
+                        best, donors = found.get(op, (-1, []))
+                        if step > best:
+                            found[op] = (step, [peer])
+                        elif step == best and peer not in donors:
+                            donors.append(peer)
+        return found
+
+    def _start(self, plan: Plan, stage: int, states: dict[str, OpState], record: MemberRecord) -> None:
+        from swarm.runtime.session import TrainingSession
+
+        self.fetching, self.pending = None, None
+        missing = [op for op in plan.stages[stage].ops if op in self.owned and op not in states]
+        if missing and self.step:
+            self.log(f"warning: no state of {len(missing)} ops anywhere ({', '.join(missing[:3])}...): initial weights")
+        behind = {op: self.start_step - s.step for op, s in states.items() if s.step < self.start_step}
+        if behind:
+            self.log(f"restored {len(behind)} ops from older state: up to {max(behind.values())} steps of them lost")
+        try:
+            self.session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop, self.bandwidth,
+                                           self.start_step, self.admit, self.log, self.device, states)
+            self.session.start()
+        except SwarmError as e:
+            self.session = None
+            self.log(f"error: cannot run stage {stage} of plan {plan.hash}: {e}")
+            return
+        for op in self.session.ops:
+            self.store.pop(op, None)   # live now: served from the session
+        self.plan, record.ready = plan, plan.hash
+        self.log(f"training: stage {stage} of {len(plan.stages)} from step {self.start_step} "
+                 f"({len(states)} ops of state, {len(states) - len(self.local)} fetched)")
+
+    def _backup(self, view: MembershipView) -> None:
+        """Refresh this node's snapshot of a single-holder stage it backs up, every few steps."""
+        if self.backup_job is not None and not self.backup_job.done():
+            return
+        if self.backup_job is not None and self.backup_job.exception() is None:
+            self.store.update(self.backup_job.result())
+        self.backup_job = None
+        every = self.cfg.training.backup_every_steps
+        for stage, peer in backups(self.plan).items():
+            holder = self.plan.stages[stage].peers[0]
+            if peer != self.me or holder not in view.members or not every:
+                continue
+            ops = [op for op in self.plan.stages[stage].ops if op in self.owned]
+            have = [self.store[op].step for op in ops if op in self.store]
+            if not ops or (len(have) == len(ops) and (view.members[holder].step or 0) < min(have) + every):
+                continue
+            self.backup_job = asyncio.run_coroutine_threadsafe(self.fetch({op: [holder] for op in ops}), self.loop)
+            return
+
+    def _stop_session(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.stop()
+            self.store.update(session.final_state())
+
+    def stop(self) -> None:
+        self._stop_session()
+
+    def close(self) -> None:
+        self._call(self.p2p.remove_binary_stream_handler(STATE_PROTOCOL))
+
+    def handed_over(self, view: MembershipView, old_plan: str | None) -> bool:
+        """Leaving: every other member runs one new plan (not ``old_plan``, which had this node), its
+        state in place; or this node ran no plan, or there is nobody to hand over to."""
+        others = [r for p, r in view.members.items() if p != self.me and r.state != "leaving"]
+        hashes = {r.ready for r in others}
+        return old_plan is None or not others or (len(hashes) == 1 and None not in hashes and old_plan not in hashes)
