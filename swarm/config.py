@@ -86,6 +86,7 @@ class ElectionConfig(Strict):
     micro_batches: PositiveInt = Field(default=8, description="micro-batches per optimizer step")
     stages: int = Field(default=0, ge=0, description="pipeline stages of every plan (0: the scheduler chooses)")
     min_members: PositiveInt = Field(default=1, description="the first plan waits until this many members are live")
+    max_replicas: int = Field(default=0, ge=0, description="peers per stage at most (0: no limit; others are spares)")
 
 
 class CompressionConfig(Strict):

@@ -39,7 +39,8 @@ class Elector:
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
                  log: Callable[[str], None] = print, max_ratio: float = PlanSettings.max_ratio):
         self.me, self.membership, self.workload, self.log = me, membership, workload, log
-        self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages, max_ratio=max_ratio)
+        self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages, max_ratio=max_ratio,
+                                     max_replicas=cfg.max_replicas)
         self.cfg = cfg
         self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
                                                                  cfg.min_members))

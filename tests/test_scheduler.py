@@ -122,3 +122,6 @@ def test_fixed_stage_count_is_met_and_never_beats_the_free_choice(stages):
     assert len(fixed.stages) == stages and fixed.feasible
     assert fixed.predicted_step_s >= free.predicted_step_s * (1 - 1e-9)
     assert not schedule(w, swarm, PlanSettings(stages=7)).feasible   # more stages than peers: no plan
+    single = schedule(w, swarm, PlanSettings(stages=stages, max_replicas=1))
+    assert len(single.stages) == stages and all(len(s.peers) == 1 for s in single.stages)
+    assert len(single.spares) == len(swarm.peers) - stages

@@ -247,14 +247,16 @@ class PlanFollower:
         """Refresh this node's snapshot of a single-holder stage it backs up, every few steps."""
         if self.backup_job is not None and not self.backup_job.done():
             return
-        if self.backup_job is not None and self.backup_job.exception() is None:
-            self.store.update(self.backup_job.result())
+        if self.backup_job is not None and self.backup_job.exception() is None and self.backup_job.result():
+            got = self.backup_job.result()
+            self.store.update(got)
+            self.log(f"backup: snapshot of {len(got)} ops at step {min(s.step for s in got.values())}")
         self.backup_job = None
         every = self.cfg.training.backup_every_steps
         for stage, peer in backups(self.plan).items():
             holder = self.plan.stages[stage].peers[0]
-            if peer != self.me or holder not in view.members or not every:
-                continue
+            if peer != self.me or not every or holder not in view.members or view.members[holder].ready != self.plan.hash:
+                continue   # (a holder still loading its state has nothing to give yet)
             ops = [op for op in self.plan.stages[stage].ops if op in self.owned]
             have = [self.store[op].step for op in ops if op in self.store]
             if not ops or (len(have) == len(ops) and (view.members[holder].step or 0) < min(have) + every):

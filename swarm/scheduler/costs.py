@@ -51,6 +51,7 @@ class PlanSettings:
     codec_bytes_per_s: float = 2e8      # AdaTopK encode+decode throughput, raw bytes/s (benchmarks.codec, 2-core CPU)
     max_stages: int = 16                # search bound; also bounds pipeline fill time
     stages: int = 0                     # exactly this many stages (0: the scheduler chooses)
+    max_replicas: int = 0               # peers per stage at most (0: no limit; the rest become spares)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1 or self.in_flight < 1 or self.max_stages < 1 or self.max_ratio < 1:

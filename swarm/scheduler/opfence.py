@@ -106,6 +106,8 @@ def _layouts(w: Workload, swarm: Swarm, units: _Units, settings: PlanSettings) -
         for jn in range(j + 1, units.fence_end[j] + 1):
             inner = min(inner, units.bw[jn - 1, jn - 1], units.bw[j:jn - 1, jn - 1].min() if jn - 1 > j else inf)
             r = int(units.count[j:jn].sum())
+            if settings.max_replicas and r > settings.max_replicas:
+                break
             cost = ranges.stage(units.tflops[j:jn].sum(), r, inner, units.memory[j:jn].min())
             cand = np.maximum(prev[rows][:, :, None], cost[None, :, :])     # (stages, i, i')
             arg = cand.argmin(axis=1)
@@ -153,6 +155,8 @@ def _recut(ranges: _Ranges, swarm: Swarm, groups: list[list[int]]) -> Layout | N
     """The best cuts (by DP bottleneck) for fixed, ordered replica groups; None if nothing fits."""
     n, fixed = ranges.w.n, ranges.settings.stages
     if len(groups) > min(n, ranges.settings.max_stages) or (fixed and len(groups) != fixed):
+        return None
+    if ranges.settings.max_replicas and max(map(len, groups)) > ranges.settings.max_replicas:
         return None
     best, back = np.full(n + 1, np.inf), []
     best[0] = 0.0
