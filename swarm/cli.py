@@ -162,6 +162,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{r.peer_id[-12:]:<14}{(r.device + ' ' + r.device_name)[:17]:<18}{r.tflops:>9.3f}{r.memory_bytes / 1e9:>8.1f}"
               f"{bw_text:>22}{r.state:>9}{r.uptime_s:>8.0f}s{r.committed_epoch if r.committed_epoch is not None else '-':>7}"
               f"{r.committed_hash or '-':>18}  {r.role or '-'}")
+    for row in stage_table(records):
+        backups = ", ".join(f"{b[-8:]} ({age} steps old)" for b, age in row["backups"]) or "none"
+        print(f"stage {row['stage']}: held by {', '.join(h[-8:] for h in row['holders'])} at step {row['step']}; "
+              f"snapshots: {backups}")
+    spares = [r.peer_id[-8:] for r in records if r.role == "spare"]
+    if spares:
+        print(f"spares: {', '.join(spares)}")
     plans = {(r.committed_epoch, r.committed_hash) for r in records if r.committed_hash}
     if plans:
         epoch, plan = max(plans, key=lambda p: p[0])
@@ -169,6 +176,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"committed: epoch {epoch}, plan {plan} ({agree} of {len(records)} members run it)")
     print(f"{len(records)} members")
     return 0
+
+
+def stage_table(records) -> list[dict]:
+    """Per stage: its holders, their step, and the other members holding a snapshot of its ops (age in steps)."""
+    rows = []
+    for stage in sorted({r.stage for r in records if r.stage is not None}):
+        holders = [r for r in records if r.stage == stage]
+        step = max(r.step or 0 for r in holders)
+        live = [(a, b) for r in holders for a, b, s in (r.holds or []) if s == (r.step or 0)]
+        backups = []
+        for r in records:
+            if r.stage == stage:
+                continue
+            ages = [step - s for a, b, s in (r.holds or []) for lo, hi in live if a < hi and lo < b]
+            if ages:
+                backups.append((r.peer_id, min(ages)))
+        rows.append({"stage": stage, "holders": [r.peer_id for r in holders], "step": step, "backups": backups})
+    return rows
 
 
 def cmd_identity(args: argparse.Namespace) -> int:

@@ -77,3 +77,16 @@ def test_plan_bad_peers_file(tmp_path, text, message):
     path.write_text(text)
     res = run_cli("plan", "--model", "gpt2-tiny", "--peers", str(path))
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_status_stage_table_shows_holders_and_snapshot_age():
+    from swarm.cli import stage_table
+    from swarm.membership import MemberRecord
+
+    def rec(peer, stage, step, holds, role=None):
+        return MemberRecord(peer, [], "cpu", "x", 1.0, 1, {}, 0.0, stage=stage, step=step, holds=holds, role=role)
+
+    records = [rec("A", 0, 30, [[0, 9, 30]]), rec("B", 1, 30, [[9, 12, 30]]),
+               rec("S", None, 25, [[0, 9, 25], [9, 12, 22]], role="spare")]
+    assert stage_table(records) == [{"stage": 0, "holders": ["A"], "step": 30, "backups": [("S", 5)]},
+                                    {"stage": 1, "holders": ["B"], "step": 30, "backups": [("S", 8)]}]
