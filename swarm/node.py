@@ -219,12 +219,18 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                 if not membership.publish(record):
                     log("warning: could not store the member record this round")
                 stop.wait(net.heartbeat_s)
-            # leaving: out of elections, training stopped, state served until the others took it over
-            record.state, old_plan = "leaving", record.ready
-            follower.stop()
-            follower.follow(None, view, record)
+            # leaving: finish the step in progress (still a member), then out of elections with training
+            # stopped, the state served until the others took it over
             deadline = time.monotonic() + net.leave_timeout_s
             log(f"leaving: handing state over (at most {net.leave_timeout_s:.0f} s)")
+            drained = follower.drain()
+            while drained is not None and not drained.done() and time.monotonic() < deadline:
+                membership.publish(record)
+                view = heartbeat()
+                time.sleep(min(net.heartbeat_s, 0.2))   # the pipeline finishes the step at its own pace
+            follower.stop()
+            record.state, old_plan = "leaving", record.ready
+            follower.follow(None, view, record)
             while time.monotonic() < deadline:
                 membership.publish(record)
                 view = heartbeat()

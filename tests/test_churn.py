@@ -94,17 +94,18 @@ def test_killed_sole_holder_is_replaced_from_a_snapshot_and_a_leaver_hands_over(
     nodes[middle].kill(signal.SIGKILL)
     alive = {n: p for n, p in nodes.items() if n != middle}
     wait_until(lambda: lost_lines(alive), 90, what="the killed stage restored from a snapshot")
-    lost = [int(re.search(r"up to (\d+) steps", line).group(1)) for line in lost_lines(alive)]
-    assert max(lost) <= BACKUP_EVERY + 2, lost
-
     restarted = max(driven(tmp_path))
     wait_until(lambda: reached(tmp_path, restarted + 6), 120, what="training resumed after the kill")
+    lost = [int(re.search(r"up to (\d+) steps", line).group(1)) for line in lost_lines(alive)]
+    assert max(lost) <= BACKUP_EVERY + 4, lost   # the period, plus the steps of a heartbeat and a transfer
+
     leaver = role_of(alive, r"training: stage 2 of 3")
-    before = len(lost_lines(alive))
+    rest = {n: p for n, p in alive.items() if n != leaver}
+    before = len(lost_lines(rest))
     alive[leaver].kill(signal.SIGTERM)   # graceful: its state is handed over, no step lost
     alive[leaver].wait_for("left the swarm", 60)
     assert not any("did not take" in line for line in alive[leaver].lines)
-    rest, mark = {n: p for n, p in alive.items() if n != leaver}, max(driven(tmp_path))
+    mark = max(driven(tmp_path))
     wait_until(lambda: reached(tmp_path, mark + 6), 120, what="training resumed after the leave")
     assert len(lost_lines(rest)) == before
 

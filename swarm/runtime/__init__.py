@@ -1,4 +1,12 @@
-"""Pipeline runtime: stage workers, micro-batch schedules, the in-process reference pipeline."""
+"""Pipeline runtime (docs/runtime.md, docs/churn.md).
+
+- ``schedule``: micro-batch orders (GPipe, 1F1B) as data; ``worker``: one stage's passes and steps;
+  ``local``: all stages in one process (the reference, and in-process stage servers);
+- ``rpc``: the stage server (remote autodiff, routing, step barrier) and the first stage's step;
+  ``allreduce``: replicas' gradient sums;
+- ``state``: op-keyed state, checkpoints; ``session``: this node's stage of a plan;
+  ``follow``: plan adoption, hand-over, backups.
+"""
 from swarm.runtime.local import LocalPipeline
 from swarm.runtime.schedule import SCHEDULES, in_flight
 from swarm.runtime.worker import StageWorker, lr_at, make_optimizer

@@ -25,7 +25,7 @@ from swarm.config import NodeConfig
 from swarm.errors import SwarmError
 from swarm.membership import MAX_HOLDS, MemberRecord, MembershipView
 from swarm.runtime.rpc import error_frame, read_frame, write_frame
-from swarm.runtime.state import OpState, capture, op_tensors, read_checkpoint
+from swarm.runtime.state import OpState, op_tensors, read_checkpoint
 from swarm.scheduler import Plan
 from swarm.wire import Limits, pack, unpack
 
@@ -269,6 +269,11 @@ class PlanFollower:
             session, self.session = self.session, None
             session.stop()
             self.store.update(session.final_state())
+
+    def drain(self):
+        """Leaving: let the running stage finish its step in progress and take no new one; a future
+        done when it has (None without a session). ``stop`` afterwards keeps the state served."""
+        return self.session.drain(self.cfg.training.timeout_s) if self.session is not None else None
 
     def stop(self) -> None:
         self._stop_session()

@@ -199,6 +199,7 @@ class StageServer:
         self.banned: dict[str, float] = {}
         self.arrived: dict[int, set[str]] = {}
         self.replies: dict[int, bytes] = {}   # this step's answered micro-batches (retries get the same reply)
+        self.draining = False                 # finish the step in progress, take no new one
         self.all_in: dict[int, asyncio.Event] = {}
         self.finishing: dict[int, asyncio.Task] = {}
         self.rounds: dict[int, ReduceRound] = {}
@@ -241,6 +242,8 @@ class StageServer:
                 raise (Retry if isinstance(step, int) and step > self.worker.step_id else SwarmError)(
                     f"step {step!r} is not the current step {self.worker.step_id}")
             upstream = self.peers.upstream or (self.peers.me,)   # the first stage is driven by its own node
+            if msg.kind == "forward" and self.draining and not self.replies:
+                raise Retry("stage leaving: it takes no new step")
             if msg.kind in ("forward", "step"):
                 self._check_sender(sender, upstream, "a previous-stage replica")
                 return await (self._forward(msg, msg.meta.get("mb")) if msg.kind == "forward" else self._step(step, sender))
@@ -366,6 +369,8 @@ class StageServer:
             for table in (self.arrived, self.all_in, self.rounds):
                 table.pop(step, None)
         self.replies.clear()
+        for old in [s for s in self.finishing if s < step]:   # (the current one: late waiters may still look)
+            del self.finishing[old]
         self.stepped(step)
 
     async def _reduce_and_apply(self, step: int) -> None:
@@ -406,6 +411,11 @@ class StageServer:
         self._round(step, part).add(sender, msg.tensors["g"])
         total = await asyncio.wait_for(asyncio.shield(self.rounds[step].done), self.timeout_s)
         return pack("reduced", {"step": step, "part": part}, {"g": total})[0]
+
+    @property
+    def between_steps(self) -> bool:
+        """No micro-batch of an unfinished step has been answered or is in flight here."""
+        return not self.replies and not self.worker.saved and not self.arrived
 
     def close(self) -> None:
         self.compute.close()

@@ -112,6 +112,19 @@ class TrainingSession:
         if self.index == 0 and not self.done:
             self.driver = asyncio.ensure_future(self._drive())
 
+    def drain(self, timeout_s: float):
+        """Finish the step in progress and take no new one (a graceful leave: no step half-applied).
+        Returns a future that is done once the stage is between steps (or after ``timeout_s``)."""
+        return asyncio.run_coroutine_threadsafe(self._drain(timeout_s), self.loop)
+
+    async def _drain(self, timeout_s: float) -> None:
+        self.server.draining = True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.server.between_steps:
+            await asyncio.sleep(0.05)   # the step in progress completes at the pace of the whole pipeline
+        if self.driver is not None:
+            self.driver.cancel()
+
     async def _stop(self) -> None:
         if self.driver is not None:
             self.driver.cancel()
@@ -124,7 +137,7 @@ class TrainingSession:
         m, mbs = self.plan.micro_batches, self.cfg.micro_batch_size
         in_flight = m if self.training.schedule == "gpipe" else len(self.plan.stages)
         failures, done, started = 0, {}, time.perf_counter()
-        while not self.done:
+        while not self.done and not self.server.draining:
             step = self.step
             x, y = self.data.batch(step, m * mbs, self.rank, self.world)
             try:
@@ -143,7 +156,8 @@ class TrainingSession:
             failures, self.failed, done = 0, None, {}
             self._record(step, time.perf_counter() - started, loss=loss, samples=m * mbs * self.world)
             started = time.perf_counter()
-        self.log(f"training finished at step {self.step} (max_steps)")
+        if self.done:
+            self.log(f"training finished at step {self.step} (max_steps)")
 
     async def capture(self, ops: list[str]) -> dict[str, OpState]:
         """The state of ``ops`` as it is between two passes (on the compute thread)."""
