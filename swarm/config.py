@@ -87,6 +87,8 @@ class ElectionConfig(Strict):
     stages: int = Field(default=0, ge=0, description="pipeline stages of every plan (0: the scheduler chooses)")
     min_members: PositiveInt = Field(default=1, description="the first plan waits until this many members are live")
     max_replicas: int = Field(default=0, ge=0, description="peers per stage at most (0: no limit; others are spares)")
+    planner: Literal["opfence", "naive"] = Field(
+        default="opfence", description="naive: one peer per stage in id order, equal op counts (benchmark baseline)")
 
 
 class CompressionConfig(Strict):

@@ -197,7 +197,8 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
             probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)
-            elector = Elector(record.peer_id, membership, workload, cfg.election, log, cfg.compression.max_ratio)
+            max_ratio = cfg.compression.max_ratio if cfg.compression.mode != "off" else 1.0   # plan what will run
+            elector = Elector(record.peer_id, membership, workload, cfg.election, log, max_ratio)
             views: list[MembershipView] = []
             follower = PlanFollower(record.peer_id, traced, cfg, probes.p2p, probes.loop, _bandwidth_from(views, record.peer_id),
                                     members.__contains__ if authorizer else None, log, profile.device)

@@ -13,7 +13,7 @@ from hivemind.utils import get_dht_time
 from swarm.config import ElectionConfig
 from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, PeerState, Publish
 from swarm.membership import MemberRecord, Membership, MembershipView
-from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, evaluate, schedule
+from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
 
 
 def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
@@ -44,6 +44,7 @@ class Elector:
         self.cfg = cfg
         self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
                                                                  cfg.min_members))
+        self.naive = cfg.planner == "naive"
         self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified
         self.plan: Plan | None = None       # the committed one
         self.drift_checked_at = 0.0
@@ -62,7 +63,9 @@ class Elector:
     def _run(self, commands: list, view: MembershipView, ballots: dict, record: MemberRecord) -> None:
         for c in commands:
             if isinstance(c, ComputePlan):
-                plan = schedule(self.workload, swarm_of(view, c.members), self._settings(view, c.members))
+                swarm, settings = swarm_of(view, c.members), self._settings(view, c.members)
+                plan = baseline(self.workload, swarm, settings, compress=settings.max_ratio > 1) if self.naive else \
+                    schedule(self.workload, swarm, settings)
                 self.plans[plan.hash] = plan
                 ballot = Ballot(c.epoch, plan.hash, self.me, c.members)
                 self.membership.publish_ballot(c.epoch, plan.hash, self.me, list(c.members), json.dumps(plan.compact()))
@@ -100,7 +103,8 @@ class Elector:
 
     def _check_drift(self, view: MembershipView, now: float) -> None:
         """The leader re-prices the committed plan under fresh measurements now and then."""
-        if (self.plan is None or now - self.drift_checked_at < self.cfg.drift_check_s or self.me != min(view.members)
+        if (self.plan is None or self.naive or now - self.drift_checked_at < self.cfg.drift_check_s
+                or self.me != min(view.members)
                 or not set(self.plan.members) <= set(view.members)):
             return
         self.drift_checked_at = now

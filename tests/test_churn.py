@@ -118,10 +118,10 @@ def test_killed_sole_holder_is_replaced_from_a_snapshot_and_a_leaver_hands_over(
 
 
 def test_a_joining_node_gets_work_and_state(tmp_path, swarm_procs):
-    nodes, maddr = start(swarm_procs, tmp_path, config(tmp_path, max_steps=30, min_members=3), list("abc"))
+    nodes, maddr = start(swarm_procs, tmp_path, config(tmp_path, max_steps=30, min_members=4), list("abcd"))
     wait_until(lambda: reached(tmp_path, 8), 120, what="8 steps trained")
     joined_at = max(driven(tmp_path))
-    joiner, _ = start(swarm_procs, tmp_path, config(tmp_path, "late.yaml", max_steps=30, min_members=3), ["z"], maddr)
+    joiner, _ = start(swarm_procs, tmp_path, config(tmp_path, "late.yaml", max_steps=30, min_members=4), ["z"], maddr)
     got = joiner["z"].wait_for(r"training: stage \d+ of 3 from step (\d+) \(\d+ ops of state, ([1-9]\d*) fetched\)"
                                r"|backup: snapshot of ([1-9]\d*) ops at step (\d+)", 120)
     start_step = int(got.group(1) or got.group(4))

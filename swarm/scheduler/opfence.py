@@ -245,8 +245,9 @@ def schedule(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(),
     return candidates[0][0]
 
 
-def baseline(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings()) -> Plan:
-    """The naive plan: one stage per peer in id order, equal op counts per stage, no compression."""
+def baseline(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(), compress: bool = False) -> Plan:
+    """The naive plan: one stage per peer in id order, equal op counts per stage, no compression
+    (``compress``: the same layout with AdaTopK ratios on its links)."""
     n_stages = min(len(swarm.peers), w.n)
     n_ops, bounds = w.seg_stop[-1], [0]
     for k in range(1, n_stages):
@@ -254,4 +255,4 @@ def baseline(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings())
         bounds.append(min(choices, key=lambda b: (abs(w.seg_stop[b - 1] - k * n_ops / n_stages), b)))
     bounds.append(w.n)
     return evaluate(w, swarm, [((a, b), [k]) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))], settings,
-                    compress=False)
+                    compress=compress)
