@@ -129,12 +129,12 @@ class Testbed:
             _sh(*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
                 "match", "ip", "dst", f"{self.hosts[j]}/32", "flowid", f"1:{j + 1}")
 
-    def start(self, i: int, argv: list[str], log: Path) -> subprocess.Popen:
+    def start(self, i: int, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Run ``argv`` in node ``i``'s namespace and CPU cgroup (its own process group)."""
         group = CGROUP / str(i) / "cgroup.procs"
         script = f'echo $$ > {group} && exec ip netns exec {self.namespace(i)} "$@"'
         proc = subprocess.Popen(["sh", "-c", script, "sh", *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **(env or {})})
         self.procs.append(proc)
         return proc
 
@@ -172,7 +172,8 @@ def down(procs: list[subprocess.Popen] = ()) -> None:
             except (ProcessLookupError, ValueError):
                 pass
         _sh("ip", "netns", "del", ns, check=False)
-    _sh("ip", "link", "del", BRIDGE, check=False)
+    for link in _links():   # veth ends outlive a namespace that something still references
+        _sh("ip", "link", "del", link, check=False)
     if CGROUP.exists():
         deadline = time.monotonic() + 10
         for group in sorted(CGROUP.iterdir()):
@@ -189,11 +190,16 @@ def down(procs: list[subprocess.Popen] = ()) -> None:
             pass
 
 
+def _links() -> list[str]:
+    """The testbed's links in this namespace (the bridge and host ends of veth pairs)."""
+    names = [line.split()[0].split("@")[0] for line in _sh("ip", "-br", "link", check=False).stdout.splitlines() if line]
+    return [n for n in names if n.startswith(PREFIX)]
+
+
 def leftovers() -> list[str]:
     """What a testbed left behind (empty when clean)."""
     out = [n for n in _sh("ip", "netns", "list", check=False).stdout.split() if n.startswith(f"{PREFIX}-")]
-    if _sh("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-        out.append(BRIDGE)
+    out += _links()
     if CGROUP.exists():
         out.append(str(CGROUP))
     return out

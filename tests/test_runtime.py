@@ -71,3 +71,23 @@ def test_worker_refuses_out_of_order_messages():
         worker.step()
     worker.backward(0, [torch.ones_like(o) if o.is_floating_point() else None for o in out])
     worker.step()
+
+
+def test_a_cut_where_an_unbatched_tensor_crosses_checks_it_exactly():
+    from swarm.dag.graph import Partition
+    from swarm.dag.stages import input_specs
+
+    torch.manual_seed(0)
+    built = load_model("gpt2-tiny")
+    traced = trace(built.module, built.example_inputs(4), "coarse", name=built.name)
+    cut = traced.dag.index["arange"] + 1     # the position ids [T] cross this cut, next to the [B, T] tokens
+    stages = extract_stages(traced, Partition((0, cut), len(traced.dag.ops)))
+    specs = input_specs(traced.dag, stages[1].io)
+    assert sorted(batched for _, _, batched in specs) == [False, True]
+    workers = [StageWorker(s, loss_fn=lm_loss if i else None, max_batch=4, input_specs=input_specs(traced.dag, s.io))
+               for i, s in enumerate(stages)]
+    x = torch.randint(0, 256, (4, 129))
+    LocalPipeline(workers, "gpipe").train_step(x[:, :-1], x[:, 1:], 2)   # micro-batches of 2 pass the check
+    bad = [torch.zeros(2, 128, dtype=torch.long) if b else torch.zeros(64, dtype=torch.long) for _, _, b in specs]
+    with pytest.raises(SwarmError, match=r"int64 \[64\] does not match the stage's int64 \[128\]"):
+        workers[1].forward(0, bad)

@@ -58,7 +58,7 @@ def test_teardown_after_ctrl_c_and_after_a_killed_run():
     bed = Proc("-m", "swarm.testbed", "up", str(config))
     try:
         bed.wait_for("testbed up", 60)
-        assert len(leftovers()) == 8   # 6 namespaces, the bridge, the cgroup
+        assert len(leftovers()) == 14   # 6 namespaces, 6 veth ends, the bridge, the cgroup
         os.kill(bed.popen.pid, signal.SIGINT)
         assert bed.popen.wait(60) == 130 and leftovers() == []
 

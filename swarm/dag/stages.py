@@ -82,7 +82,10 @@ def stage_parameters(stages: list[Stage]) -> dict[str, torch.nn.Parameter]:
     return {name: p for stage in stages for name, p in stage.module.named_parameters()}
 
 
-def input_specs(dag, io: StageIO) -> list[tuple[list[int], str]]:
-    """(traced shape, dtype name) of each input of a stage: what its RPCs accept (batch dim free)."""
+def input_specs(dag, io: StageIO) -> list[tuple[list[int], str, bool]]:
+    """(traced shape, dtype name, batched) of each input of a stage: what its RPCs accept. A batched
+    input (first dim = the traced batch size) may come with any batch size; others (positions, masks)
+    must match their traced shape exactly."""
     ops = [dag.ops[dag.index[name]] for name in io.inputs]
-    return [(list(op.out_shapes[0]), op.out_dtypes[0].removeprefix("torch.")) for op in ops]
+    return [(list(op.out_shapes[0]), op.out_dtypes[0].removeprefix("torch."),
+             bool(op.out_shapes[0]) and op.out_shapes[0][0] == dag.batch_size) for op in ops]

@@ -178,6 +178,8 @@ class Counters:
     act_wire: int = 0           # ... and as they crossed the wire (AdaTopK's achieved ratio: raw / wire)
     errors: int = 0
     retries: int = 0
+    compute_s: float = 0.0      # forward + backward seconds, over ...
+    micro_batches: int = 0      # ... this many micro-batches
     ratios: dict[str, float] = field(default_factory=dict)   # last ratio used, by next-stage peer
 
 
@@ -300,6 +302,8 @@ class StageServer:
             loss = reply.meta.get("loss")
             out_grads = [reply.tensors.get(f"g{i}") for i in range(len(outputs))]
             grads, backward_s = await self._run(True, self.worker.backward, mb, out_grads)
+        self.counters.compute_s += forward_s + backward_s
+        self.counters.micro_batches += 1
         if self.policy is not None:
             self.policy.observe_compute(forward_s + backward_s)
         reuse = {f"g{i}": msg.masks[f"x{i}"] for i in range(n_inputs) if f"x{i}" in msg.masks}

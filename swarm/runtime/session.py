@@ -181,6 +181,7 @@ class TrainingSession:
         c = self.server.counters
         row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
                "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
+               "compute_s": c.compute_s, "micro_batches": c.micro_batches,
                "ratio": max(c.ratios.values(), default=1.0)}
         if loss is not None:
             row.update(loss=loss, samples=samples, step_s=seconds, samples_per_s=samples / seconds if seconds else None)

@@ -29,7 +29,7 @@ class StageWorker:
     """Runs ``stage``; keeps what backward needs for at most ``max_in_flight`` micro-batches."""
 
     def __init__(self, stage: Stage, optimizer: str = "adam", lr: float = 1e-3, max_in_flight: int = 64,
-                 loss_fn: LossFn | None = None, input_specs: list[tuple[list[int], str]] | None = None,
+                 loss_fn: LossFn | None = None, input_specs: list[tuple[list[int], str, bool]] | None = None,
                  max_batch: int = 1024, warmup_steps: int = 0, device: str | torch.device = "cpu"):
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
         self.device = torch.device(device)
@@ -72,11 +72,15 @@ class StageWorker:
             return
         if len(inputs) != len(self.input_specs):
             raise SwarmError(f"stage {self.stage.io.index} takes {len(self.input_specs)} inputs, got {len(inputs)}")
-        for i, (t, (shape, dtype)) in enumerate(zip(inputs, self.input_specs)):
-            if str(t.dtype).removeprefix("torch.") != dtype or list(t.shape[1:]) != list(shape[1:]) \
-                    or not 0 < t.shape[0] <= self.max_batch:
-                raise SwarmError(f"input {i}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)} does not match "
-                                 f"the stage's {dtype} [batch<={self.max_batch}, {', '.join(map(str, shape[1:]))}]")
+        for i, (t, (shape, dtype, batched)) in enumerate(zip(inputs, self.input_specs)):
+            got = str(t.dtype).removeprefix("torch.")
+            if batched:
+                ok = got == dtype and list(t.shape[1:]) == list(shape[1:]) and t.dim() and 0 < t.shape[0] <= self.max_batch
+                want = f"{dtype} [batch<={self.max_batch}, {', '.join(map(str, shape[1:]))}]"
+            else:
+                ok, want = got == dtype and list(t.shape) == list(shape), f"{dtype} {list(shape)}"
+            if not ok:
+                raise SwarmError(f"input {i}: {got} {list(t.shape)} does not match the stage's {want}")
 
     def backward(self, mb: int, grads: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
         """Gradients w.r.t. the inputs of micro-batch ``mb`` given those w.r.t. its outputs (the last

@@ -1,0 +1,200 @@
+"""Swarm against its baselines on an emulated geo-distributed testbed (root: ``swarm.testbed``).
+
+    python -m benchmarks.geo --scenario geo [--steps 16] [--variants abcd] [--json-out FILE] [--plot FILE]
+
+Variants, each a fresh swarm of real ``node.py run`` processes, one per testbed node, same model and data:
+(a) naive plan (one peer per stage in id order, equal op counts), no compression; (b) OP-Fence plan,
+no compression; (c) naive plan with AdaTopK; (d) swarm: OP-Fence + AdaTopK. Before electing, the nodes
+measure their links for ``--measure-s`` seconds. Reported per variant: samples/s over the steps after
+the first two, the loss at the last step, bytes sent, the plan, and an analytic bound on the step time
+(``(M + S - 1) x`` the slowest of each stage's measured compute per micro-batch and each link's
+measured wire bytes per micro-batch over its shaped rate). Prints a table, writes JSON and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from swarm.config import config_dir, load
+from swarm.errors import SwarmError
+from swarm.testbed import Scenario, Testbed
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"a": ("naive", "off"), "b": ("opfence", "off"), "c": ("naive", "auto"), "d": ("opfence", "auto")}
+NAMES = {"a": "naive", "b": "OP-Fence", "c": "naive + AdaTopK", "d": "swarm (OP-Fence + AdaTopK)"}
+
+
+def node_config(path: Path, host: str, n: int, planner: str, compression: str, steps: int, metrics: Path,
+                measure_s: float, model: str) -> None:
+    cfg = {"model": model, "device": "cpu", "micro_batch_size": 4,
+           "network": {"host_maddrs": [f"/ip4/{host}/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 20.0,
+                       "startup_timeout_s": 60, "probe_interval_s": 1.0},
+           "election": {"join_batch_s": measure_s, "min_members": n, "planner": planner, "micro_batches": 8,
+                        "min_epoch_s": 3600, "drift_check_s": 3600, "election_timeout_s": 60},
+           "training": {"max_steps": steps, "metrics_path": str(metrics), "threads": 1, "timeout_s": 120},
+           "compression": {"mode": compression, "warmup_steps": 0}}
+    path.write_text(json.dumps(cfg))
+
+
+def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Path, measure_s: float,
+                model: str, timeout_s: float) -> dict:
+    planner, compression = VARIANTS[key]
+    work = out / f"variant-{key}"
+    work.mkdir(parents=True, exist_ok=True)
+    metrics = work / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    n = len(scenario.nodes())
+    procs, maddr = [], None
+    try:
+        for i in range(n):
+            cfg = work / f"node{i}.yaml"
+            node_config(cfg, bed.hosts[i], n, planner, compression, steps, metrics, measure_s, model)
+            argv = [sys.executable, str(ROOT / "node.py"), "run", "--config", str(cfg), "--identity",
+                    str(work / f"node{i}.id"), "--initial-peers", *([maddr] if maddr else [])]
+            # each node profiles its device under its own CPU quota (once; later variants reuse it)
+            cache = out / "profiles" / f"node{i}"
+            procs.append(bed.start(i, argv, work / f"node{i}.log", {"SWARM_CACHE_DIR": str(cache)}))
+            if maddr is None:
+                maddr = _wait(lambda: re.search(r"listening on (/ip4/[\d.]+/tcp/\d+/p2p/\w+)",
+                                                (work / "node0.log").read_text()), 300, "node 0 to listen").group(1)
+        deadline = time.monotonic() + timeout_s
+        while len({r["step"] for r in _rows(metrics) if "loss" in r}) < steps:
+            if time.monotonic() > deadline:
+                raise SwarmError(f"variant {key}: {steps} steps not done within {timeout_s:.0f} s (logs in {work})")
+            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+            if dead:
+                raise SwarmError(f"variant {key}: node {dead[0]} exited (log {work}/node{dead[0]}.log)")
+            time.sleep(1.0)   # polling the metrics file the nodes append to
+        return summarise(key, _rows(metrics), scenario, bed, work, steps)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(10)
+
+
+def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work: Path, steps: int) -> dict:
+    driven = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
+    timed = driven[2:] or driven
+    span = timed[-1]["time"] - (timed[0]["time"] - timed[0]["step_s"])
+    samples = sum(r["samples"] for r in timed)
+    last: dict[str, dict] = {}
+    for r in rows:
+        last[r["peer"]] = r
+    logs = {i: (work / f"node{i}.log").read_text() for i in range(len(bed.hosts))}
+    ids = {re.search(r"peer (\w+) listening", text).group(1): i for i, text in logs.items()}
+    sites = [site for site, _ in scenario.nodes()]
+    stages = sorted({r["stage"] for r in last.values()})
+    holders = {s: sorted(ids[p] for p, r in last.items() if r["stage"] == s) for s in stages}
+    m = 8
+    compute = {s: max(last[p]["compute_s"] / max(last[p]["micro_batches"], 1) for p, r in last.items() if r["stage"] == s)
+               for s in stages}
+    links = []
+    for s in stages[:-1]:
+        senders = [p for p, r in last.items() if r["stage"] == s]
+        wire = sum(last[p]["act_wire"] for p in senders) / max(sum(last[p]["micro_batches"] for p in senders), 1)
+        rate = min(scenario.mbit(sites[ids[a]], sites[b]) for a in senders for b in holders[s + 1]) * 1e6
+        links.append(8 * wire / rate / min(len(senders), len(holders[s + 1])))
+    bottleneck = max(list(compute.values()) + links)
+    bound_step = (m + len(stages) - 1) * bottleneck
+    batch = driven[-1]["samples"]
+    return {"variant": key, "name": NAMES[key], "steps": len(driven), "samples_per_s": samples / span,
+            "loss_last": driven[-1]["loss"], "loss_first": driven[0]["loss"],
+            "bytes_sent": sum(r["bytes_sent"] for r in last.values()),
+            "wire_ratio": sum(r["act_raw"] for r in last.values()) / max(sum(r["act_wire"] for r in last.values()), 1),
+            "stages": [[f"n{i}({sites[i]})" for i in holders[s]] for s in stages],
+            "compute_per_mb_s": [compute[s] for s in stages], "link_per_mb_s": links,
+            "bound_samples_per_s": batch / bound_step, "losses": [r["loss"] for r in driven]}
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)   # polling a log file
+    raise SwarmError(f"timed out waiting for {what}")
+
+
+def plot(results: list[dict], path: Path, scenario: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.bar([r["variant"] for r in results], [r["samples_per_s"] for r in results])
+    a.set(ylabel="samples/s", title=f"throughput on '{scenario}'")
+    for r in results:
+        b.plot(r["losses"], label=f"({r['variant']}) {r['name']}")
+    b.set(xlabel="step", ylabel="loss", title="training loss")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="geo", help="name in configs/scenarios or a YAML path")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--variants", default="abcd")
+    parser.add_argument("--model", default="gpt2-tiny")
+    parser.add_argument("--measure-s", type=float, default=25.0, help="link probing before the first plan")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
+    parser.add_argument("--out-dir", default="geo-out")
+    parser.add_argument("--json-out")
+    parser.add_argument("--plot")
+    args = parser.parse_args(argv)
+    try:
+        path = Path(args.scenario) if args.scenario.endswith((".yaml", ".yml")) else \
+            config_dir() / "scenarios" / f"{args.scenario}.yaml"
+        scenario = load(Scenario, path)
+        name = scenario.name or path.stem
+        out = Path(args.out_dir)
+        results = []
+        with Testbed(scenario) as bed:
+            for key in args.variants:
+                if key not in VARIANTS:
+                    raise SwarmError(f"unknown variant '{key}' (a, b, c, d)")
+                results.append(run_variant(bed, scenario, key, args.steps, out, args.measure_s, args.model,
+                                           args.timeout_s))
+                r = results[-1]
+                print(f"({key}) {r['name']}: {r['samples_per_s']:.2f} samples/s, loss {r['loss_last']:.3f}", flush=True)
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    base = {r["variant"]: r for r in results}
+    print(f"\nscenario {name}, {args.model}, {args.steps} steps of 8 x 4 sequences")
+    print(f"{'variant':<30}{'samples/s':>10}{'vs (a)':>8}{'bound':>8}{'of bound':>9}{'loss':>8}{'MB sent':>9}{'wire x':>8}  stages")
+    for r in results:
+        vs = r["samples_per_s"] / base["a"]["samples_per_s"] if "a" in base else float("nan")
+        print(f"({r['variant']}) {r['name']:<26}{r['samples_per_s']:>10.2f}{vs:>8.2f}{r['bound_samples_per_s']:>8.2f}"
+              f"{r['samples_per_s'] / r['bound_samples_per_s']:>9.0%}{r['loss_last']:>8.3f}{r['bytes_sent'] / 1e6:>9.1f}"
+              f"{r['wire_ratio']:>8.1f}  {' | '.join(','.join(s) for s in r['stages'])}")
+    json_out = Path(args.json_out or f"benchmarks/results/geo-{name}.json")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps({"scenario": name, "model": args.model, "steps": args.steps, "results": results},
+                                   indent=1))
+    plot(results, Path(args.plot or out / f"geo-{name}.png"), name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
