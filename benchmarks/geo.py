@@ -1,10 +1,12 @@
 """Swarm against its baselines on an emulated geo-distributed testbed (root: ``swarm.testbed``).
 
-    python -m benchmarks.geo --scenario geo [--steps 16] [--variants abcd] [--json-out FILE] [--plot FILE]
+    python -m benchmarks.geo --scenario geo [--steps 16] [--variants abcde] [--json-out FILE] [--plot FILE]
 
 Variants, each a fresh swarm of real ``node.py run`` processes, one per testbed node, same model and data:
 (a) naive plan (one peer per stage in id order, equal op counts), no compression; (b) OP-Fence plan,
-no compression; (c) naive plan with AdaTopK; (d) swarm: OP-Fence + AdaTopK. Before electing, the nodes
+no compression; (c) naive plan with AdaTopK; (d) swarm: OP-Fence + AdaTopK; (e) PyTorch's own
+pipeline parallelism (``benchmarks/torch_pipeline.py``: GPipe over gloo, the naive stages, rank i on
+node i). Before electing, the nodes
 measure their links for ``--measure-s`` seconds. Reported per variant: samples/s over the steps after
 the first two, the loss at the last step, bytes sent, the plan, and an analytic bound on the step time
 (``(M + S - 1) x`` the slowest of each stage's measured compute per micro-batch and each link's
@@ -75,6 +77,38 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Pat
             p.kill()
         for p in procs:
             p.wait(10)
+
+
+def run_torch(bed: Testbed, scenario: Scenario, steps: int, out: Path, model: str, timeout_s: float) -> dict:
+    """Variant (e): torch.distributed.pipelining, GPipe over gloo, rank i on node i, the naive stages."""
+    work = out / "variant-e"
+    work.mkdir(parents=True, exist_ok=True)
+    metrics = work / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    n = len(scenario.nodes())
+    procs = [bed.start(i, [sys.executable, "-m", "benchmarks.torch_pipeline", "--rank", str(i), "--world", str(n),
+                           "--master", bed.hosts[0], "--steps", str(steps), "--model", model, "--metrics", str(metrics)],
+                       work / f"rank{i}.log", {"PYTHONPATH": str(ROOT)}) for i in range(n)]
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(_rows(metrics)) < steps:
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                raise SwarmError(f"variant e: {steps} steps not done (logs in {work})")
+            time.sleep(1.0)   # polling the metrics file the last rank appends to
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(10)
+    rows = sorted(_rows(metrics), key=lambda r: r["step"])
+    timed = rows[2:] or rows
+    span = timed[-1]["time"] - (timed[0]["time"] - timed[0]["step_s"])
+    sites = [site for site, _ in scenario.nodes()]
+    return {"variant": "e", "name": "torch.distributed.pipelining", "steps": len(rows),
+            "samples_per_s": sum(r["samples"] for r in timed) / span, "loss_last": rows[-1]["loss"],
+            "loss_first": rows[0]["loss"], "bytes_sent": None, "wire_ratio": 1.0,
+            "stages": [[f"n{i}({sites[i]})"] for i in range(n)], "bound_samples_per_s": None,
+            "losses": [r["loss"] for r in rows]}
 
 
 def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work: Path, steps: int) -> dict:
@@ -154,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="geo", help="name in configs/scenarios or a YAML path")
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--variants", default="abcd")
+    parser.add_argument("--variants", default="abcde")
     parser.add_argument("--model", default="gpt2-tiny")
     parser.add_argument("--measure-s", type=float, default=25.0, help="link probing before the first plan")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
@@ -171,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         with Testbed(scenario) as bed:
             for key in args.variants:
-                if key not in VARIANTS:
-                    raise SwarmError(f"unknown variant '{key}' (a, b, c, d)")
-                results.append(run_variant(bed, scenario, key, args.steps, out, args.measure_s, args.model,
-                                           args.timeout_s))
+                if key == "e":
+                    results.append(run_torch(bed, scenario, args.steps, out, args.model, args.timeout_s))
+                elif key in VARIANTS:
+                    results.append(run_variant(bed, scenario, key, args.steps, out, args.measure_s, args.model,
+                                               args.timeout_s))
+                else:
+                    raise SwarmError(f"unknown variant '{key}' (a, b, c, d, e)")
                 r = results[-1]
                 print(f"({key}) {r['name']}: {r['samples_per_s']:.2f} samples/s, loss {r['loss_last']:.3f}", flush=True)
     except SwarmError as e:
@@ -185,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<30}{'samples/s':>10}{'vs (a)':>8}{'bound':>8}{'of bound':>9}{'loss':>8}{'MB sent':>9}{'wire x':>8}  stages")
     for r in results:
         vs = r["samples_per_s"] / base["a"]["samples_per_s"] if "a" in base else float("nan")
-        print(f"({r['variant']}) {r['name']:<26}{r['samples_per_s']:>10.2f}{vs:>8.2f}{r['bound_samples_per_s']:>8.2f}"
-              f"{r['samples_per_s'] / r['bound_samples_per_s']:>9.0%}{r['loss_last']:>8.3f}{r['bytes_sent'] / 1e6:>9.1f}"
-              f"{r['wire_ratio']:>8.1f}  {' | '.join(','.join(s) for s in r['stages'])}")
+        bound = r["bound_samples_per_s"]
+        bound_text = f"{bound:>8.2f}{r['samples_per_s'] / bound:>9.0%}" if bound else f"{'-':>8}{'-':>9}"
+        sent = f"{r['bytes_sent'] / 1e6:>9.1f}" if r["bytes_sent"] is not None else f"{'-':>9}"
+        print(f"({r['variant']}) {r['name'][:26]:<26}{r['samples_per_s']:>10.2f}{vs:>8.2f}{bound_text}{r['loss_last']:>8.3f}"
+              f"{sent}{r['wire_ratio']:>8.1f}  {' | '.join(','.join(s) for s in r['stages'])}")
     json_out = Path(args.json_out or f"benchmarks/results/geo-{name}.json")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps({"scenario": name, "model": args.model, "steps": args.steps, "results": results},
