@@ -9,8 +9,9 @@ pipeline parallelism (``benchmarks/torch_pipeline.py``: GPipe over gloo, the nai
 node i). Before electing, the nodes
 measure their links for ``--measure-s`` seconds. Reported per variant: samples/s over the steps after
 the first two, the loss at the last step, bytes sent, the plan, and an analytic bound on the step time
-(``(M + S - 1) x`` the slowest of each stage's measured compute per micro-batch and each link's
-measured wire bytes per micro-batch over its shaped rate). Prints a table, writes JSON and a PNG.
+(``(M + S - 1) x`` the slowest of each stage's measured compute per micro-batch over its replica count
+and each link's measured wire bytes per micro-batch over its shaped rate; replica all-reduce is left
+out, so the bound is optimistic for plans with replicas). Prints a table, writes JSON and a PNG.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def run_torch(bed: Testbed, scenario: Scenario, steps: int, out: Path, model: st
     n = len(scenario.nodes())
     procs = [bed.start(i, [sys.executable, "-m", "benchmarks.torch_pipeline", "--rank", str(i), "--world", str(n),
                            "--master", bed.hosts[0], "--steps", str(steps), "--model", model, "--metrics", str(metrics)],
-                       work / f"rank{i}.log", {"PYTHONPATH": str(ROOT)}) for i in range(n)]
+                       work / f"rank{i}.log", {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": bed.interface(i)})
+             for i in range(n)]
     try:
         deadline = time.monotonic() + timeout_s
         while len(_rows(metrics)) < steps:
@@ -125,8 +127,9 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
     stages = sorted({r["stage"] for r in last.values()})
     holders = {s: sorted(ids[p] for p, r in last.items() if r["stage"] == s) for s in stages}
     m = 8
+    # a stage's replicas share its micro-batches: its time per micro-batch is its replicas' compute over their count
     compute = {s: max(last[p]["compute_s"] / max(last[p]["micro_batches"], 1) for p, r in last.items() if r["stage"] == s)
-               for s in stages}
+               / len(holders[s]) for s in stages}
     links = []
     for s in stages[:-1]:
         senders = [p for p, r in last.items() if r["stage"] == s]

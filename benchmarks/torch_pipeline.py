@@ -32,7 +32,7 @@ class _Single(torch.nn.Module):
         self.module = module
 
     def forward(self, *inputs):
-        out = self.module(*inputs)
+        out = tuple(t.contiguous() for t in self.module(*inputs))   # gloo sends contiguous tensors only
         return out[0] if len(out) == 1 else out
 
 
@@ -69,27 +69,29 @@ def main(argv: list[str] | None = None) -> int:
             env.update(zip(s.io.outputs, s(*inputs)))
         outputs = module(*inputs)
     # float boundaries carry gradients back: the receive buffers are made like these examples
-    inputs = tuple(t.requires_grad_(True) if t.is_floating_point() else t for t in inputs)
-    outputs = tuple(t.requires_grad_(True) if t.is_floating_point() else t for t in
-                    (outputs if isinstance(outputs, tuple) else (outputs,)))
+    inputs = tuple(t.contiguous().requires_grad_(t.is_floating_point()) for t in inputs)
+    outputs = tuple(t.contiguous().requires_grad_(t.is_floating_point())
+                    for t in (outputs if isinstance(outputs, tuple) else (outputs,)))
     stage = PipelineStage(module, args.rank, args.world, torch.device("cpu"), input_args=inputs, output_args=outputs)
     schedule = ScheduleGPipe(stage, args.micro_batches, loss_fn=lm_loss)
-    opt = torch.optim.Adam([q for q in module.parameters() if q.requires_grad], lr=1e-3)
+    params = [q for q in module.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3) if params else None   # (a stage of only index arithmetic has none)
     corpus, last = ByteCorpus(generated_corpus(), 128), args.rank == args.world - 1
     for step in range(args.steps):
         started = time.perf_counter()
         x, y = corpus.batch(step, args.micro_batches * args.micro_batch_size)
         losses: list = []
         if args.rank == 0:
-            schedule.step(x)
+            schedule.step(x.contiguous())
         elif last:
             schedule.step(target=y, losses=losses)
         else:
             schedule.step()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, 1e-3, 20)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, 1e-3, 20)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if last and args.metrics:
             seconds = time.perf_counter() - started
             row = {"step": step, "loss": sum(float(v) for v in losses) / len(losses), "time": time.time(),

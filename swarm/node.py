@@ -164,6 +164,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
     election of the plan, and train this node's stage of the committed plan."""
     import torch
 
+    from swarm.compression.policy import measure_codec_rate
     from swarm.data import training_data
     from swarm.estimator.profile import load_or_measure
     from swarm.models import trace_model
@@ -194,6 +195,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                 versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
                 started_at=time.time(),
                 credential=authorizer.credential.token.SerializeToString() if authorizer else None)
+            record.codec_bps = measure_codec_rate()   # replaced by the running stage's own measurements
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
             probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)

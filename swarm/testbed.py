@@ -84,6 +84,10 @@ class Testbed:
     def namespace(self, i: int) -> str:
         return f"{PREFIX}-{i}"
 
+    def interface(self, i: int) -> str:
+        """Node ``i``'s network interface (inside its namespace)."""
+        return f"{PREFIX}{i}n"
+
     def up(self) -> "Testbed":
         if os.geteuid() != 0:
             raise SwarmError("the testbed needs root (network namespaces, tc, cgroups): run it with sudo")
@@ -97,7 +101,7 @@ class Testbed:
             _sh("ip", "link", "set", BRIDGE, "up")
             CGROUP.mkdir(exist_ok=True)
             for i, (site, share) in enumerate(nodes):
-                ns, host, peer = self.namespace(i), f"{PREFIX}{i}h", f"{PREFIX}{i}n"
+                ns, host, peer = self.namespace(i), f"{PREFIX}{i}h", self.interface(i)
                 _sh("ip", "netns", "add", ns)
                 _sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
                 _sh("ip", "link", "set", peer, "netns", ns)

@@ -25,6 +25,24 @@ def ema(old: float | None, new: float) -> float:
     return new if old is None else (1 - EMA) * old + EMA * new
 
 
+def measure_codec_rate(shape: tuple[int, ...] = (4, 128, 256), ratio: float = 10.0, repeats: int = 3) -> float:
+    """This device's AdaTopK encode + decode throughput in raw bytes/s (best of ``repeats``; ~50 ms),
+    so that the first plan already prices compression at what this node can do."""
+    import time
+
+    import torch
+
+    from swarm.compression.adatopk import decode, encode
+
+    x = torch.randn(shape)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        decode(encode(x, ratio).data)
+        best = min(best, time.perf_counter() - started)
+    return x.numel() * x.element_size() / best
+
+
 @dataclass
 class LinkPolicy:
     """One outgoing pipeline link of this stage (to any replica of the next stage)."""

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from swarm.compression.policy import LinkPolicy
+from swarm.compression.policy import LinkPolicy, measure_codec_rate
 from swarm.config import NodeConfig
 from swarm.dag.graph import Partition
 from swarm.dag.stages import extract_stages, input_specs
@@ -82,7 +82,8 @@ class TrainingSession:
         if not last:
             link, comp = plan.links[self.index], cfg.compression
             policy = LinkPolicy(comp.mode, link.bytes, plan.bottleneck_s, min(len(replicas), len(downstream)),
-                                link.bandwidth_bps, comp.ratio, comp.max_ratio, comp.warmup_steps)
+                                link.bandwidth_bps, comp.ratio, comp.max_ratio, comp.warmup_steps,
+                                codec_s_per_byte=1 / measure_codec_rate() if comp.mode == "auto" else None)
         self.policy = policy
         self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream),
                                   stream_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
