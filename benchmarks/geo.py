@@ -24,6 +24,7 @@ from pathlib import Path
 
 from swarm.config import config_dir, load
 from swarm.errors import SwarmError
+from swarm.runtime.session import read_metrics
 from swarm.testbed import Scenario, Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,14 +66,14 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Pat
                 maddr = _wait(lambda: re.search(r"listening on (/ip4/[\d.]+/tcp/\d+/p2p/\w+)",
                                                 (work / "node0.log").read_text()), 300, "node 0 to listen").group(1)
         deadline = time.monotonic() + timeout_s
-        while len({r["step"] for r in _rows(metrics) if "loss" in r}) < steps:
+        while len({r["step"] for r in read_metrics(metrics) if "loss" in r}) < steps:
             if time.monotonic() > deadline:
                 raise SwarmError(f"variant {key}: {steps} steps not done within {timeout_s:.0f} s (logs in {work})")
             dead = [i for i, p in enumerate(procs) if p.poll() is not None]
             if dead:
                 raise SwarmError(f"variant {key}: node {dead[0]} exited (log {work}/node{dead[0]}.log)")
             time.sleep(1.0)   # polling the metrics file the nodes append to
-        return summarise(key, _rows(metrics), scenario, bed, work, steps)
+        return summarise(key, read_metrics(metrics), scenario, bed, work, steps)
     finally:
         for p in procs:
             p.kill()
@@ -93,7 +94,7 @@ def run_torch(bed: Testbed, scenario: Scenario, steps: int, out: Path, model: st
              for i in range(n)]
     try:
         deadline = time.monotonic() + timeout_s
-        while len(_rows(metrics)) < steps:
+        while len(read_metrics(metrics)) < steps:
             if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
                 raise SwarmError(f"variant e: {steps} steps not done (logs in {work})")
             time.sleep(1.0)   # polling the metrics file the last rank appends to
@@ -102,7 +103,7 @@ def run_torch(bed: Testbed, scenario: Scenario, steps: int, out: Path, model: st
             p.kill()
         for p in procs:
             p.wait(10)
-    rows = sorted(_rows(metrics), key=lambda r: r["step"])
+    rows = sorted(read_metrics(metrics), key=lambda r: r["step"])
     timed = rows[2:] or rows
     span = timed[-1]["time"] - (timed[0]["time"] - timed[0]["step_s"])
     sites = [site for site, _ in scenario.nodes()]
@@ -146,18 +147,6 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
             "stages": [[f"n{i}({sites[i]})" for i in holders[s]] for s in stages],
             "compute_per_mb_s": [compute[s] for s in stages], "link_per_mb_s": links,
             "bound_samples_per_s": batch / bound_step, "losses": [r["loss"] for r in driven]}
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _wait(predicate, timeout_s: float, what: str):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.errors import SwarmError
+from swarm.runtime.session import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MADDR = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
@@ -86,18 +87,6 @@ def _config(s: DemoSettings, metrics: Path) -> dict:
                          "min_epoch_s": 3600, "drift_check_s": 3600},
             "training": {"max_steps": s.steps, "metrics_path": str(metrics), "threads": threads},
             "compression": {"mode": "fixed" if fixed else s.compression, "ratio": ratio, "warmup_steps": s.warmup_steps}}
-
-
-def _rows(metrics: Path) -> list[dict]:
-    if not metrics.exists():
-        return []
-    rows = []
-    for line in metrics.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue   # a line being written right now
-    return rows
 
 
 def summarise(rows: list[dict], s: DemoSettings) -> dict:
@@ -175,11 +164,11 @@ def run_demo(s: DemoSettings, log=print) -> dict:
         log(f"{s.nodes} nodes started (private swarm, logs in {out}/); electing a plan ...")
         with tqdm(total=s.steps, unit="step", dynamic_ncols=True) as bar:
             while True:
-                rows = [r for r in _rows(metrics) if "loss" in r]
+                rows = [r for r in read_metrics(metrics) if "loss" in r]
                 done = len({r["step"] for r in rows})
                 if done > bar.n:
                     r = rows[-1]
-                    sent = sum(x["bytes_sent"] for x in {x["peer"]: x for x in _rows(metrics)}.values())
+                    sent = sum(x["bytes_sent"] for x in {x["peer"]: x for x in read_metrics(metrics)}.values())
                     bar.set_postfix(loss=f"{r['loss']:.3f}", samples_s=f"{r['samples_per_s']:.1f}", sent=f"{sent / 1e6:.0f}MB")
                     bar.update(done - bar.n)
                 if done >= s.steps:
@@ -189,7 +178,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
                 if time.monotonic() > deadline:
                     raise SwarmError(f"the demo did not finish {s.steps} steps within {s.timeout_s:.0f} s")
                 time.sleep(0.5)   # polling the metrics file the nodes append to
-        summary = summarise(_rows(metrics), s)
+        summary = summarise(read_metrics(metrics), s)
     finally:
         for n in nodes:
             n.stop()
