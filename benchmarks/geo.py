@@ -143,7 +143,8 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
     return {"variant": key, "name": NAMES[key], "steps": len(driven), "samples_per_s": samples / span,
             "loss_last": driven[-1]["loss"], "loss_first": driven[0]["loss"],
             "bytes_sent": sum(r["bytes_sent"] for r in last.values()),
-            "wire_ratio": sum(r["act_raw"] for r in last.values()) / max(sum(r["act_wire"] for r in last.values()), 1),
+            "wire_ratio": (sum(r["act_raw"] for r in last.values()) / sum(r["act_wire"] for r in last.values())
+                           if any(r["act_wire"] for r in last.values()) else 1.0),   # 1.0: no pipeline link at all
             "stages": [[f"n{i}({sites[i]})" for i in holders[s]] for s in stages],
             "compute_per_mb_s": [compute[s] for s in stages], "link_per_mb_s": links,
             "bound_samples_per_s": batch / bound_step, "losses": [r["loss"] for r in driven]}
