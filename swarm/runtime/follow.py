@@ -24,7 +24,7 @@ from typing import Callable
 from swarm.config import NodeConfig
 from swarm.errors import SwarmError
 from swarm.membership import MAX_HOLDS, MemberRecord, MembershipView
-from swarm.runtime.rpc import error_frame, read_frame, write_frame
+from swarm.runtime.rpc import error_frame, serve_one, stream_caller
 from swarm.runtime.state import OpState, op_tensors, read_checkpoint
 from swarm.scheduler import Plan
 from swarm.wire import Limits, pack, unpack
@@ -70,6 +70,7 @@ class PlanFollower:
         self.owned = op_tensors(self.dag, traced.gm)
         biggest = max((sum(t.numel() for n, t in traced.gm.state_dict().items()), 1))
         self.limits = Limits(max_frame_bytes=16 * biggest + (1 << 20), max_tensors=4096, max_header_bytes=1 << 20)
+        self.call = stream_caller(p2p, self.limits, 120.0, STATE_PROTOCOL)
         self.store: dict[str, OpState] = {}
         self.session = None
         self.plan: Plan | None = None
@@ -99,43 +100,32 @@ class PlanFollower:
             return (await session.capture([op]))[op]
         return self.store.get(op)
 
+    async def _answer(self, frame: bytes) -> bytes:
+        """The reply to a ``fetch`` request: never raises."""
+        try:
+            msg = unpack(frame, Limits(max_frame_bytes=1 << 16))
+            op = msg.meta.get("op")
+            if msg.kind != "fetch" or not isinstance(op, str):
+                raise SwarmError("expected a fetch request naming an op")
+            state = await self._state_of(op)
+            if state is None:
+                raise SwarmError(f"no state of op '{op}' here")
+            self.served += 1
+            return pack("state", {"op": op, "step": state.step}, state.tensors)[0]
+        except SwarmError as e:
+            return error_frame(e)
+
     async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            if self.admit is not None and not self.admit(stream_info.peer_id.to_base58()):
-                return
-            try:
-                msg = unpack(await read_frame(reader, 1 << 16, 30.0), Limits(max_frame_bytes=1 << 16))
-                op = msg.meta.get("op")
-                if msg.kind != "fetch" or not isinstance(op, str):
-                    raise SwarmError("expected a fetch request naming an op")
-                state = await self._state_of(op)
-                if state is None:
-                    raise SwarmError(f"no state of op '{op}' here")
-                reply = pack("state", {"op": op, "step": state.step}, state.tensors)[0]
-                self.served += 1
-            except SwarmError as e:
-                reply = error_frame(e)
-            write_frame(writer, reply)
-            await writer.drain()
-            await asyncio.wait_for(reader.read(1), 60.0)   # until the caller has read it all
+            if self.admit is None or self.admit(stream_info.peer_id.to_base58()):
+                await serve_one(reader, writer, self._answer, 1 << 16, 60.0)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, struct.error, SwarmError):
             pass
         finally:
             writer.close()
 
     async def _fetch_one(self, peer: str, op: str) -> OpState:
-        from hivemind.p2p import PeerID
-
-        async def exchange() -> bytes:
-            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), STATE_PROTOCOL)
-            try:
-                write_frame(writer, pack("fetch", {"op": op}, {})[0])
-                await writer.drain()
-                return await read_frame(reader, self.limits.max_frame_bytes, 60.0)
-            finally:
-                writer.close()
-
-        msg = unpack(await asyncio.wait_for(exchange(), 120.0), self.limits)
+        msg = unpack(await self.call(peer, pack("fetch", {"op": op}, {})[0]), self.limits)
         if msg.kind != "state" or msg.meta.get("op") != op or not isinstance(msg.meta.get("step"), int):
             raise SwarmError(f"peer {peer[-8:]} answered no state of '{op}': {msg.meta.get('message', msg.kind)}")
         return OpState(msg.meta["step"], msg.tensors)

@@ -75,14 +75,25 @@ def check_reply(reply: Message, what: str) -> Message:
     return reply
 
 
-def stream_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0) -> Call:
+async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Callable[[bytes], Awaitable[bytes]],
+                    limit: int, timeout_s: float) -> int:
+    """One request frame in, ``answer``'s reply out; returns the bytes written. Waits until the caller
+    has read the reply and hung up: closing first can cut the reply's tail in the daemons."""
+    reply = await answer(await read_frame(reader, limit, timeout_s))
+    write_frame(writer, reply)
+    await writer.drain()
+    await asyncio.wait_for(reader.read(1), timeout_s)
+    return len(reply) + _LEN.size
+
+
+def stream_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0, protocol: str = PROTOCOL) -> Call:
     """``call(peer, frame) -> reply frame`` over a new libp2p stream per request; transport failures
     (dial, reset, time-out) raise ``Retry``."""
     from hivemind.p2p import PeerID
 
     async def call(peer: str, frame: bytes) -> bytes:
         async def exchange() -> bytes:
-            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), PROTOCOL)
+            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
             try:
                 write_frame(writer, frame)
                 await writer.drain()
@@ -218,14 +229,8 @@ class StageServer:
         try:
             if self.admit is not None and not self.admit(peer):
                 return
-            frame = await read_frame(reader, self.limits.max_frame_bytes, self.timeout_s)
-            reply = await self.answer(frame, peer)
-            write_frame(writer, reply)
-            self.counters.bytes_sent += len(reply) + _LEN.size
-            await writer.drain()
-            # closing first can cut the reply's tail in the daemons: wait until the caller has read it
-            # all and hung up (it closes right after reading)
-            await asyncio.wait_for(reader.read(1), self.timeout_s)
+            self.counters.bytes_sent += await serve_one(reader, writer, lambda frame: self.answer(frame, peer),
+                                                        self.limits.max_frame_bytes, self.timeout_s)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SwarmError, struct.error):
             self.counters.errors += 1
         finally:
