@@ -23,14 +23,28 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def swarm_procs():
-    """Processes started by a test; all are killed afterwards and no p2pd may survive them."""
+def swarm_procs(request):
+    """Processes started by a test; all are killed afterwards and no p2pd may survive them.
+    When the test failed, the tail of each process's output is printed (pytest shows it with the failure)."""
     before = p2pd_pids()
     procs: list[Proc] = []
     yield procs
     for p in procs:
         p.cleanup()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for i, p in enumerate(procs):
+            print(f"----- process {i}: {' '.join(p.popen.args[1:4])} (exit {p.popen.returncode}) -----")
+            print("".join(p.lines[-60:]))
     wait_until(lambda: p2pd_pids() <= before, 15, what="all p2pd daemons of the test gone")
 
 

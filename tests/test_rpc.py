@@ -71,6 +71,10 @@ async def _scenario(schedule):
                     assert torch.allclose(ours[name], p, atol=1e-5, rtol=1e-4), name
         # the two replicas really shared the work, and their weights are bit-identical after the all-reduce
         assert servers[1].counters.bytes_sent > 0 and servers[2].counters.bytes_sent > 0
+        for k in (1, 2):   # bytes by receiver add up; the all-reduce's went to the other replica only
+            c, other = servers[k].counters, ids[3 - k]
+            assert sum(c.sent_to.values()) == c.bytes_sent and set(c.sent_to) == {ids[0], ids[3], other}
+            assert set(c.reduce_to) == {other} and 0 < c.reduce_to[other] <= c.sent_to[other]
         for a, b in zip(workers[1].params, workers[2].params):
             assert torch.equal(a, b)
 

@@ -59,10 +59,14 @@ def test_bad_state_is_refused_before_anything_is_loaded():
 
 def test_checkpoints_resume_at_the_newest_step_every_op_has(tmp_path):
     t = lambda v: {"p:w": torch.full((2,), float(v))}  # noqa: E731
-    write_checkpoint(tmp_path, {"a": OpState(10, t(10)), "b": OpState(10, t(10))}, stage=0)
-    write_checkpoint(tmp_path, {"a": OpState(20, t(20))}, stage=0)          # b's stage died before step 20
+    write_checkpoint(tmp_path, {"a": OpState(10, t(10)), "b": OpState(10, t(10))}, stage=0, step=10)
+    write_checkpoint(tmp_path, {}, stage=1, step=10)                        # a stage without state marks its part
+    assert sorted(p.name for p in (tmp_path / "step-000000010").glob("done-*")) == ["done-0", "done-1"]
+    write_checkpoint(tmp_path, {"a": OpState(20, t(20))}, stage=0, step=20)  # b's stage died before step 20
     got = read_checkpoint(tmp_path, ["a", "b"])
     assert {op: s.step for op, s in got.items()} == {"a": 10, "b": 10} and got["a"].tensors["p:w"][0] == 10
     assert read_checkpoint(tmp_path, ["a"])["a"].step == 20 and read_checkpoint(tmp_path, ["c"]) == {}
-    write_checkpoint(tmp_path, {"a": OpState(30, t(30))}, stage=0)          # only the newest two steps are kept
+    write_checkpoint(tmp_path, {"a": OpState(30, t(30))}, stage=0, step=30)  # only the newest two steps are kept
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000020", "step-000000030"]
+    with pytest.raises(SwarmError, match="step 40 holds states of steps \\[30\\]"):
+        write_checkpoint(tmp_path, {"a": OpState(30, t(30))}, stage=0, step=40)

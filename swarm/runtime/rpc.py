@@ -192,6 +192,14 @@ class Counters:
     compute_s: float = 0.0      # forward + backward seconds, over ...
     micro_batches: int = 0      # ... this many micro-batches
     ratios: dict[str, float] = field(default_factory=dict)   # last ratio used, by next-stage peer
+    sent_to: dict[str, int] = field(default_factory=dict)    # bytes_sent by receiving peer ...
+    reduce_to: dict[str, int] = field(default_factory=dict)  # ... and the all-reduce's share of them
+
+    def sent(self, peer: str, n: int, reduce: bool = False) -> None:
+        self.bytes_sent += n
+        self.sent_to[peer] = self.sent_to.get(peer, 0) + n
+        if reduce:
+            self.reduce_to[peer] = self.reduce_to.get(peer, 0) + n
 
 
 class StageServer:
@@ -229,8 +237,9 @@ class StageServer:
         try:
             if self.admit is not None and not self.admit(peer):
                 return
-            self.counters.bytes_sent += await serve_one(reader, writer, lambda frame: self.answer(frame, peer),
-                                                        self.limits.max_frame_bytes, self.timeout_s)
+            sent = await serve_one(reader, writer, lambda frame: self.answer(frame, peer),
+                                   self.limits.max_frame_bytes, self.timeout_s)
+            self.counters.sent(peer, sent, reduce=peer in self.peers.replicas)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SwarmError, struct.error):
             self.counters.errors += 1
         finally:
@@ -343,7 +352,7 @@ class StageServer:
             if ratio > 1 and self.policy is not None:
                 self.policy.observe_codec(raw, encode_s + time.perf_counter() - started)
             sent, grads = sizes(frame), [k for k in reply.tensors if k.startswith("g")]
-            self.counters.bytes_sent += len(frame) + _LEN.size
+            self.counters.sent(peer, len(frame) + _LEN.size)
             self.counters.act_raw += raw + sum(reply.tensors[k].numel() * reply.tensors[k].element_size() for k in grads)
             self.counters.act_wire += sum(sent[k] for k in floats) + sum(reply.sizes[k] for k in grads)
             return reply
@@ -394,7 +403,7 @@ class StageServer:
                 if j == mine:
                     return await asyncio.wait_for(asyncio.shield(self.rounds[step].done), self.timeout_s)
                 frame = pack("reduce", {"step": step, "part": j}, {"g": flat[slice(*bounds[j])]})[0]
-                self.counters.bytes_sent += len(frame) + _LEN.size
+                self.counters.sent(replicas[j], len(frame) + _LEN.size, reduce=True)
                 reply = check_reply(unpack(await self.call(replicas[j], frame), self.limits), "all-reduce")
                 total = reply.tensors.get("g")
                 if total is None or total.dtype != torch.float32 or total.numel() != bounds[j][1] - bounds[j][0]:

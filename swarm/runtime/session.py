@@ -190,14 +190,16 @@ class TrainingSession:
         every, first = self.training.checkpoint_every_steps, self.server.peers.replicas[0] == self.me
         if self.training.checkpoint_dir and first and (step + 1) % every == 0:
             states = self.final_state()   # between steps: nothing runs on this stage now
-            self.loop.run_in_executor(None, write_checkpoint, self.training.checkpoint_dir, states, self.index)
+            written = self.loop.run_in_executor(None, write_checkpoint, self.training.checkpoint_dir, states,
+                                                self.index, self.worker.step_id)
+            written.add_done_callback(lambda f: not f.cancelled() and f.exception() and self.log(f"warning: checkpoint not written: {f.exception()}"))
 
     def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0) -> None:
         c = self.server.counters
         row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
                "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
                "compute_s": c.compute_s, "micro_batches": c.micro_batches,
-               "ratio": max(c.ratios.values(), default=1.0)}
+               "ratio": max(c.ratios.values(), default=1.0), "sent_to": dict(c.sent_to), "reduce_to": dict(c.reduce_to)}
         if loss is not None:
             row.update(loss=loss, samples=samples, step_s=seconds, samples_per_s=samples / seconds if seconds else None)
             if step % 10 == 0 or step + 1 == self.training.max_steps:

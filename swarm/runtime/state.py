@@ -90,14 +90,13 @@ def _file_name(op: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", op) + ".pt"
 
 
-def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: int, keep: int = 2) -> Path:
-    """Write ``states`` (all of one step) under ``directory/step-<step>/``, then this stage's marker;
-    older step directories beyond the newest ``keep`` are removed."""
+def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: int, step: int, keep: int = 2) -> Path:
+    """Write ``states`` (all at ``step``; a stage without state writes none) under ``directory/step-<step>/``,
+    then this stage's marker; older step directories beyond the newest ``keep`` are removed."""
     root = Path(directory)
-    steps = {s.step for s in states.values()}
-    if len(steps) != 1:
-        raise SwarmError(f"a checkpoint holds one step, got {sorted(steps)}")
-    step_dir = root / f"step-{steps.pop():09d}"
+    if others := sorted({s.step for s in states.values()} - {step}):
+        raise SwarmError(f"a checkpoint of step {step} holds states of steps {others}")
+    step_dir = root / f"step-{step:09d}"
     step_dir.mkdir(parents=True, exist_ok=True)
     for op, state in states.items():
         tmp = step_dir / f".{_file_name(op)}.tmp"
