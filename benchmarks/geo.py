@@ -8,10 +8,10 @@ no compression; (c) naive plan with AdaTopK; (d) swarm: OP-Fence + AdaTopK; (e) 
 pipeline parallelism (``benchmarks/torch_pipeline.py``: GPipe over gloo, the naive stages, rank i on
 node i). Before electing, the nodes
 measure their links for ``--measure-s`` seconds. Reported per variant: samples/s over the steps after
-the first two, the loss at the last step, bytes sent, the plan, and an analytic bound on the step time
-(``(M + S - 1) x`` the slowest of each stage's measured compute per micro-batch over its replica count
-and each link's measured wire bytes per micro-batch over its shaped rate; replica all-reduce is left
-out, so the bound is optimistic for plans with replicas). Prints a table, writes JSON and a PNG.
+the first two, the loss at the last step (mean over first-stage replicas), bytes sent in all and per
+link, the plan, and the analytic bound of ``benchmarks/bound.py`` from each peer's measured compute
+and each link's measured bytes over its shaped rate ("busy": the busiest resource alone; "bound": plus
+the pipeline fill no synchronous schedule can hide). Prints a table, writes JSON and a PNG.
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bound import per_step, step_bound
 from swarm.config import config_dir, load
 from swarm.errors import SwarmError
-from swarm.runtime.session import read_metrics
+from swarm.runtime.metrics import read_metrics, summarise as summarise_metrics
 from swarm.testbed import Scenario, Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,7 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Pat
             if dead:
                 raise SwarmError(f"variant {key}: node {dead[0]} exited (log {work}/node{dead[0]}.log)")
             time.sleep(1.0)   # polling the metrics file the nodes append to
-        return summarise(key, read_metrics(metrics), scenario, bed, work, steps)
+        return summarise(key, read_metrics(metrics), scenario, bed, work)
     finally:
         for p in procs:
             p.kill()
@@ -114,11 +115,9 @@ def run_torch(bed: Testbed, scenario: Scenario, steps: int, out: Path, model: st
             "losses": [r["loss"] for r in rows]}
 
 
-def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work: Path, steps: int) -> dict:
-    driven = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
-    timed = driven[2:] or driven
-    span = timed[-1]["time"] - (timed[0]["time"] - timed[0]["step_s"])
-    samples = sum(r["samples"] for r in timed)
+def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work: Path) -> dict:
+    """Throughput and loss over the steps after the first two, bytes per link, and the analytic bound."""
+    summary = summarise_metrics(rows, skip_steps=2)
     last: dict[str, dict] = {}
     for r in rows:
         last[r["peer"]] = r
@@ -127,27 +126,22 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
     sites = [site for site, _ in scenario.nodes()]
     stages = sorted({r["stage"] for r in last.values()})
     holders = {s: sorted(ids[p] for p, r in last.items() if r["stage"] == s) for s in stages}
-    m = 8
-    # a stage's replicas share its micro-batches: its time per micro-batch is its replicas' compute over their count
-    compute = {s: max(last[p]["compute_s"] / max(last[p]["micro_batches"], 1) for p, r in last.items() if r["stage"] == s)
-               / len(holders[s]) for s in stages}
-    links = []
-    for s in stages[:-1]:
-        senders = [p for p, r in last.items() if r["stage"] == s]
-        wire = sum(last[p]["act_wire"] for p in senders) / max(sum(last[p]["micro_batches"] for p in senders), 1)
-        rate = min(scenario.mbit(sites[ids[a]], sites[b]) for a in senders for b in holders[s + 1]) * 1e6
-        links.append(8 * wire / rate / min(len(senders), len(holders[s + 1])))
-    bottleneck = max(list(compute.values()) + links)
-    bound_step = (m + len(stages) - 1) * bottleneck
-    batch = driven[-1]["samples"]
-    return {"variant": key, "name": NAMES[key], "steps": len(driven), "samples_per_s": samples / span,
-            "loss_last": driven[-1]["loss"], "loss_first": driven[0]["loss"],
-            "bytes_sent": sum(r["bytes_sent"] for r in last.values()),
-            "wire_ratio": (sum(r["act_raw"] for r in last.values()) / sum(r["act_wire"] for r in last.values())
-                           if any(r["act_wire"] for r in last.values()) else 1.0),   # 1.0: no pipeline link at all
-            "stages": [[f"n{i}({sites[i]})" for i in holders[s]] for s in stages],
-            "compute_per_mb_s": [compute[s] for s in stages], "link_per_mb_s": links,
-            "bound_samples_per_s": batch / bound_step, "losses": [r["loss"] for r in driven]}
+    # per step over the timed steps: each peer's counters after the step before them, and at the end
+    stats = {}
+    for p in last:
+        mine = [r for r in rows if r["peer"] == p]
+        before = next((r for r in mine if r["step"] == summary["timed_from_step"] - 1), mine[0])
+        stats[p] = per_step(before, last[p])
+    bound = step_bound(stats, lambda a, b: scenario.mbit(sites[ids[a]], sites[ids[b]]) * 1e6, lambda p: f"n{ids[p]}")
+    batch = summary["samples_per_step"]
+    return {"variant": key, "name": NAMES[key], "steps": summary["steps"], "samples_per_s": summary["samples_per_s"],
+            "loss_last": summary["loss_last"], "loss_first": summary["loss_first"], "bytes_sent": summary["bytes_sent"],
+            "wire_ratio": summary["wire_ratio"], "stages": [[f"n{i}({sites[i]})" for i in holders[s]] for s in stages],
+            "mb_per_step_by_link": {f"n{ids[p]}->n{ids[q]}": round(b / 1e6, 3) for p, st in stats.items()
+                                    for q, b in sorted(st.sent.items()) if q in ids and b > 0},
+            "compute_s_per_step": {f"n{ids[p]}": round(st.compute_s, 4) for p, st in stats.items()},
+            "bound_samples_per_s": batch / bound.step_s, "busy_bound_samples_per_s": batch / bound.busy_step_s,
+            "bound_limit": bound.limit, "losses": summary["loss"]}
 
 
 def _wait(predicate, timeout_s: float, what: str):
@@ -211,15 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     base = {r["variant"]: r for r in results}
-    print(f"\nscenario {name}, {args.model}, {args.steps} steps of 8 x 4 sequences")
-    print(f"{'variant':<30}{'samples/s':>10}{'vs (a)':>8}{'bound':>8}{'of bound':>9}{'loss':>8}{'MB sent':>9}{'wire x':>8}  stages")
+    print(f"\nscenario {name}, {args.model}, {args.steps} steps of 8 x 4 sequences per first-stage replica")
+    print(f"{'variant':<30}{'samples/s':>10}{'vs (a)':>8}{'bound':>8}{'of bound':>9}{'busy':>7}{'loss':>8}"
+          f"{'MB sent':>9}{'wire x':>8}  stages")
     for r in results:
         vs = r["samples_per_s"] / base["a"]["samples_per_s"] if "a" in base else float("nan")
         bound = r["bound_samples_per_s"]
-        bound_text = f"{bound:>8.2f}{r['samples_per_s'] / bound:>9.0%}" if bound else f"{'-':>8}{'-':>9}"
+        bound_text = (f"{bound:>8.2f}{r['samples_per_s'] / bound:>9.0%}{r['samples_per_s'] / r['busy_bound_samples_per_s']:>7.0%}"
+                      if bound else f"{'-':>8}{'-':>9}{'-':>7}")
         sent = f"{r['bytes_sent'] / 1e6:>9.1f}" if r["bytes_sent"] is not None else f"{'-':>9}"
         print(f"({r['variant']}) {r['name'][:26]:<26}{r['samples_per_s']:>10.2f}{vs:>8.2f}{bound_text}{r['loss_last']:>8.3f}"
               f"{sent}{r['wire_ratio']:>8.1f}  {' | '.join(','.join(s) for s in r['stages'])}")
+    print("\nMB per step on each link (a -> b), and what limits the bound")
+    for r in results:
+        if r.get("mb_per_step_by_link") is not None:
+            links = sorted(r["mb_per_step_by_link"].items(), key=lambda kv: -kv[1])
+            print(f"({r['variant']}) {r['bound_limit']:<18} " + "  ".join(f"{k} {v:.2f}" for k, v in links))
     json_out = Path(args.json_out or f"benchmarks/results/geo-{name}.json")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps({"scenario": name, "model": args.model, "steps": args.steps, "results": results},

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.errors import SwarmError
-from swarm.runtime.session import read_metrics
+from swarm.runtime.metrics import read_metrics, summarise as summarise_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MADDR = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
@@ -91,26 +91,7 @@ def _config(s: DemoSettings, metrics: Path) -> dict:
 
 def summarise(rows: list[dict], s: DemoSettings) -> dict:
     """The metrics JSON: per-step losses (mean over first-stage replicas) and throughput, totals."""
-    by_step: dict[int, list[dict]] = {}
-    for r in rows:
-        if "loss" in r:
-            by_step.setdefault(r["step"], []).append(r)
-    steps = sorted(by_step)
-    if not steps:
-        raise SwarmError("the swarm trained no step")
-    loss = [sum(r["loss"] for r in by_step[k]) / len(by_step[k]) for k in steps]
-    rate = [by_step[k][0]["samples"] / max(r["step_s"] for r in by_step[k]) for k in steps]
-    last = {}
-    for r in rows:   # each node's newest counters
-        last[r["peer"]] = r
-    span = max(r["time"] for r in by_step[steps[-1]]) - min(r["time"] - r["step_s"] for r in by_step[steps[0]])
-    samples = sum(by_step[k][0]["samples"] for k in steps)
-    act_raw, act_wire = sum(r["act_raw"] for r in last.values()), sum(r["act_wire"] for r in last.values())
-    return {"steps": len(steps), "loss_first": loss[0], "loss_last": loss[-1], "samples_per_s": samples / span,
-            "bytes_sent": sum(r["bytes_sent"] for r in last.values()), "plan_hash": rows[-1]["plan_hash"],
-            "nodes": s.nodes, "stages": 1 + max(r["stage"] for r in rows), "model": s.model,
-            "wire_ratio": act_raw / act_wire if act_wire else 1.0, "elapsed_s": span,
-            "loss": loss, "step_samples_per_s": rate}
+    return {**summarise_metrics(rows), "nodes": s.nodes, "model": s.model}
 
 
 def plot(summary: dict, path: Path) -> None:

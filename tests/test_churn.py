@@ -93,11 +93,14 @@ def test_killed_sole_holder_is_replaced_from_a_snapshot_and_a_leaver_hands_over(
     middle = role_of(nodes, r"training: stage 1 of 3")
     nodes[middle].kill(signal.SIGKILL)
     alive = {n: p for n, p in nodes.items() if n != middle}
-    wait_until(lambda: lost_lines(alive), 90, what="the killed stage restored from a snapshot")
+    replaced = lambda: any(re.search(r"training: stage 1 of 3 from step [1-9]", line)  # noqa: E731
+                           for p in alive.values() for line in p.lines)
+    wait_until(replaced, 90, what="the killed stage restored from a snapshot")
     restarted = max(driven(tmp_path))
     wait_until(lambda: reached(tmp_path, restarted + 6), 120, what="training resumed after the kill")
+    # (none lost when the newest snapshot is of the very step the holder died at)
     lost = [int(re.search(r"up to (\d+) steps", line).group(1)) for line in lost_lines(alive)]
-    assert max(lost) <= BACKUP_EVERY + 4, lost   # the period, plus the steps of a heartbeat and a transfer
+    assert max(lost, default=0) <= BACKUP_EVERY + 4, lost   # the period, plus the steps of a heartbeat and a transfer
 
     leaver = role_of(alive, r"training: stage 2 of 3")
     rest = {n: p for n, p in alive.items() if n != leaver}

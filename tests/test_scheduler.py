@@ -125,3 +125,13 @@ def test_fixed_stage_count_is_met_and_never_beats_the_free_choice(stages):
     single = schedule(w, swarm, PlanSettings(stages=stages, max_replicas=1))
     assert len(single.stages) == stages and all(len(s.peers) == 1 for s in single.stages)
     assert len(single.spares) == len(swarm.peers) - stages
+
+
+def test_a_straggler_is_not_a_replica_beside_fast_peers():
+    """Replicas take equal shares of micro-batches, so a peer at a quarter of the speed would hold
+    three fast peers back: the plan leaves it out of their stage (a spare, or a small stage of its own)."""
+    rng = np.random.default_rng(7)
+    w = random_workload(rng, 12)
+    peers = [PeerSpec(f"peer{i}", 8.0 if i else 2.0, int(16e9)) for i in range(4)]   # peer0 is the straggler
+    plan = schedule(w, Swarm.build(peers, lambda a, b: 1e12), PlanSettings(max_stages=1))   # all-reduce ~free
+    assert len(plan.stages) == 1 and "peer0" not in plan.stages[0].peers and len(plan.stages[0].peers) == 3

@@ -30,20 +30,6 @@ from swarm.scheduler import Plan
 from swarm.wire import Limits
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows sessions appended to a metrics file (``training.metrics_path``); a line being written
-    right now is skipped."""
-    path, rows = Path(path), []
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
 def model_io(traced: TracedModel) -> tuple[list[int], str, list[int]]:
     """(input shape, input dtype, output shape) of the traced model (batch dimension first)."""
     dag = traced.dag

@@ -3,9 +3,9 @@
 Pure and deterministic (numpy arithmetic over the OP-DAG's costs and the peers' advertised numbers),
 so that every node computes the same prediction from the same inputs. Per micro-batch of the traced
 size, for stage ``s`` holding ops ``[a, b)`` on replicas ``R_s`` (each replica holds the whole stage
-and takes micro-batches in proportion to its speed)::
+and takes an equal share of the micro-batches, so the slowest replica sets the pace)::
 
-    compute_s  = F_s / (sum_{p in R_s} tflops_p * 1e12) + K_s * kernel_overhead / |R_s|
+    compute_s  = F_s / (|R_s| * min_{p in R_s} tflops_p * 1e12) + K_s * kernel_overhead / |R_s|
     memory_s   = (2 + optimizer states) * P_s + buffers_s + A_s * in_flight    <= min memory of R_s
     link_s     = min(raw, raw / ratio_max + codec)     raw = 2 C_s / (bw_s * min(|R_s|, |R_s+1|))
     codec      = 2 C_s / (codec_bytes_per_s * min(|R_s|, |R_s+1|))
@@ -169,12 +169,17 @@ class StageCosts:
 def stage_costs(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list[int],
                 settings: PlanSettings) -> StageCosts:
     a, b = segs
-    tflops = sum(swarm.peers[p].tflops for p in replicas)
+    tflops = group_tflops([swarm.peers[p].tflops for p in replicas])
     r = len(replicas)
     compute = (w.flops[b] - w.flops[a]) / (tflops * 1e12) + (w.kernels[b] - w.kernels[a]) * settings.kernel_overhead_s / r
     params = w.param_bytes[b] - w.param_bytes[a]
     allreduce = 2 * (r - 1) / r * params * 8 / swarm.min_bw(replicas, replicas) if r > 1 else 0.0
     return StageCosts(float(compute), float(w.memory(a, b, settings)), float(allreduce))
+
+
+def group_tflops(tflops: list[float]) -> float:
+    """What replicas achieve together: equal shares of micro-batches, so each waits for the slowest."""
+    return len(tflops) * min(tflops)
 
 
 def link_time(cut_bytes: float, bw_bps: float, flows: int, ratio: float, settings: PlanSettings) -> float:

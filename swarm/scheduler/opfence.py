@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from swarm.scheduler.costs import PlanSettings, Swarm, Workload
+from swarm.scheduler.costs import PlanSettings, Swarm, Workload, group_tflops
 from swarm.scheduler.fences import chain_orders, fence_bandwidth, fence_levels
 from swarm.scheduler.plan import Plan, evaluate
 
@@ -34,7 +34,7 @@ Layout = list[tuple[tuple[int, int], list[int]]]   # ((first seg, stop seg), pee
 
 
 class _Units:
-    """The peer line of one (level, order): units with summed speed, min memory, fence id."""
+    """The peer line of one (level, order): units with their slowest member's speed, size, min memory, fence id."""
 
     def __init__(self, swarm: Swarm, fences: list[list[int]], max_units: int, key=None):
         total = sum(len(f) for f in fences)
@@ -47,7 +47,7 @@ class _Units:
                 self.members.append(chunk.tolist())
                 self.fence_of.append(k)
         u = len(self.members)
-        self.tflops = np.array([sum(swarm.peers[p].tflops for p in m) for m in self.members])
+        self.tflops = np.array([min(swarm.peers[p].tflops for p in m) for m in self.members])
         self.count = np.array([len(m) for m in self.members])
         self.memory = np.array([min(swarm.peers[p].memory_bytes for p in m) for m in self.members], dtype=np.float64)
         self.bw = np.array([[swarm.min_bw(a, b) for b in self.members] for a in self.members])  # diag: inside a unit
@@ -108,7 +108,7 @@ def _layouts(w: Workload, swarm: Swarm, units: _Units, settings: PlanSettings) -
             r = int(units.count[j:jn].sum())
             if settings.max_replicas and r > settings.max_replicas:
                 break
-            cost = ranges.stage(units.tflops[j:jn].sum(), r, inner, units.memory[j:jn].min())
+            cost = ranges.stage(r * units.tflops[j:jn].min(), r, inner, units.memory[j:jn].min())
             cand = np.maximum(prev[rows][:, :, None], cost[None, :, :])     # (stages, i, i')
             arg = cand.argmin(axis=1)
             best = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0, :]   # (stages, i')
@@ -161,7 +161,7 @@ def _recut(ranges: _Ranges, swarm: Swarm, groups: list[list[int]]) -> Layout | N
     best, back = np.full(n + 1, np.inf), []
     best[0] = 0.0
     for k, group in enumerate(groups):
-        cost = ranges.stage(sum(swarm.peers[p].tflops for p in group), len(group), swarm.min_bw(group, group),
+        cost = ranges.stage(group_tflops([swarm.peers[p].tflops for p in group]), len(group), swarm.min_bw(group, group),
                             min(swarm.peers[p].memory_bytes for p in group))
         start = best[:n].copy()
         if k:

@@ -1,0 +1,50 @@
+"""The metrics file every stage appends to (``training.metrics_path``): reading it and summing it up.
+
+Each line is one stage's row after one step: running counters, and on first-stage replicas the loss
+of their shard and the step's samples (the whole step's, over all replicas) and seconds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from swarm.errors import SwarmError
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows sessions appended; a line being written right now is skipped."""
+    path, rows = Path(path), []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def summarise(rows: list[dict], skip_steps: int = 0) -> dict:
+    """Per-step loss (mean over first-stage replicas) and samples/s, and throughput over the steps after
+    the first ``skip_steps`` (warm-up), plus each peer's newest counters summed."""
+    by_step: dict[int, list[dict]] = {}
+    for r in rows:
+        if "loss" in r:
+            by_step.setdefault(r["step"], []).append(r)
+    steps = sorted(by_step)
+    if not steps:
+        raise SwarmError("the swarm trained no step")
+    timed = steps[skip_steps:] or steps
+    loss = [sum(r["loss"] for r in by_step[k]) / len(by_step[k]) for k in steps]
+    rate = [by_step[k][0]["samples"] / max(r["step_s"] for r in by_step[k]) for k in steps]
+    last = {}
+    for r in rows:   # each peer's newest counters
+        last[r["peer"]] = r
+    span = max(r["time"] for r in by_step[timed[-1]]) - min(r["time"] - r["step_s"] for r in by_step[timed[0]])
+    samples = sum(by_step[k][0]["samples"] for k in timed)
+    act_raw, act_wire = sum(r["act_raw"] for r in last.values()), sum(r["act_wire"] for r in last.values())
+    return {"steps": len(steps), "loss_first": loss[0], "loss_last": loss[-1], "samples_per_s": samples / span,
+            "bytes_sent": sum(r["bytes_sent"] for r in last.values()), "plan_hash": rows[-1]["plan_hash"],
+            "stages": 1 + max(r["stage"] for r in rows), "samples_per_step": by_step[steps[-1]][0]["samples"],
+            "timed_from_step": timed[0], "wire_ratio": act_raw / act_wire if act_wire else 1.0,   # 1.0: no pipeline link
+            "elapsed_s": span, "loss": loss, "step_samples_per_s": rate}
