@@ -34,19 +34,20 @@ NAMES = {"a": "naive", "b": "OP-Fence", "c": "naive + AdaTopK", "d": "swarm (OP-
 
 
 def node_config(path: Path, host: str, n: int, planner: str, compression: str, steps: int, metrics: Path,
-                measure_s: float, model: str) -> None:
+                measure_s: float, model: str, schedule: str = "1f1b") -> None:
     cfg = {"model": model, "device": "cpu", "micro_batch_size": 4,
            "network": {"host_maddrs": [f"/ip4/{host}/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 20.0,
-                       "startup_timeout_s": 60, "probe_interval_s": 1.0},
+                       "startup_timeout_s": 60, "probe_interval_s": 30.0},
            "election": {"join_batch_s": measure_s, "min_members": n, "planner": planner, "micro_batches": 8,
                         "min_epoch_s": 3600, "drift_check_s": 3600, "election_timeout_s": 60},
-           "training": {"max_steps": steps, "metrics_path": str(metrics), "threads": 1, "timeout_s": 120},
+           "training": {"max_steps": steps, "metrics_path": str(metrics), "threads": 1, "timeout_s": 120,
+                        "schedule": schedule},
            "compression": {"mode": compression, "warmup_steps": 0}}
     path.write_text(json.dumps(cfg))
 
 
 def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Path, measure_s: float,
-                model: str, timeout_s: float) -> dict:
+                model: str, timeout_s: float, schedule: str = "1f1b") -> dict:
     planner, compression = VARIANTS[key]
     work = out / f"variant-{key}"
     work.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Pat
     try:
         for i in range(n):
             cfg = work / f"node{i}.yaml"
-            node_config(cfg, bed.hosts[i], n, planner, compression, steps, metrics, measure_s, model)
+            node_config(cfg, bed.hosts[i], n, planner, compression, steps, metrics, measure_s, model, schedule)
             argv = [sys.executable, str(ROOT / "node.py"), "run", "--config", str(cfg), "--identity",
                     str(work / f"node{i}.id"), "--initial-peers", *([maddr] if maddr else [])]
             # each node profiles its device under its own CPU quota (once; later variants reuse it)
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt2-tiny")
     parser.add_argument("--measure-s", type=float, default=25.0, help="link probing before the first plan")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
+    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="of variants a-d")
     parser.add_argument("--out-dir", default="geo-out")
     parser.add_argument("--json-out")
     parser.add_argument("--plot")
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(run_torch(bed, scenario, args.steps, out, args.model, args.timeout_s))
                 elif key in VARIANTS:
                     results.append(run_variant(bed, scenario, key, args.steps, out, args.measure_s, args.model,
-                                               args.timeout_s))
+                                               args.timeout_s, args.schedule))
                 else:
                     raise SwarmError(f"unknown variant '{key}' (a, b, c, d, e)")
                 r = results[-1]

@@ -101,7 +101,9 @@ def _initial_peers(net: NetworkConfig) -> list[str]:
 
 
 class _ProbeSchedule:
-    """Measures one peer per ``interval_s`` in the background; keeps smoothed results (EMA, 1/2)."""
+    """Measures links in the background: a peer never measured right away (one probe at a time), then
+    one peer per ``interval_s`` (each probe takes about a second of the link: rare while training);
+    keeps smoothed results (EMA, 1/2)."""
 
     def __init__(self, dht: SwarmDHT, interval_s: float, admit: Callable[[str], bool] | None = None):
         self.loop = asyncio.new_event_loop()
@@ -118,8 +120,7 @@ class _ProbeSchedule:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def step(self, peers: Callable[[], list[str]]) -> None:
-        """Collect a finished probe; start the next one when due (least recently probed peer first).
-        ``peers`` is called only then: reading the membership is a DHT lookup."""
+        """Collect a finished probe; start the next one when due (a new peer, else the least recently probed)."""
         if self.pending is not None and self.pending[1].done():
             peer, future = self.pending
             self.pending = None
@@ -127,13 +128,14 @@ class _ProbeSchedule:
                 bandwidth, rtt = future.result()
                 for table, value in ((self.bandwidth_bps, bandwidth), (self.rtt_s, rtt)):
                     table[peer] = (table.pop(peer) + value) / 2 if peer in table else value  # newest last
-        if self.pending is None and time.monotonic() >= self.next_at:
+        if self.pending is None:
             candidates = peers()
-            if not candidates:
+            fresh = [p for p in candidates if p not in self.probed_at]
+            if not candidates or (not fresh and time.monotonic() < self.next_at):
                 return
-            peer = min(candidates, key=lambda p: (self.probed_at.get(p, 0.0), p))
-            self.probed_at[peer] = self.next_at = time.monotonic()
-            self.next_at += self.interval_s * random.uniform(0.5, 1.5)  # jitter: peers rarely collide
+            peer = min(fresh) if fresh else min(candidates, key=lambda p: (self.probed_at[p], p))
+            self.probed_at[peer] = now = time.monotonic()
+            self.next_at = now + self.interval_s * random.uniform(0.5, 1.5)  # jitter: peers rarely collide
             coro = asyncio.wait_for(self.links.measure(PeerID.from_base58(peer)), 60)
             self.pending = (peer, asyncio.run_coroutine_threadsafe(coro, self.loop))
 

@@ -135,3 +135,18 @@ def test_a_straggler_is_not_a_replica_beside_fast_peers():
     peers = [PeerSpec(f"peer{i}", 8.0 if i else 2.0, int(16e9)) for i in range(4)]   # peer0 is the straggler
     plan = schedule(w, Swarm.build(peers, lambda a, b: 1e12), PlanSettings(max_stages=1))   # all-reduce ~free
     assert len(plan.stages) == 1 and "peer0" not in plan.stages[0].peers and len(plan.stages[0].peers) == 3
+
+
+def test_in_flight_covers_the_round_trip_of_a_slow_link():
+    """Little's law: enough micro-batches in flight that the bottleneck never waits for a slow round trip."""
+    from swarm.scheduler.plan import LinkPlan, Plan, StagePlan
+
+    def plan(link_s: float, m: int = 16) -> Plan:
+        stages = tuple(StagePlan(i, i, i + 1, (f"op{i}",), (f"p{i}",), 0.1, 1.0, 0.0) for i in range(3))
+        links = tuple(LinkPlan(i, i + 1, 1e6, 1.0, 1.0, link_s) for i in range(2))
+        return Plan("m", stages, links, (), max(0.1, link_s), 1.0, m)
+
+    assert plan(0.0).in_flight() == 4                        # 0.3 s round trip / 0.1 s, plus one
+    assert plan(0.1).in_flight() == 6                        # two 0.1 s links more
+    assert plan(0.01).in_flight() == 5 and plan(5.0).in_flight() == 4   # a 5 s link is the bottleneck itself
+    assert plan(0.1, m=4).in_flight() == 4 and plan(0.0, m=2).in_flight() == 3   # at most M, at least one per stage

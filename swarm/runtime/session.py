@@ -136,7 +136,7 @@ class TrainingSession:
     async def _drive(self) -> None:
         """The first stage's training loop: one optimizer step per iteration on this replica's shard."""
         m, mbs = self.plan.micro_batches, self.cfg.micro_batch_size
-        in_flight = m if self.training.schedule == "gpipe" else len(self.plan.stages)
+        in_flight = m if self.training.schedule == "gpipe" else self.plan.in_flight()
         failures, done, started = 0, {}, time.perf_counter()
         while not self.done and not self.server.draining:
             step = self.step

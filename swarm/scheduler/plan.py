@@ -91,6 +91,17 @@ class Plan:
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"malformed plan: {e!r}") from None
 
+    def in_flight(self) -> int:
+        """Micro-batches a first-stage replica keeps in flight under 1F1B (Little's law): as many as one
+        micro-batch's round trip through every stage and link lasts in bottleneck intervals, plus one
+        for the RPC latency the model does not price, so the slowest resource never waits for work;
+        at least one per stage, at most all of them."""
+        s = len(self.stages)
+        trip = sum(st.compute_s * len(st.peers) for st in self.stages) + sum(
+            link.time_s * min(len(self.stages[link.src].peers), len(self.stages[link.dst].peers)) for link in self.links)
+        need = math.ceil(trip / (self.bottleneck_s * len(self.stages[0].peers)) - 1e-9) + 1 if self.bottleneck_s > 0 else s
+        return max(s, min(self.micro_batches, need))
+
     @property
     def members(self) -> tuple[str, ...]:
         return tuple(sorted([p for s in self.stages for p in s.peers] + list(self.spares)))
