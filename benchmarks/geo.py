@@ -30,24 +30,25 @@ from swarm.testbed import Scenario, Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"a": ("naive", "off"), "b": ("opfence", "off"), "c": ("naive", "auto"), "d": ("opfence", "auto")}
+MICRO_BATCH_SIZE = 4
 NAMES = {"a": "naive", "b": "OP-Fence", "c": "naive + AdaTopK", "d": "swarm (OP-Fence + AdaTopK)"}
 
 
-def node_config(path: Path, host: str, n: int, planner: str, compression: str, steps: int, metrics: Path,
-                measure_s: float, model: str, schedule: str = "1f1b") -> None:
-    cfg = {"model": model, "device": "cpu", "micro_batch_size": 4,
+def node_config(path: Path, host: str, n: int, planner: str, compression: str, metrics: Path,
+                run: argparse.Namespace) -> None:
+    cfg = {"model": run.model, "device": "cpu", "micro_batch_size": MICRO_BATCH_SIZE,
            "network": {"host_maddrs": [f"/ip4/{host}/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 20.0,
                        "startup_timeout_s": 60, "probe_interval_s": 30.0},
-           "election": {"join_batch_s": measure_s, "min_members": n, "planner": planner, "micro_batches": 8,
+           "election": {"join_batch_s": run.measure_s, "min_members": n, "planner": planner,
+                        "micro_batches": run.micro_batches,
                         "min_epoch_s": 3600, "drift_check_s": 3600, "election_timeout_s": 60},
-           "training": {"max_steps": steps, "metrics_path": str(metrics), "threads": 1, "timeout_s": 120,
-                        "schedule": schedule},
+           "training": {"max_steps": run.steps, "metrics_path": str(metrics), "threads": 1, "timeout_s": 120,
+                        "schedule": run.schedule},
            "compression": {"mode": compression, "warmup_steps": 0}}
     path.write_text(json.dumps(cfg))
 
 
-def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Path, measure_s: float,
-                model: str, timeout_s: float, schedule: str = "1f1b") -> dict:
+def run_variant(bed: Testbed, scenario: Scenario, key: str, out: Path, run: argparse.Namespace) -> dict:
     planner, compression = VARIANTS[key]
     work = out / f"variant-{key}"
     work.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Pat
     try:
         for i in range(n):
             cfg = work / f"node{i}.yaml"
-            node_config(cfg, bed.hosts[i], n, planner, compression, steps, metrics, measure_s, model, schedule)
+            node_config(cfg, bed.hosts[i], n, planner, compression, metrics, run)
             argv = [sys.executable, str(ROOT / "node.py"), "run", "--config", str(cfg), "--identity",
                     str(work / f"node{i}.id"), "--initial-peers", *([maddr] if maddr else [])]
             # each node profiles its device under its own CPU quota (once; later variants reuse it)
@@ -67,10 +68,10 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Pat
             if maddr is None:
                 maddr = _wait(lambda: re.search(r"listening on (/ip4/[\d.]+/tcp/\d+/p2p/\w+)",
                                                 (work / "node0.log").read_text()), 300, "node 0 to listen").group(1)
-        deadline = time.monotonic() + timeout_s
-        while len({r["step"] for r in read_metrics(metrics) if "loss" in r}) < steps:
+        deadline = time.monotonic() + run.timeout_s
+        while len({r["step"] for r in read_metrics(metrics) if "loss" in r}) < run.steps:
             if time.monotonic() > deadline:
-                raise SwarmError(f"variant {key}: {steps} steps not done within {timeout_s:.0f} s (logs in {work})")
+                raise SwarmError(f"variant {key}: {run.steps} steps not done within {run.timeout_s:.0f} s (logs in {work})")
             dead = [i for i, p in enumerate(procs) if p.poll() is not None]
             if dead:
                 raise SwarmError(f"variant {key}: node {dead[0]} exited (log {work}/node{dead[0]}.log)")
@@ -83,7 +84,7 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, steps: int, out: Pat
             p.wait(10)
 
 
-def run_torch(bed: Testbed, scenario: Scenario, steps: int, out: Path, model: str, timeout_s: float) -> dict:
+def run_torch(bed: Testbed, scenario: Scenario, out: Path, run: argparse.Namespace) -> dict:
     """Variant (e): torch.distributed.pipelining, GPipe over gloo, rank i on node i, the naive stages."""
     work = out / "variant-e"
     work.mkdir(parents=True, exist_ok=True)
@@ -91,14 +92,16 @@ def run_torch(bed: Testbed, scenario: Scenario, steps: int, out: Path, model: st
     metrics.unlink(missing_ok=True)
     n = len(scenario.nodes())
     procs = [bed.start(i, [sys.executable, "-m", "benchmarks.torch_pipeline", "--rank", str(i), "--world", str(n),
-                           "--master", bed.hosts[0], "--steps", str(steps), "--model", model, "--metrics", str(metrics)],
+                           "--master", bed.hosts[0], "--steps", str(run.steps), "--model", run.model,
+                           "--micro-batches", str(run.micro_batches), "--micro-batch-size", str(MICRO_BATCH_SIZE),
+                           "--metrics", str(metrics)],
                        work / f"rank{i}.log", {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": bed.interface(i)})
              for i in range(n)]
     try:
-        deadline = time.monotonic() + timeout_s
-        while len(read_metrics(metrics)) < steps:
+        deadline = time.monotonic() + run.timeout_s
+        while len(read_metrics(metrics)) < run.steps:
             if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                raise SwarmError(f"variant e: {steps} steps not done (logs in {work})")
+                raise SwarmError(f"variant e: {run.steps} steps not done (logs in {work})")
             time.sleep(1.0)   # polling the metrics file the last rank appends to
     finally:
         for p in procs:
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-s", type=float, default=25.0, help="link probing before the first plan")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="of variants a-d")
+    parser.add_argument("--micro-batches", type=int, default=8, help="per first-stage replica and step")
     parser.add_argument("--out-dir", default="geo-out")
     parser.add_argument("--json-out")
     parser.add_argument("--plot")
@@ -195,10 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         with Testbed(scenario) as bed:
             for key in args.variants:
                 if key == "e":
-                    results.append(run_torch(bed, scenario, args.steps, out, args.model, args.timeout_s))
+                    results.append(run_torch(bed, scenario, out, args))
                 elif key in VARIANTS:
-                    results.append(run_variant(bed, scenario, key, args.steps, out, args.measure_s, args.model,
-                                               args.timeout_s, args.schedule))
+                    results.append(run_variant(bed, scenario, key, out, args))
                 else:
                     raise SwarmError(f"unknown variant '{key}' (a, b, c, d, e)")
                 r = results[-1]
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     base = {r["variant"]: r for r in results}
-    print(f"\nscenario {name}, {args.model}, {args.steps} steps of 8 x 4 sequences per first-stage replica")
+    print(f"\nscenario {name}, {args.model}, {args.steps} steps of {args.micro_batches} x {MICRO_BATCH_SIZE} "
+          "sequences per first-stage replica")
     print(f"{'variant':<30}{'samples/s':>10}{'vs (a)':>8}{'bound':>8}{'of bound':>9}{'busy':>7}{'loss':>8}"
           f"{'MB sent':>9}{'wire x':>8}  stages")
     for r in results:
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"({r['variant']}) {r['bound_limit']:<18} " + "  ".join(f"{k} {v:.2f}" for k, v in links))
     json_out = Path(args.json_out or f"benchmarks/results/geo-{name}.json")
     json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps({"scenario": name, "model": args.model, "steps": args.steps, "results": results},
+    json_out.write_text(json.dumps({"scenario": name, "model": args.model, "steps": args.steps,
+                                   "micro_batches": args.micro_batches, "results": results},
                                    indent=1))
     plot(results, Path(args.plot or out / f"geo-{name}.png"), name)
     return 0
