@@ -25,7 +25,7 @@ from pathlib import Path
 from benchmarks.bound import per_step, step_bound
 from swarm.config import config_dir, load
 from swarm.errors import SwarmError
-from swarm.runtime.metrics import read_metrics, summarise as summarise_metrics
+from swarm.runtime.metrics import newest_by_peer, read_metrics, summarise as summarise_metrics
 from swarm.testbed import Scenario, Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,9 +122,7 @@ def run_torch(bed: Testbed, scenario: Scenario, out: Path, run: argparse.Namespa
 def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work: Path) -> dict:
     """Throughput and loss over the steps after the first two, bytes per link, and the analytic bound."""
     summary = summarise_metrics(rows, skip_steps=2)
-    last: dict[str, dict] = {}
-    for r in rows:
-        last[r["peer"]] = r
+    last = newest_by_peer(rows)
     logs = {i: (work / f"node{i}.log").read_text() for i in range(len(bed.hosts))}
     ids = {re.search(r"peer (\w+) listening", text).group(1): i for i, text in logs.items()}
     sites = [site for site, _ in scenario.nodes()]

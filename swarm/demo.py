@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.errors import SwarmError
-from swarm.runtime.metrics import read_metrics, summarise as summarise_metrics
+from swarm.runtime.metrics import newest_by_peer, read_metrics, summarise as summarise_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MADDR = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
@@ -149,7 +149,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
                 done = len({r["step"] for r in rows})
                 if done > bar.n:
                     r = rows[-1]
-                    sent = sum(x["bytes_sent"] for x in {x["peer"]: x for x in read_metrics(metrics)}.values())
+                    sent = sum(x["bytes_sent"] for x in newest_by_peer(read_metrics(metrics)).values())
                     bar.set_postfix(loss=f"{r['loss']:.3f}", samples_s=f"{r['samples_per_s']:.1f}", sent=f"{sent / 1e6:.0f}MB")
                     bar.update(done - bar.n)
                 if done >= s.steps:

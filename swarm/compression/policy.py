@@ -14,6 +14,7 @@ The first ``warmup_steps`` optimizer steps always go uncompressed.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from swarm.scheduler.costs import PlanSettings, ratio_for
@@ -25,9 +26,11 @@ def ema(old: float | None, new: float) -> float:
     return new if old is None else (1 - EMA) * old + EMA * new
 
 
+@functools.cache
 def measure_codec_rate(shape: tuple[int, ...] = (4, 128, 256), ratio: float = 10.0, repeats: int = 3) -> float:
     """This device's AdaTopK encode + decode throughput in raw bytes/s (best of ``repeats``; ~50 ms),
-    so that the first plan already prices compression at what this node can do."""
+    so that the first plan already prices compression at what this node can do. Measured once per
+    process: the node's start-up measurement seeds every later session's link policy."""
     import time
 
     import torch

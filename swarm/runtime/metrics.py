@@ -24,6 +24,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def newest_by_peer(rows: list[dict]) -> dict[str, dict]:
+    """Each peer's newest row: its running counters as they stand."""
+    return {r["peer"]: r for r in rows}
+
+
 def summarise(rows: list[dict], skip_steps: int = 0) -> dict:
     """Per-step loss (mean over first-stage replicas) and samples/s, and throughput over the steps after
     the first ``skip_steps`` (warm-up), plus each peer's newest counters summed."""
@@ -37,9 +42,7 @@ def summarise(rows: list[dict], skip_steps: int = 0) -> dict:
     timed = steps[skip_steps:] or steps
     loss = [sum(r["loss"] for r in by_step[k]) / len(by_step[k]) for k in steps]
     rate = [by_step[k][0]["samples"] / max(r["step_s"] for r in by_step[k]) for k in steps]
-    last = {}
-    for r in rows:   # each peer's newest counters
-        last[r["peer"]] = r
+    last = newest_by_peer(rows)
     span = max(r["time"] for r in by_step[timed[-1]]) - min(r["time"] - r["step_s"] for r in by_step[timed[0]])
     samples = sum(by_step[k][0]["samples"] for k in timed)
     act_raw, act_wire = sum(r["act_raw"] for r in last.values()), sum(r["act_wire"] for r in last.values())
