@@ -129,11 +129,12 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
     stages = sorted({r["stage"] for r in last.values()})
     holders = {s: sorted(ids[p] for p, r in last.items() if r["stage"] == s) for s in stages}
     # per step over the timed steps: each peer's counters after the step before them, and at the end
-    stats = {}
+    stats, timeline = {}, {}
     for p in last:
         mine = [r for r in rows if r["peer"] == p]
         before = next((r for r in mine if r["step"] == summary["timed_from_step"] - 1), mine[0])
         stats[p] = per_step(before, last[p])
+        timeline[f"n{ids[p]}"] = step_timeline(before, last[p])
     bound = step_bound(stats, lambda a, b: scenario.mbit(sites[ids[a]], sites[ids[b]]) * 1e6, lambda p: f"n{ids[p]}")
     batch = summary["samples_per_step"]
     return {"variant": key, "name": NAMES[key], "steps": summary["steps"], "samples_per_s": summary["samples_per_s"],
@@ -142,8 +143,22 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
             "mb_per_step_by_link": {f"n{ids[p]}->n{ids[q]}": round(b / 1e6, 3) for p, st in stats.items()
                                     for q, b in sorted(st.sent.items()) if q in ids and b > 0},
             "compute_s_per_step": {f"n{ids[p]}": round(st.compute_s, 4) for p, st in stats.items()},
+            "timeline_s_per_step": timeline,
             "bound_samples_per_s": batch / bound.step_s, "busy_bound_samples_per_s": batch / bound.busy_step_s,
             "bound_limit": bound.limit, "losses": summary["loss"]}
+
+
+def step_timeline(first: dict, last: dict) -> dict[str, float]:
+    """Where a peer's wall time went per step between two of its rows: its passes (``compute``, of which
+    ``compute_cpu`` on the CPU), waiting for the step's first pass (``fill``), from the last pass to
+    the optimizer step (``drain``, of which ``reduce``: all-reduce and optimizer step), and between passes
+    (``starved``); ``cpu``: the whole process."""
+    n = last["step"] - first["step"]
+    per = {k: (last.get(k, 0.0) - first.get(k, 0.0)) / n
+           for k in ("time", "compute_s", "compute_cpu_s", "fill_s", "drain_s", "reduce_s", "cpu_s")}
+    starved = per["time"] - per["compute_s"] - per["fill_s"] - per["drain_s"]
+    return {k: round(v, 4) for k, v in {"step": per["time"], "compute": per["compute_s"], "fill": per["fill_s"],
+            "starved": starved, "drain": per["drain_s"], "reduce": per["reduce_s"], "compute_cpu": per["compute_cpu_s"], "cpu": per["cpu_s"]}.items()}
 
 
 def _wait(predicate, timeout_s: float, what: str):
@@ -225,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("mb_per_step_by_link") is not None:
             links = sorted(r["mb_per_step_by_link"].items(), key=lambda kv: -kv[1])
             print(f"({r['variant']}) {r['bound_limit']:<18} " + "  ".join(f"{k} {v:.2f}" for k, v in links))
+    print("\nSeconds per step of the busiest peer: passes (of which CPU), fill, starved between passes, drain; CPU of its process")
+    for r in results:
+        if r.get("timeline_s_per_step"):
+            peer, t = max(r["timeline_s_per_step"].items(), key=lambda kv: kv[1]["compute"])
+            print(f"({r['variant']}) {peer:<4} step {t['step']:.2f} = compute {t['compute']:.2f} (cpu {t['compute_cpu']:.2f})"
+                  f" + fill {t['fill']:.2f} + starved {t['starved']:.2f} + drain {t['drain']:.2f} (reduce {t['reduce']:.2f});"
+                  f"  process cpu {t['cpu']:.2f}")
     json_out = Path(args.json_out or f"benchmarks/results/geo-{name}.json")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps({"scenario": name, "model": args.model, "steps": args.steps,

@@ -21,7 +21,7 @@ from multiaddr import Multiaddr
 from swarm import __version__
 from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
-from swarm.transport import LinkProber
+from swarm.transport import LinkProber, ProbeBusy
 from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
 from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
 
@@ -105,7 +105,9 @@ class _ProbeSchedule:
     one peer per ``interval_s`` (each probe takes about a second of the link: rare while training);
     keeps smoothed results (EMA, 1/2)."""
 
-    def __init__(self, dht: SwarmDHT, interval_s: float, admit: Callable[[str], bool] | None = None):
+    def __init__(self, dht: SwarmDHT, interval_s: float, admit: Callable[[str], bool] | None = None,
+                 log: Callable[[str], None] = lambda line: None):
+        self.log = log
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="transport").start()
         self.p2p = self._run(dht.replicate_p2p())
@@ -128,6 +130,9 @@ class _ProbeSchedule:
                 bandwidth, rtt = future.result()
                 for table, value in ((self.bandwidth_bps, bandwidth), (self.rtt_s, rtt)):
                     table[peer] = (table.pop(peer) + value) / 2 if peer in table else value  # newest last
+                self.log(f"link to {peer[-6:]}: {bandwidth / 1e6:.3g} Mbit/s, rtt {rtt * 1e3:.3g} ms")
+            elif isinstance(future.exception(), ProbeBusy) and peer not in self.bandwidth_bps:
+                del self.probed_at[peer]   # it was measuring another link: still due at once
         if self.pending is None:
             candidates = peers()
             fresh = [p for p in candidates if p not in self.probed_at]
@@ -200,7 +205,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
             record.codec_bps = measure_codec_rate()   # replaced by the running stage's own measurements
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
-            probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None)
+            probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None, log=log)
             max_ratio = cfg.compression.max_ratio if cfg.compression.mode != "off" else 1.0   # plan what will run
             elector = Elector(record.peer_id, membership, workload, cfg.election, log, max_ratio)
             views: list[MembershipView] = []

@@ -95,6 +95,8 @@ class Elector:
                        else "outside the plan" if plan else None)
         self.log(f"committed epoch {c.ballot.epoch} plan {c.ballot.plan_hash} with {len(c.ballot.members)} members "
                  f"({c.reason}): {record.role or 'role unknown'}")
+        if plan is not None:
+            self.log(f"plan {plan.hash}: {plan.summary()}")
 
     def _settings(self, view: MembershipView, members) -> PlanSettings:
         """Plan settings with the members' measured AdaTopK codec throughput (median), once known."""

@@ -61,9 +61,11 @@ async def _scenario(schedule):
         for _ in range(3):
             data = torch.randint(0, 256, (8, 129), generator=gen)
             x, y = data[:, :-1], data[:, 1:]
-            loss = await train_step(servers[0], x, y, micro_batches=4, in_flight=3)
+            # the next step follows the step message down the pipeline: each stage takes it once it stepped
+            loss = await train_step(servers[0], x, y, micro_batches=4, in_flight=3, settle=False)
             assert abs(loss - reference_step(reference, opt, x, y, 4)) < 1e-5
-        assert workers[1].step_id == workers[2].step_id == 3
+        await servers[0].settle()   # the last step reached the end of the pipeline
+        assert workers[1].step_id == workers[2].step_id == workers[3].step_id == 3
         for i in (0, 1, 2, 3):
             ours = dict(workers[i].stage.module.named_parameters())
             for name, p in reference.named_parameters():
@@ -152,3 +154,32 @@ def test_a_micro_batch_whose_replica_is_gone_is_retried_on_another():
     again = pack("forward", {"step": 0, "mb": 3, "scale": 1.0}, {"x0": x[:, :-1], "targets": x[:, 1:]})[0]
     assert unpack(asyncio.run(servers["a"].answer(again, "a"))).kind == "grads"
     assert servers["a"].counters.retries == 1   # b2 is set aside for a while: tried last, not first
+
+
+def test_a_request_for_the_next_step_waits_for_the_stage_to_step():
+    torch.manual_seed(0)
+    built = load_model("gpt2-tiny")
+    traced = trace(built.module, built.example_inputs(1), "coarse", name=built.name)
+    worker = StageWorker(extract_stages(traced, traced.dag.balanced_partition(2))[1], loss_fn=lm_loss)
+    server = StageServer(worker, Neighbours("me", ("me",), ("up",), ()), None, timeout_s=30.0)
+    (shape, _, _), = input_specs(traced.dag, worker.stage.io)
+    hidden, targets = torch.randn(1, *shape[1:]), torch.randint(0, 256, (1, shape[1]))
+
+    def forward(step):
+        return pack("forward", {"step": step, "mb": 0, "scale": 1.0}, {"x0": hidden, "targets": targets})[0]
+
+    async def scenario():
+        early = asyncio.ensure_future(server.answer(forward(1), "up"))   # step 1 while the stage is at 0
+        too_far = unpack(await server.answer(forward(2), "up"))
+        assert too_far.kind == "error" and too_far.meta["retry"] and "not the current step 0" in too_far.meta["message"]
+        now = unpack(await server.answer(forward(0), "up"))
+        assert now.kind == "grads" and now.meta["step"] == 0 and not early.done()
+        assert unpack(await server.answer(pack("step", {"step": 0}, {})[0], "up")).kind == "stepped"
+        later = unpack(await early)   # the stage stepped: the waiting micro-batch ran in step 1, not from a cache
+        assert later.kind == "grads" and later.meta["step"] == 1 and worker.step_id == 1
+        repeat = unpack(await server.answer(pack("step", {"step": 0}, {})[0], "up"))   # its first reply was lost
+        assert repeat.kind == "stepped" and worker.step_id == 1
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        server.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -19,6 +19,7 @@ class DeviceProfile:
     memory_total_bytes: int
     memory_available_bytes: int
     torch_version: str = ""
+    cpu_quota_cores: float | None = None   # the CPU time a cgroup quota allows (cores), when it binds
     measured_at: float = field(default_factory=time.time)
     version: int = PROFILE_VERSION
 

@@ -2,6 +2,11 @@
 
 Results are cached per device (``$SWARM_CACHE_DIR`` or ``~/.cache/swarm``) because measuring takes
 a few seconds; ``measure(refresh=True)`` re-measures.
+
+A CPU under a cgroup quota (a container, a shared host, the testbed) runs at full speed for part of
+every scheduler period and not at all for the rest, so a short timed run reads anywhere between the
+sustained and the full rate. Under a quota that binds (fewer cores than torch's threads), the CPU is
+therefore timed by the process's CPU time and the rates are scaled to the cores the quota allows.
 """
 from __future__ import annotations
 
@@ -45,18 +50,52 @@ def _sync(device: str) -> None:
         torch.mps.synchronize()
 
 
-def _seconds_per_call(fn: Callable[[], object], device: str, min_time_s: float = 0.1, rounds: int = 3) -> float:
+def cpu_quota_cores(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The cores' worth of CPU time this process's cgroups allow (the tightest quota on the way to
+    the root, cgroup v1 or v2), or None without a quota."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":   # v2: cpu.max = "<quota|max> <period>"
+            base, names = root, [("cpu.max", None)]
+        elif "cpu" in controllers.split(","):
+            base, names = root / controllers, [("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+        else:
+            continue
+        group = base / path.lstrip("/")
+        while True:
+            try:
+                if names[0][1] is None:
+                    quota, period = (group / "cpu.max").read_text().split()
+                else:
+                    quota, period = (group / names[0][0]).read_text().strip(), (group / names[0][1]).read_text().strip()
+                if quota not in ("max", "-1"):
+                    quotas.append(int(quota) / int(period))
+            except (OSError, ValueError):
+                pass
+            if group == base or group.parent == group:
+                break
+            group = group.parent
+    return min(quotas) if quotas else None
+
+
+def _seconds_per_call(fn: Callable[[], object], device: str, min_time_s: float = 0.1, rounds: int = 3,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
     """Best of ``rounds`` averages over at least ``min_time_s`` each (noise only ever slows a run)."""
     fn()
     _sync(device)
     best = float("inf")
     for _ in range(rounds):
-        calls, start = 0, time.perf_counter()
+        calls, start = 0, clock()
         while True:
             fn()
             calls += 1
             _sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if elapsed >= min_time_s:
                 break
         best = min(best, elapsed / calls)
@@ -91,7 +130,7 @@ def _memory(device: str) -> tuple[int, int]:
         return pages, pages
 
 
-def _calibration(profile: DeviceProfile, repeats: int = 5) -> float:
+def _calibration(profile: DeviceProfile, repeats: int = 5, clock: Callable[[], float] = time.perf_counter) -> float:
     """Measured / predicted forward+backward time of a reference transformer block (d=384, T=256)."""
     from swarm.dag.trace import trace  # the estimator's model of a block is checked against the real thing
     from swarm.models.gpt import Block
@@ -107,31 +146,43 @@ def _calibration(profile: DeviceProfile, repeats: int = 5) -> float:
     times = []
     for i in range(repeats + 2):  # two warm-up runs
         _sync(profile.device)
-        start = time.perf_counter()
+        start = clock()
         step()
         _sync(profile.device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times[2:]) / predicted
+
+
+def under_quota(profile: DeviceProfile, cores: float) -> DeviceProfile:
+    """``profile`` measured per CPU-second, as it runs with ``cores`` cores' worth of CPU time."""
+    return dataclasses.replace(profile, matmul_tflops={k: v * cores for k, v in profile.matmul_tflops.items()},
+                               mem_bandwidth_gbps=profile.mem_bandwidth_gbps * cores,
+                               kernel_overhead_us=profile.kernel_overhead_us / min(cores, 1.0), cpu_quota_cores=cores)
 
 
 def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProfile:
     """Run the micro-benchmarks on ``device`` (a few seconds)."""
     device = resolve_device(device)
+    threads = torch.get_num_threads()
+    quota = cpu_quota_cores() if device == "cpu" else None
+    quota = quota if quota is not None and quota < threads else None
+    clock = time.process_time if quota else time.perf_counter   # CPU seconds: immune to throttling
     rates = {}
     for n in MATMUL_SIZES:
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        rates[n.bit_length() - 1] = 2 * n**3 / _seconds_per_call(lambda: a @ b, device, min_time_s) / 1e12
+        rates[n.bit_length() - 1] = 2 * n**3 / _seconds_per_call(lambda: a @ b, device, min_time_s, clock=clock) / 1e12
     x = torch.randn(4 << 20, device=device)  # 16 MiB per tensor: activation-sized, beyond L2
     y, z = torch.empty_like(x), torch.randn_like(x)
-    bandwidth = 3 * x.numel() * 4 / _seconds_per_call(lambda: torch.add(x, z, out=y), device, min_time_s) / 1e9
+    bandwidth = 3 * x.numel() * 4 / _seconds_per_call(lambda: torch.add(x, z, out=y), device, min_time_s, clock=clock) / 1e9
     tiny = torch.ones(1, device=device)
-    overhead = _seconds_per_call(lambda: tiny.add(1), device, min_time_s) * 1e6
+    overhead = _seconds_per_call(lambda: tiny.add(1), device, min_time_s, clock=clock) * 1e6
     total, available = _memory(device)
-    profile = DeviceProfile(device=device, name=_device_name(device), threads=torch.get_num_threads(),
+    profile = DeviceProfile(device=device, name=_device_name(device), threads=threads,
                             matmul_tflops=rates, mem_bandwidth_gbps=bandwidth, kernel_overhead_us=overhead,
                             calibration=1.0, memory_total_bytes=total, memory_available_bytes=available,
                             torch_version=torch.__version__)
-    return dataclasses.replace(profile, calibration=_calibration(profile))
+    profile = dataclasses.replace(profile, calibration=_calibration(profile, clock=clock))
+    return under_quota(profile, quota) if quota else profile
 
 
 def cache_dir() -> Path:
@@ -139,7 +190,9 @@ def cache_dir() -> Path:
 
 
 def _cache_path(device: str) -> Path:
-    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{_device_name(device)}-t{torch.get_num_threads()}-torch{torch.__version__}")
+    quota = cpu_quota_cores() if device == "cpu" else None
+    limit = f"-q{quota:.3g}" if quota is not None and quota < torch.get_num_threads() else ""
+    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{_device_name(device)}-t{torch.get_num_threads()}{limit}-torch{torch.__version__}")
     return cache_dir() / "profiles" / f"{key.strip('-')}.json"
 
 

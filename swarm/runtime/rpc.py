@@ -11,7 +11,11 @@ A request and its reply are each one length-prefixed wire frame (``swarm.wire``)
   stage (by micro-batch id); if that replica cannot be reached it is retried on the others.
 - ``step`` {step}: sent by every replica of the previous stage once its micro-batches are done. When
   all have arrived, the stage sums its gradients with its replicas (``reduce``), applies one optimizer
-  step and passes ``step`` on; the reply comes once everything downstream has stepped too.
+  step and passes ``step`` on (retrying a transient failure); the reply comes once everything
+  downstream has stepped too. Only the first stage's own driver hears as soon as that stage has
+  stepped, so the next step enters the pipeline right behind the step message: a request for the
+  step after the current one waits (up to the time-out) until the stage has stepped. A failure to
+  pass a step on fails the next one.
 - ``reduce`` {step, part}: a replica's part of the flat gradient for its owner; the reply is the sum
   over all replicas (``swarm.runtime.allreduce``).
 
@@ -191,6 +195,10 @@ class Counters:
     retries: int = 0
     compute_s: float = 0.0      # forward + backward seconds, over ...
     micro_batches: int = 0      # ... this many micro-batches
+    compute_cpu_s: float = 0.0  # CPU seconds of the compute thread in those passes
+    fill_s: float = 0.0         # per step: from the previous optimizer step to the first pass ...
+    drain_s: float = 0.0        # ... and from the last pass to this step's optimizer step (summed), of which
+    reduce_s: float = 0.0       # ... summing gradients with the replicas and applying them
     ratios: dict[str, float] = field(default_factory=dict)   # last ratio used, by next-stage peer
     sent_to: dict[str, int] = field(default_factory=dict)    # bytes_sent by receiving peer ...
     reduce_to: dict[str, int] = field(default_factory=dict)  # ... and the all-reduce's share of them
@@ -219,12 +227,15 @@ class StageServer:
         self.slots = max_requests
         self.banned: dict[str, float] = {}
         self.arrived: dict[int, set[str]] = {}
-        self.replies: dict[int, bytes] = {}   # this step's answered micro-batches (retries get the same reply)
+        self.replies: dict[tuple[int, int], bytes] = {}   # (step, mb) answered (retries get the same reply)
         self.draining = False                 # finish the step in progress, take no new one
         self.all_in: dict[int, asyncio.Event] = {}
         self.finishing: dict[int, asyncio.Task] = {}
         self.rounds: dict[int, ReduceRound] = {}
+        self.advanced = asyncio.Condition()          # notified after every optimizer step
+        self.passing: asyncio.Task | None = None     # passing the newest step on downstream
         self.flat_numel = sum(p.numel() for p in worker.params)
+        self.step_began, self.first_pass, self.last_pass = time.perf_counter(), None, 0.0   # this step's timeline
         self.stepped: Callable[[int], None] = lambda step: None   # hook after every optimizer step
 
     @property
@@ -253,45 +264,71 @@ class StageServer:
         self.slots -= 1
         try:
             msg = unpack(frame, self.limits)
+            if msg.kind in ("forward", "step"):   # the first stage is driven by its own node
+                self._check_sender(sender, self.peers.upstream or (self.peers.me,), "a previous-stage replica")
+            elif msg.kind == "reduce":
+                self._check_sender(sender, tuple(p for p in self.peers.replicas if p != self.peers.me), "a replica")
+            else:
+                raise SwarmError(f"unknown request kind '{msg.kind}'")
             step = msg.meta.get("step")
-            if not isinstance(step, int) or step != self.worker.step_id:
-                raise (Retry if isinstance(step, int) and step > self.worker.step_id else SwarmError)(
-                    f"step {step!r} is not the current step {self.worker.step_id}")
-            upstream = self.peers.upstream or (self.peers.me,)   # the first stage is driven by its own node
+            if msg.kind == "step" and type(step) is int and step == self.worker.step_id - 1:
+                return pack("stepped", {"step": step}, {})[0]   # a repeat whose first reply was lost
+            await self._reach(step)
             if msg.kind == "forward" and self.draining and not self.replies:
                 raise Retry("stage leaving: it takes no new step")
-            if msg.kind in ("forward", "step"):
-                self._check_sender(sender, upstream, "a previous-stage replica")
-                return await (self._forward(msg, msg.meta.get("mb")) if msg.kind == "forward" else self._step(step, sender))
-            if msg.kind == "reduce":
-                self._check_sender(sender, tuple(p for p in self.peers.replicas if p != self.peers.me), "a replica")
-                return await self._reduce(msg, sender)
-            raise SwarmError(f"unknown request kind '{msg.kind}'")
+            if msg.kind == "forward":
+                return await self._forward(msg, msg.meta.get("mb"))
+            return await (self._step(step, sender) if msg.kind == "step" else self._reduce(msg, sender))
         except Exception as e:
             self.counters.errors += 1
             return error_frame(e)
         finally:
             self.slots += 1
 
+    async def _reach(self, step) -> None:
+        """Return once ``step`` is the current step: at once, or (for the next one) after this stage
+        has stepped; any other step id is an error."""
+        current = self.worker.step_id
+        if isinstance(step, int) and step == current + 1:
+            async with self.advanced:
+                try:
+                    await asyncio.wait_for(self.advanced.wait_for(lambda: self.worker.step_id >= step), self.timeout_s)
+                except asyncio.TimeoutError:
+                    raise Retry(f"step {step} requested, but this stage is still at step {current}") from None
+            current = self.worker.step_id
+        if not isinstance(step, int) or step != current:
+            raise (Retry if isinstance(step, int) and step > current else SwarmError)(
+                f"step {step!r} is not the current step {current}")
+
     def _check_sender(self, sender: str, allowed: tuple[str, ...], what: str) -> None:
         if sender not in allowed:
             raise SwarmError(f"peer {sender[-8:]} is not {what} of stage {self.worker.stage.io.index}")
 
     async def _run(self, backward: bool, fn, *args):
-        """(result, seconds of compute) of ``fn(*args)`` on the compute thread."""
+        """``fn(*args)`` on the compute thread (1F1B: backward work first)."""
+        return await self.compute.run(0 if backward and self.backward_first else 1, fn, *args)
+
+    async def _pass(self, backward: bool, fn, *args):
+        """(result, seconds) of a forward or backward pass on the compute thread, noted in the step's timeline."""
         def timed():
-            started = time.perf_counter()
-            return fn(*args), time.perf_counter() - started
-        return await self.compute.run(0 if backward and self.backward_first else 1, timed)
+            started, cpu = time.perf_counter(), time.thread_time()
+            result = fn(*args)
+            self.last_pass = time.perf_counter()
+            self.counters.compute_cpu_s += time.thread_time() - cpu
+            if self.first_pass is None:
+                self.first_pass = started
+            return result, self.last_pass - started
+        return await self._run(backward, timed)
 
     async def _forward(self, msg: Message, mb) -> bytes:
         if not isinstance(mb, int) or mb < 0:
             raise SwarmError(f"bad micro-batch id {mb!r}")
-        if mb in self.replies:   # a retry whose first reply was lost: the same answer, nothing accumulated twice
-            return self.replies[mb]
+        key = (self.worker.step_id, mb)
+        if key in self.replies:   # a retry whose first reply was lost: the same answer, nothing accumulated twice
+            return self.replies[key]
         reply = await self._compute_forward(msg, mb)
         if len(self.replies) < MAX_CACHED_REPLIES:
-            self.replies[mb] = reply
+            self.replies[key] = reply
         return reply
 
     async def _compute_forward(self, msg: Message, mb: int) -> bytes:
@@ -303,10 +340,10 @@ class StageServer:
         if not isinstance(scale, (int, float)) or not 0 < scale <= 1:
             raise SwarmError(f"bad loss scale {scale!r}")
         targets, step = msg.tensors.get("targets"), self.worker.step_id
-        outputs, forward_s = await self._run(False, self.worker.forward, mb, inputs, targets, float(scale))
+        outputs, forward_s = await self._pass(False, self.worker.forward, mb, inputs, targets, float(scale))
         if not self.peers.downstream:
             loss = outputs[0].item()
-            grads, backward_s = await self._run(True, self.worker.backward, mb, None)
+            grads, backward_s = await self._pass(True, self.worker.backward, mb, None)
         else:
             try:
                 reply = await self._send_forward(step, mb, float(scale), outputs, targets)
@@ -315,7 +352,7 @@ class StageServer:
                 raise
             loss = reply.meta.get("loss")
             out_grads = [reply.tensors.get(f"g{i}") for i in range(len(outputs))]
-            grads, backward_s = await self._run(True, self.worker.backward, mb, out_grads)
+            grads, backward_s = await self._pass(True, self.worker.backward, mb, out_grads)
         self.counters.compute_s += forward_s + backward_s
         self.counters.micro_batches += 1
         if self.policy is not None:
@@ -370,31 +407,62 @@ class StageServer:
         except asyncio.TimeoutError:
             raise Retry(f"step {step}: not every previous-stage replica finished in time") from None
         await asyncio.wait_for(asyncio.shield(self.finishing[step]), self.timeout_s)
+        if sender != self.peers.me:   # a previous stage hears once the step reached the end of the pipeline
+            await asyncio.wait_for(self.settle(), self.timeout_s)
         return pack("stepped", {"step": step}, {})[0]
 
     async def _finish(self, step: int) -> None:
         """All micro-batches of ``step`` are done here: sum with the replicas, step, pass it on."""
-        async def downstream(peer: str) -> None:
-            check_reply(unpack(await self.call(peer, pack("step", {"step": step}, {})[0]), self.limits),
-                        f"step at stage {self.worker.stage.io.index + 1}")
-
         try:
-            await asyncio.gather(self._reduce_and_apply(step), *(downstream(p) for p in self.peers.downstream))
+            if self.passing is not None:
+                await self.passing   # the previous step reached every downstream stage
+            self.passing = asyncio.ensure_future(self._pass_on(step))   # the next stage sums and steps meanwhile
+            started = time.perf_counter()
+            await self._reduce_and_apply(step)
+            self.counters.reduce_s += time.perf_counter() - started
         except BaseException:
             self.finishing.pop(step, None)   # the previous stage may send ``step`` again
             raise
         finally:
             for table in (self.arrived, self.all_in, self.rounds):
                 table.pop(step, None)
-        self.replies.clear()
+        self.replies = {k: r for k, r in self.replies.items() if k[0] > step}
+        now = time.perf_counter()
+        if self.first_pass is not None:
+            self.counters.fill_s += self.first_pass - self.step_began
+            self.counters.drain_s += now - self.last_pass
+        self.step_began, self.first_pass = now, None
         for old in [s for s in self.finishing if s < step]:   # (the current one: late waiters may still look)
             del self.finishing[old]
+        async with self.advanced:
+            self.advanced.notify_all()
         self.stepped(step)
+
+    async def _pass_on(self, step: int) -> None:
+        """Send ``step`` to every next-stage replica, again after a transient failure, until the time-out."""
+        async def one(peer: str) -> None:
+            deadline, delay = time.monotonic() + self.timeout_s, 0.05
+            while True:
+                try:
+                    check_reply(unpack(await self.call(peer, pack("step", {"step": step}, {})[0]), self.limits),
+                                f"step at stage {self.worker.stage.io.index + 1}")
+                    return
+                except Retry:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                await asyncio.sleep(delay)   # back-off: the peer may be restarting
+                delay = min(2 * delay, 2.0)
+        await asyncio.gather(*(one(p) for p in self.peers.downstream))
+
+    async def settle(self) -> None:
+        """Wait until the newest step has been passed on to every downstream stage (raises its failure)."""
+        if self.passing is not None:
+            await self.passing
 
     async def _reduce_and_apply(self, step: int) -> None:
         replicas = self.peers.replicas
         if len(replicas) > 1 and self.flat_numel:
-            flat, _ = await self._run(True, self.worker.flat_grads)
+            flat = await self._run(True, self.worker.flat_grads)
             bounds = parts(self.flat_numel, len(replicas))
             mine = replicas.index(self.peers.me)
             self._round(step, mine).add(self.peers.me, flat[slice(*bounds[mine])].clone())
@@ -433,22 +501,25 @@ class StageServer:
     @property
     def between_steps(self) -> bool:
         """No micro-batch of an unfinished step has been answered or is in flight here."""
-        return not self.replies and not self.worker.saved and not self.arrived
+        return not self.replies and not self.worker.saved and not self.arrived and (self.passing is None or self.passing.done())
 
     def close(self) -> None:
+        if self.passing is not None:
+            self.passing.cancel()
         self.compute.close()
 
 
 async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int,
                      in_flight: int = 4, rank: int = 0, world: int = 1, deadline_s: float = 300.0,
-                     done: dict[int, float] | None = None) -> float:
+                     done: dict[int, float] | None = None, settle: bool = True) -> float:
     """One optimizer step driven by a first-stage replica: its ``micro_batches`` go down the pipeline
     concurrently (at most ``in_flight``), their gradients come back, then every stage steps. Losses
     are scaled by ``1 / (micro_batches * world)``: the replicas' summed gradients are the global mean.
     A micro-batch that failed with a retryable error is sent again until ``deadline_s``; ``done``
     (micro-batch id -> loss) carries what already went through over calls for the same step, so a
-    retried step never sends a finished micro-batch twice. Returns the mean loss of this replica's
-    micro-batches."""
+    retried step never sends a finished micro-batch twice. With ``settle`` it returns once every stage
+    has stepped, else once this stage has (the next step may follow the step message down the pipeline).
+    Returns the mean loss of this replica's micro-batches."""
     step, me = first.worker.step_id, first.peers.me
     done = {} if done is None else done
     gate = asyncio.Semaphore(in_flight)
@@ -474,4 +545,6 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
     losses = await asyncio.gather(*(one(m, x, y) for m, (x, y) in enumerate(zip(inputs.chunk(micro_batches),
                                                                                  targets.chunk(micro_batches)))))
     check_reply(unpack(await first.answer(pack("step", {"step": step}, {})[0], me), first.limits), "step")
+    if settle:
+        await first.settle()
     return sum(losses) / len(losses)

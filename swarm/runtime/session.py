@@ -143,7 +143,7 @@ class TrainingSession:
             x, y = self.data.batch(step, m * mbs, self.rank, self.world)
             try:
                 loss = await train_step(self.server, x, y, m, in_flight, self.rank, self.world,
-                                        deadline_s=self.training.timeout_s * 2, done=done)
+                                        deadline_s=self.training.timeout_s * 2, done=done, settle=False)
             except SwarmError as e:   # a peer died or fell behind: retry the step until a new plan replaces us
                 self.failed, failures = str(e), failures + 1
                 if failures == 1:
@@ -158,6 +158,10 @@ class TrainingSession:
             self._record(step, time.perf_counter() - started, loss=loss, samples=m * mbs * self.world)
             started = time.perf_counter()
         if self.done:
+            try:
+                await self.server.settle()   # the last step reached every stage
+            except SwarmError as e:
+                self.log(f"warning: the last step did not reach every stage ({e})")
             self.log(f"training finished at step {self.step} (max_steps)")
 
     async def capture(self, ops: list[str]) -> dict[str, OpState]:
@@ -184,7 +188,8 @@ class TrainingSession:
         c = self.server.counters
         row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
                "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
-               "compute_s": c.compute_s, "micro_batches": c.micro_batches,
+               "compute_s": c.compute_s, "micro_batches": c.micro_batches, "compute_cpu_s": c.compute_cpu_s,
+               "fill_s": c.fill_s, "drain_s": c.drain_s, "reduce_s": c.reduce_s, "cpu_s": time.process_time(),
                "ratio": max(c.ratios.values(), default=1.0), "sent_to": dict(c.sent_to), "reduce_to": dict(c.reduce_to)}
         if loss is not None:
             row.update(loss=loss, samples=samples, step_s=seconds, samples_per_s=samples / seconds if seconds else None)

@@ -61,6 +61,16 @@ class Plan:
                         "previous": list(prev), "next": list(nxt)}
         return {"stage": None, "spare": peer_id in self.spares}
 
+    def summary(self) -> str:
+        """One line: each stage's peers (id tails) and predicted compute, each link's bandwidth and ratio."""
+        parts = []
+        for s in self.stages:
+            parts.append(f"[{' '.join(p[-6:] for p in s.peers)}] {s.compute_s:.3g} s")
+            if s.index < len(self.links):
+                link = self.links[s.index]
+                parts.append(f"{link.bandwidth_bps / 1e6:.3g} Mbit/s x{link.ratio:.3g}")
+        return " | ".join(parts) + f"; {self.micro_batches} micro-batches, predicted step {self.predicted_step_s:.3g} s"
+
     def to_dict(self) -> dict:
         def clean(d: dict) -> dict:
             return {k: (_round(v) if isinstance(v, float) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
