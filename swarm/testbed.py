@@ -136,8 +136,13 @@ class Testbed:
     def start(self, i: int, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Run ``argv`` in node ``i``'s namespace and CPU cgroup (its own process group)."""
         group = CGROUP / str(i) / "cgroup.procs"
-        script = f'echo $$ > {group} && exec ip netns exec {self.namespace(i)} "$@"'
-        proc = subprocess.Popen(["sh", "-c", script, "sh", *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
+        join = f'echo $$ > {group} && exec "$@"'
+        # ``ip netns exec`` mounts a fresh /sys without cgroups: mount the cpu controller again (in that
+        # command's own mount namespace), so the node can read its quota (``estimator.profile``)
+        mount = ('(mount -t tmpfs cgroups /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/cpu && '
+                 'mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu) 2>/dev/null; exec "$@"')
+        argv = ["sh", "-c", join, "sh", "ip", "netns", "exec", self.namespace(i), "sh", "-c", mount, "sh", *argv]
+        proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, **(env or {})})
         self.procs.append(proc)
         return proc

@@ -49,6 +49,10 @@ def test_sites_get_their_rates_and_cpu_quotas_and_nothing_is_left(tmp_path):
         got = (tmp_path / "server.log").read_text().split()
         mbit = 8 * int(got[got.index("got") + 1]) / float(got[got.index("in") + 1]) / 1e6
         assert 15 <= mbit <= 25, mbit
+        quota = bed.start(1, [sys.executable, "-c", "from swarm.estimator.profile import cpu_quota_cores; "
+                                                    "print(cpu_quota_cores())"], tmp_path / "quota.log",
+                          {"PYTHONPATH": str(ROOT)})
+        assert quota.wait(60) == 0 and (tmp_path / "quota.log").read_text().split() == ["0.25"]   # a node sees its quota
         sleeper = bed.start(1, ["sleep", "600"], tmp_path / "sleep.log")
     assert sleeper.poll() is not None and leftovers() == []
 
