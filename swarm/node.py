@@ -166,6 +166,23 @@ def _bandwidth_from(views: list[MembershipView], me: str) -> Callable[[str], flo
     return bandwidth
 
 
+def _model_tflops(traced, device: str) -> float:
+    """TFLOP/s of a training pass of the whole model at the micro-batch size on ``device`` (a copy of
+    the model: the node's own stays untouched on the CPU)."""
+    import copy
+
+    import torch
+
+    from swarm.estimator.profile import measure_training_tflops
+    from swarm.runtime.session import model_io
+
+    shape, dtype, _ = model_io(traced)
+    kind = getattr(torch, dtype)
+    example = torch.randn(shape, dtype=kind) if kind.is_floating_point else torch.zeros(shape, dtype=kind)
+    module = traced.gm if device == "cpu" else copy.deepcopy(traced.gm).to(device)
+    return measure_training_tflops(module, [example.to(device)], traced.dag.total_flops, device)
+
+
 def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
     """Serve until SIGINT/SIGTERM: publish the member record every ``heartbeat_s``, take part in the
     election of the plan, and train this node's stage of the committed plan."""
@@ -188,6 +205,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
     profile = load_or_measure(cfg.device)
     traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)
     training_data(cfg.training.data, *model_io(traced))   # a bad data source is an error now, not after the election
+    model_tflops = _model_tflops(traced, profile.device)
     workload = Workload.from_dag(traced.dag)
     validators = make_validators(net.prefix, identity.key)
     dht = start_dht(net, peers, validators, identity.path, authorizer=authorizer)
@@ -203,7 +221,11 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                 started_at=time.time(),
                 credential=authorizer.credential.token.SerializeToString() if authorizer else None)
             record.codec_bps = measure_codec_rate()   # replaced by the running stage's own measurements
+            record.model_tflops = model_tflops
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
+            quota = f" (a CPU quota of {profile.cpu_quota_cores:g} cores)" if profile.cpu_quota_cores else ""
+            log(f"device {profile.device} {profile.name}{quota}: {profile.tflops:.3g} TFLOP/s peak matmul, "
+                f"{model_tflops:.3g} TFLOP/s training {cfg.model}")
             members: set[str] = set()  # private swarms: the peers our RPCs answer (from the last view)
             probes = _ProbeSchedule(dht, net.probe_interval_s, admit=members.__contains__ if authorizer else None, log=log)
             max_ratio = cfg.compression.max_ratio if cfg.compression.mode != "off" else 1.0   # plan what will run

@@ -164,8 +164,7 @@ def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProf
     """Run the micro-benchmarks on ``device`` (a few seconds)."""
     device = resolve_device(device)
     threads = torch.get_num_threads()
-    quota = cpu_quota_cores() if device == "cpu" else None
-    quota = quota if quota is not None and quota < threads else None
+    quota = binding_quota(device)
     clock = time.process_time if quota else time.perf_counter   # CPU seconds: immune to throttling
     rates = {}
     for n in MATMUL_SIZES:
@@ -185,13 +184,50 @@ def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProf
     return under_quota(profile, quota) if quota else profile
 
 
+def binding_quota(device: str) -> float | None:
+    """The CPU quota (cores) when it allows fewer cores than torch's threads, else None."""
+    quota = cpu_quota_cores() if device == "cpu" else None
+    return quota if quota is not None and quota < torch.get_num_threads() else None
+
+
+def measure_training_tflops(module: torch.nn.Module, inputs: list[torch.Tensor], flops: float,
+                            device: str = "cpu", repeats: int = 3) -> float:
+    """TFLOP/s this device sustains on a training pass (forward + backward, ``flops`` in all) of
+    ``module`` on ``inputs``: best of ``repeats`` after a warm-up, CPU time scaled to a binding quota.
+    Leaves no gradient behind."""
+    device = resolve_device(device)
+    quota = binding_quota(device)
+    clock = time.process_time if quota else time.perf_counter
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step() -> None:
+        out = module(*inputs)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        sum(o.float().sum() for o in outs if torch.is_tensor(o) and o.is_floating_point()).backward()
+
+    best = float("inf")
+    try:
+        for i in range(repeats + 1):
+            _sync(device)
+            start = clock()
+            step()
+            _sync(device)
+            if i:
+                best = min(best, clock() - start)
+    finally:
+        for p in params:
+            p.grad = None
+    rate = flops / max(best, 1e-9) / 1e12
+    return rate * quota if quota else rate
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SWARM_CACHE_DIR") or Path.home() / ".cache" / "swarm")
 
 
 def _cache_path(device: str) -> Path:
-    quota = cpu_quota_cores() if device == "cpu" else None
-    limit = f"-q{quota:.3g}" if quota is not None and quota < torch.get_num_threads() else ""
+    quota = binding_quota(device)
+    limit = f"-q{quota:.3g}" if quota else ""
     key = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{_device_name(device)}-t{torch.get_num_threads()}{limit}-torch{torch.__version__}")
     return cache_dir() / "profiles" / f"{key.strip('-')}.json"
 

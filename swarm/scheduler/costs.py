@@ -13,10 +13,14 @@ and takes an equal share of the micro-batches, so the slowest replica sets the p
 
 ``C_s`` is the activation cut after stage ``s`` (the gradient coming back has the same size; AdaTopK
 reuses the forward mask, so one ratio serves both), ``bw_s`` the slowest pair between the two replica
-sets, ``bw_within`` the slowest pair inside one. A step of ``M`` micro-batches through ``S`` stages::
+sets, ``bw_within`` the slowest pair inside one. Each of the ``|R_0|`` first-stage replicas drives
+``M`` micro-batches per step; one micro-batch crosses the whole pipeline (fill and drain) in ``trip``,
+the others follow at the bottleneck's pace. The plan's figure of merit is the step time per ``M``
+micro-batches (comparable between plans with different ``|R_0|``)::
 
     bottleneck = max(max_s compute_s, max_s link_s)
-    step = (M + S - 1) * bottleneck + max_s allreduce_s
+    trip = sum_s |R_s| compute_s + sum_s min(|R_s|, |R_s+1|) link_s
+    step = ((M |R_0| - 1) * bottleneck + trip + max_s allreduce_s) / |R_0|
 
 Each link then gets the *smallest* ratio that keeps it within the bottleneck (compress no harder
 than needed: fewer dropped values, better accuracy), and none if raw transfer already fits.
@@ -43,7 +47,7 @@ class PeerSpec:
 
 @dataclass(frozen=True)
 class PlanSettings:
-    micro_batches: int = 8              # M: micro-batches per optimizer step
+    micro_batches: int = 8              # M: micro-batches per optimizer step and first-stage replica
     in_flight: int = 4                  # micro-batches whose activations a stage holds at once
     optimizer: str = "adam"
     kernel_overhead_s: float = 10e-6    # per launched kernel (dominates small ops on CPU)

@@ -107,8 +107,8 @@ class Plan:
         for the RPC latency the model does not price, so the slowest resource never waits for work;
         at least one per stage, at most all of them."""
         s = len(self.stages)
-        trip = sum(st.compute_s * len(st.peers) for st in self.stages) + sum(
-            link.time_s * min(len(self.stages[link.src].peers), len(self.stages[link.dst].peers)) for link in self.links)
+        trip = round_trip([st.compute_s for st in self.stages], [len(st.peers) for st in self.stages],
+                          [link.time_s for link in self.links])
         need = math.ceil(trip / (self.bottleneck_s * len(self.stages[0].peers)) - 1e-9) + 1 if self.bottleneck_s > 0 else s
         return max(s, min(self.micro_batches, need))
 
@@ -135,6 +135,13 @@ class Plan:
         return "\n".join(lines)
 
 
+def round_trip(compute_s: list[float], replicas: list[int], link_s: list[float]) -> float:
+    """Seconds one micro-batch takes through every stage and link, forward and back: each stage's and
+    link's per-micro-batch time at full replication (``costs``) times the replicas that share it."""
+    flows = [min(a, b) for a, b in zip(replicas, replicas[1:])]
+    return sum(c * r for c, r in zip(compute_s, replicas)) + sum(t * f for t, f in zip(link_s, flows))
+
+
 def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list[int]]], settings: PlanSettings,
              compress: bool = True) -> Plan:
     """The exact cost model (see ``costs``) of stages given as ((first seg, stop seg), peer indices)."""
@@ -151,7 +158,9 @@ def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list
     ratios = [ratio_for(c, bw, f, bottleneck, settings) if compress else 1.0 for c, bw, f in raw_links]
     links = tuple(LinkPlan(s, s + 1, bw, c, r, link_time(c, bw, f, r, settings))
                   for s, ((c, bw, f), r) in enumerate(zip(raw_links, ratios)))
-    step = (settings.micro_batches + len(stages) - 1) * bottleneck + max(c.allreduce_s for c in costs)
+    r0 = len(stages[0][1])
+    trip = round_trip([c.compute_s for c in costs], [len(peers) for _, peers in stages], [link.time_s for link in links])
+    step = ((settings.micro_batches * r0 - 1) * bottleneck + trip + max(c.allreduce_s for c in costs)) / r0
     used = {p for _, peers in stages for p in peers}
     plan_stages = []
     for s, (((a, b), peers), c) in enumerate(zip(stages, costs)):
