@@ -62,6 +62,7 @@ class _RecordV1(pv1.BaseModel):
     step: Optional[pv1.StrictInt] = None
     codec_bps: Optional[pv1.StrictFloat] = None
     model_tflops: Optional[pv1.StrictFloat] = None
+    cpu_cores: Optional[pv1.StrictFloat] = None
     holds: Optional[List[List[pv1.StrictInt]]] = None
     ready: Optional[pv1.StrictStr] = None
 
@@ -105,6 +106,7 @@ class MemberRecord:
     step: int | None = None           # optimizer steps this node's stage has applied
     codec_bps: float | None = None    # measured AdaTopK encode + decode throughput (raw bytes/s)
     model_tflops: float | None = None  # measured TFLOP/s on a training pass of the swarm's model (planning uses it)
+    cpu_cores: float | None = None     # a CPU quota its process runs under (cores), if any
     holds: list[list[int]] | None = None   # [first op, stop op, step]: state this node can hand over
     ready: str | None = None          # hash of the plan whose stage this node runs (state loaded)
 
@@ -123,7 +125,7 @@ class MemberRecord:
         for name in ("bandwidth_bps", "rtt_s"):  # the most recent measurements, capped
             d[name] = {k: float(v) for k, v in list(d[name].items())[-MAX_LINKS:]}
         d["memory_bytes"] = int(d["memory_bytes"])
-        for name in ("codec_bps", "model_tflops"):
+        for name in ("codec_bps", "model_tflops", "cpu_cores"):
             if d[name] is not None:
                 d[name] = float(d[name])
         return d

@@ -158,6 +158,16 @@ class _ProbeSchedule:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+def steady(view: MembershipView, record: MemberRecord, plan) -> bool:
+    """This node trains a stage of the plan every member runs, and nobody votes for another: its
+    heartbeat may slow down (to a quarter of the record TTL) and leave the CPU to training; any change
+    speeds it up again. Spares keep the pace: they fetch backups on heartbeats and have CPU to spare."""
+    if plan is None or record.stage is None or record.committed_hash != plan.hash or set(view.members) != set(plan.members):
+        return False
+    return all(r.state == "online" and r.committed_hash == plan.hash and r.vote_hash in (None, plan.hash)
+               for r in view.members.values())
+
+
 def _bandwidth_from(views: list[MembershipView], me: str) -> Callable[[str], float | None]:
     """Bits/s to a peer from the newest view (either side's probe, or the documented estimate)."""
     def bandwidth(peer: str) -> float | None:
@@ -221,7 +231,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                 started_at=time.time(),
                 credential=authorizer.credential.token.SerializeToString() if authorizer else None)
             record.codec_bps = measure_codec_rate()   # replaced by the running stage's own measurements
-            record.model_tflops = model_tflops
+            record.model_tflops, record.cpu_cores = model_tflops, profile.cpu_quota_cores
             log(f"peer {record.peer_id} listening on {' '.join(maddrs)}")
             quota = f" (a CPU quota of {profile.cpu_quota_cores:g} cores)" if profile.cpu_quota_cores else ""
             log(f"device {profile.device} {profile.name}{quota}: {profile.tflops:.3g} TFLOP/s peak matmul, "
@@ -250,7 +260,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                     follower.follow(elector.plan, view, record)
                 if not membership.publish(record):
                     log("warning: could not store the member record this round")
-                stop.wait(net.heartbeat_s)
+                stop.wait(net.heartbeat_s if not steady(view, record, elector.plan) else max(net.heartbeat_s, net.ttl_s / 4))
             # leaving: finish the step in progress (still a member), then out of elections with training
             # stopped, the state served until the others took it over
             deadline = time.monotonic() + net.leave_timeout_s

@@ -18,8 +18,8 @@ from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, basel
 
 def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
     """The planning input for ``members`` from their records and the measured bandwidth matrix."""
-    peers = [PeerSpec(m, view.members[m].model_tflops or view.members[m].tflops, view.members[m].memory_bytes)
-             for m in members]
+    peers = [PeerSpec(m, view.members[m].model_tflops or view.members[m].tflops, view.members[m].memory_bytes,
+                      view.members[m].cpu_cores) for m in members]
     return Swarm.build(peers, view.bandwidth)
 
 

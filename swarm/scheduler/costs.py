@@ -5,13 +5,17 @@ so that every node computes the same prediction from the same inputs. Per micro-
 size, for stage ``s`` holding ops ``[a, b)`` on replicas ``R_s`` (each replica holds the whole stage
 and takes an equal share of the micro-batches, so the slowest replica sets the pace)::
 
-    compute_s  = F_s / (|R_s| * min_{p in R_s} tflops_p * 1e12) + K_s * kernel_overhead / |R_s|
+    compute_s  = F_s / (|R_s| * min_{p in R_s} tflops_p * 1e12) + (K_s * kernel_overhead + calls_s * rpc_s) / |R_s|
     memory_s   = (2 + optimizer states) * P_s + buffers_s + A_s * in_flight    <= min memory of R_s
     link_s     = min(raw, raw / ratio_max + codec)     raw = 2 C_s / (bw_s * min(|R_s|, |R_s+1|))
     codec      = 2 C_s / (codec_bytes_per_s * min(|R_s|, |R_s+1|))
     allreduce_s = 2 (|R_s| - 1) / |R_s| * P_s / bw_within(R_s)                   once per step
 
-``C_s`` is the activation cut after stage ``s`` (the gradient coming back has the same size; AdaTopK
+``calls_s`` is 2 for a middle stage (the request in from the previous stage, the one out to the
+next), 1 for the first and last; ``rpc_s = rpc_cpu_s / min(1, CPU cores of the slowest replica)`` is
+what one call costs an end in CPU (a new stream, the frames, the p2p daemon): per stage boundary and
+micro-batch, so a pipeline pays for every extra stage even where the link is fast. ``C_s`` is the
+activation cut after stage ``s`` (the gradient coming back has the same size; AdaTopK
 reuses the forward mask, so one ratio serves both), ``bw_s`` the slowest pair between the two replica
 sets, ``bw_within`` the slowest pair inside one. Each of the ``|R_0|`` first-stage replicas drives
 ``M`` micro-batches per step; one micro-batch crosses the whole pipeline (fill and drain) in ``trip``,
@@ -43,6 +47,7 @@ class PeerSpec:
     peer_id: str
     tflops: float
     memory_bytes: int
+    cpu_cores: float | None = None      # the CPU time its runtime may use (a quota); None: a core or more
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class PlanSettings:
     kernel_overhead_s: float = 10e-6    # per launched kernel (dominates small ops on CPU)
     max_ratio: float = 16.0             # AdaTopK's hardest compression
     codec_bytes_per_s: float = 2e8      # AdaTopK encode+decode throughput, raw bytes/s (benchmarks.codec, 2-core CPU)
+    rpc_cpu_s: float = 2.5e-3           # CPU seconds per pipeline call at each end (stream, frames, daemon; benchmarks.rpc)
     max_stages: int = 16                # search bound; also bounds pipeline fill time
     stages: int = 0                     # exactly this many stages (0: the scheduler chooses)
     max_replicas: int = 0               # peers per stage at most (0: no limit; the rest become spares)
@@ -170,12 +176,20 @@ class StageCosts:
     allreduce_s: float
 
 
+def rpc_s(cores: list[float | None], settings: PlanSettings) -> float:
+    """Seconds of a replica's time one pipeline call costs at one end: its CPU work at the CPU share
+    of the slowest replica (a saturated node under a quota of ``c < 1`` cores pays ``1 / c`` of it)."""
+    return settings.rpc_cpu_s / min([1.0] + [c for c in cores if c])
+
+
 def stage_costs(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list[int],
                 settings: PlanSettings) -> StageCosts:
     a, b = segs
     tflops = group_tflops([swarm.peers[p].tflops for p in replicas])
     r = len(replicas)
-    compute = (w.flops[b] - w.flops[a]) / (tflops * 1e12) + (w.kernels[b] - w.kernels[a]) * settings.kernel_overhead_s / r
+    calls = (a > 0) + (b < w.n)   # the request in from the previous stage, the one out to the next
+    compute = (w.flops[b] - w.flops[a]) / (tflops * 1e12) + (w.kernels[b] - w.kernels[a]) * settings.kernel_overhead_s / r \
+        + calls * rpc_s([swarm.peers[p].cpu_cores for p in replicas], settings) / r
     params = w.param_bytes[b] - w.param_bytes[a]
     allreduce = 2 * (r - 1) / r * params * 8 / swarm.min_bw(replicas, replicas) if r > 1 else 0.0
     return StageCosts(float(compute), float(w.memory(a, b, settings)), float(allreduce))

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from swarm.scheduler.costs import PlanSettings, Swarm, Workload, group_tflops
+from swarm.scheduler.costs import PlanSettings, Swarm, Workload, group_tflops, rpc_s
 from swarm.scheduler.fences import chain_orders, fence_bandwidth, fence_levels
 from swarm.scheduler.plan import Plan, evaluate
 
@@ -48,6 +48,7 @@ class _Units:
                 self.fence_of.append(k)
         u = len(self.members)
         self.tflops = np.array([min(swarm.peers[p].tflops for p in m) for m in self.members])
+        self.cores = [[swarm.peers[p].cpu_cores for p in m] for m in self.members]
         self.count = np.array([len(m) for m in self.members])
         self.memory = np.array([min(swarm.peers[p].memory_bytes for p in m) for m in self.members], dtype=np.float64)
         self.bw = np.array([[swarm.min_bw(a, b) for b in self.members] for a in self.members])  # diag: inside a unit
@@ -69,10 +70,12 @@ class _Ranges:
         self.flops, self.kernels, self.params = pick(w.flops), pick(w.kernels), pick(w.param_bytes)
         self.memory = w.memory(self.lo, self.hi, settings)
 
-    def stage(self, tflops: float, replicas: int, inner_bw: float, memory: float) -> np.ndarray:
-        """Compute plus all-reduce amortised over the step's micro-batches, per range."""
+    def stage(self, tflops: float, replicas: int, inner_bw: float, memory: float, rpc: float) -> np.ndarray:
+        """Compute (with ``rpc`` seconds per pipeline call) plus all-reduce amortised over the step's
+        micro-batches, per range."""
         st = self.settings
-        comp = self.flops / (tflops * 1e12) + self.kernels * st.kernel_overhead_s / replicas
+        calls = (self.lo > 0).astype(np.float64) + (self.hi < self.w.n)
+        comp = self.flops / (tflops * 1e12) + (self.kernels * st.kernel_overhead_s + calls * rpc) / replicas
         if replicas > 1:
             comp = comp + 2 * (replicas - 1) / replicas * self.params * 8 / inner_bw / st.micro_batches
         cost = np.full((self.w.n, self.w.n + 1), np.inf)
@@ -108,7 +111,8 @@ def _layouts(w: Workload, swarm: Swarm, units: _Units, settings: PlanSettings) -
             r = int(units.count[j:jn].sum())
             if settings.max_replicas and r > settings.max_replicas:
                 break
-            cost = ranges.stage(r * units.tflops[j:jn].min(), r, inner, units.memory[j:jn].min())
+            cost = ranges.stage(r * units.tflops[j:jn].min(), r, inner, units.memory[j:jn].min(),
+                                rpc_s([c for v in range(j, jn) for c in units.cores[v]], settings))
             cand = np.maximum(prev[rows][:, :, None], cost[None, :, :])     # (stages, i, i')
             arg = cand.argmin(axis=1)
             best = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0, :]   # (stages, i')
@@ -162,7 +166,8 @@ def _recut(ranges: _Ranges, swarm: Swarm, groups: list[list[int]]) -> Layout | N
     best[0] = 0.0
     for k, group in enumerate(groups):
         cost = ranges.stage(group_tflops([swarm.peers[p].tflops for p in group]), len(group), swarm.min_bw(group, group),
-                            min(swarm.peers[p].memory_bytes for p in group))
+                            min(swarm.peers[p].memory_bytes for p in group),
+                            rpc_s([swarm.peers[p].cpu_cores for p in group], ranges.settings))
         start = best[:n].copy()
         if k:
             prev = groups[k - 1]

@@ -9,6 +9,7 @@
     peers:
       - {id: a100, tflops: 150, memory_gb: 80, site: eu}
       - {id: gamer, tflops: 30, memory_gb: 24, site: us, count: 4}   # gamer-0 .. gamer-3
+      - {id: pi, tflops: 0.01, memory_gb: 4, cpu_cores: 0.5}          # optional: a CPU quota
     settings: {micro_batches: 8, in_flight: 4, max_ratio: 16}       # optional PlanSettings
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ class _Peer(Strict):
     memory_gb: float = Field(gt=0)
     site: str | None = None
     count: int = Field(default=1, ge=1)
+    cpu_cores: float | None = Field(default=None, gt=0, description="a CPU quota (cores) the node runs under")
 
 
 class _Site(Strict):
@@ -74,7 +76,7 @@ def load_peers_file(path: str | Path) -> tuple[Swarm, PlanSettings, int | None]:
             if entry.site is not None and entry.site not in spec.sites:
                 raise SwarmError(f"{path}: peer '{name}' is at unknown site '{entry.site}' (add it under sites:)")
             site_of[name] = entry.site
-            peers.append(PeerSpec(name, entry.tflops, int(entry.memory_gb * 1e9)))
+            peers.append(PeerSpec(name, entry.tflops, int(entry.memory_gb * 1e9), entry.cpu_cores))
     pair_mbps, site_mbps = {}, {}
     for link in spec.links:
         a, b = link.between
