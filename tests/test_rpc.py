@@ -183,3 +183,11 @@ def test_a_request_for_the_next_step_waits_for_the_stage_to_step():
         asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
         server.close()
+
+
+def test_first_stage_replicas_start_their_round_robin_one_replica_apart():
+    hood = Neighbours("a", ("a", "b"), (), ("x", "y"), micro_batches=8)
+    first = [hood.route(mb)[0] for mb in range(16)]   # replica 0 sends ids 0..7, replica 1 ids 8..15
+    assert first.count("x") == first.count("y") == 8
+    assert first[0] != first[8] and first[7] != first[15]   # their first and last go to different replicas
+    assert hood.route(3, banned={first[3]}) == [p for p in ("x", "y") if p != first[3]] + [first[3]]

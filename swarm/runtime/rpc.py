@@ -177,12 +177,16 @@ class Neighbours:
     replicas: tuple[str, ...]
     upstream: tuple[str, ...] = ()
     downstream: tuple[str, ...] = ()
+    micro_batches: int = 0     # per first-stage replica and step: replica ``r`` sends ids ``r * M + m``
 
     def route(self, mb: int, banned: set[str] = frozenset()) -> list[str]:
-        """Next-stage replicas to try for micro-batch ``mb``: its own first (spreads the load evenly),
-        then the others; recently failed ones last."""
+        """Next-stage replicas to try for micro-batch ``mb``: its own first (round-robin: spreads the
+        load evenly, and first-stage replica ``r`` starts ``r`` places further on, so the replicas' first
+        and last micro-batches of a step go to different next-stage replicas), then the others;
+        recently failed ones last."""
         n = len(self.downstream)
-        order = [self.downstream[(mb + k) % n] for k in range(n)]
+        first = mb + (mb // self.micro_batches if self.micro_batches else 0)
+        order = [self.downstream[(first + k) % n] for k in range(n)]
         return [p for p in order if p not in banned] + [p for p in order if p in banned]
 
 

@@ -85,7 +85,7 @@ class TrainingSession:
                                 link.bandwidth_bps, comp.ratio, comp.max_ratio, comp.warmup_steps,
                                 codec_s_per_byte=1 / measure_codec_rate() if comp.mode == "auto" else None)
         self.policy = policy
-        self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream),
+        self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream, plan.micro_batches),
                                   stream_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
                                   self.training.timeout_s, self.training.schedule, admit=admit)
         self.server.stepped = self._stepped
