@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-s", type=float, default=25.0, help="link probing before the first plan")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="of variants a-d")
-    parser.add_argument("--micro-batches", type=int, default=8, help="per first-stage replica and step")
+    parser.add_argument("--micro-batches", type=int, default=16,
+                        help="per first-stage replica and step (enough to amortise the step boundary)")
     parser.add_argument("--out-dir", default="geo-out")
     parser.add_argument("--json-out")
     parser.add_argument("--plot")

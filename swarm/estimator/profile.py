@@ -225,7 +225,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SWARM_CACHE_DIR") or Path.home() / ".cache" / "swarm")
 
 
-def _cache_path(device: str) -> Path:
+def cache_path(device: str) -> Path:
+    """Where this device's profile is cached (the key names the device, threads, a binding quota, torch)."""
     quota = binding_quota(device)
     limit = f"-q{quota:.3g}" if quota else ""
     key = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{_device_name(device)}-t{torch.get_num_threads()}{limit}-torch{torch.__version__}")
@@ -235,7 +236,7 @@ def _cache_path(device: str) -> Path:
 def load_or_measure(device: str = "auto", refresh: bool = False) -> DeviceProfile:
     """The cached profile of this device, measuring it first if needed."""
     device = resolve_device(device)
-    path = _cache_path(device)
+    path = cache_path(device)
     if not refresh and path.exists():
         try:
             profile = DeviceProfile.from_dict(json.loads(path.read_text()))
