@@ -418,8 +418,7 @@ class StageServer:
     async def _finish(self, step: int) -> None:
         """All micro-batches of ``step`` are done here: sum with the replicas, step, pass it on."""
         try:
-            if self.passing is not None:
-                await self.passing   # the previous step reached every downstream stage
+            await self.settle()   # the previous step reached every downstream stage
             self.passing = asyncio.ensure_future(self._pass_on(step))   # the next stage sums and steps meanwhile
             started = time.perf_counter()
             await self._reduce_and_apply(step)
@@ -459,9 +458,10 @@ class StageServer:
         await asyncio.gather(*(one(p) for p in self.peers.downstream))
 
     async def settle(self) -> None:
-        """Wait until the newest step has been passed on to every downstream stage (raises its failure)."""
+        """Wait until the newest step has been passed on to every downstream stage (raises its failure;
+        a waiter that gives up does not cancel the passing)."""
         if self.passing is not None:
-            await self.passing
+            await asyncio.shield(self.passing)
 
     async def _reduce_and_apply(self, step: int) -> None:
         replicas = self.peers.replicas
