@@ -21,7 +21,7 @@ from multiaddr import Multiaddr
 from swarm import __version__
 from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
-from swarm.transport import LinkProber, ProbeBusy
+from swarm.transport import LinkProber
 from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
 from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
 
@@ -131,8 +131,6 @@ class _ProbeSchedule:
                 for table, value in ((self.bandwidth_bps, bandwidth), (self.rtt_s, rtt)):
                     table[peer] = (table.pop(peer) + value) / 2 if peer in table else value  # newest last
                 self.log(f"link to {peer[-6:]}: {bandwidth / 1e6:.3g} Mbit/s, rtt {rtt * 1e3:.3g} ms")
-            elif isinstance(future.exception(), ProbeBusy) and peer not in self.bandwidth_bps:
-                del self.probed_at[peer]   # it was measuring another link: still due at once
         if self.pending is None:
             candidates = peers()
             fresh = [p for p in candidates if p not in self.probed_at]
