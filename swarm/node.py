@@ -179,31 +179,23 @@ def _model_tflops(traced, device: str) -> float:
     the model: the node's own stays untouched on the CPU); cached beside the device profile."""
     import copy
     import hashlib
-    import json
 
     import torch
 
-    from swarm.estimator.profile import cache_path, measure_training_tflops
+    from swarm.estimator.profile import load_or_measure_training, measure_training_tflops
     from swarm.runtime.session import model_io
 
     shape, dtype, _ = model_io(traced)
     dag = traced.dag
+
+    def measure() -> float:
+        kind = getattr(torch, dtype)
+        example = torch.randn(shape, dtype=kind) if kind.is_floating_point else torch.zeros(shape, dtype=kind)
+        module = traced.gm if device == "cpu" else copy.deepcopy(traced.gm).to(device)
+        return measure_training_tflops(module, [example.to(device)], dag.total_flops, device)
+
     key = hashlib.sha256(f"{dag.model}|{shape}|{dtype}|{dag.total_flops}|{len(dag.ops)}".encode()).hexdigest()[:16]
-    path = cache_path(device).with_name(f"{cache_path(device).stem}-model-{key}.json")
-    try:
-        return float(json.loads(path.read_text())["tflops"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass   # not measured yet (or unreadable): measure
-    kind = getattr(torch, dtype)
-    example = torch.randn(shape, dtype=kind) if kind.is_floating_point else torch.zeros(shape, dtype=kind)
-    module = traced.gm if device == "cpu" else copy.deepcopy(traced.gm).to(device)
-    tflops = measure_training_tflops(module, [example.to(device)], dag.total_flops, device)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"model": dag.model, "tflops": tflops}))
-    except OSError:
-        pass   # an unwritable cache only costs measuring again
-    return tflops
+    return load_or_measure_training(device, key, measure)
 
 
 def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:

@@ -53,6 +53,16 @@ def _sync(device: str) -> None:
 def cpu_quota_cores(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The cores' worth of CPU time this process's cgroups allow (the tightest quota on the way to
     the root, cgroup v1 or v2), or None without a quota."""
+    def quota_of(group: Path, v2: bool) -> float | None:
+        try:
+            if v2:   # cpu.max = "<quota|max> <period>"
+                quota, period = (group / "cpu.max").read_text().split()
+            else:
+                quota, period = ((group / f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+            return None if quota in ("max", "-1") else int(quota) / int(period)
+        except (OSError, ValueError):
+            return None
+
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -60,27 +70,25 @@ def cpu_quota_cores(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = 
     quotas = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controllers == "":   # v2: cpu.max = "<quota|max> <period>"
-            base, names = root, [("cpu.max", None)]
-        elif "cpu" in controllers.split(","):
-            base, names = root / controllers, [("cpu.cfs_quota_us", "cpu.cfs_period_us")]
-        else:
+        v2 = controllers == ""
+        if not v2 and "cpu" not in controllers.split(","):
             continue
+        base = root if v2 else root / controllers
         group = base / path.lstrip("/")
-        while True:
-            try:
-                if names[0][1] is None:
-                    quota, period = (group / "cpu.max").read_text().split()
-                else:
-                    quota, period = (group / names[0][0]).read_text().strip(), (group / names[0][1]).read_text().strip()
-                if quota not in ("max", "-1"):
-                    quotas.append(int(quota) / int(period))
-            except (OSError, ValueError):
-                pass
-            if group == base or group.parent == group:
-                break
-            group = group.parent
+        quotas += [quota_of(g, v2) for g in (group, *group.parents) if g == base or base in g.parents]
+    quotas = [q for q in quotas if q is not None]
     return min(quotas) if quotas else None
+
+
+def binding_quota(device: str) -> float | None:
+    """The CPU quota (cores) when it allows fewer cores than torch's threads, else None."""
+    quota = cpu_quota_cores() if device == "cpu" else None
+    return quota if quota is not None and quota < torch.get_num_threads() else None
+
+
+def _clock(quota: float | None) -> Callable[[], float]:
+    """Wall time, or under a binding quota the process's CPU time (immune to throttling)."""
+    return time.process_time if quota else time.perf_counter
 
 
 def _seconds_per_call(fn: Callable[[], object], device: str, min_time_s: float = 0.1, rounds: int = 3,
@@ -165,7 +173,7 @@ def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProf
     device = resolve_device(device)
     threads = torch.get_num_threads()
     quota = binding_quota(device)
-    clock = time.process_time if quota else time.perf_counter   # CPU seconds: immune to throttling
+    clock = _clock(quota)
     rates = {}
     for n in MATMUL_SIZES:
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -184,12 +192,6 @@ def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProf
     return under_quota(profile, quota) if quota else profile
 
 
-def binding_quota(device: str) -> float | None:
-    """The CPU quota (cores) when it allows fewer cores than torch's threads, else None."""
-    quota = cpu_quota_cores() if device == "cpu" else None
-    return quota if quota is not None and quota < torch.get_num_threads() else None
-
-
 def measure_training_tflops(module: torch.nn.Module, inputs: list[torch.Tensor], flops: float,
                             device: str = "cpu", repeats: int = 3) -> float:
     """TFLOP/s this device sustains on a training pass (forward + backward, ``flops`` in all) of
@@ -197,7 +199,7 @@ def measure_training_tflops(module: torch.nn.Module, inputs: list[torch.Tensor],
     Leaves no gradient behind."""
     device = resolve_device(device)
     quota = binding_quota(device)
-    clock = time.process_time if quota else time.perf_counter
+    clock = _clock(quota)
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -246,9 +248,27 @@ def load_or_measure(device: str = "auto", refresh: bool = False) -> DeviceProfil
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a corrupt or old cache entry is simply re-measured
     profile = measure_device(device)
+    _write_cache(path, profile.to_dict())
+    return profile
+
+
+def load_or_measure_training(device: str, key: str, measure: Callable[[], float]) -> float:
+    """A training pass's TFLOP/s (``measure_training_tflops``) for the model named by ``key``, cached
+    beside the device's profile."""
+    base = cache_path(resolve_device(device))
+    path = base.with_name(f"{base.stem}-model-{key}.json")
+    try:
+        return float(json.loads(path.read_text())["tflops"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not measured yet, or unreadable: measured again
+    tflops = measure()
+    _write_cache(path, {"tflops": tflops})
+    return tflops
+
+
+def _write_cache(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(profile.to_dict(), indent=1))
+        path.write_text(json.dumps(data, indent=1))
     except OSError:
         pass  # an unwritable cache only costs re-measuring next time
-    return profile
