@@ -94,10 +94,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: a private swarm of node processes on loopback trains a model."""
     from swarm.demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(nodes=args.nodes, steps=args.steps, model=args.model or "gpt2-tiny", stages=args.stages,
+    run_demo(DemoSettings(nodes=args.nodes, steps=args.steps, model=args.model, stages=args.stages,
                           compression=args.compression, micro_batches=args.micro_batches,
-                          micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps, out_dir=args.out_dir, json_out=args.json_out,
-                          plot=args.plot, device=args.device or "cpu"))
+                          micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps, out_dir=args.out_dir,
+                          json_out=args.json_out, plot=args.plot, device=args.device, config=args.config))
     return 0
 
 
@@ -300,16 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_swarm_admit)
 
     p = sub.add_parser("demo", help="the main job: a local private swarm of node processes trains a model")
+    p.add_argument("--config", help="node config YAML the nodes start from, e.g. configs/resnet-demo.yaml "
+                   "(the flags below override it; defaults in brackets apply where neither sets a value)")
     p.add_argument("--nodes", type=_at_least(1), default=4, help="node processes to start on loopback")
     p.add_argument("--steps", type=_at_least(1), default=100, help="optimizer steps to train")
-    p.add_argument("--model", help="preset name, model YAML, or package.module:factory (default gpt2-tiny)")
-    p.add_argument("--stages", type=_at_least(0), default=0, help="pipeline stages (default 0: elected by the swarm)")
-    p.add_argument("--compression", default="auto", metavar="auto|off|RATIO",
-                   help="AdaTopK on pipeline links: auto (per link, from bandwidth), off, or a fixed wire ratio")
-    p.add_argument("--micro-batches", type=_at_least(1), default=8, help="micro-batches per step")
-    p.add_argument("--micro-batch-size", type=_at_least(1), default=4)
-    p.add_argument("--warmup-steps", type=_at_least(0), default=5, help="uncompressed steps before AdaTopK starts")
-    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--model", help="preset name, model YAML, or package.module:factory [gpt2-tiny]")
+    p.add_argument("--stages", type=_at_least(0), help="pipeline stages [0: elected by the swarm]")
+    p.add_argument("--compression", metavar="auto|off|RATIO",
+                   help="AdaTopK on pipeline links: auto (per link, from bandwidth), off, or a fixed wire ratio [auto]")
+    p.add_argument("--micro-batches", type=_at_least(1), help="micro-batches per step [8]")
+    p.add_argument("--micro-batch-size", type=_at_least(1), help="[4]")
+    p.add_argument("--warmup-steps", type=_at_least(0), help="uncompressed steps before AdaTopK starts [5]")
+    p.add_argument("--device", choices=DEVICES, help="[cpu]")
     p.add_argument("--out-dir", default="demo-out", help="node logs, keys, config, metrics and plot")
     p.add_argument("--json-out", metavar="FILE", help="metrics JSON (default: OUT_DIR/metrics.json)")
     p.add_argument("--plot", metavar="FILE", help="loss/throughput PNG (default: OUT_DIR/demo.png)")

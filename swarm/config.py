@@ -104,8 +104,9 @@ class CompressionConfig(Strict):
 class TrainingConfig(Strict):
     """What the elected pipeline trains on and how."""
 
-    data: str = Field(default="auto", description="auto (generated text for token models, synthetic images for "
-                      "image classifiers), generated, synthetic-images, a text file, or an image folder")
+    data: str | list[str] = Field(default="auto", description="auto (generated text for token models, synthetic "
+                                  "images for image classifiers), generated, synthetic-images, a text file, a glob "
+                                  "of text files (corpus/*.txt), a list of text files and globs, or an image folder")
     lr: float = Field(default=1e-3, gt=0)
     lr_warmup_steps: int = Field(default=20, ge=0, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(
@@ -114,8 +115,10 @@ class TrainingConfig(Strict):
     save_dir: str | None = Field(default=None, description="write each stage's parameters here at max_steps")
     checkpoint_dir: str | None = Field(default=None, description="write ops' state here (and resume from it)")
     checkpoint_every_steps: PositiveInt = Field(default=50, description="checkpoint period")
-    backup_every_steps: int = Field(default=10, ge=0, description="snapshot period of single-holder stages "
-                                    "(at most this many steps lost when a sole holder dies; 0: no backups)")
+    backup_every_steps: int = Field(default=10, ge=0, description="K: a sole holder never runs more than K steps "
+                                    "ahead of its newest snapshot kept by a backup, so its death costs at most K "
+                                    "steps (snapshots every K/2; 0: no backups)")
+    backup_copies: PositiveInt = Field(default=1, description="peers keeping snapshots of each single-holder stage")
     metrics_path: str | None = Field(default=None, description="append one JSON line per step (first-stage nodes)")
     threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's default)")
     timeout_s: float = Field(default=60.0, gt=0, description="bound on every pipeline call")

@@ -3,7 +3,9 @@ take its own shard: byte-level text (a generated corpus or local files) and labe
 or a local folder of one subfolder per class)."""
 from __future__ import annotations
 
+import glob
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ _OBJECTS = ["the activations", "its gradients", "a new plan", "the bandwidth", "
             "the loss", "a checkpoint"]
 _TAILS = ["quickly", "over a slow link", "without a coordinator", "every step", "to its neighbour", "in order", "again"]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+_GLOB = re.compile(r"[*?[]")
 
 
 def generated_corpus(n_bytes: int = 1 << 20, seed: int = 0) -> bytes:
@@ -47,6 +50,7 @@ class ByteCorpus:
 
     @classmethod
     def from_files(cls, paths: list[str], seq_len: int) -> "ByteCorpus":
+        """The files' bytes, in order, separated by newlines."""
         try:
             return cls(b"\n".join(Path(p).read_bytes() for p in paths), seq_len)
         except OSError as e:
@@ -133,10 +137,29 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def training_data(source: str, input_shape: list[int], input_dtype: str, output_shape: list[int]):
+def text_files(source: str | list[str]) -> list[str]:
+    """The text files named by a path, a glob pattern, or a list of both (each pattern's matches sorted,
+    recursive with ``**``); a plain path is returned as is, so reading it names it if it is missing."""
+    entries = [source] if isinstance(source, str) else source
+    if not entries:
+        raise SwarmError("training data: the list of text files is empty")
+    files = []
+    for entry in entries:
+        if not _GLOB.search(entry) or Path(entry).exists():
+            files.append(entry)
+            continue
+        matches = sorted(p for p in glob.glob(entry, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise SwarmError(f"training data pattern '{entry}' matches no file")
+        files += matches
+    return files
+
+
+def training_data(source: str | list[str], input_shape: list[int], input_dtype: str, output_shape: list[int]):
     """(dataset, loss function) for ``source`` shaped to the model's traced input and output:
     ``auto`` picks the generated corpus for token inputs and synthetic images for image inputs;
-    ``generated``, ``synthetic-images``, a text file, or an image folder (one subfolder per class)."""
+    ``generated``, ``synthetic-images``, text files (a path, a glob pattern, or a list of paths and
+    patterns: their bytes in order), or an image folder (one subfolder per class)."""
     tokens = input_dtype == "int64" and len(input_shape) == 2
     images = input_dtype.startswith("float") and len(input_shape) == 4 and len(output_shape) == 2
     if source == "auto":
@@ -144,13 +167,16 @@ def training_data(source: str, input_shape: list[int], input_dtype: str, output_
             raise SwarmError(f"no default training data for a model mapping {input_dtype} {input_shape} to "
                              f"{output_shape}: set training.data")
         source = "generated" if tokens else "synthetic-images"
-    path = Path(source)
-    if source == "generated" or path.is_file():
+    path = Path(source) if isinstance(source, str) else None
+    if path is None or source == "generated" or path.is_file() or (_GLOB.search(source) and not path.exists()):
         if not tokens:
             raise SwarmError(f"text data needs a model that takes token ids [batch, time], not {input_dtype} {input_shape}")
-        return ByteCorpus(generated_corpus() if source == "generated" else path.read_bytes(), input_shape[1]), lm_loss
+        if source == "generated":
+            return ByteCorpus(generated_corpus(), input_shape[1]), lm_loss
+        return ByteCorpus.from_files(text_files(source), input_shape[1]), lm_loss
     if source != "synthetic-images" and not path.is_dir():
-        raise SwarmError(f"training data '{source}': not auto, generated, synthetic-images, a text file or an image folder")
+        raise SwarmError(f"training data '{source}': not auto, generated, synthetic-images, a text file, a glob "
+                         f"pattern or an image folder")
     if not images:
         raise SwarmError(f"image data needs a classifier from [batch, channels, height, width] to [batch, classes], "
                          f"not {input_dtype} {input_shape} to {output_shape}")

@@ -3,7 +3,8 @@ data; progress, a metrics JSON and a loss/throughput plot come out, and nothing 
 
 Every node is a real ``node.py run`` (its own DHT, p2p daemon, election, stage server); the demo
 only creates the swarm's keys and config, starts the nodes, follows the metrics they append to one
-JSON-lines file, and stops them.
+JSON-lines file, and stops them. The nodes' config is the demo's defaults, overridden by a node config
+file (``--config``), overridden by the demo's flags that were given.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarm.config import NodeConfig, read_yaml, validate
 from swarm.errors import SwarmError
 from swarm.runtime.metrics import newest_by_peer, read_metrics, summarise as summarise_metrics
 
@@ -26,18 +28,21 @@ MADDR = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
 
 @dataclass
 class DemoSettings:
+    """What the demo runs; None: the ``config`` file's value, else the demo's default (in brackets)."""
+
     nodes: int = 4
     steps: int = 100
-    model: str = "gpt2-tiny"
-    stages: int = 0                  # 0: elected freely
-    compression: str = "auto"        # auto | off | a fixed wire ratio
-    micro_batches: int = 8
-    micro_batch_size: int = 4
-    warmup_steps: int = 5            # uncompressed steps first
+    model: str | None = None             # [gpt2-tiny]
+    stages: int | None = None            # [0: elected freely]
+    compression: str | None = None       # auto | off | a fixed wire ratio [auto]
+    micro_batches: int | None = None     # [8]
+    micro_batch_size: int | None = None  # [4]
+    warmup_steps: int | None = None      # uncompressed steps first [5]
     out_dir: str = "demo-out"
     json_out: str | None = None      # default: <out_dir>/metrics.json
     plot: str | None = None          # default: <out_dir>/demo.png
-    device: str = "cpu"
+    device: str | None = None            # [cpu]
+    config: str | None = None            # node config YAML the nodes start from
     timeout_s: float = 1800.0
 
 
@@ -71,27 +76,52 @@ class _Node:
         self.popen.wait(10)
 
 
-def _config(s: DemoSettings, metrics: Path) -> dict:
-    fixed = s.compression not in ("auto", "off")
+def _compression(text: str) -> dict:
+    """The ``--compression`` flag as config values."""
+    if text in ("auto", "off"):
+        return {"mode": text}
     try:
-        ratio = float(s.compression) if fixed else 10.0
+        ratio = float(text)
     except ValueError:
-        raise SwarmError(f"--compression must be auto, off or a ratio >= 1, not '{s.compression}'") from None
+        raise SwarmError(f"--compression must be auto, off or a ratio >= 1, not '{text}'") from None
     if ratio < 1:
         raise SwarmError(f"--compression ratio must be >= 1, not {ratio:g}")
+    return {"mode": "fixed", "ratio": ratio}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s values (nested mappings merged key by key; None: keep ``base``'s)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _config(s: DemoSettings, metrics: Path) -> dict:
+    """The nodes' config: the demo's defaults, then the ``config`` file, then the flags given, then what
+    the demo itself needs (loopback, ``nodes`` members, ``steps`` steps, its metrics file)."""
     threads = max(1, (os.cpu_count() or 1) // s.nodes)
-    return {"model": s.model, "device": s.device, "micro_batch_size": s.micro_batch_size,
-            "network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 8.0,
-                        "startup_timeout_s": 60, "probe_interval_s": 15.0},
-            "election": {"join_batch_s": 2, "min_members": s.nodes, "stages": s.stages, "micro_batches": s.micro_batches,
-                         "min_epoch_s": 3600, "drift_check_s": 3600},
-            "training": {"max_steps": s.steps, "metrics_path": str(metrics), "threads": threads},
-            "compression": {"mode": "fixed" if fixed else s.compression, "ratio": ratio, "warmup_steps": s.warmup_steps}}
+    defaults = {"model": "gpt2-tiny", "device": "cpu", "micro_batch_size": 4,
+                "network": {"heartbeat_s": 1.0, "ttl_s": 8.0, "startup_timeout_s": 60, "probe_interval_s": 15.0},
+                "election": {"join_batch_s": 2, "stages": 0, "micro_batches": 8, "min_epoch_s": 3600,
+                             "drift_check_s": 3600},
+                "training": {"threads": threads},
+                "compression": {"mode": "auto", "warmup_steps": 5}}
+    flags = {"model": s.model, "device": s.device, "micro_batch_size": s.micro_batch_size,
+             "election": {"stages": s.stages, "micro_batches": s.micro_batches},
+             "compression": {**(_compression(s.compression) if s.compression is not None else {}),
+                             "warmup_steps": s.warmup_steps}}
+    needs = {"network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"]}, "election": {"min_members": s.nodes},
+             "training": {"max_steps": s.steps, "metrics_path": str(metrics)}}
+    return _merge(_merge(_merge(defaults, read_yaml(s.config) if s.config else {}), flags), needs)
 
 
-def summarise(rows: list[dict], s: DemoSettings) -> dict:
+def summarise(rows: list[dict], s: DemoSettings, model: str) -> dict:
     """The metrics JSON: per-step losses (mean over first-stage replicas) and throughput, totals."""
-    return {**summarise_metrics(rows), "nodes": s.nodes, "model": s.model}
+    return {**summarise_metrics(rows), "nodes": s.nodes, "model": model}
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -116,9 +146,11 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     """Start the swarm, train ``s.steps`` steps, stop everything; returns the metrics written."""
     from tqdm import tqdm
 
+    from swarm.data import training_data
     from swarm.estimator.profile import load_or_measure
     from swarm.models import trace_model
     from swarm.private import init_swarm
+    from swarm.runtime.session import model_io
 
     if s.nodes < 1 or s.steps < 1:
         raise SwarmError("--nodes and --steps must be at least 1")
@@ -126,10 +158,13 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
+    values = _config(s, metrics)
+    cfg = validate(NodeConfig, values, s.config or "demo settings")   # a bad value fails here, in one line
     config = out / "node.yaml"
-    config.write_text(json.dumps(_config(s, metrics), indent=1))
-    trace_model(s.model, "coarse", s.micro_batch_size)   # a bad model name fails here, in one line
-    load_or_measure(s.device)                              # profile once; the nodes read the cache
+    config.write_text(json.dumps(values, indent=1))
+    traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)   # a bad model name fails here, in one line
+    training_data(cfg.training.data, *model_io(traced))   # and so does a bad data source
+    load_or_measure(cfg.device)                             # profile once; the nodes read the cache
     keys = out / "keys"
     if keys.exists():
         for f in sorted(keys.rglob("*"), reverse=True):
@@ -159,7 +194,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
                 if time.monotonic() > deadline:
                     raise SwarmError(f"the demo did not finish {s.steps} steps within {s.timeout_s:.0f} s")
                 time.sleep(0.5)   # polling the metrics file the nodes append to
-        summary = summarise(read_metrics(metrics), s)
+        summary = summarise(read_metrics(metrics), s, cfg.model)
     finally:
         for n in nodes:
             n.stop()

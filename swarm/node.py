@@ -159,7 +159,7 @@ class _ProbeSchedule:
 def steady(view: MembershipView, record: MemberRecord, plan) -> bool:
     """This node trains a stage of the plan every member runs, and nobody votes for another: its
     heartbeat may slow down (to a quarter of the record TTL) and leave the CPU to training; any change
-    speeds it up again. Spares keep the pace: they fetch backups on heartbeats and have CPU to spare."""
+    speeds it up again. Spares keep the pace: they have CPU to spare."""
     if plan is None or record.stage is None or record.committed_hash != plan.hash or set(view.members) != set(plan.members):
         return False
     return all(r.state == "online" and r.committed_hash == plan.hash and r.vote_hash in (None, plan.hash)
@@ -290,7 +290,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
             probes.close()
             record.state = "offline"
             membership.publish(record, timeout_s=5)
-            log("left the swarm")
+            log(f"left the swarm ({follower.served} op states handed over)")
             return 0
     finally:
         dht.shutdown()

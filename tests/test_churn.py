@@ -1,6 +1,7 @@
-"""Churn while training, with real node processes on loopback: a killed sole holder is replaced by the
-spare from its snapshot (at most K steps of its ops lost), a graceful leave loses nothing, a joining
-node gets work and state, a whole swarm restarts from its checkpoints. The step never goes backwards."""
+"""Churn while training, with real node processes on loopback: a killed middle-stage sole holder is
+replaced by the spare from its snapshot (at most K steps of its ops lost), a joining node gets work and
+state, a graceful leave loses nothing, a whole swarm restarts from its checkpoints. The step never goes
+backwards."""
 import json
 import re
 import signal
@@ -11,16 +12,18 @@ from swarm.models import load_model
 from swarm.runtime import lr_at, make_optimizer
 from tests.swarmproc import MADDR, Proc, wait_until
 
-MB, SIZE, BACKUP_EVERY = 4, 2, 5
+MB, SIZE, K = 4, 2, 5   # K: training.backup_every_steps, the most steps a crash may cost
+TRAINING = r"training: stage (\d) of 3 from step (\d+) \((\d+) ops of state, (\d+) fetched(?: from ([\w, ]+))?\)"
+LOST = r"up to (\d+) steps of them lost"
 
 
-def config(tmp_path: Path, name: str = "node.yaml", min_members: int = 4, **training) -> str:
+def config(tmp_path: Path, name: str = "node.yaml", min_members: int = 4, max_replicas: int = 1, **training) -> str:
     cfg = {"device": "cpu", "micro_batch_size": SIZE,
            "network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 0.5, "ttl_s": 4.0,
                        "startup_timeout_s": 30, "probe_interval_s": 30.0, "leave_timeout_s": 40},
            "election": {"join_batch_s": 1, "min_epoch_s": 3, "election_timeout_s": 8, "drift_check_s": 3600,
-                        "min_members": min_members, "stages": 3, "max_replicas": 1, "micro_batches": MB},
-           "training": {"threads": 1, "metrics_path": str(tmp_path / "metrics.jsonl"), "backup_every_steps": BACKUP_EVERY,
+                        "min_members": min_members, "stages": 3, "max_replicas": max_replicas, "micro_batches": MB},
+           "training": {"threads": 1, "metrics_path": str(tmp_path / "metrics.jsonl"), "backup_every_steps": K,
                         "timeout_s": 10, **training},
            "compression": {"mode": "off"}}
     path = tmp_path / name
@@ -52,8 +55,19 @@ def reached(tmp_path: Path, step: int) -> bool:
     return bool(driven(tmp_path)) and max(driven(tmp_path)) >= step
 
 
-def role_of(nodes: dict, pattern: str) -> str:
-    return next(n for n, p in nodes.items() if any(re.search(pattern, line) for line in p.lines))
+def role(proc: Proc) -> str:
+    """The node's part in the newest plan it committed ("stage 1", "spare", ...)."""
+    return [m.group(1) for line in proc.lines if (m := re.search(r"committed epoch .*\): (.+)$", line))][-1]
+
+
+def peer_tail(proc: Proc) -> str:
+    return proc.wait_for(r"peer (\w+) listening on", 5).group(1)[-8:]
+
+
+def newest(nodes: dict, pattern: str, since: dict | None = None) -> list[tuple[str, re.Match]]:
+    """(node, match) of every line matching ``pattern`` (after line ``since[node]``)."""
+    return [(n, m) for n, p in nodes.items() for line in p.lines[(since or {}).get(n, 0):]
+            if (m := re.search(pattern, line))]
 
 
 def reference_losses(n_steps: int) -> list[float]:
@@ -82,56 +96,73 @@ def final_loss(rows: list[float]) -> float:
     return sum(rows[-5:]) / 5
 
 
-def lost_lines(nodes: dict) -> list[str]:
-    return [line for p in nodes.values() for line in p.lines if "steps of them lost" in line]
+def monotonic(tmp_path: Path) -> None:
+    """The step never goes backwards or repeats: each driver's steps increase, and every plan starts
+    after the steps of the plans before it (first-stage replicas each record the steps they drive)."""
+    by_peer, by_plan = {}, {}
+    for r in steps(tmp_path):
+        if "loss" in r:
+            by_peer.setdefault(r["peer"], []).append(r["step"])
+            by_plan.setdefault(r["plan_hash"], []).append(r["step"])
+    for order in by_peer.values():
+        assert all(b > a for a, b in zip(order, order[1:])), order
+    plans = list(by_plan.values())   # in the order they first trained
+    assert all(min(b) > max(a) for a, b in zip(plans, plans[1:])), plans
 
 
-def test_killed_sole_holder_is_replaced_from_a_snapshot_and_a_leaver_hands_over(tmp_path, swarm_procs):
-    total = 45
-    nodes, _ = start(swarm_procs, tmp_path, config(tmp_path, max_steps=total, min_members=5), list("abcde"))
+def test_a_killed_middle_stage_holder_is_replaced_by_the_spare_from_its_snapshot(tmp_path, swarm_procs):
+    total = 40
+    nodes, _ = start(swarm_procs, tmp_path, config(tmp_path, max_steps=total, min_members=4), list("abcd"))
     wait_until(lambda: reached(tmp_path, 12), 150, what="12 steps trained")
-    middle = role_of(nodes, r"training: stage 1 of 3")
+    roles = {n: role(p) for n, p in nodes.items()}
+    middle, spare = (next(n for n, r in roles.items() if r == want) for want in ("stage 1", "spare"))
+    tail = {n: peer_tail(p) for n, p in nodes.items()}
+    nodes[spare].wait_for(rf"backup: snapshot of \d+ ops at step \d+ from {tail[middle]}", 30)
     nodes[middle].kill(signal.SIGKILL)
     alive = {n: p for n, p in nodes.items() if n != middle}
-    replaced = lambda: any(re.search(r"training: stage 1 of 3 from step [1-9]", line)  # noqa: E731
-                           for p in alive.values() for line in p.lines)
-    wait_until(replaced, 90, what="the killed stage restored from a snapshot")
-    restarted = max(driven(tmp_path))
-    wait_until(lambda: reached(tmp_path, restarted + 6), 120, what="training resumed after the kill")
-    # (none lost when the newest snapshot is of the very step the holder died at)
-    lost = [int(re.search(r"up to (\d+) steps", line).group(1)) for line in lost_lines(alive)]
-    assert max(lost, default=0) <= BACKUP_EVERY + 4, lost   # the period, plus the steps of a heartbeat and a transfer
-
-    leaver = role_of(alive, r"training: stage 2 of 3")
-    rest = {n: p for n, p in alive.items() if n != leaver}
-    before = len(lost_lines(rest))
-    alive[leaver].kill(signal.SIGTERM)   # graceful: its state is handed over, no step lost
-    alive[leaver].wait_for("left the swarm", 60)
-    assert not any("did not take" in line for line in alive[leaver].lines)
-    mark = max(driven(tmp_path))
-    wait_until(lambda: reached(tmp_path, mark + 6), 120, what="training resumed after the leave")
-    assert len(lost_lines(rest)) == before
-
+    since = {n: len(p.lines) for n, p in alive.items()}
+    nodes[spare].wait_for(TRAINING, 90)     # the spare gets work in the plan without the dead node
+    wait_until(lambda: len(newest(alive, TRAINING, since)) == 3, 30, what="every survivor training")
+    # the dead holder's ops came from the spare's snapshot: its own store, or fetched from it
+    assert any(n == spare and int(m.group(4)) < int(m.group(3)) or tail[spare] in (m.group(5) or "")
+               for n, m in newest(alive, TRAINING, since)), [m.group(0) for _, m in newest(alive, TRAINING, since)]
+    lost = [int(m.group(1)) for _, m in newest(alive, LOST)]
+    assert max(lost, default=0) <= K, lost   # (none lost when the newest snapshot is of the step it died at)
+    assert not newest(alive, "initial weights")
     wait_until(lambda: reached(tmp_path, total - 1), 180, what=f"{total} steps trained")
-    order = driven(tmp_path)
-    assert all(b > a for a, b in zip(order, order[1:])), order     # the step never goes backwards or repeats
+    monotonic(tmp_path)
     by_step = {r["step"]: r["loss"] for r in steps(tmp_path) if "loss" in r}
-    ours = [by_step[k] for k in range(total) if k in by_step]
-    assert final_loss(ours) <= 1.05 * final_loss(reference_losses(total))
+    ours, ref = final_loss([by_step[k] for k in range(total) if k in by_step]), final_loss(reference_losses(total))
+    print(f"steps lost: {lost or [0]} (K = {K}); final loss {ours:.3f}, undisturbed {ref:.3f}")
+    assert abs(ours - ref) <= 0.05 * ref, (ours, ref)
 
 
-def test_a_joining_node_gets_work_and_state(tmp_path, swarm_procs):
-    nodes, maddr = start(swarm_procs, tmp_path, config(tmp_path, max_steps=30, min_members=4), list("abcd"))
+def test_a_joining_node_gets_work_and_state_and_a_leaver_hands_its_state_over(tmp_path, swarm_procs):
+    total = 40
+    nodes, maddr = start(swarm_procs, tmp_path, config(tmp_path, max_steps=total, max_replicas=0), list("abcd"))
     wait_until(lambda: reached(tmp_path, 8), 120, what="8 steps trained")
     joined_at = max(driven(tmp_path))
-    joiner, _ = start(swarm_procs, tmp_path, config(tmp_path, "late.yaml", max_steps=30, min_members=4), ["z"], maddr)
-    got = joiner["z"].wait_for(r"training: stage \d+ of 3 from step (\d+) \(\d+ ops of state, ([1-9]\d*) fetched\)"
-                               r"|backup: snapshot of ([1-9]\d*) ops at step (\d+)", 120)
-    start_step = int(got.group(1) or got.group(4))
-    assert start_step >= joined_at
-    wait_until(lambda: reached(tmp_path, 29), 180, what="30 steps trained")
-    order = driven(tmp_path)
-    assert all(b > a for a, b in zip(order, order[1:])), order
+    joiner, _ = start(swarm_procs, tmp_path, config(tmp_path, "late.yaml", max_steps=total, max_replicas=0), ["e"], maddr)
+    nodes.update(joiner)
+    got = joiner["e"].wait_for(TRAINING, 120)   # work, and the state of its ops from the others
+    assert int(got.group(2)) >= joined_at and got.group(4) == got.group(3), got.group(0)
+    assert got.group(3) == "0" or got.group(5), got.group(0)
+    wait_until(lambda: max(driven(tmp_path)) >= int(got.group(2)) + 3, 60, what="the 5-node plan training")
+
+    roles = {n: role(p) for n, p in nodes.items()}
+    assert "spare" not in roles.values(), roles
+    leaver = next(n for n, r in roles.items() if list(roles.values()).count(r) == 1)   # a sole holder
+    since = {n: len(p.lines) for n, p in nodes.items()}
+    nodes[leaver].kill(signal.SIGTERM)   # graceful: it finishes its step, hands its state over, no step lost
+    left = nodes[leaver].wait_for(r"left the swarm \(\d+ op states handed over\)", 60)
+    assert not any("did not take" in line for line in nodes[leaver].lines)
+    mark = max(driven(tmp_path))
+    wait_until(lambda: reached(tmp_path, mark + 5), 120, what="training resumed without the leaver")
+    rest = {n: p for n, p in nodes.items() if n != leaver}
+    assert newest(rest, TRAINING, since) and not newest(rest, LOST, since) and not newest(rest, "initial weights", since)
+    print(f"joiner: {got.group(0)}; leaver ({roles[leaver]}): {left.group(0)}")
+    wait_until(lambda: reached(tmp_path, total - 1), 180, what=f"{total} steps trained")
+    monotonic(tmp_path)
 
 
 def test_a_whole_swarm_restarts_from_its_checkpoints(tmp_path, swarm_procs):

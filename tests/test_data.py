@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from swarm.data import ByteCorpus, ImageFolder, SyntheticImages, generated_corpus
+from swarm.config import NodeConfig, validate
+from swarm.data import ByteCorpus, ImageFolder, SyntheticImages, generated_corpus, training_data
 from swarm.errors import SwarmError
 
 
@@ -26,6 +27,30 @@ def test_errors():
         ByteCorpus(b"abc", 16)
     with pytest.raises(SwarmError, match="cannot read training text"):
         ByteCorpus.from_files(["/nonexistent.txt"], 16)
+
+
+def test_training_text_from_several_files_a_glob_or_a_list(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"a" * 5000)
+    (tmp_path / "b.txt").write_bytes(b"b" * 5000)
+    (tmp_path / "notes.md").write_bytes(b"m" * 5000)
+    model_io = ([1, 16], "int64", [1, 16, 256])
+    listed = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    for source in (listed, str(tmp_path / "*.txt"), [str(tmp_path / "a.txt"), str(tmp_path / "[b].txt")]):
+        corpus, _ = training_data(source, *model_io)
+        x, _ = corpus.batch(0, 64)
+        seen = set(bytes(x.flatten().tolist()))
+        assert {ord("a"), ord("b")} <= seen and ord("m") not in seen, source   # batches draw from both files
+    assert validate(NodeConfig, {"training": {"data": listed}}, "test").training.data == listed
+    assert len(training_data(str(tmp_path / "a.txt"), *model_io)[0].data) == 5000   # one path, as before
+    missing = str(tmp_path / "gone.txt")
+    for source, message in [([listed[0], missing], f"cannot read training text {missing}: No such file"),
+                            (str(tmp_path / "*.csv"), "pattern '.*csv' matches no file"),
+                            ([], "list of text files is empty")]:
+        with pytest.raises(SwarmError, match=message) as err:
+            training_data(source, *model_io)
+        assert "\n" not in str(err.value)
+    with pytest.raises(SwarmError, match="text data needs a model that takes token ids"):
+        training_data(listed, [1, 3, 8, 8], "float32", [1, 10])
 
 
 def interleave(shards: list[torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,9 @@ all-reduce their gradients) in four p2p daemons train exactly like one process; 
 strangers and oversized frames get error replies and the stages keep serving."""
 import asyncio
 import copy
+import gc
+import tracemalloc
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +15,11 @@ from hivemind.p2p import P2P
 from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import trace
 from swarm.models import load_model
+from swarm.compression.policy import LinkPolicy
 from swarm.runtime import StageWorker, make_optimizer
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, stream_caller, train_step
+from swarm.runtime.local import local_servers
+from swarm.runtime.rpc import (PROTOCOL, Neighbours, StageServer, local_caller, read_frame, stream_caller,
+                               train_step)
 from swarm.wire import Limits, pack, unpack
 
 
@@ -97,9 +103,11 @@ async def _scenario(schedule):
         wrong_part = pack("reduce", {"step": step, "part": 1 - mids.index(ids[1])}, {"g": torch.zeros(10)})[0]
         assert unpack(await stream_caller(p2ps[2], limits)(ids[1], wrong_part), limits).kind == "error"
         _, reader, writer = await p2ps[0].call_binary_stream_handler(p2ps[1].peer_id, PROTOCOL)
-        writer.write((1 << 40).to_bytes(8, "big"))   # announces a 1 TiB frame: closed without reading it
+        writer.write((1 << 40).to_bytes(8, "big"))   # announces a 1 TiB frame: an error reply, the frame unread
         await writer.drain()
-        assert await reader.read() == b""
+        refused = unpack(await read_frame(reader, limits.max_frame_bytes, 30), limits)
+        assert refused.kind == "error" and not refused.meta["retry"]
+        assert f"frame of {1 << 40} bytes announced (limit {limits.max_frame_bytes})" in refused.meta["message"]
         writer.close()
         assert servers[1].errors >= len(bad) + 2 and not workers[1].saved and not servers[1].rounds
         before = {n: p.clone() for w in workers for n, p in w.stage.module.named_parameters()}
@@ -191,3 +199,138 @@ def test_first_stage_replicas_start_their_round_robin_one_replica_apart():
     assert first.count("x") == first.count("y") == 8
     assert first[0] != first[8] and first[7] != first[15]   # their first and last go to different replicas
     assert hood.route(3, banned={first[3]}) == [p for p in ("x", "y") if p != first[3]] + [first[3]]
+
+
+def two_stage_gpt(batch: int = 1):
+    """gpt2-tiny traced at ``batch`` and cut in two (FLOP-balanced)."""
+    torch.manual_seed(0)
+    built = load_model("gpt2-tiny")
+    traced = trace(built.module, built.example_inputs(batch), "coarse", name=built.name)
+    return traced, extract_stages(traced, traced.dag.balanced_partition(2))
+
+
+def test_hostile_requests_leave_nothing_behind_and_memory_stays_bounded():
+    """A burst of oversized announcements, garbage, cut-off frames, wrong shapes, wrong step ids and
+    strangers against a live stage server (real handler and framing, on loopback TCP): each costs an
+    error reply or a closed stream, the traced Python memory never holds a frame above the limit,
+    every table is empty afterwards, and the stage still trains."""
+    traced, (_, stage) = two_stage_gpt()
+    limits = Limits(max_frame_bytes=1 << 20)
+    worker = StageWorker(stage, loss_fn=lm_loss, max_batch=1, input_specs=input_specs(traced.dag, stage.io))
+    server = StageServer(worker, Neighbours("me", ("me",), ("up",), ()), None, limits, timeout_s=5.0)
+    (shape, _, _), = input_specs(traced.dag, stage.io)
+    hidden, targets = torch.randn(1, *shape[1:]), torch.randint(0, 256, (1, shape[1]))
+
+    def framed(kind: str, meta: dict, tensors: dict) -> bytes:
+        frame = pack(kind, meta, tensors)[0]
+        return len(frame).to_bytes(8, "big") + frame
+
+    def forward(**meta) -> bytes:
+        return framed("forward", {"step": 0, "mb": 0, "scale": 1.0, **meta}, {"x0": hidden, "targets": targets})
+
+    announced = [1 << 40, 64 << 20, limits.max_frame_bytes + 1]
+    hostile = [("up", n.to_bytes(8, "big"), f"frame of {n} bytes announced (limit {limits.max_frame_bytes})")
+               for n in announced] + [
+        ("up", (7).to_bytes(8, "big") + b"garbage", "wire: truncated frame"),
+        ("up", (1000).to_bytes(8, "big") + b"cut off", None),   # the stream ends inside the frame
+        ("up", framed("forward", {"step": 0, "mb": 0, "scale": 1.0}, {"x0": torch.zeros(3, 3)}), "does not match"),
+        ("up", framed("forward", {"step": 0, "mb": 0, "scale": 1.0},
+                      {"x0": torch.zeros(2, *shape[1:]), "targets": targets.repeat(2, 1)}), "does not match"),
+        ("up", forward(step=99), "not the current step"), ("up", forward(step=-1), "not the current step"),
+        ("up", forward(step="0"), "not the current step"), ("up", forward(mb=-1), "bad micro-batch id"),
+        ("up", forward(scale=5.0), "bad loss scale"), ("up", framed("step", {"step": 7}, {}), "not the current step"),
+        ("up", framed("reduce", {"step": 0, "part": 0}, {"g": torch.zeros(4)}), "not a replica"),
+        ("up", framed("launch", {"step": 0}, {}), "unknown request kind"),
+        ("evil", forward(), "not a previous-stage replica"), ("evil", framed("step", {"step": 0}, {}), "not a previous"),
+    ]
+
+    async def scenario():
+        async def serve_as(peer: str):
+            info = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: peer))
+            return await asyncio.start_server(lambda r, w: server.handle(info, r, w), "127.0.0.1", 0)
+
+        listeners = {peer: await serve_as(peer) for peer in ("up", "evil")}
+
+        async def request(peer: str, data: bytes):
+            """The reply to ``data`` sent as ``peer`` (None: the stream closed without one)."""
+            reader, writer = await asyncio.open_connection(*listeners[peer].sockets[0].getsockname()[:2])
+            writer.write(data)
+            writer.write_eof()
+            try:
+                reply = unpack(await read_frame(reader, limits.max_frame_bytes, 10), limits)
+            except asyncio.IncompleteReadError:
+                reply = None
+            assert await asyncio.wait_for(reader.read(), 10) == b""   # the server closed the stream
+            writer.close()
+            return reply
+
+        async def burst():
+            replies = await asyncio.gather(*(request(peer, data) for peer, data, _ in hostile))
+            for (_, data, expected), reply in zip(hostile, replies):
+                if expected is None:
+                    assert reply is None
+                else:
+                    assert reply.kind == "error" and expected in reply.meta["message"], (data[:40], reply.meta)
+
+        try:
+            await burst()   # warm-up: first-time code paths and caches are not what is measured
+            tracemalloc.start()
+            try:
+                held = []   # traced bytes held after each burst, once what failed requests left in cycles is freed
+                for _ in range(10):
+                    await burst()
+                    gc.collect()
+                    held.append(tracemalloc.get_traced_memory()[0])
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 4 << 20, peak   # 19 requests at once: never near the 64 MiB one announced
+            assert held[-1] - held[0] < 16 << 10, held   # nothing accumulates request after request
+            assert server.errors == 11 * len(hostile) and server.slots == 64 and worker.step_id == 0
+            assert not (server.replies or server.arrived or server.rounds or server.all_in or server.finishing
+                        or worker.saved or server.banned)
+
+            before = [p.clone() for p in worker.params]   # still serving: a real micro-batch and step
+            done = await request("up", forward())
+            assert done.kind == "grads" and done.meta["loss"] > 0
+            assert (await request("up", framed("step", {"step": 0}, {}))).kind == "stepped"
+            assert worker.step_id == 1 and any(not torch.equal(a, b) for a, b in zip(before, worker.params))
+            assert not (server.replies or server.arrived or worker.saved) and server.between_steps
+        finally:
+            for listener in listeners.values():
+                listener.close()
+            server.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_auto_compression_follows_the_live_bandwidth():
+    """Past warm-up, a stage in auto mode sends its activations hard-compressed once the measured
+    bandwidth to the next stage drops, and raw again once it recovers."""
+    traced, _ = two_stage_gpt(2)
+    policy = LinkPolicy("auto", cut_bytes=traced.dag.cut_bytes()[0], budget_s=0.01, flows=1, planned_bps=1e9,
+                        max_ratio=16.0, warmup_steps=1)
+    first, last = local_servers(traced, 2, lm_loss, policy=lambda: policy)
+    link = {"bps": 1e3}   # the newest measurement of the link, as the node's prober would report it
+    first.bandwidth = lambda peer: link["bps"]
+    gen = torch.Generator().manual_seed(0)
+
+    async def run() -> list[tuple[float, float]]:
+        """Per step: the ratio last used on the link and the wire ratio achieved (raw / wire bytes)."""
+        seen = []
+        for bps in (1e3, 10e9, 1e5, 1e5, 10e9):   # step 0 is the warm-up: uncompressed however slow the link
+            link["bps"] = bps
+            raw, wire = first.counters.act_raw, first.counters.act_wire
+            data = torch.randint(0, 256, (4, 129), generator=gen)
+            await train_step(first, data[:, :-1], data[:, 1:], micro_batches=2)
+            seen.append((first.counters.ratios["stage1"], (first.counters.act_raw - raw) / (first.counters.act_wire - wire)))
+        return seen
+
+    try:
+        (warm, warm_wire), (fast, fast_wire), (slow, slow_wire), (still, _), (again, again_wire) = asyncio.run(run())
+    finally:
+        first.close()
+        last.close()
+    assert warm == fast == again == 1.0 and warm_wire == fast_wire == again_wire == pytest.approx(1.0)
+    assert slow == still == 16.0 and slow_wire > 8.0   # at 100 kbit/s: the hardest ratio, and it shows on the wire
+    assert last.worker.step_id == 5

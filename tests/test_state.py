@@ -11,7 +11,7 @@ from swarm.data import lm_loss
 from swarm.errors import SwarmError
 from swarm.models import load_model
 from swarm.runtime import LocalPipeline, StageWorker
-from swarm.runtime.state import OpState, capture, op_tensors, read_checkpoint, restore, write_checkpoint
+from swarm.runtime.state import OpState, capture, check, op_tensors, read_checkpoint, restore, write_checkpoint
 
 
 def pipeline():
@@ -70,3 +70,42 @@ def test_checkpoints_resume_at_the_newest_step_every_op_has(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000020", "step-000000030"]
     with pytest.raises(SwarmError, match="step 40 holds states of steps \\[30\\]"):
         write_checkpoint(tmp_path, {"a": OpState(30, t(30))}, stage=0, step=40)
+
+
+def test_a_snapshot_is_checked_against_its_op_before_it_is_kept():
+    traced, _ = pipeline()
+    owned = op_tensors(traced.dag, traced.gm)
+    params = dict(traced.gm.named_parameters())
+    a, b = [op for op, names in owned.items() if names][:2]
+    name_a, name_b = owned[a][0][1], owned[b][0][1]
+    check(traced.gm, owned, {a: OpState(3, {f"p:{name_a}": params[name_a].detach().clone()})})
+    with pytest.raises(SwarmError, match="does not belong to this op"):   # another op's tensor smuggled in
+        check(traced.gm, owned, {a: OpState(3, {f"p:{name_b}": params[name_b].detach().clone()})})
+    with pytest.raises(SwarmError, match="has shape"):
+        check(traced.gm, owned, {a: OpState(3, {f"p:{name_a}": torch.zeros(7)})})
+    with pytest.raises(SwarmError, match="does not belong"):
+        check(traced.gm, owned, {a: OpState(3, {"x:junk": torch.zeros(1)})})
+
+
+def test_a_step_the_rest_of_the_swarm_applied_is_completed_by_the_next_holder_of_a_stage_that_missed_it():
+    traced, workers = pipeline()
+    reference = copy.deepcopy(workers)
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 256, (4, 129), generator=gen) for _ in range(3)]
+    for b in batches[:2]:
+        LocalPipeline(workers, "gpipe").train_step(b[:, :-1], b[:, 1:], 2)
+    for b in batches:
+        LocalPipeline(reference, "gpipe").train_step(b[:, :-1], b[:, 1:], 2)
+    workers[1].step = lambda: None   # step 2: stage 0 applies it, stage 1 is cut off before it does
+    LocalPipeline(workers, "gpipe").train_step(batches[2][:, :-1], batches[2][:, 1:], 2)
+    assert workers[0].step_id == 3 and workers[1].step_id == 2 and workers[1].backwards == 2
+    owned = op_tensors(traced.dag, traced.gm)
+    ops = [op for op in workers[1].stage.io.ops if op in owned]
+    states = capture(workers[1].stage.module, workers[1].optimizer, owned, ops, 2, grads=True)
+
+    _, fresh = pipeline()                       # the stage's next holder, starting where the swarm is: step 3
+    assert fresh[1].resume(states, 3) == sorted(ops) and fresh[1].step_id == 3
+    for (name, p), q in zip(reference[1].stage.module.named_parameters(), fresh[1].stage.module.parameters()):
+        assert torch.equal(p, q), name           # as if the step had never been cut
+    _, late = pipeline()                        # the swarm moved on two steps: the gradient is stale, dropped
+    assert late[1].resume(states, 4) == [] and late[1].step_id == 4 and all(p.grad is None for p in late[1].params)

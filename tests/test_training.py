@@ -1,6 +1,7 @@
 """Training across real node processes: three `node.py run` processes elect a 3-stage plan and train
 gpt2-tiny to exactly the parameters of single-process training on the same data."""
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import load_model
 from swarm.runtime import lr_at, make_optimizer
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from tests.swarmproc import MADDR, Proc, p2pd_pids, wait_until
 
 STEPS, MICRO_BATCHES, MICRO_BATCH_SIZE = 3, 4, 2
@@ -85,8 +86,26 @@ def test_demo_trains_a_private_swarm_and_leaves_nothing_running(tmp_path):
     assert not p2pd_pids() - before and "left the swarm" in (out / "node0.log").read_text()
 
 
+def test_demo_trains_resnet18_on_synthetic_images_from_its_config_file(tmp_path):
+    out, before = tmp_path / "demo", p2pd_pids()
+    result = run_cli("demo", "--config", str(ROOT / "configs" / "resnet-demo.yaml"), "--nodes", "2", "--steps", "2",
+                     "--micro-batches", "2", "--micro-batch-size", "2", "--out-dir", str(out),
+                     "--json-out", str(tmp_path / "m.json"), timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["model"] == "resnet18" and metrics["steps"] == 2 and metrics["nodes"] == metrics["stages"] == 2
+    assert all(math.isfinite(metrics[k]) and 0 < metrics[k] < 10 for k in ("loss_first", "loss_last"))
+    assert metrics["bytes_sent"] > 0
+    nodes = json.loads((out / "node.yaml").read_text())   # the file's values, the flags over them
+    assert nodes["training"]["data"] == "synthetic-images" and nodes["election"]["stages"] == 2
+    assert nodes["micro_batch_size"] == nodes["election"]["micro_batches"] == 2
+    assert not p2pd_pids() - before and "left the swarm" in (out / "node0.log").read_text()
+
+
 def test_demo_rejects_bad_input_in_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("training: {data: [gone.txt]}\n")
     for args, message in [(["--nodes", "0"], "below the minimum"), (["--compression", "fast"], "auto, off or a ratio"),
-                          (["--model", "nope"], "unknown model")]:
+                          (["--model", "nope"], "unknown model"), (["--config", str(tmp_path / "nope.yaml")], "not found"),
+                          (["--config", str(tmp_path / "bad.yaml")], "cannot read training text gone.txt")]:
         result = run_cli("demo", "--out-dir", str(tmp_path / "d"), *args)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -11,21 +11,24 @@ Adopting plan P (one heartbeat at a time, never blocking the heartbeat for a tra
    fetched over ``swarm.state.v1``, the ops spread over all donors that hold that newest step;
 4. start the session at the start step and advertise ``ready = P``.
 
-A stage held by a single peer is backed up: the plan's spares (else the next stage's first replica)
-fetch a snapshot of it every ``backup_every_steps`` steps, so a SIGKILLed sole holder costs at most
-that many steps of its ops, never the model. Every node serves ``swarm.state.v1`` all the time.
+A stage held by a single peer is backed up (``swarm.runtime.backup``): its holder pushes snapshots to
+the peers ``backups`` names (``snapshot`` requests, checked against the plan and the model before they
+are kept), so a SIGKILLed sole holder costs at most ``backup_every_steps`` steps of its ops, never the
+model. Every node serves ``swarm.state.v1`` all the time.
 """
 from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 from typing import Callable
 
 from swarm.config import NodeConfig
 from swarm.errors import SwarmError
 from swarm.membership import MAX_HOLDS, MemberRecord, MembershipView
-from swarm.runtime.rpc import error_frame, serve_one, stream_caller
-from swarm.runtime.state import OpState, op_tensors, read_checkpoint
+from swarm.runtime.backup import SnapshotPusher, backups
+from swarm.runtime.rpc import check_reply, error_frame, serve_one, stream_caller
+from swarm.runtime.state import OpState, check, op_tensors, read_checkpoint
 from swarm.scheduler import Plan
 from swarm.wire import Limits, pack, unpack
 
@@ -44,17 +47,13 @@ def holds_ranges(index: dict[str, int], steps: dict[str, int]) -> list[list[int]
     return sorted(out, key=lambda h: -h[2])[:MAX_HOLDS]
 
 
-def backups(plan: Plan) -> dict[int, str]:
-    """Who backs up each single-holder stage: the spares in turn, else the next (or previous) stage's
-    first replica."""
-    out, spares = {}, list(plan.spares)
-    singles = [s for s in plan.stages if len(s.peers) == 1]
-    for k, s in enumerate(singles):
-        if spares:
-            out[s.index] = spares[k % len(spares)]
-        elif len(plan.stages) > 1:
-            other = plan.stages[s.index + 1] if s.index + 1 < len(plan.stages) else plan.stages[s.index - 1]
-            out[s.index] = sorted(other.peers)[0]
+def donor_order(sources: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The donors to try for each op, in order: the ops spread over the donors round-robin (the k-th op
+    first asks its donors' k-th), the others after it in case one fails."""
+    out = {}
+    for k, op in enumerate(sorted(sources)):
+        donors = sources[op]
+        out[op] = [donors[(k + j) % len(donors)] for j in range(len(donors))]
     return out
 
 
@@ -72,11 +71,13 @@ class PlanFollower:
         self.limits = Limits(max_frame_bytes=16 * biggest + (1 << 20), max_tensors=4096, max_header_bytes=1 << 20)
         self.call = stream_caller(p2p, self.limits, 120.0, STATE_PROTOCOL)
         self.store: dict[str, OpState] = {}
+        self.stopped_at = 0   # the step of the last session stopped (a stage without state has no other record)
         self.session = None
         self.plan: Plan | None = None
         self.pending: Plan | None = None
         self.fetching: asyncio.Future | None = None
-        self.backup_job: asyncio.Future | None = None
+        self.pusher: SnapshotPusher | None = None
+        self.received: deque[tuple[str, str, OpState]] = deque()   # (holder, op, snapshot) kept as a backup
         self.served = 0
         if cfg.training.checkpoint_dir:
             self.store.update(read_checkpoint(cfg.training.checkpoint_dir, sorted(self.owned)))
@@ -90,7 +91,7 @@ class PlanFollower:
     @property
     def step(self) -> int:
         live = self.session.step if self.session is not None else 0
-        return max([live, *(s.step for s in self.store.values())])
+        return max([live, self.stopped_at, *(s.step for s in self.store.values())])
 
     # --- serving state --------------------------------------------------------------------------
 
@@ -100,13 +101,15 @@ class PlanFollower:
             return (await session.capture([op]))[op]
         return self.store.get(op)
 
-    async def _answer(self, frame: bytes) -> bytes:
-        """The reply to a ``fetch`` request: never raises."""
+    async def _answer(self, frame: bytes, peer: str) -> bytes:
+        """The reply to a ``fetch`` or ``snapshot`` request from ``peer``: never raises."""
         try:
-            msg = unpack(frame, Limits(max_frame_bytes=1 << 16))
+            msg = unpack(frame, self.limits)
             op = msg.meta.get("op")
-            if msg.kind != "fetch" or not isinstance(op, str):
-                raise SwarmError("expected a fetch request naming an op")
+            if msg.kind not in ("fetch", "snapshot") or not isinstance(op, str):
+                raise SwarmError("expected a fetch or snapshot request naming an op")
+            if msg.kind == "snapshot":
+                return self._keep(peer, op, msg.meta.get("step"), msg.tensors)
             state = await self._state_of(op)
             if state is None:
                 raise SwarmError(f"no state of op '{op}' here")
@@ -115,10 +118,34 @@ class PlanFollower:
         except SwarmError as e:
             return error_frame(e)
 
+    def _backed_up(self, peer: str) -> dict[str, int]:
+        """The ops (-> stage) of the single-holder stages ``peer`` holds and this node backs up, in the
+        plan it runs or the one it is adopting."""
+        out = {}
+        for plan in (self.plan, self.pending):
+            copies = self.cfg.training.backup_copies
+            for stage, keepers in (backups(plan, copies).items() if plan is not None else ()):
+                if self.me in keepers and plan.stages[stage].peers == (peer,):
+                    out.update({op: stage for op in plan.stages[stage].ops if op in self.owned})
+        return out
+
+    def _keep(self, peer: str, op: str, step, tensors) -> bytes:
+        """Keep ``peer``'s snapshot of ``op`` if this node backs that op up and the tensors are the op's."""
+        if op not in self._backed_up(peer):
+            raise SwarmError(f"this node keeps no snapshot of '{op}' for {peer[-8:]}")
+        if type(step) is not int or step < 0:
+            raise SwarmError("a snapshot names its step (an int >= 0)")
+        state = OpState(step, tensors)
+        check(self.traced.gm, self.owned, {op: state})
+        self.received.append((peer, op, state))   # into the store on the next heartbeat
+        return pack("kept", {"op": op, "step": step}, {})[0]
+
     async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = stream_info.peer_id.to_base58()
         try:
-            if self.admit is None or self.admit(stream_info.peer_id.to_base58()):
-                await serve_one(reader, writer, self._answer, 1 << 16, 60.0)
+            if self.admit is None or self.admit(peer):   # only a holder this node backs up sends big frames
+                limit = self.limits.max_frame_bytes if self._backed_up(peer) else 1 << 16
+                await serve_one(reader, writer, lambda frame: self._answer(frame, peer), limit, 60.0)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, struct.error, SwarmError):
             pass
         finally:
@@ -130,20 +157,26 @@ class PlanFollower:
             raise SwarmError(f"peer {peer[-8:]} answered no state of '{op}': {msg.meta.get('message', msg.kind)}")
         return OpState(msg.meta["step"], msg.tensors)
 
-    async def fetch(self, sources: dict[str, list[str]]) -> dict[str, OpState]:
-        """The state of every op in ``sources`` (op -> donors holding its newest step): ops are spread
-        over the donors round-robin, each op tried on its other donors if one fails."""
-        async def one(k: int, op: str) -> tuple[str, OpState | None]:
-            donors = sources[op]
-            for j in range(len(donors)):
-                peer = donors[(k + j) % len(donors)]
+    async def fetch(self, sources: dict[str, list[str]]) -> dict[str, tuple[OpState, str]]:
+        """The state of every op in ``sources`` (op -> donors holding its newest step) and who gave it:
+        spread over the donors (``donor_order``), each op tried on its other donors if one fails."""
+        async def one(op: str, donors: list[str]) -> tuple[str, OpState | None, str]:
+            for peer in donors:
                 try:
-                    return op, await self._fetch_one(peer, op)
+                    return op, await self._fetch_one(peer, op), peer
                 except Exception as e:   # any donor failure: try the next one
                     self.log(f"warning: fetching '{op}' from {peer[-8:]} failed ({type(e).__name__}: {str(e)[:100]})")
-            return op, None
-        results = await asyncio.gather(*(one(k, op) for k, op in enumerate(sorted(sources))))
-        return {op: state for op, state in results if state is not None}
+            return op, None, ""
+        results = await asyncio.gather(*(one(op, donors) for op, donors in donor_order(sources).items()))
+        return {op: (state, peer) for op, state, peer in results if state is not None}
+
+    async def _send_snapshot(self, peer: str, states: dict[str, OpState]) -> None:
+        """Push a snapshot of ops to a backup (raises unless it kept every op)."""
+        async def one(op: str, state: OpState) -> None:
+            reply = unpack(await self.call(peer, pack("snapshot", {"op": op, "step": state.step}, state.tensors)[0]),
+                           Limits(max_frame_bytes=1 << 16))
+            check_reply(reply, f"backup {peer[-8:]}")
+        await asyncio.gather(*(one(op, state) for op, state in states.items()))
 
     # --- following plans ------------------------------------------------------------------------
 
@@ -157,8 +190,7 @@ class PlanFollower:
                 self.log(f"warning: plan {plan.hash} does not fit its peers' memory; not training")
         if self.pending is not None and self.pending.feasible:
             self._adopt(self.pending, view, record)
-        if self.plan is not None and self.pending is None:
-            self._backup(view)
+        self._take_snapshots()
         if self.session is not None and self.session.policy is not None and self.session.policy.codec_s_per_byte:
             record.codec_bps = self.session.policy.codec_bytes_per_s
         record.step = self.step
@@ -182,7 +214,7 @@ class PlanFollower:
             newest = self._sources(view, ops)
             local = {op: self.store[op] for op, (step, _) in newest.items() if op in self.store and self.store[op].step >= step}
             remote = {op: donors for op, (step, donors) in newest.items() if op not in local}
-            self.start_step, self.local = start, local
+            self.start_step, self.local, self.donors = start, local, []
             self.fetching = asyncio.run_coroutine_threadsafe(self.fetch(remote), self.loop) if remote else None
             if self.fetching is None:
                 self._start(plan, stage, local, record)
@@ -190,7 +222,8 @@ class PlanFollower:
         if not self.fetching.done():
             return
         fetched = self.fetching.result() if self.fetching.exception() is None else {}
-        self._start(plan, stage, {**self.local, **fetched}, record)
+        self.donors = sorted({peer for _, peer in fetched.values()})
+        self._start(plan, stage, {**self.local, **{op: state for op, (state, _) in fetched.items()}}, record)
 
     def _sources(self, view: MembershipView, ops: list[str]) -> dict[str, tuple[int, list[str]]]:
         """For each op: the newest step anyone advertises and who holds it (this node included)."""
@@ -216,49 +249,54 @@ class PlanFollower:
         missing = [op for op in plan.stages[stage].ops if op in self.owned and op not in states]
         if missing and self.step:
             self.log(f"warning: no state of {len(missing)} ops anywhere ({', '.join(missing[:3])}...): initial weights")
-        behind = {op: self.start_step - s.step for op, s in states.items() if s.step < self.start_step}
-        if behind:
-            self.log(f"restored {len(behind)} ops from older state: up to {max(behind.values())} steps of them lost")
         try:
-            self.session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop, self.bandwidth,
-                                           self.start_step, self.admit, self.log, self.device, states)
-            self.session.start()
+            self.session = session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop,
+                                                     self.bandwidth, self.start_step, self.admit, self.log, self.device, states)
+            keepers = backups(plan, self.cfg.training.backup_copies).get(stage)
+            if keepers and self.cfg.training.backup_every_steps:
+                self.pusher = SnapshotPusher(lambda: session.capture(session.ops), self._send_snapshot, keepers,
+                                             self.cfg.training.backup_every_steps, self.log)
+                session.server.before_apply = self.pusher.before_apply
+            session.start()
         except SwarmError as e:
-            self.session = None
+            self.session, self.pusher = None, None
             self.log(f"error: cannot run stage {stage} of plan {plan.hash}: {e}")
             return
         for op in self.session.ops:
             self.store.pop(op, None)   # live now: served from the session
+        if session.completed:
+            self.log(f"completed step {self.start_step - 1} on {len(session.completed)} ops with the gradient "
+                     "the previous plan left (the rest of the swarm had applied it)")
+        behind = {op: self.start_step - s.step for op, s in states.items()
+                  if s.step < self.start_step and op in session.ops and op not in session.completed}
+        if behind:
+            self.log(f"restored {len(behind)} ops from older state: up to {max(behind.values())} steps of them lost")
         self.plan, record.ready = plan, plan.hash
         self.log(f"training: stage {stage} of {len(plan.stages)} from step {self.start_step} "
-                 f"({len(states)} ops of state, {len(states) - len(self.local)} fetched)")
+                 f"({len(states)} ops of state, {len(states) - len(self.local)} fetched"
+                 + (f" from {', '.join(p[-8:] for p in self.donors)})" if self.donors else ")")
+                 + (f"; snapshots to {', '.join(p[-8:] for p in keepers)}" if self.pusher else ""))
 
-    def _backup(self, view: MembershipView) -> None:
-        """Refresh this node's snapshot of a single-holder stage it backs up, every few steps."""
-        if self.backup_job is not None and not self.backup_job.done():
-            return
-        if self.backup_job is not None and self.backup_job.exception() is None and self.backup_job.result():
-            got = self.backup_job.result()
-            self.store.update(got)
-            self.log(f"backup: snapshot of {len(got)} ops at step {min(s.step for s in got.values())}")
-        self.backup_job = None
-        every = self.cfg.training.backup_every_steps
-        for stage, peer in backups(self.plan).items():
-            holder = self.plan.stages[stage].peers[0]
-            if peer != self.me or not every or holder not in view.members or view.members[holder].ready != self.plan.hash:
-                continue   # (a holder still loading its state has nothing to give yet)
-            ops = [op for op in self.plan.stages[stage].ops if op in self.owned]
-            have = [self.store[op].step for op in ops if op in self.store]
-            if not ops or (len(have) == len(ops) and (view.members[holder].step or 0) < min(have) + every):
-                continue
-            self.backup_job = asyncio.run_coroutine_threadsafe(self.fetch({op: [holder] for op in ops}), self.loop)
-            return
+    def _take_snapshots(self) -> None:
+        """Move the snapshots received as a backup into the store (newest per op)."""
+        got: dict[tuple[str, int], int] = {}
+        while self.received:
+            peer, op, state = self.received.popleft()
+            if op not in self.store or self.store[op].step < state.step:
+                self.store[op] = state
+                got[peer, state.step] = got.get((peer, state.step), 0) + 1
+        for (peer, step), n in sorted(got.items(), key=lambda kv: kv[0][1]):
+            self.log(f"backup: snapshot of {n} ops at step {step} from {peer[-8:]}")
 
     def _stop_session(self) -> None:
+        if self.pusher is not None:
+            self.loop.call_soon_threadsafe(self.pusher.close)
+            self.pusher = None
         if self.session is not None:
             session, self.session = self.session, None
             session.stop()
-            self.store.update(session.final_state())
+            self.store.update(session.final_state(pending=True))
+            self.stopped_at = max(self.stopped_at, session.step)
 
     def drain(self):
         """Leaving: let the running stage finish its step in progress and take no new one; a future

@@ -82,12 +82,20 @@ def check_reply(reply: Message, what: str) -> Message:
 async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Callable[[bytes], Awaitable[bytes]],
                     limit: int, timeout_s: float) -> int:
     """One request frame in, ``answer``'s reply out; returns the bytes written. Waits until the caller
-    has read the reply and hung up: closing first can cut the reply's tail in the daemons."""
-    reply = await answer(await read_frame(reader, limit, timeout_s))
-    write_frame(writer, reply)
-    await writer.drain()
-    await asyncio.wait_for(reader.read(1), timeout_s)
-    return len(reply) + _LEN.size
+    has read the reply and hung up: closing first can cut the reply's tail in the daemons. A frame
+    announced above ``limit`` is not read: the caller gets an error reply naming it, then this raises."""
+    async def send(reply: bytes) -> int:
+        write_frame(writer, reply)
+        await writer.drain()
+        await asyncio.wait_for(reader.read(1), timeout_s)
+        return len(reply) + _LEN.size
+
+    try:
+        frame = await read_frame(reader, limit, timeout_s)
+    except SwarmError as e:   # only the length prefix was read: nothing allocated for the frame
+        await send(error_frame(e))
+        raise
+    return await send(await answer(frame))
 
 
 def stream_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0, protocol: str = PROTOCOL) -> Call:
@@ -241,6 +249,7 @@ class StageServer:
         self.flat_numel = sum(p.numel() for p in worker.params)
         self.step_began, self.first_pass, self.last_pass = time.perf_counter(), None, 0.0   # this step's timeline
         self.stepped: Callable[[int], None] = lambda step: None   # hook after every optimizer step
+        self.before_apply: Callable[[int], Awaitable[None]] | None = None   # hook before (the backup gate)
 
     @property
     def errors(self) -> int:
@@ -484,6 +493,8 @@ class StageServer:
 
             sums = await asyncio.gather(*(exchange(j) for j in range(len(replicas))))
             await self._run(True, self.worker.set_flat_grads, torch.cat(sums))
+        if self.before_apply is not None:
+            await self.before_apply(step)
         await self._run(True, self.worker.step)
 
     def _round(self, step: int, part: int) -> ReduceRound:

@@ -24,7 +24,7 @@ from swarm.dag.trace import TracedModel
 from swarm.data import training_data
 from swarm.errors import SwarmError
 from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
-from swarm.runtime.state import OpState, capture, op_tensors, restore, write_checkpoint
+from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
 from swarm.wire import Limits
@@ -68,12 +68,9 @@ class TrainingSession:
         self.worker = StageWorker(stage, cfg.optimizer, self.training.lr, max_in_flight=4 * plan.micro_batches,
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
                                   max_batch=mbs, warmup_steps=self.training.lr_warmup_steps, device=device)
-        self.worker.step_id = start_step
         self.owned = op_tensors(traced.dag, traced.gm)
         self.ops = [op for op in stage.io.ops if op in self.owned]
-        for p in self.worker.params:
-            p.grad = None   # a step the previous plan left half-done is dropped here
-        restore(stage.module, self.worker.optimizer, {op: st for op, st in (states or {}).items() if op in self.ops})
+        self.completed = self.worker.resume({op: st for op, st in (states or {}).items() if op in self.ops}, start_step)
         limits = Limits(max_frame_bytes=frame_limit(traced, mbs, sum(p.numel() for p in self.worker.params)))
         replicas = tuple(sorted(spec.peers))
         upstream = tuple(sorted(plan.stages[self.index - 1].peers)) if self.index else ()
@@ -168,9 +165,17 @@ class TrainingSession:
         """The state of ``ops`` as it is between two passes (on the compute thread)."""
         return await self.server.compute.run(0, self.final_state, ops)
 
-    def final_state(self, ops: list[str] | None = None) -> dict[str, OpState]:
-        """The state of this stage's ops (call only when no pass runs: stopped, or on the compute thread)."""
-        return capture(self.worker.stage.module, self.worker.optimizer, self.owned, ops or self.ops, self.worker.step_id)
+    def final_state(self, ops: list[str] | None = None, pending: bool = False) -> dict[str, OpState]:
+        """The state of this stage's ops (call only when no pass runs: stopped, or on the compute thread);
+        ``pending``: with the gradient of the step in progress if this stage has all of it."""
+        return capture(self.worker.stage.module, self.worker.optimizer, self.owned, ops or self.ops, self.worker.step_id,
+                       grads=pending and self._whole_gradient())
+
+    def _whole_gradient(self) -> bool:
+        """Every micro-batch of the current step went backward here (summed over the replicas)."""
+        w = self.worker
+        expected = self.plan.micro_batches * len(self.plan.stages[0].peers)
+        return not w.saved and (w.reduced or (len(self.server.peers.replicas) == 1 and w.backwards == expected))
 
     def _stepped(self, step: int) -> None:
         if self.index:

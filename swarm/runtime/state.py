@@ -2,12 +2,14 @@
 
 An op's state is its parameters (``p:<name>``), its buffers (``b:<name>``, e.g. BatchNorm statistics)
 and the optimizer's per-parameter state (``o:<key>:<name>``: Adam's moments and step count), all
-tagged with the optimizer step they belong to. Because state is keyed by op and not by stage, a new
+tagged with the optimizer step they belong to; a stage stopped with the whole gradient of a step it
+had not applied adds it (``g:<name>``), so the next holder can complete that step (docs/churn.md). Because state is keyed by op and not by stage, a new
 plan that moves ops between peers moves exactly those tensors, whoever held them before.
 
-Checkpoints: ``<dir>/step-<step>/<op>.pt`` (``torch.save`` of a dict of tensors; written to a temporary
-name, then renamed), one directory per checkpointed step; a stage's ``done-<k>`` marker closes its part
-of a step. A swarm restarted from the directory resumes at the newest step that every op has.
+Checkpoints: ``<dir>/step-<step>/<op>.pt`` (``torch.save`` of nothing but tensors: the op's, and its
+step as the 0-d tensor ``step``; written to a temporary name, then renamed), one directory per
+checkpointed step; a stage's ``done-<k>`` marker closes its part of a step. A swarm restarted from the
+directory resumes at the newest step that every op has.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ def op_tensors(dag: OpDAG, module: torch.nn.Module) -> dict[str, list[tuple[str,
 
 
 def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, owned: dict[str, list[tuple[str, str]]],
-            ops: list[str], step: int) -> dict[str, OpState]:
-    """Copies (on the CPU) of the state of ``ops`` in ``module`` and ``optimizer`` at ``step``."""
+            ops: list[str], step: int, grads: bool = False) -> dict[str, OpState]:
+    """Copies (on the CPU) of the state of ``ops`` in ``module`` and ``optimizer`` at ``step`` (and the
+    parameters' accumulated gradients, given ``grads``)."""
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     out = {}
     for op in ops:
@@ -56,6 +59,8 @@ def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ow
                 continue
             p = params[name]
             tensors[f"p:{name}"] = p.detach().cpu().clone()
+            if grads and p.grad is not None:
+                tensors[f"g:{name}"] = p.grad.detach().cpu().clone()
             for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
                 if torch.is_tensor(value):
                     tensors[f"o:{key}:{name}"] = value.detach().cpu().clone()
@@ -63,24 +68,39 @@ def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ow
     return out
 
 
-def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, states: dict[str, OpState]) -> None:
-    """Load op states into ``module`` (and ``optimizer``'s per-parameter state). Every name and shape
-    is checked first: a state that does not fit is a one-line error and nothing is loaded."""
+def _targets(module: torch.nn.Module, states: dict[str, OpState], owned: dict[str, list[tuple[str, str]]] | None = None):
+    """(kind, optimizer slot, target tensor, value) for every tensor of ``states``, each checked to be
+    ``module``'s (and, given ``owned``, its op's) with the right shape: else a one-line error."""
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
-    plan = []
+    out = []
     for op, state in states.items():
+        mine = None if owned is None else {name for _, name in owned.get(op, [])}
         for key, t in state.tensors.items():
             kind, _, rest = key.partition(":")
             slot, name = rest.partition(":")[::2] if kind == "o" else ("", rest)
-            target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o") else None
-            if target is None:
-                raise SwarmError(f"state of op '{op}': '{key}' does not belong to this stage")
-            if kind != "o" and t.shape != target.shape:
-                raise SwarmError(f"state of op '{op}': '{name}' has shape {list(t.shape)}, expected {list(target.shape)}")
-            plan.append((kind, slot, target, t))
+            target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o", "g") else None
+            if target is None or (mine is not None and name not in mine):
+                raise SwarmError(f"state of op '{op}': '{key}' does not belong to this {'op' if mine else 'stage'}")
+            if (kind != "o" or t.dim()) and t.shape != target.shape:
+                raise SwarmError(f"state of op '{op}': '{key}' has shape {list(t.shape)}, expected {list(target.shape)}")
+            out.append((kind, slot, target, t))
+    return out
+
+
+def check(module: torch.nn.Module, owned: dict[str, list[tuple[str, str]]], states: dict[str, OpState]) -> None:
+    """Refuse (one line) states whose tensors are not their ops' in ``module``."""
+    _targets(module, states, owned)
+
+
+def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, states: dict[str, OpState]) -> None:
+    """Load op states into ``module`` (and ``optimizer``'s per-parameter state). Every name and shape
+    is checked first: a state that does not fit is a one-line error and nothing is loaded."""
+    plan = _targets(module, states)
     with torch.no_grad():
         for kind, slot, target, t in plan:
-            if kind != "o":
+            if kind == "g":
+                target.grad = t.to(target.device, target.dtype).clone()
+            elif kind != "o":
                 target.copy_(t)
             elif optimizer is not None:
                 optimizer.state[target][slot] = t.to(target.device) if t.dim() else t.clone()
@@ -100,7 +120,7 @@ def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: i
     step_dir.mkdir(parents=True, exist_ok=True)
     for op, state in states.items():
         tmp = step_dir / f".{_file_name(op)}.tmp"
-        torch.save({"op": op, "step": state.step, "tensors": state.tensors}, tmp)
+        torch.save({**state.tensors, "step": torch.tensor(state.step)}, tmp)   # tensors only
         os.replace(tmp, step_dir / _file_name(op))
     (step_dir / f"done-{stage}").touch()
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -122,6 +142,8 @@ def read_checkpoint(directory: str | Path, ops: list[str]) -> dict[str, OpState]
                     data = torch.load(f, weights_only=True)
                 except Exception as e:
                     raise SwarmError(f"cannot read checkpoint {f}: {type(e).__name__}") from None
-                out[op] = OpState(int(data["step"]), data["tensors"])
+                if "tensors" in data:   # the first format: {"op", "step", "tensors"}
+                    data = {**data["tensors"], "step": data["step"]}
+                out[op] = OpState(int(data.pop("step")), data)
             return out
     return {}

@@ -8,6 +8,7 @@ import torch
 
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
+from swarm.runtime.state import OpState, restore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,6 +41,8 @@ class StageWorker:
         self.optimizer = make_optimizer(optimizer, self.params, lr) if self.params else None
         self.saved: dict[int, tuple[list, list]] = {}
         self.step_id = 0
+        self.backwards = 0       # micro-batches of this step whose gradients are accumulated
+        self.reduced = False     # this step's gradients are the replicas' sum
 
     @property
     def is_last(self) -> bool:
@@ -94,6 +97,7 @@ class StageWorker:
             pairs = [(o, g) for o, g in zip(outputs, grads or []) if g is not None and o.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g.to(self.device) for _, g in pairs])
+        self.backwards += 1
         return [leaf.grad if leaf.requires_grad else None for leaf in leaves]
 
     def drop(self, mb: int) -> None:
@@ -114,10 +118,26 @@ class StageWorker:
             n = p.numel()
             p.grad = flat[offset: offset + n].view_as(p).to(p.device, p.dtype, copy=True)
             offset += n
+        self.reduced = True
 
     def state(self) -> dict[str, torch.Tensor]:
         """The stage's parameters and buffers by the model's qualified names (on the CPU)."""
         return {k: v.detach().cpu().clone() for k, v in self.stage.module.state_dict().items()}
+
+    def resume(self, states: dict[str, OpState], step: int) -> list[str]:
+        """Start at ``step`` from op ``states``. The gradients of an unfinished step are dropped, except the
+        whole gradient (``g:``) of step ``step - 1`` that ops one step behind carry: the rest of the swarm
+        applied that step, so these ops apply it now. Returns them."""
+        for p in self.params:
+            p.grad = None
+        behind = sorted(op for op, st in states.items() if st.step == step - 1 and any(k.startswith("g:") for k in st.tensors))
+        restore(self.stage.module, self.optimizer, {
+            op: st if op in behind else OpState(st.step, {k: t for k, t in st.tensors.items() if not k.startswith("g:")})
+            for op, st in states.items()})
+        self.step_id = step - 1 if behind else step
+        if behind:
+            self.step()
+        return behind
 
     def step(self) -> None:
         """Apply the accumulated gradients (one optimizer step) and start the next step."""
@@ -129,3 +149,4 @@ class StageWorker:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step_id += 1
+        self.backwards, self.reduced = 0, False

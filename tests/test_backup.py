@@ -1,0 +1,117 @@
+"""The backup pool's rules without a network: who keeps snapshots, how a sole holder's steps are gated
+on acknowledged snapshots (the K-step bound), that a dead backup does not stall training, and how a
+new owner spreads its fetches over donors (the checks on a received snapshot: tests/test_state.py)."""
+import asyncio
+
+from swarm.runtime.backup import SnapshotPusher, backups
+from swarm.runtime.follow import donor_order
+from swarm.runtime.state import OpState
+from swarm.scheduler.plan import Plan, StagePlan
+
+
+def plan_of(groups: list[tuple[str, ...]], spares: tuple[str, ...] = ()) -> Plan:
+    stages = tuple(StagePlan(i, i, i + 1, (f"op{i}",), peers, 0.1, 1.0, 0.0) for i, peers in enumerate(groups))
+    return Plan("m", stages, (), spares, 0.1, 1.0, 4)
+
+
+def test_spares_keep_single_holder_stages_in_turn_then_the_nearest_stages():
+    plan = plan_of([("a",), ("b", "c"), ("d",), ("e",)], spares=("s1", "s2"))
+    assert backups(plan) == {0: ["s1"], 2: ["s2"], 3: ["s1"]}                 # replicated stage 1 needs none
+    assert backups(plan, copies=3) == {0: ["s1", "s2", "b"], 2: ["s2", "s1", "e"], 3: ["s1", "s2", "d"]}
+    no_spares = plan_of([("a",), ("b",), ("c",)])
+    assert backups(no_spares, copies=2) == {0: ["b", "c"], 1: ["c", "a"], 2: ["b", "a"]}
+    assert backups(plan_of([("a",)])) == {}                                   # nobody else: no backup
+
+
+class Holder:
+    """A sole holder's steps against backups whose transfers the test completes by hand."""
+
+    def __init__(self, every: int, peers=("k1",)):
+        self.step, self.log = 0, []
+        self.transfers: list[tuple[str, int, asyncio.Future]] = []
+        self.pusher = SnapshotPusher(self.capture, self.send, list(peers), every, self.log.append)
+
+    async def capture(self) -> dict[str, OpState]:
+        return {"op0": OpState(self.step, {})}
+
+    async def send(self, peer: str, states: dict[str, OpState]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self.transfers.append((peer, states["op0"].step, done))
+        await done   # the test resolves it (or sets an exception: the backup failed)
+
+    async def apply(self, step: int) -> asyncio.Task:
+        """Start applying ``step``; the task is done once the gate let it through."""
+        async def run():
+            await self.pusher.before_apply(step)
+            self.step = step + 1
+        task = asyncio.ensure_future(run())
+        await settle()
+        return task
+
+    async def kept(self, k: int, error: Exception | None = None) -> None:
+        """Transfer ``k`` ends: kept, or failed with ``error``."""
+        done = self.transfers[k][2]
+        done.set_exception(error) if error else done.set_result(None)
+        await settle()
+
+
+async def settle() -> None:
+    """Run every callback that is ready (no time passes): a task still pending afterwards is blocked."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_a_sole_holder_never_runs_more_than_k_steps_ahead_of_an_acknowledged_snapshot():
+    async def main():
+        h = Holder(every=4)
+        for step in range(2):      # a push of step 0 starts; the states of steps 1-2 are within K-1 of it
+            assert (await h.apply(step)).done()
+        gated = await h.apply(2)   # state 3 would be K-1 = 3 steps past the newest kept snapshot (none)
+        assert not gated.done() and [(p, s) for p, s, _ in h.transfers] == [("k1", 0)]
+        await h.kept(0)
+        assert gated.done() and h.pusher.acked == 0
+        gated = await h.apply(3)   # the next push (step 3; the slow one held it back) must land first
+        assert not gated.done() and [s for _, s, _ in h.transfers] == [0, 3]
+        await h.kept(1)
+        assert gated.done() and h.pusher.acked == 3
+        for step in (4, 5):        # pushes every K/2 = 2 steps
+            assert (await h.apply(step)).done()
+        assert [s for _, s, _ in h.transfers] == [0, 3, 5]
+        gated = await h.apply(6)
+        assert not gated.done()
+        await h.kept(2)
+        assert gated.done() and h.pusher.acked == 5 and not h.log
+    asyncio.run(main())
+
+
+def test_a_failed_backup_is_not_waited_for_again_and_one_of_several_copies_is_enough():
+    async def main():
+        h = Holder(every=3, peers=("k1", "k2"))
+        assert (await h.apply(0)).done() and len(h.transfers) == 2
+        gated = await h.apply(1)
+        assert not gated.done()
+        await h.kept(1)            # k2 kept it, k1 is still transferring: enough
+        assert gated.done() and h.pusher.acked == 0
+        await h.kept(0, ConnectionError("k1 died"))
+        gated = await h.apply(2)   # a new push to both, waited for
+        assert not gated.done() and len(h.transfers) == 4
+        await h.kept(2, ConnectionError("gone"))
+        await h.kept(3, ConnectionError("gone"))
+        assert gated.done() and h.pusher.failing and len(h.log) == 1 and "no backup took" in h.log[0]
+        for step in range(3, 9):   # no backup reachable: training goes on without waiting, warned once
+            assert (await h.apply(step)).done()
+            for k, (_, _, done) in enumerate(h.transfers):
+                if not done.done():
+                    await h.kept(k, ConnectionError("gone"))
+        assert h.step == 9 and len(h.log) == 1
+    asyncio.run(main())
+
+
+def test_fetches_spread_over_the_donors_that_hold_the_newest_step():
+    sources = {f"op{k}": ["d1", "d2", "d3"] for k in range(6)} | {"solo": ["d2"]}
+    order = donor_order(sources)
+    firsts = [order[op][0] for op in sorted(sources) if op != "solo"]
+    assert sorted(firsts) == ["d1", "d1", "d2", "d2", "d3", "d3"]           # each donor gives a third
+    assert all(sorted(order[op]) == ["d1", "d2", "d3"] for op in order if op != "solo")   # the rest are fall-backs
+    assert order["solo"] == ["d2"]
+
