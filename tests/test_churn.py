@@ -10,6 +10,7 @@ from pathlib import Path
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import load_model
 from swarm.runtime import lr_at, make_optimizer
+from tests.conftest import run_cli
 from tests.swarmproc import MADDR, Proc, wait_until
 
 MB, SIZE, K = 4, 2, 5   # K: training.backup_every_steps, the most steps a crash may cost
@@ -112,12 +113,16 @@ def monotonic(tmp_path: Path) -> None:
 
 def test_a_killed_middle_stage_holder_is_replaced_by_the_spare_from_its_snapshot(tmp_path, swarm_procs):
     total = 40
-    nodes, _ = start(swarm_procs, tmp_path, config(tmp_path, max_steps=total, min_members=4), list("abcd"))
+    cfg = config(tmp_path, max_steps=total, min_members=4)
+    nodes, maddr = start(swarm_procs, tmp_path, cfg, list("abcd"))
     wait_until(lambda: reached(tmp_path, 12), 150, what="12 steps trained")
     roles = {n: role(p) for n, p in nodes.items()}
     middle, spare = (next(n for n, r in roles.items() if r == want) for want in ("stage 1", "spare"))
     tail = {n: peer_tail(p) for n, p in nodes.items()}
     nodes[spare].wait_for(rf"backup: snapshot of \d+ ops at step \d+ from {tail[middle]}", 30)
+    status = run_cli("status", "--config", cfg, "--initial-peers", maddr, timeout=60)
+    assert re.search(rf"stage 1: held by {tail[middle]} at step \d+; snapshots: .*{tail[spare]} \(\d+ steps old\)",
+                     status.stdout) and f"spares: {tail[spare]}" in status.stdout, status.stdout + status.stderr
     nodes[middle].kill(signal.SIGKILL)
     alive = {n: p for n, p in nodes.items() if n != middle}
     since = {n: len(p.lines) for n, p in alive.items()}

@@ -83,3 +83,5 @@ class SnapshotPusher:
     def close(self) -> None:
         if self.pushing is not None:
             self.pushing.cancel()
+        if self.answered is not None and not self.answered.done():
+            self.answered.set_result(False)   # a step waiting at the gate goes on (its session is stopping)

@@ -141,7 +141,8 @@ class PriorityRunner:
         self.seq = itertools.count()
         self.ready = threading.Condition()
         self.closed = False
-        threading.Thread(target=self._loop, daemon=True, name=name).start()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=name)
+        self.thread.start()
 
     async def run(self, priority: int, fn, *args):
         loop = asyncio.get_running_loop()
@@ -160,12 +161,14 @@ class PriorityRunner:
                     return
                 _, _, fn, args, loop, future = heapq.heappop(self.queue)
             try:
-                result, error = fn(*args), None
+                outcome = (fn(*args), None)
             except BaseException as e:  # handed to the awaiting coroutine
-                result, error = None, e
-            loop.call_soon_threadsafe(_settle, future, result, error)
+                outcome = (None, e)
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+            del fn, args, loop, future, outcome   # hold nothing of this pass (its tensors, its error) until the next
 
     def close(self) -> None:
+        """Run no further pass (the one running finishes: ``thread.join`` waits for it)."""
         with self.ready:
             self.closed = True
             self.ready.notify()

@@ -129,6 +129,8 @@ class TrainingSession:
             await asyncio.gather(self.driver, return_exceptions=True)
         await self.p2p.remove_binary_stream_handler(PROTOCOL)
         self.server.close()
+        # the pass running now finishes before the stage's state is read (a step is applied whole or not at all)
+        await asyncio.get_running_loop().run_in_executor(None, self.server.compute.thread.join, 20.0)
 
     async def _drive(self) -> None:
         """The first stage's training loop: one optimizer step per iteration on this replica's shard."""
