@@ -1,7 +1,9 @@
 """AdaTopK's cost in accuracy: gpt2-tiny trained through a 3-stage pipeline (the stage servers' real
 path, in one process) uncompressed and at fixed wire ratios; final loss and achieved ratio.
-Also: the same ratio without the channel scale (plain per-token magnitude). Prints a table and
-writes JSON.
+Also: the same ratio without the channel scale (plain per-token magnitude), and with error feedback
+(what compression dropped from one micro-batch's activations added to the next one's before
+selection: the experiment behind docs/adatopk.md's "error feedback is not applied"). Prints a table
+and writes JSON.
 
     python -m benchmarks.compression [--steps 80] [--device cpu|cuda] [--json-out benchmarks/results/compression.json]
 """
@@ -12,6 +14,9 @@ import asyncio
 import json
 from pathlib import Path
 
+import torch
+
+from swarm.compression.adatopk import ChannelScale, Packet, decode
 from swarm.compression.policy import LinkPolicy
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import trace_model
@@ -19,15 +24,29 @@ from swarm.runtime.local import local_servers
 from swarm.runtime.rpc import train_step
 
 
+class ErrorFeedback(ChannelScale):
+    """Selection on ``x + residual``, the residual being what the previous tensor of that name lost."""
+
+    def __init__(self):
+        super().__init__()
+        self.residual: dict[str, torch.Tensor] = {}
+
+    def encode(self, name: str, x: torch.Tensor, ratio: float) -> Packet:
+        r = self.residual.get(name)
+        x = x + r if r is not None and r.shape == x.shape else x
+        packet = super().encode(name, x, ratio)
+        self.residual[name] = x - decode(packet.data, device=x.device)[0].to(x.dtype)
+        return packet
+
+
 def train(ratio: float, steps: int, channel_scale: bool = True, micro_batches: int = 4, size: int = 4,
-          device: str = "cpu") -> dict:
+          device: str = "cpu", error_feedback: bool = False) -> dict:
     traced = trace_model("gpt2-tiny", "coarse", size)
     mode = "fixed" if ratio > 1 else "off"
     servers = local_servers(traced, 3, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio),
                             device=device)
-    if not channel_scale:
-        for s in servers:
-            s.channel_scale = None
+    for s in servers:
+        s.channel_scale = ErrorFeedback() if error_feedback else s.channel_scale if channel_scale else None
     corpus = ByteCorpus(generated_corpus(), 128)
 
     async def run() -> list[float]:
@@ -36,8 +55,8 @@ def train(ratio: float, steps: int, channel_scale: bool = True, micro_batches: i
 
     losses = asyncio.run(run())
     raw, wire = sum(s.counters.act_raw for s in servers), sum(s.counters.act_wire for s in servers)
-    return {"device": device, "target_ratio": ratio, "channel_scale": channel_scale, "achieved_ratio": raw / wire,
-            "final_loss": sum(losses[-5:]) / 5, "losses": losses}
+    return {"device": device, "target_ratio": ratio, "channel_scale": channel_scale, "error_feedback": error_feedback,
+            "achieved_ratio": raw / wire, "final_loss": sum(losses[-5:]) / 5, "losses": losses}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     runs = [train(r, args.steps, device=args.device) for r in (1, 4, 10, 16, 32)] \
-        + [train(10, args.steps, channel_scale=False, device=args.device)]
+        + [train(10, args.steps, channel_scale=False, device=args.device)] \
+        + [train(r, args.steps, error_feedback=True, device=args.device) for r in (10, 32)]
     base = runs[0]["final_loss"]
     print(f"gpt2-tiny on {args.device}, 3 stages, {args.steps} steps of 4 x 4 sequences; final loss = mean of the last 5 steps")
     print(f"{'target':>7}{'selection':>22}{'achieved':>10}{'final loss':>12}{'vs off':>9}")
     for r in runs:
-        how = "-" if r["target_ratio"] == 1 else "per token / channel" if r["channel_scale"] else "per token, plain |x|"
+        how = "-" if r["target_ratio"] == 1 else "+ error feedback" if r["error_feedback"] else \
+            "per token / channel" if r["channel_scale"] else "per token, plain |x|"
         print(f"{r['target_ratio']:>7g}{how:>22}{r['achieved_ratio']:>10.2f}{r['final_loss']:>12.3f}"
               f"{(r['final_loss'] / base - 1) * 100:>+8.1f}%")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
