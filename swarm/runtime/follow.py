@@ -135,6 +135,8 @@ class PlanFollower:
             raise SwarmError(f"this node keeps no snapshot of '{op}' for {peer[-8:]}")
         if type(step) is not int or step < 0:
             raise SwarmError("a snapshot names its step (an int >= 0)")
+        if any(k.startswith("g:") for k in tensors):
+            raise SwarmError("a snapshot carries no gradient")
         state = OpState(step, tensors)
         check(self.traced.gm, self.owned, {op: state})
         self.received.append((peer, op, state))   # into the store on the next heartbeat
