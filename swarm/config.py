@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from swarm.errors import SwarmError
 
@@ -117,11 +117,18 @@ class TrainingConfig(Strict):
     checkpoint_every_steps: PositiveInt = Field(default=50, description="checkpoint period")
     backup_every_steps: int = Field(default=10, ge=0, description="K: a sole holder never runs more than K steps "
                                     "ahead of its newest snapshot kept by a backup, so its death costs at most K "
-                                    "steps (snapshots every K/2; 0: no backups)")
+                                    "steps (snapshots every K/2; 0: no backups; K = 1 cannot be kept)")
     backup_copies: PositiveInt = Field(default=1, description="peers keeping snapshots of each single-holder stage")
     metrics_path: str | None = Field(default=None, description="append one JSON line per step (first-stage nodes)")
     threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's default)")
     timeout_s: float = Field(default=60.0, gt=0, description="bound on every pipeline call")
+
+    @field_validator("backup_every_steps")
+    @classmethod
+    def _keepable(cls, k: int) -> int:
+        if k == 1:   # a holder may die one step behind the swarm: a bound of 1 would need a snapshot of the future
+            raise ValueError("must be 0 (no backups) or at least 2")
+        return k
 
 
 class NodeConfig(Strict):

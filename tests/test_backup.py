@@ -27,7 +27,7 @@ class Holder:
     """A sole holder's steps against backups whose transfers the test completes by hand."""
 
     def __init__(self, every: int, peers=("k1",)):
-        self.step, self.log = 0, []
+        self.step, self.log, self.broken = 0, [], []
         self.transfers: list[tuple[str, int, asyncio.Future]] = []
         self.pusher = SnapshotPusher(self.capture, self.send, list(peers), every, self.log.append)
 
@@ -43,6 +43,8 @@ class Holder:
         """Start applying ``step``; the task is done once the gate let it through."""
         async def run():
             await self.pusher.before_apply(step)
+            if not (self.pusher.failing or self.pusher.acked >= step + 2 - self.pusher.every):
+                self.broken.append(step)   # the K-step bound (checked by the tests)
             self.step = step + 1
         task = asyncio.ensure_future(run())
         await settle()
@@ -63,24 +65,29 @@ async def settle() -> None:
 
 def test_a_sole_holder_never_runs_more_than_k_steps_ahead_of_an_acknowledged_snapshot():
     async def main():
-        h = Holder(every=4)
-        for step in range(2):      # a push of step 0 starts; the states of steps 1-2 are within K-1 of it
+        h = Holder(every=4)        # K = 4: pushes every 2 steps; after step s, a snapshot of s - 2 or newer kept
+        for step in range(2):      # a push of step 0 starts; steps 0-1 need nothing kept yet
             assert (await h.apply(step)).done()
-        gated = await h.apply(2)   # state 3 would be K-1 = 3 steps past the newest kept snapshot (none)
+        gated = await h.apply(2)   # needs step 0 kept
         assert not gated.done() and [(p, s) for p, s, _ in h.transfers] == [("k1", 0)]
         await h.kept(0)
         assert gated.done() and h.pusher.acked == 0
-        gated = await h.apply(3)   # the next push (step 3; the slow one held it back) must land first
-        assert not gated.done() and [s for _, s, _ in h.transfers] == [0, 3]
+        assert [s for _, s, _ in h.transfers] == [0, 2]   # the next push started as soon as the first landed
+        gated = await h.apply(3)   # needs step 1 or newer: the push of step 2, still in flight
+        assert not gated.done()
         await h.kept(1)
-        assert gated.done() and h.pusher.acked == 3
-        for step in (4, 5):        # pushes every K/2 = 2 steps
-            assert (await h.apply(step)).done()
-        assert [s for _, s, _ in h.transfers] == [0, 3, 5]
-        gated = await h.apply(6)
+        assert gated.done() and h.pusher.acked == 2
+        assert (await h.apply(4)).done() and [s for _, s, _ in h.transfers] == [0, 2, 4]
+        gated = await h.apply(5)   # transfers slower than K/2 steps: the holder waits, the bound holds
         assert not gated.done()
         await h.kept(2)
-        assert gated.done() and h.pusher.acked == 5 and not h.log
+        assert gated.done() and h.pusher.acked == 4
+        for step in range(6, 12):  # transfers that land at once: pushes every K/2 steps, no wait
+            assert (await h.apply(step)).done()
+            for k, (_, _, done) in enumerate(h.transfers):
+                if not done.done():
+                    await h.kept(k)
+        assert [s for _, s, _ in h.transfers] == [0, 2, 4, 6, 8, 10] and not h.log and not h.broken
     asyncio.run(main())
 
 
@@ -103,7 +110,7 @@ def test_a_failed_backup_is_not_waited_for_again_and_one_of_several_copies_is_en
             for k, (_, _, done) in enumerate(h.transfers):
                 if not done.done():
                     await h.kept(k, ConnectionError("gone"))
-        assert h.step == 9 and len(h.log) == 1
+        assert h.step == 9 and len(h.log) == 1 and h.pusher.acked == 0 and not h.broken   # unprotected, as warned
     asyncio.run(main())
 
 

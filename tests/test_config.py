@@ -14,6 +14,7 @@ def test_default_node_config_loads():
     ("micro_batch_size: many\n", "key 'micro_batch_size'"),
     ("micro_batch_size: 0\n", "key 'micro_batch_size'"),
     ("granularity: medium\n", "key 'granularity'"),
+    ("training: {backup_every_steps: 1}\n", "key 'training.backup_every_steps': Value error, must be 0 (no backups) or at least 2"),
     ("model: [unclosed\n", "invalid YAML at line"),
     ("- just\n- a list\n", "expected a mapping"),
 ])

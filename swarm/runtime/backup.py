@@ -51,14 +51,19 @@ class SnapshotPusher:
 
     async def before_apply(self, step: int) -> None:
         """Before the stage applies ``step`` (its state then becomes ``step + 1``)."""
-        idle = self.pushing is None or self.pushing.done()
-        if idle and (self.pushed is None or step - self.pushed >= max(1, self.every // 2)):
-            self.pushed = step
-            states = await self.capture()   # between two steps: consistent
-            self.answered = asyncio.get_running_loop().create_future()
-            self.pushing = asyncio.ensure_future(self._push(step, states, self.answered))
-        if step + 2 - self.every > self.acked and not self.failing and self.answered is not None:
-            await asyncio.shield(self.answered)   # the bound: wait for the snapshot in flight
+        need = step + 2 - self.every   # the oldest acknowledged snapshot the bound allows after this step
+        while True:
+            idle = self.pushing is None or self.pushing.done()
+            due = self.pushed is None or step - self.pushed >= max(1, self.every // 2) or need > self.acked
+            if idle and due and self.pushed != step:
+                self.pushed = step
+                states = await self.capture()   # between two steps: consistent
+                self.answered = asyncio.get_running_loop().create_future()
+                self.pushing = asyncio.ensure_future(self._push(step, states, self.answered))
+            if need <= self.acked or self.failing or self.answered is None:
+                return
+            # the bound: wait for the snapshot in flight (or, if it was too old, for the next one)
+            await asyncio.shield(self.answered if not self.answered.done() else self.pushing)
 
     async def _push(self, step: int, states: dict[str, OpState], answered: asyncio.Future) -> None:
         """Send ``states`` to every backup; ``answered`` once one of them has it (or all failed)."""

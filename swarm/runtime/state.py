@@ -3,8 +3,9 @@
 An op's state is its parameters (``p:<name>``), its buffers (``b:<name>``, e.g. BatchNorm statistics)
 and the optimizer's per-parameter state (``o:<key>:<name>``: Adam's moments and step count), all
 tagged with the optimizer step they belong to; a stage stopped with the whole gradient of a step it
-had not applied adds it (``g:<name>``), so the next holder can complete that step (docs/churn.md). Because state is keyed by op and not by stage, a new
-plan that moves ops between peers moves exactly those tensors, whoever held them before.
+had not applied adds it (``g:<name>``), so the next holder can complete that step (docs/churn.md).
+Because state is keyed by op and not by stage, a new plan that moves ops between peers moves exactly
+those tensors, whoever held them before.
 
 Checkpoints: ``<dir>/step-<step>/<op>.pt`` (``torch.save`` of nothing but tensors: the op's, and its
 step as the 0-d tensor ``step``; written to a temporary name, then renamed), one directory per
@@ -80,7 +81,7 @@ def _targets(module: torch.nn.Module, states: dict[str, OpState], owned: dict[st
             slot, name = rest.partition(":")[::2] if kind == "o" else ("", rest)
             target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o", "g") else None
             if target is None or (mine is not None and name not in mine):
-                raise SwarmError(f"state of op '{op}': '{key}' does not belong to this {'op' if mine else 'stage'}")
+                raise SwarmError(f"state of op '{op}': '{key}' does not belong to this {'stage' if mine is None else 'op'}")
             if (kind != "o" or t.dim()) and t.shape != target.shape:
                 raise SwarmError(f"state of op '{op}': '{key}' has shape {list(t.shape)}, expected {list(target.shape)}")
             out.append((kind, slot, target, t))
