@@ -3,20 +3,34 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from swarm.errors import SwarmError
 
 T = TypeVar("T", bound=BaseModel)
 
+# Upper bounds of config numbers (docs/runtime.md, "Config ranges"): generous for a real swarm, small
+# enough that a typo (1000000000 for 1000) is refused in one line instead of exhausting memory or
+# waiting forever. Every number is also finite (no inf, no nan).
+MAX_MICRO_BATCH_SIZE = 65536   # samples per micro-batch (the node also checks that one fits its memory)
+MAX_MICRO_BATCHES = 4096       # micro-batches per optimizer step
+MAX_PEERS = 1000               # members, stages, replicas (the scheduler is benchmarked up to 1000 peers)
+MAX_STEPS = 1_000_000_000      # any count or period of optimizer steps
+MAX_WAIT_S = 3600.0            # timeouts, TTL, heartbeat, batching windows: an hour
+MAX_PERIOD_S = 86400.0         # periods between re-checks: a day
+MAX_RATIO = 1000.0             # AdaTopK wire ratio
+MAX_THREADS = 1024
+MAX_LR = 10.0
+MAX_DIM = 1 << 20              # model sizes: vocabulary, classes, one dimension of an input
+
 
 class Strict(BaseModel):
     """Base for configs: unknown keys and wrong types are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=False)
 
 
 class _ModelSpecBase(Strict):
@@ -28,11 +42,11 @@ class _ModelSpecBase(Strict):
 
 class GPTSpec(_ModelSpecBase):
     kind: Literal["gpt"]
-    vocab_size: PositiveInt = 256
-    seq_len: PositiveInt = 128
-    n_layer: PositiveInt = 4
-    n_head: PositiveInt = 4
-    d_model: PositiveInt = 128
+    vocab_size: PositiveInt = Field(default=256, le=MAX_DIM)
+    seq_len: PositiveInt = Field(default=128, le=1 << 17)
+    n_layer: PositiveInt = Field(default=4, le=1024)
+    n_head: PositiveInt = Field(default=4, le=1024)
+    d_model: PositiveInt = Field(default=128, le=1 << 16)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     tie_weights: bool = False
 
@@ -40,9 +54,9 @@ class GPTSpec(_ModelSpecBase):
 class ResNetSpec(_ModelSpecBase):
     kind: Literal["resnet"]
     depth: Literal[18, 34, 50, 101] = 18
-    num_classes: PositiveInt = 10
-    image_size: PositiveInt = 32
-    in_channels: PositiveInt = 3
+    num_classes: PositiveInt = Field(default=10, le=MAX_DIM)
+    image_size: PositiveInt = Field(default=32, le=8192)
+    in_channels: PositiveInt = Field(default=3, le=1024)
 
 
 class ImportSpec(_ModelSpecBase):
@@ -51,10 +65,10 @@ class ImportSpec(_ModelSpecBase):
     kind: Literal["import"]
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    input_shape: list[PositiveInt] | None = Field(
-        default=None, description="per-sample input shape, when the module has no example_inputs()")
+    input_shape: list[Annotated[int, Field(ge=1, le=MAX_DIM)]] | None = Field(
+        default=None, max_length=8, description="per-sample input shape, when the module has no example_inputs()")
     input_dtype: Literal["float32", "int64"] = "float32"
-    input_high: PositiveInt = Field(default=2, description="exclusive upper bound of int64 inputs")
+    input_high: PositiveInt = Field(default=2, le=1 << 62, description="exclusive upper bound of int64 inputs")
 
 
 class NetworkConfig(Strict):
@@ -67,26 +81,33 @@ class NetworkConfig(Strict):
     credentials_path: str | None = Field(default=None, description="private swarm: this node's credential "
                                          "(from `node.py swarm-init` / `swarm-admit`); None joins a public swarm")
     prefix: str = Field(default="swarm", pattern=r"^[A-Za-z0-9_.-]+$", description="DHT key prefix: one per swarm")
-    ttl_s: float = Field(default=30.0, gt=0)
-    heartbeat_s: float = Field(default=10.0, gt=0)
-    startup_timeout_s: float = Field(default=30.0, gt=0)
-    probe_interval_s: float = Field(default=30.0, gt=0, description="one bandwidth probe (~1 s) per interval")
-    leave_timeout_s: float = Field(default=60.0, ge=0, description="on SIGTERM/Ctrl-C, wait at most this long "
+    ttl_s: float = Field(default=30.0, gt=0, le=MAX_WAIT_S, description="a silent member drops out after this long")
+    heartbeat_s: float = Field(default=10.0, gt=0, le=MAX_WAIT_S, description="must be below ttl_s")
+    startup_timeout_s: float = Field(default=30.0, gt=0, le=MAX_WAIT_S)
+    probe_interval_s: float = Field(default=30.0, gt=0, le=MAX_PERIOD_S, description="one bandwidth probe (~1 s) per interval")
+    leave_timeout_s: float = Field(default=60.0, ge=0, le=MAX_WAIT_S, description="on SIGTERM/Ctrl-C, wait at most this long "
                                    "for the swarm to take this node's state over")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_ttl(self) -> "NetworkConfig":
+        if self.heartbeat_s >= self.ttl_s:   # the record would expire between two heartbeats
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s:g}) must be below ttl_s ({self.ttl_s:g}), "
+                             "or the member record expires between heartbeats")
+        return self
 
 
 class ElectionConfig(Strict):
     """When the swarm re-plans (docs/election.md) and what a plan assumes."""
 
-    join_batch_s: float = Field(default=20.0, ge=0, description="joins seen within this window share one epoch")
-    min_epoch_s: float = Field(default=60.0, ge=0, description="no join/drift re-plan sooner than this after a commit")
-    election_timeout_s: float = Field(default=30.0, gt=0, description="retry one epoch higher after this")
-    drift_gain: float = Field(default=1.25, gt=1, description="re-plan when a new plan predicts this speed-up")
-    drift_check_s: float = Field(default=60.0, gt=0)
-    micro_batches: PositiveInt = Field(default=8, description="micro-batches per optimizer step")
-    stages: int = Field(default=0, ge=0, description="pipeline stages of every plan (0: the scheduler chooses)")
-    min_members: PositiveInt = Field(default=1, description="the first plan waits until this many members are live")
-    max_replicas: int = Field(default=0, ge=0, description="peers per stage at most (0: no limit; others are spares)")
+    join_batch_s: float = Field(default=20.0, ge=0, le=MAX_WAIT_S, description="joins seen within this window share one epoch")
+    min_epoch_s: float = Field(default=60.0, ge=0, le=MAX_PERIOD_S, description="no join/drift re-plan sooner than this after a commit")
+    election_timeout_s: float = Field(default=30.0, gt=0, le=MAX_WAIT_S, description="retry one epoch higher after this")
+    drift_gain: float = Field(default=1.25, gt=1, le=100, description="re-plan when a new plan predicts this speed-up")
+    drift_check_s: float = Field(default=60.0, gt=0, le=MAX_PERIOD_S)
+    micro_batches: PositiveInt = Field(default=8, le=MAX_MICRO_BATCHES, description="micro-batches per optimizer step")
+    stages: int = Field(default=0, ge=0, le=MAX_PEERS, description="pipeline stages of every plan (0: the scheduler chooses)")
+    min_members: PositiveInt = Field(default=1, le=MAX_PEERS, description="the first plan waits until this many members are live")
+    max_replicas: int = Field(default=0, ge=0, le=MAX_PEERS, description="peers per stage at most (0: no limit; others are spares)")
     planner: Literal["opfence", "naive"] = Field(
         default="opfence", description="naive: one peer per stage in id order, equal op counts (benchmark baseline)")
 
@@ -96,9 +117,9 @@ class CompressionConfig(Strict):
 
     mode: Literal["auto", "off", "fixed"] = Field(
         default="auto", description="auto: per-link ratio from the plan and the live bandwidth; fixed: `ratio` on every link")
-    ratio: float = Field(default=10.0, ge=1.0, description="wire ratio (raw / sent bytes) in fixed mode")
-    max_ratio: float = Field(default=16.0, ge=1.0, description="hardest compression auto mode may choose")
-    warmup_steps: int = Field(default=20, ge=0, description="uncompressed optimizer steps at the start")
+    ratio: float = Field(default=10.0, ge=1.0, le=MAX_RATIO, description="wire ratio (raw / sent bytes) in fixed mode")
+    max_ratio: float = Field(default=16.0, ge=1.0, le=MAX_RATIO, description="hardest compression auto mode may choose")
+    warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="uncompressed optimizer steps at the start")
 
 
 class TrainingConfig(Strict):
@@ -107,21 +128,21 @@ class TrainingConfig(Strict):
     data: str | list[str] = Field(default="auto", description="auto (generated text for token models, synthetic "
                                   "images for image classifiers), generated, synthetic-images, a text file, a glob "
                                   "of text files (corpus/*.txt), a list of text files and globs, or an image folder")
-    lr: float = Field(default=1e-3, gt=0)
-    lr_warmup_steps: int = Field(default=20, ge=0, description="linear learning-rate warm-up (0: none)")
+    lr: float = Field(default=1e-3, gt=0, le=MAX_LR)
+    lr_warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(
         default="1f1b", description="gpipe: all micro-batches in flight; 1f1b: as many as stages, backward first")
-    max_steps: int | None = Field(default=None, ge=0, description="stop driving after this many steps (None: never)")
+    max_steps: int | None = Field(default=None, ge=0, le=MAX_STEPS, description="stop driving after this many steps (None: never)")
     save_dir: str | None = Field(default=None, description="write each stage's parameters here at max_steps")
     checkpoint_dir: str | None = Field(default=None, description="write ops' state here (and resume from it)")
-    checkpoint_every_steps: PositiveInt = Field(default=50, description="checkpoint period")
-    backup_every_steps: int = Field(default=10, ge=0, description="K: a sole holder never runs more than K steps "
+    checkpoint_every_steps: PositiveInt = Field(default=50, le=MAX_STEPS, description="checkpoint period")
+    backup_every_steps: int = Field(default=10, ge=0, le=MAX_STEPS, description="K: a sole holder never runs more than K steps "
                                     "ahead of its newest snapshot kept by a backup, so its death costs at most K "
                                     "steps (snapshots every K/2; 0: no backups; K = 1 cannot be kept)")
-    backup_copies: PositiveInt = Field(default=1, description="peers keeping snapshots of each single-holder stage")
+    backup_copies: PositiveInt = Field(default=1, le=64, description="peers keeping snapshots of each single-holder stage")
     metrics_path: str | None = Field(default=None, description="append one JSON line per step (first-stage nodes)")
-    threads: int | None = Field(default=None, ge=1, description="torch threads (None: torch's default)")
-    timeout_s: float = Field(default=60.0, gt=0, description="bound on every pipeline call")
+    threads: int | None = Field(default=None, ge=1, le=MAX_THREADS, description="torch threads (None: torch's default)")
+    timeout_s: float = Field(default=60.0, gt=0, le=MAX_WAIT_S, description="bound on every pipeline call")
 
     @field_validator("backup_every_steps")
     @classmethod
@@ -137,7 +158,8 @@ class NodeConfig(Strict):
     model: str = Field(default="gpt2-tiny", description="preset name, YAML file, or package.module:factory")
     granularity: Literal["fine", "coarse"] = "coarse"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    micro_batch_size: PositiveInt = 4
+    micro_batch_size: PositiveInt = Field(default=4, le=MAX_MICRO_BATCH_SIZE, description="samples per "
+                                          "micro-batch (one micro-batch of the whole model must fit this node's memory)")
     optimizer: Literal["adam", "sgd"] = "adam"
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     election: ElectionConfig = Field(default_factory=ElectionConfig)
@@ -150,20 +172,36 @@ def config_dir() -> Path:
     return Path(os.environ.get("SWARM_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
 
 
+MAX_CONFIG_BYTES = 4 << 20   # a config file is text a person wrote: larger is a wrong path (a log, /dev/zero)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a text file; a missing, unreadable, binary, oversized or invalid file is one line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise SwarmError(f"config file not found: {path}") from None
     except OSError as e:
-        raise SwarmError(f"cannot read config file {path}: {e.strerror}") from None
+        raise SwarmError(f"cannot read config file {path}: {e.strerror or type(e).__name__}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SwarmError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    if b"\0" in raw:
+        raise SwarmError(f"config file {path} is binary (a NUL byte at offset {raw.index(0)}), not YAML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SwarmError(f"config file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SwarmError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())[:200]
+        raise SwarmError(f"{path}: invalid YAML{where}: {problem}") from None
+    except RecursionError:   # thousands of nested brackets
+        raise SwarmError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -179,7 +217,9 @@ def validate(cls: type[T], data: Any, source: str) -> T:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        value = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err and not isinstance(err["input"], dict) else ""
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        value = f" (got {shown})" if err["type"] != "extra_forbidden" and "input" in err and not isinstance(err["input"], dict) else ""
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise SwarmError(f"{source}: key '{loc}': {msg}{value}{more}") from None
 
