@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import signal
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pydantic.v1 as pv1
 from hivemind.dht import DHT
@@ -29,12 +30,34 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from swarm.auth import CredentialChecker, peer_id_of
+from swarm.errors import SwarmError
+from swarm.refusals import Refusals, short
 
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
 STATES = ("joining", "online", "leaving", "offline")   # leaving: handing its state over, out of elections
 MAX_HOLDS = 16                     # op ranges a record advertises
 MAX_PLAN_CHARS = 12_000            # a ballot's plan JSON (without op names): ~150 peers
+
+# What a record or ballot must keep to be believed (docs/hostile.md, "Member records"): physical
+# bounds well above any real machine, sizes well above any honest record. Readers ignore (and log once
+# per peer) what breaks them; this node's own record is clamped into them before it is published.
+MAX_TFLOPS = 1e4                   # tflops, model_tflops: (0, 1e4] TFLOP/s
+MAX_MEMORY_BYTES = 1 << 44         # memory_bytes: [0, 16 TiB]
+MAX_BANDWIDTH_BPS = 4e12           # bandwidth_bps values: (0, 4 Tbit/s]
+MAX_RTT_S = 300.0                  # rtt_s values: (0, 300 s]
+MAX_CODEC_BPS = 1e13               # codec_bps: (0, 10 TB/s]
+MAX_CPU_CORES = 4096.0             # cpu_cores: (0, 4096]
+MAX_COUNT = 1 << 53                # steps, epochs, op indices: [0, 2**53), exact as a float and within msgpack
+MAX_STAGES = 4096                  # stage: [0, 4096)
+MAX_ID_CHARS = 64                  # peer ids (46 for RSA keys), plan hashes (16), dictionary keys
+MAX_MADDRS, MAX_MADDR_CHARS = 16, 256
+MAX_NAME_CHARS = 128               # device, device_name, role, version names and values
+MAX_VERSIONS = 16
+MAX_CREDENTIAL_BYTES = 8 << 10     # a credential is ~1 KiB (an RSA key and a signature)
+MAX_BALLOT_MEMBERS = 1024          # a ballot's electorate (its plan caps it at ~150 anyway)
+# updated_at may be at most ttl_s ahead of the reader's clock (clock skew allowance = ttl_s), and a
+# record counts at most ttl_s after its updated_at, whatever DHT expiration its writer chose.
 
 
 class _RecordV1(pv1.BaseModel):
@@ -65,6 +88,20 @@ class _RecordV1(pv1.BaseModel):
     cpu_cores: Optional[pv1.StrictFloat] = None
     holds: Optional[List[List[pv1.StrictInt]]] = None
     ready: Optional[pv1.StrictStr] = None
+
+
+def check_ballot(ballot: dict) -> str | None:
+    """Why a (well-typed) ballot must not be believed, or None: epoch in [0, 2**53), ids and hashes
+    at most ``MAX_ID_CHARS``, at most ``MAX_BALLOT_MEMBERS`` members, sorted and distinct."""
+    members = ballot["members"]
+    checks = [
+        _number("epoch", ballot["epoch"], 0, MAX_COUNT, low_open=False, high_open=True),
+        _text("plan_hash", ballot["plan_hash"], MAX_ID_CHARS), _text("proposer", ballot["proposer"], MAX_ID_CHARS),
+        None if len(members) <= MAX_BALLOT_MEMBERS else f"more than {MAX_BALLOT_MEMBERS} members",
+        next((f"a member id longer than {MAX_ID_CHARS} characters" for m in members if len(m) > MAX_ID_CHARS), None),
+        None if members == sorted(set(members)) else "members not sorted and distinct",
+    ]
+    return next((reason for reason in checks if reason is not None), None)
 
 
 class _BallotV1(pv1.BaseModel):
@@ -115,34 +152,109 @@ class MemberRecord:
         return max(0.0, self.updated_at - self.started_at)
 
     def to_wire(self) -> dict[str, Any]:
+        """The wire form; measurements are clamped into the bounds readers check (a probe that read
+        absurdly fast must not make this node's own record refused) and names cut to their caps."""
         d = dataclasses.asdict(self)
         for name in ("peer_id", "device", "device_name", "state"):  # e.g. torch's TorchVersion is a str subclass
             d[name] = str(d[name])
-        d["maddrs"] = [str(a) for a in d["maddrs"]]
-        d["versions"] = {str(k): str(v) for k, v in d["versions"].items()}
+        for name in ("device", "device_name"):
+            d[name] = d[name][:MAX_NAME_CHARS]
+        d["maddrs"] = [str(a) for a in d["maddrs"]][:MAX_MADDRS]
+        d["versions"] = {str(k)[:MAX_NAME_CHARS]: str(v)[:MAX_NAME_CHARS] for k, v in list(d["versions"].items())[:MAX_VERSIONS]}
         for name in ("tflops", "started_at", "updated_at"):
             d[name] = float(d[name])
-        for name in ("bandwidth_bps", "rtt_s"):  # the most recent measurements, capped
-            d[name] = {k: float(v) for k, v in list(d[name].items())[-MAX_LINKS:]}
-        d["memory_bytes"] = int(d["memory_bytes"])
-        for name in ("codec_bps", "model_tflops", "cpu_cores"):
+        d["tflops"] = _clamp(d["tflops"], MAX_TFLOPS)
+        for name, high in (("bandwidth_bps", MAX_BANDWIDTH_BPS), ("rtt_s", MAX_RTT_S)):  # the most recent measurements, capped
+            d[name] = {k: _clamp(float(v), high) for k, v in list(d[name].items())[-MAX_LINKS:]
+                       if math.isfinite(v) and v > 0}
+        d["memory_bytes"] = min(max(int(d["memory_bytes"]), 0), MAX_MEMORY_BYTES)
+        for name, high in (("codec_bps", MAX_CODEC_BPS), ("model_tflops", MAX_TFLOPS), ("cpu_cores", MAX_CPU_CORES)):
             if d[name] is not None:
-                d[name] = float(d[name])
+                d[name] = _clamp(float(d[name]), high) if math.isfinite(d[name]) and d[name] > 0 else None
         return d
 
     @classmethod
     def from_wire(cls, value: Any) -> "MemberRecord | None":
-        """The record, or None when ``value`` is malformed (it is then ignored)."""
-        try:
-            parsed = _RecordV1.parse_obj(value)
-        except (pv1.ValidationError, TypeError):
-            return None
-        if parsed.state not in STATES or len(parsed.bandwidth_bps) > MAX_LINKS or len(parsed.rtt_s) > MAX_LINKS:
-            return None
-        if parsed.holds is not None and (len(parsed.holds) > MAX_HOLDS or any(
-                len(h) != 3 or not 0 <= h[0] < h[1] or h[2] < 0 for h in parsed.holds)):
-            return None
-        return cls(**parsed.dict())
+        """The record, or None when ``value`` is malformed or out of bounds (it is then ignored)."""
+        return parse_record(value)[0]
+
+
+def _clamp(value: float, high: float) -> float:
+    return min(max(value, 1e-12), high)
+
+
+def _brief(value: Any) -> str:
+    """A value as a refusal line names it: short whatever the sender put in."""
+    text = f"{value:.6g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _number(name: str, value: float | int | None, low: float, high: float, low_open: bool = True,
+            high_open: bool = False) -> str | None:
+    """Why ``value`` is out of (low, high] (bounds open or closed as given), or None; None values pass."""
+    if value is None:
+        return None
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    return None if ok else f"{name} {_brief(value)} out of range"
+
+
+def _text(name: str, value: str | None, limit: int) -> str | None:
+    return None if value is None or len(value) <= limit else f"{name} longer than {limit} characters"
+
+
+def check_record(record: MemberRecord, now: float | None = None, ttl_s: float | None = None) -> str | None:
+    """Why ``record`` must not be believed (one short phrase), or None when it is sane: every number
+    finite and within the physical bounds above, every size within its cap, and, when ``now`` and
+    ``ttl_s`` are given, ``updated_at`` at most ``ttl_s`` ahead of ``now`` and at most ``ttl_s`` old."""
+    r = record
+    checks = [
+        _number("tflops", r.tflops, 0, MAX_TFLOPS), _number("model_tflops", r.model_tflops, 0, MAX_TFLOPS),
+        _number("memory_bytes", r.memory_bytes, 0, MAX_MEMORY_BYTES, low_open=False),
+        _number("codec_bps", r.codec_bps, 0, MAX_CODEC_BPS), _number("cpu_cores", r.cpu_cores, 0, MAX_CPU_CORES),
+        _number("started_at", r.started_at, 0, math.inf, low_open=False),
+        _number("updated_at", r.updated_at, 0, math.inf, low_open=False),
+        _number("stage", r.stage, 0, MAX_STAGES, low_open=False, high_open=True),
+        *(_number(name, getattr(r, name), 0, MAX_COUNT, low_open=False, high_open=True)
+          for name in ("step", "vote_epoch", "committed_epoch")),
+        None if r.state in STATES else f"state {_brief(r.state)} unknown",
+        _text("peer_id", r.peer_id, MAX_ID_CHARS),
+        *(_text(name, getattr(r, name), MAX_ID_CHARS) for name in ("vote_hash", "committed_hash", "ready")),
+        *(_text(name, getattr(r, name), MAX_NAME_CHARS) for name in ("device", "device_name", "role")),
+        None if len(r.maddrs) <= MAX_MADDRS else f"more than {MAX_MADDRS} maddrs",
+        *(_text("a maddr", a, MAX_MADDR_CHARS) for a in r.maddrs),
+        None if len(r.versions) <= MAX_VERSIONS else f"more than {MAX_VERSIONS} versions",
+        *(_text("a version", text, MAX_NAME_CHARS) for item in r.versions.items() for text in item),
+        None if r.credential is None or len(r.credential) <= MAX_CREDENTIAL_BYTES
+        else f"credential longer than {MAX_CREDENTIAL_BYTES} bytes",
+    ]
+    for name, table, high in (("bandwidth_bps", r.bandwidth_bps, MAX_BANDWIDTH_BPS), ("rtt_s", r.rtt_s, MAX_RTT_S)):
+        checks.append(None if len(table) <= MAX_LINKS else f"{name} has more than {MAX_LINKS} links")
+        checks += [_text(f"a {name} peer id", peer, MAX_ID_CHARS) or _number(name, value, 0, high) for peer, value in table.items()]
+    if r.holds is not None:
+        checks.append(None if len(r.holds) <= MAX_HOLDS else f"more than {MAX_HOLDS} holds")
+        checks += [None if len(h) == 3 and 0 <= h[0] < h[1] < MAX_COUNT and 0 <= h[2] < MAX_COUNT
+                   else f"holds {_brief(h)} out of range" for h in r.holds]
+    if now is not None and ttl_s is not None:
+        if r.updated_at > now + ttl_s:
+            checks.append(f"updated_at {r.updated_at - now:.3g} s in the future")
+        elif r.updated_at + ttl_s < now:
+            checks.append(f"updated_at {now - r.updated_at:.3g} s old, past the {ttl_s:g} s TTL")
+    return next((reason for reason in checks if reason is not None), None)
+
+
+def parse_record(value: Any) -> tuple[MemberRecord | None, str | None]:
+    """(record, None) for a well-formed record within bounds, else (None, why it is refused)."""
+    try:
+        parsed = _RecordV1.parse_obj(value)
+    except pv1.ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        return None, f"malformed: {where[:40]}: {error['msg'][:60]}"
+    except TypeError:
+        return None, "malformed: not a record"
+    record = MemberRecord(**parsed.dict())
+    reason = check_record(record)
+    return (None, reason) if reason else (record, None)
 
 
 def make_validators(prefix: str, private_key: RSAPrivateKey) -> list:
@@ -210,15 +322,21 @@ class Membership:
     ``checker`` (private swarms) makes the view keep only records carrying a valid credential."""
 
     def __init__(self, dht: DHT, signer: RSASignatureValidator, prefix: str = "swarm", ttl_s: float = 30.0,
-                 checker: CredentialChecker | None = None):
+                 checker: CredentialChecker | None = None, log: Callable[[str], None] = lambda line: None):
         self.dht, self.signer, self.key, self.ttl_s = dht, signer, f"{prefix}_members", ttl_s
         self.ballot_key = f"{prefix}_ballots"
         self.checker = checker
+        self.refusals = Refusals(log)   # bad records and ballots: one line per peer and minute
 
     def publish(self, record: MemberRecord, timeout_s: float = 10.0) -> bool:
-        """Store (refresh) this node's record; False if no DHT peer accepted it in time."""
+        """Store (refresh) this node's record; False if no DHT peer accepted it in time. A record the
+        readers would refuse (only a bug of this node: measurements are clamped) is a ``SwarmError``."""
         record.updated_at = get_dht_time()
-        future = self.dht.store(self.key, record.to_wire(), expiration_time=record.updated_at + self.ttl_s,
+        wire = record.to_wire()
+        reason = check_record(MemberRecord(**wire))
+        if reason is not None:
+            raise SwarmError(f"this node's member record is out of bounds: {reason}")
+        future = self.dht.store(self.key, wire, expiration_time=record.updated_at + self.ttl_s,
                                 subkey=self.signer.local_public_key, return_future=True)
         try:
             return bool(future.result(timeout=timeout_s))
@@ -230,6 +348,9 @@ class Membership:
         """Store this node's current ballot (one per proposer: a new one replaces the old)."""
         value = {"epoch": int(epoch), "plan_hash": str(plan_hash), "proposer": str(proposer),
                  "members": [str(m) for m in members], "plan": plan_json}
+        reason = check_ballot(value) or (f"plan longer than {MAX_PLAN_CHARS} characters" if len(plan_json) > MAX_PLAN_CHARS else None)
+        if reason is not None:   # e.g. an epoch of 2**64 would be an OverflowError inside the DHT
+            raise SwarmError(f"cannot publish a ballot: {reason}")
         future = self.dht.store(self.ballot_key, value, expiration_time=get_dht_time() + 10 * self.ttl_s,
                                 subkey=self.signer.local_public_key, return_future=True)
         try:
@@ -243,12 +364,17 @@ class Membership:
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         out = {}
         for subkey, entry in entries.items():
+            signer = owner_peer_id(subkey) or "?"
             try:
                 ballot = _BallotV1.parse_obj(getattr(entry, "value", None)).dict()
             except (pv1.ValidationError, TypeError):
+                self.refusals.note(signer, "ballot", "malformed")
                 continue
-            if owner_peer_id(subkey) == ballot["proposer"] and ballot["members"] == sorted(set(ballot["members"])):
-                out[ballot["proposer"]] = ballot
+            reason = check_ballot(ballot) or (None if signer == ballot["proposer"] else "proposer is not its signer")
+            if reason is not None:
+                self.refusals.note(signer, "ballot", reason)
+                continue
+            out[ballot["proposer"]] = ballot
         return out
 
     def accepts(self, subkey: Any, record: MemberRecord) -> bool:
@@ -261,14 +387,24 @@ class Membership:
         return token is not None and token.username == record.peer_id
 
     def view(self, timeout_s: float = 10.0) -> MembershipView:
+        """Live members: records expired, offline, past ``ttl_s`` after their ``updated_at`` (whatever
+        DHT expiration the writer chose), out of bounds or not their signer's are left out; each bad one
+        is logged, naming its signer (one line per peer and minute: ``swarm.refusals``)."""
         found = self.dht.get(self.key, latest=True, return_future=True).result(timeout=timeout_s)
         now, members = get_dht_time(), {}
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         for subkey, entry in entries.items():
-            record = MemberRecord.from_wire(getattr(entry, "value", None))
-            if record is None or record.state == "offline" or entry.expiration_time < now:
+            if entry.expiration_time < now:
+                continue   # an honest record's end: expiration = updated_at + ttl_s
+            signer = owner_peer_id(subkey) or "?"
+            record, reason = parse_record(getattr(entry, "value", None))
+            if record is not None and record.state == "offline":
                 continue
-            if not self.accepts(subkey, record):
+            reason = reason or check_record(record, now, self.ttl_s)
+            if reason is None and not self.accepts(subkey, record):
+                reason = f"claims peer id {short(record.peer_id)}" if signer != record.peer_id else "no valid credential"
+            if reason is not None:
+                self.refusals.note(signer, "record", reason)
                 continue
             if record.peer_id not in members or members[record.peer_id].updated_at < record.updated_at:
                 members[record.peer_id] = record
