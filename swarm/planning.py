@@ -1,9 +1,17 @@
 """The node's side of the election: feeds DHT observations to the ``Election`` state machine and
 carries out its commands (plan with the OP-Fence scheduler, publish ballots and votes, adopt the
-committed plan). Every DHT access goes through ``Membership``."""
+committed plan). Every DHT access goes through ``Membership``.
+
+Before a ballot from another proposer reaches the machine (so before this node can vote for it) the
+node re-prices its plan with its own view (``check_ballot``): a plan that does not match its ballot,
+overloads a peer's memory, or predicts a step ``PLAN_TOLERANCE`` times slower than the plan this node
+would make for the same members is refused, named in one log line, and never voted for. Members'
+self-reported compute enters planning capped at ``CLAIM_SPREAD`` times the members' median
+(``rated_tflops``), so one liar cannot draw every op to itself (docs/hostile.md)."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import replace
 from typing import Callable
@@ -11,15 +19,29 @@ from typing import Callable
 from hivemind.utils import get_dht_time
 
 from swarm.config import ElectionConfig
-from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, PeerState, Publish
+from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, Ignored, PeerState, Publish
+from swarm.errors import SwarmError
 from swarm.membership import MemberRecord, Membership, MembershipView
+from swarm.refusals import Refusals
 from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
+
+EPOCH_WINDOW = 64        # epochs claimed further above the swarm's committed one are not believed
+PLAN_TOLERANCE = 2.0     # a ballot's plan may predict a step at most this much slower than this node's own
+CLAIM_SPREAD = 100.0     # a member's compute counts at most this many times the members' median
+
+
+def rated_tflops(view: MembershipView, members) -> dict[str, float]:
+    """The compute planning believes of each member: its measured model rate (else its peak), at most
+    ``CLAIM_SPREAD`` times the median of the members' (a claim far above everyone else's is not evidence)."""
+    claimed = {m: view.members[m].model_tflops or view.members[m].tflops for m in members}
+    cap = CLAIM_SPREAD * statistics.median(claimed.values()) if claimed else math.inf
+    return {m: min(c, cap) for m, c in claimed.items()}
 
 
 def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
     """The planning input for ``members`` from their records and the measured bandwidth matrix."""
-    peers = [PeerSpec(m, view.members[m].model_tflops or view.members[m].tflops, view.members[m].memory_bytes,
-                      view.members[m].cpu_cores) for m in members]
+    rated = rated_tflops(view, members)
+    peers = [PeerSpec(m, rated[m], view.members[m].memory_bytes, view.members[m].cpu_cores) for m in members]
     return Swarm.build(peers, view.bandwidth)
 
 
@@ -44,7 +66,9 @@ class Elector:
                                      max_replicas=cfg.max_replicas)
         self.cfg = cfg
         self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
-                                                                 cfg.min_members))
+                                                      cfg.min_members, leader="rotating", epoch_window=EPOCH_WINDOW))
+        self.refusals = Refusals(log)
+        self.verdicts: dict[tuple[str, tuple[str, ...]], str] = {}   # (plan hash, members) -> "" (good) or why not
         self.naive = cfg.planner == "naive"
         self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified
         self.plan: Plan | None = None       # the committed one
@@ -52,24 +76,35 @@ class Elector:
 
     def step(self, view: MembershipView, record: MemberRecord) -> None:
         now = get_dht_time()
-        ballots = self.membership.ballots()
+        ballots = self._believed(view, self.membership.ballots())
         peers = {}
         for pid, r in view.members.items():
             b = ballots.get(pid)
             peers[pid] = PeerState(Ballot(b["epoch"], b["plan_hash"], pid, tuple(b["members"])) if b else None,
                                    _pair(r.vote_epoch, r.vote_hash), _pair(r.committed_epoch, r.committed_hash))
-        self._check_drift(view, now)
+        try:
+            self._check_drift(view, now)
+        except (SwarmError, ValueError, KeyError) as e:
+            self.log(f"warning: cannot re-price the committed plan ({e})")
         self._run(self.election.observe(now, peers), view, ballots, record)
 
     def _run(self, commands: list, view: MembershipView, ballots: dict, record: MemberRecord) -> None:
         for c in commands:
-            if isinstance(c, ComputePlan):
-                swarm, settings = swarm_of(view, c.members), self._settings(view, c.members)
-                plan = baseline(self.workload, swarm, settings, compress=settings.max_ratio > 1) if self.naive else \
-                    schedule(self.workload, swarm, settings)
-                self.plans[plan.hash] = plan
+            if isinstance(c, Ignored):
+                self.refusals.note(c.peer, "election state", c.what)
+            elif isinstance(c, ComputePlan):
+                try:
+                    plan = self._own_plan(view, c.members)
+                except (SwarmError, ValueError, KeyError) as e:   # the members' records cannot be planned on
+                    self.log(f"warning: cannot plan epoch {c.epoch} for {len(c.members)} members ({e}); "
+                             "the next proposer takes over after the election time-out")
+                    continue
                 ballot = Ballot(c.epoch, plan.hash, self.me, c.members)
-                self.membership.publish_ballot(c.epoch, plan.hash, self.me, list(c.members), json.dumps(plan.compact()))
+                try:
+                    self.membership.publish_ballot(c.epoch, plan.hash, self.me, list(c.members), json.dumps(plan.compact()))
+                except SwarmError as e:
+                    self.log(f"warning: ballot of epoch {c.epoch} not published ({e})")
+                    continue
                 self.log(f"proposed epoch {c.epoch} plan {plan.hash} for {len(c.members)} members "
                          f"({self.election.reason}), predicted step {plan.predicted_step_s:.3f} s")
                 self._run(self.election.proposed(ballot), view, ballots, record)
@@ -98,6 +133,59 @@ class Elector:
                  f"({c.reason}): {record.role or 'role unknown'}")
         if plan is not None:
             self.log(f"plan {plan.hash}: {plan.summary()}")
+
+    def _own_plan(self, view: MembershipView, members) -> Plan:
+        """The plan this node makes for ``members`` (kept by hash, so a commit of it needs no parsing)."""
+        swarm, settings = swarm_of(view, members), self._settings(view, members)
+        plan = baseline(self.workload, swarm, settings, compress=settings.max_ratio > 1) if self.naive else \
+            schedule(self.workload, swarm, settings)
+        self.plans[plan.hash] = plan
+        return plan
+
+    def _believed(self, view: MembershipView, ballots: dict[str, dict]) -> dict[str, dict]:
+        """The ballots this node may vote for: its own, those not naming it, and those whose plan passes
+        ``check_ballot`` (verdicts are kept by plan hash and members; a refusal is logged once)."""
+        out = {}
+        for proposer, ballot in ballots.items():
+            if proposer == self.me or self.me not in ballot["members"]:
+                out[proposer] = ballot
+                continue
+            key = (ballot["plan_hash"], tuple(ballot["members"]))
+            verdict = self.verdicts.get(key)
+            if verdict is None:
+                verdict = self.check_ballot(ballot, view)
+                if verdict is not None and len(self.verdicts) < 256:
+                    self.verdicts[key] = verdict
+            if verdict == "":
+                out[proposer] = ballot
+            elif verdict:
+                self.refusals.note(proposer, "ballot", f"epoch {ballot['epoch']} plan {ballot['plan_hash']}: {verdict}")
+        return out
+
+    def check_ballot(self, ballot: dict, view: MembershipView) -> str | None:
+        """Why this node would not vote for ``ballot`` ("" if it would; None while it cannot tell: a
+        member it names is not in this node's view yet)."""
+        members = tuple(ballot["members"])
+        if not set(members) <= set(view.members):
+            return None
+        try:
+            plan = Plan.from_compact(json.loads(ballot["plan"]), self.workload.names)
+        except (ValueError, TypeError, KeyError) as e:
+            return f"unreadable plan ({type(e).__name__})"
+        if plan.hash != ballot["plan_hash"] or plan.members != members:
+            return "its plan does not match the ballot (another model or OP-DAG, or forged)"
+        try:
+            swarm = swarm_of(view, members)
+            theirs = evaluate(self.workload, swarm, layout_of(plan, self.workload, swarm), self._settings(view, members))
+            own = self._own_plan(view, members)
+        except (SwarmError, ValueError, KeyError, IndexError) as e:
+            return f"cannot be priced ({type(e).__name__}: {str(e)[:80]})"
+        if not theirs.feasible and own.feasible:
+            return "it overloads a peer's memory"
+        if theirs.predicted_step_s > PLAN_TOLERANCE * own.predicted_step_s:
+            return (f"it predicts {theirs.predicted_step_s:.3g} s per step, {theirs.predicted_step_s / own.predicted_step_s:.1f}x "
+                    f"this node's own plan for the same members")
+        return ""
 
     def _settings(self, view: MembershipView, members) -> PlanSettings:
         """Plan settings with the members' measured AdaTopK codec throughput (median), once known."""

@@ -13,9 +13,20 @@ out, no I/O). The protocol and its guarantees are in docs/election.md; in short:
   electorate). Two ballots of one epoch that share a member can therefore never both commit.
 - A proposer whose ballot has not committed within ``election_timeout_s`` proposes again one epoch
   higher (members that died drop out of the live set after their record's TTL).
+
+``leader="rotating"`` (what nodes run; the default keeps the rules above) hardens this against a hostile
+member (docs/election.md, "A hostile member"): each epoch has one *rightful* proposer, drawn by hash from
+the members of the plan most live members run (seeded with that plan's hash, so no one can grind a peer
+id to win it); only its ballot gets votes; when no rightful ballot commits within ``election_timeout_s``
+the next epoch's proposer takes over; epochs further than ``epoch_window`` above the swarm's committed
+one are ignored (``Ignored``); a ballot that does not name this node is committed only when most live
+members already run it.
 """
 from __future__ import annotations
 
+import hashlib
+import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -46,6 +57,8 @@ class ElectionSettings:
     min_epoch_s: float = 60.0        # no join- or drift-triggered epoch sooner than this after a commit
     election_timeout_s: float = 30.0 # a ballot not committed by then is retried one epoch higher
     min_members: int = 1             # the first plan waits until this many members are live
+    leader: str = "smallest"         # "smallest": the smallest live id proposes; "rotating": see the module docstring
+    epoch_window: int | None = None  # claims of epochs more than this above the swarm's committed epoch are ignored
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -73,6 +86,20 @@ class Commit:
     reason: str
 
 
+@dataclass(frozen=True)
+class Ignored:
+    """A member's claim was not believed (say so once): ``what`` names it."""
+
+    peer: str
+    what: str
+
+
+def rank(peer: str, epoch: int, seed: str) -> str:
+    """Order of the proposers of ``epoch`` (smallest first): a hash of the peer id, the epoch and the
+    plan the swarm runs, so nobody can pick a peer id that leads an epoch of a plan not made yet."""
+    return hashlib.sha256(f"{seed}|{epoch}|{peer}".encode()).hexdigest() if seed else peer
+
+
 @dataclass
 class Election:
     me: str
@@ -86,6 +113,8 @@ class Election:
     outside_since: float | None = None    # when members outside the committed plan were first seen
     drift: bool = False
     reason: str = ""
+    need_base: int | None = None    # rotating: the highest epoch seen when the current need for an election began ...
+    need_since: float = 0.0         # ... and since when: every election_timeout_s without a commit, the next proposer
 
     def state(self) -> PeerState:
         return PeerState(self.ballot, self.vote, self.committed.key if self.committed else None)
@@ -105,15 +134,21 @@ class Election:
         """One look at the live members' published states (``peers`` includes this node)."""
         before = self.state()
         peers = {**peers, self.me: before}
-        live = tuple(sorted(peers))
         out: list = []
+        if self.settings.epoch_window is not None:
+            peers = self._within_window(peers, out)
+        live = tuple(sorted(peers))
         ballots = {b.key: b for p, s in peers.items() if (b := s.ballot) is not None and b.proposer == p}
+        rotating = self.settings.leader == "rotating"
+        running = self._running(peers) if rotating else None
 
         # 1. commit: the highest ballot all of whose members voted for it
         mine = self.committed.epoch if self.committed else 0
         for ballot in sorted(ballots.values(), key=lambda b: (-b.epoch, b.proposer)):
             if ballot.epoch <= mine:
                 break
+            if rotating and self.me not in ballot.members and (running is None or ballot.key != running[0]):
+                continue   # a plan without me: joined only once most live members run it
             if all(m in peers and peers[m].vote == ballot.key for m in ballot.members):
                 self.committed, self.committed_at, self.drift, self.outside_since = ballot, now, False, None
                 out.append(Commit(ballot, self.reason or "joined a committed plan"))
@@ -134,7 +169,9 @@ class Election:
             reason = "measurements drifted"
 
         # 3. propose (the smallest live peer id only): once per need, again after a timeout
-        if reason and self.me == live[0]:
+        if rotating:
+            out += self._propose_rotating(now, reason, peers, ballots, running, mine)
+        elif reason and self.me == live[0]:
             self.reason = reason
             timed_out = now - self.proposed_at >= self.settings.election_timeout_s
             waiting = self.asked is not None and self.asked[0] > mine and not timed_out and (
@@ -146,7 +183,8 @@ class Election:
                 out.append(ComputePlan(max(seen) + 1, live))
 
         # 4. vote: the best ballot naming me (highest epoch, then smallest proposer); once per epoch, never backwards
-        candidates = [b for b in ballots.values() if self.me in b.members and b.epoch > mine and b.proposer in peers]
+        candidates = [b for b in ballots.values() if self.me in b.members and b.epoch > mine and b.proposer in peers
+                      and (not rotating or b.proposer == self._leader(b.epoch, peers, running))]
         if candidates:
             best = min(candidates, key=lambda b: (-b.epoch, b.proposer))
             if self.vote is None or best.epoch > self.vote[0]:
@@ -154,3 +192,67 @@ class Election:
         if out or self.state() != before:
             out.append(Publish(self.state()))
         return out
+
+    # --- rotating proposers (leader="rotating") -------------------------------------------------------
+
+    def _running(self, peers: dict[str, PeerState]) -> tuple[tuple[int, str], tuple[str, ...]] | None:
+        """The plan most live members run (ties: the higher epoch) and who may propose the next one:
+        the live members it names (as this node or a visible ballot knows them), else those running it."""
+        counts = Counter(s.committed for s in peers.values() if s.committed)
+        if not counts:
+            return None
+        key = max(counts, key=lambda k: (counts[k], k))
+        named = self.committed.members if self.committed and self.committed.key == key else next(
+            (s.ballot.members for s in peers.values() if s.ballot and s.ballot.key == key), None)
+        running = [p for p, s in peers.items() if s.committed == key]
+        eligible = [p for p in (named or running) if p in peers] or running
+        return key, tuple(sorted(eligible))
+
+    def _leader(self, epoch: int, peers: dict[str, PeerState], running) -> str:
+        """The rightful proposer of ``epoch``: the first of the eligible members by ``rank``."""
+        if running is None:
+            return min(peers)
+        (_, seed), eligible = running
+        return min(eligible, key=lambda p: rank(p, epoch, seed))
+
+    def _propose_rotating(self, now: float, reason: str, peers, ballots, running, mine: int) -> list:
+        if not reason:
+            self.need_base = None
+            return []
+        self.reason = reason
+        seen = [mine] + [b.epoch for b in ballots.values()] + [s.vote[0] for s in peers.values() if s.vote] \
+            + [s.committed[0] for s in peers.values() if s.committed]
+        base = max(seen)
+        if self.need_base != base:   # something new: a ballot, a vote, a commit
+            self.need_base, self.need_since = base, now
+        waited = int((now - self.need_since) // self.settings.election_timeout_s)
+        pending = next((b for b in ballots.values() if b.epoch == base and set(b.members) <= set(peers)
+                        and b.proposer == self._leader(b.epoch, peers, running)), None)
+        target = base + waited + (0 if pending else 1)   # a rightful ballot gets one time-out to commit
+        members = set(peers)
+        if pending is not None and self.vote == pending.key:   # it timed out, yet this node found it good:
+            members -= {m for m in pending.members if m != self.me and peers[m].vote != pending.key}   # without the abstainers
+        members = tuple(sorted(members))
+        if target > max(base, mine) and self._leader(target, peers, running) == self.me and self.asked != (target, members):
+            self.asked, self.proposed_at = (target, members), now
+            return [ComputePlan(target, members)]
+        return []
+
+    def _within_window(self, peers: dict[str, PeerState], out: list) -> dict[str, PeerState]:
+        """Members' claims with epochs past the window dropped (an ``Ignored`` for each)."""
+        mine = [self.committed.epoch if self.committed else 0, self.vote[0] if self.vote else 0,
+                self.asked[0] if self.asked else 0]
+        committed = [s.committed[0] for s in peers.values() if s.committed]
+        top = max(mine + [int(statistics.median(committed)) if committed else 0]) + self.settings.epoch_window
+        kept = {}
+        for p, s in peers.items():
+            bad = [(name, pair[0]) for name, pair in (("ballot", s.ballot and s.ballot.key), ("vote", s.vote),
+                                                      ("commit", s.committed)) if pair and pair[0] > top]
+            if bad and p != self.me:
+                out.append(Ignored(p, ", ".join(f"{name} in epoch {e} (more than {self.settings.epoch_window} "
+                                                f"above the swarm's)" for name, e in bad)))
+                s = PeerState(None if s.ballot and s.ballot.epoch > top else s.ballot,
+                              None if s.vote and s.vote[0] > top else s.vote,
+                              None if s.committed and s.committed[0] > top else s.committed)
+            kept[p] = s
+        return kept

@@ -1,0 +1,72 @@
+"""A node re-prices another proposer's plan before it votes, and planning does not take a member's word
+for its compute beyond reason (swarm.planning, docs/hostile.md)."""
+import json
+import time
+
+import pytest
+
+from swarm.config import ElectionConfig
+from swarm.membership import MemberRecord, MembershipView
+from swarm.models import trace_model
+from swarm.planning import CLAIM_SPREAD, Elector, rated_tflops, swarm_of
+from swarm.scheduler import PlanSettings, Workload, evaluate, schedule
+from tests.test_planning import Ballots
+
+
+def member(peer: str, tflops: float = 1.0, memory: int = 8 << 30) -> MemberRecord:
+    now = time.time()
+    return MemberRecord(peer, [], "cpu", "test", tflops, memory, {"swarm": "0"}, now, now,
+                        bandwidth_bps={p: 1e9 for p in "ABCX" if p != peer})
+
+
+@pytest.fixture(scope="module")
+def workload() -> Workload:
+    return Workload.from_dag(trace_model("gpt2-tiny", "coarse", 4).dag)
+
+
+def ballot_for(plan, proposer: str, epoch: int = 1) -> dict:
+    return {"epoch": epoch, "plan_hash": plan.hash, "proposer": proposer, "members": list(plan.members),
+            "plan": json.dumps(plan.compact())}
+
+
+def all_on(workload: Workload, view: MembershipView, members: list[str], peer: str):
+    swarm = swarm_of(view, members)
+    return evaluate(workload, swarm, [((0, len(workload.seg_stop)), [members.index(peer)])], PlanSettings())
+
+
+def test_a_plan_far_slower_than_the_voters_own_or_over_memory_is_refused_and_named(workload):
+    view = MembershipView({"A": member("A"), "B": member("B"), "C": member("C", tflops=0.001)}, time.time())
+    logged: list[str] = []
+    ballots = Ballots()
+    elector = Elector("A", ballots, workload, ElectionConfig(join_batch_s=0, min_members=3), log=logged.append)
+
+    slow = all_on(workload, view, ["A", "B", "C"], "C")   # every op on the slowest member
+    verdict = elector.check_ballot(ballot_for(slow, "C"), view)
+    assert verdict and "this node's own plan" in verdict
+
+    small = MembershipView({**view.members, "B": member("B", memory=1 << 20)}, time.time())
+    crammed = all_on(workload, small, ["A", "B", "C"], "B")   # every op on a member with 1 MiB
+    assert "memory" in elector.check_ballot(ballot_for(crammed, "C"), small)
+
+    fair = schedule(workload, swarm_of(view, ["A", "B", "C"]), PlanSettings())
+    assert elector.check_ballot(ballot_for(fair, "B"), view) == ""
+    forged = {**ballot_for(fair, "B"), "plan_hash": "0" * 16}
+    assert "does not match" in elector.check_ballot(forged, view)
+    assert elector.check_ballot({**ballot_for(fair, "B"), "members": ["A", "B", "C", "Z"]}, view) is None   # Z unseen yet
+
+    # through the election: the refused ballot gets no vote and one log line names it
+    ballots.stored["C"] = ballot_for(slow, "C", epoch=5)
+    record = view.members["A"]
+    for _ in range(3):
+        elector.step(view, record)
+    assert record.vote_hash != slow.hash
+    lines = [line for line in logged if "refused ballot from" in line]
+    assert len(lines) == 1 and slow.hash in lines[0]
+
+
+def test_a_compute_claim_far_above_everyone_elses_is_capped(workload):
+    view = MembershipView({"A": member("A"), "B": member("B"), "C": member("C"), "X": member("X", tflops=1e9)},
+                          time.time())
+    rated = rated_tflops(view, ["A", "B", "C", "X"])
+    assert rated["X"] == pytest.approx(CLAIM_SPREAD * 1.0) and rated["A"] == 1.0
+    assert [p.tflops for p in swarm_of(view, ["A", "B", "C", "X"]).peers] == [1.0, 1.0, 1.0, CLAIM_SPREAD]
