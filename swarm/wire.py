@@ -7,9 +7,12 @@
     payload = the tensors' bytes, in header order (raw: C-contiguous little-endian; adatopk: a packet
               of ``swarm.compression``)
 
-``unpack`` checks the magic, version, header size, names, dtypes, shapes, element counts and byte
-counts against ``Limits`` and against the frame's real length before it allocates a single tensor,
-so a malformed or oversized frame costs one ``SwarmError``. See docs/wire.md.
+Parsing is two steps, so that a receiver can check who sent a frame, what kind it is and whether its
+tensors are the ones it expects before a single tensor is built: ``read_header`` checks the magic,
+version, header size, names, dtypes, codecs, shapes, element counts, byte counts and the decoded size
+(per tensor, per frame, and against the bytes the tensor takes on the wire: nothing is sized from a
+peer's claim alone) against ``Limits`` and the frame's real length; ``decode`` then builds the
+tensors. ``unpack`` is both. A malformed or oversized frame costs one ``SwarmError``. See docs/wire.md.
 """
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ NAMES = {v: k for k, v in DTYPES.items()}
 META_TYPES = (int, float, str, bool, type(None))
 
 
+CODECS = frozenset({"raw", "adatopk"})
+MAX_EXPAND = 1024.0   # decoded bytes per wire byte of an AdaTopK tensor (raw tensors: exactly 1)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_header_bytes: int = 64 << 10
@@ -40,6 +47,30 @@ class Limits:
     max_numel: int = 1 << 28          # per tensor
     max_frame_bytes: int = 1 << 30
     dtypes: frozenset = field(default_factory=lambda: frozenset(DTYPES))
+    max_decoded_bytes: int = 1 << 30  # all tensors of one frame, decoded
+    max_expand: float = MAX_EXPAND    # decoded bytes / wire bytes of one tensor
+    codecs: frozenset = CODECS        # the codecs this receiver accepts (the state protocol: raw only)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A frame's checked header: nothing decoded yet. ``entries``: name, dtype, shape, codec, nbytes."""
+    kind: str
+    meta: dict
+    entries: list[dict]
+    offset: int                       # where the payload starts
+
+    def shapes(self) -> dict[str, tuple[list[int], str, str]]:
+        """name -> (shape, dtype name, codec), in frame order."""
+        return {e["name"]: (e["shape"], e["dtype"], e["codec"]) for e in self.entries}
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(decoded_bytes(e) for e in self.entries)
+
+
+def decoded_bytes(entry: dict) -> int:
+    return math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
 
 
 @dataclass
@@ -79,6 +110,12 @@ def pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor], ratios: dict[s
 
 def unpack(frame: bytes, limits: Limits = Limits(), masks: dict[str, torch.Tensor] | None = None) -> Message:
     """Parse a frame (every bound checked first); ``masks`` for tensors sent on a reused mask."""
+    return decode(frame, read_header(frame, limits), limits, masks)
+
+
+def read_header(frame: bytes, limits: Limits = Limits()) -> Header:
+    """The frame's header, every bound checked against ``limits`` and the frame's length; no tensor is
+    built (the receiver checks the sender, the kind and the shapes it expects before ``decode``)."""
     if len(frame) > limits.max_frame_bytes:
         raise SwarmError(f"wire: frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
     try:
@@ -97,8 +134,16 @@ def unpack(frame: bytes, limits: Limits = Limits(), masks: dict[str, torch.Tenso
     offset = _PREFIX.size + header_len
     if offset + sum(e["nbytes"] for e in entries) != len(frame):
         raise SwarmError("wire: payload length does not match the header")
-    tensors, kept = {}, {}
-    for e in entries:
+    total = sum(decoded_bytes(e) for e in entries)
+    if total > limits.max_decoded_bytes:
+        raise SwarmError(f"wire: tensors of {total} bytes decoded (limit {limits.max_decoded_bytes} per frame)")
+    return Header(header["kind"], header["meta"], entries, offset)
+
+
+def decode(frame: bytes, header: Header, limits: Limits = Limits(), masks: dict[str, torch.Tensor] | None = None) -> Message:
+    """The tensors of a frame whose ``header`` came from ``read_header(frame, limits)``."""
+    tensors, kept, offset = {}, {}, header.offset
+    for e in header.entries:
         data = frame[offset: offset + e["nbytes"]]
         offset += e["nbytes"]
         dtype = DTYPES[e["dtype"]]
@@ -109,11 +154,21 @@ def unpack(frame: bytes, limits: Limits = Limits(), masks: dict[str, torch.Tenso
             tensors[e["name"]] = torch.frombuffer(bytearray(data), dtype=dtype).view(e["shape"]) if numel else \
                 torch.empty(e["shape"], dtype=dtype)
         else:
-            t, kept[e["name"]] = adatopk.decode(data, (masks or {}).get(e["name"]), max_numel=limits.max_numel)
+            t, kept[e["name"]] = adatopk.decode(data, (masks or {}).get(e["name"]), max_numel=limits.max_numel,
+                                                max_expand=limits.max_expand)
             if list(t.shape) != e["shape"] or t.dtype != dtype:
                 raise SwarmError(f"wire: tensor '{e['name']}' packet does not match its header")
             tensors[e["name"]] = t
-    return Message(header["kind"], header["meta"], tensors, kept, {e["name"]: e["nbytes"] for e in entries})
+    return Message(header.kind, header.meta, tensors, kept, {e["name"]: e["nbytes"] for e in header.entries})
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first floating tensor with a NaN or an infinity, described (None: all finite)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            return f"tensor '{name}' has {what}"
+    return None
 
 
 def sizes(frame: bytes) -> dict[str, int]:
@@ -136,14 +191,19 @@ def _check_header(header, limits: Limits) -> list[dict]:
     names = set()
     for e in entries:
         if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e.get("dtype") in limits.dtypes
-                and e.get("codec") in ("raw", "adatopk") and isinstance(e.get("shape"), list)
+                and e.get("codec") in CODECS and isinstance(e.get("shape"), list)
                 and isinstance(e.get("nbytes"), int) and e["nbytes"] >= 0):
             raise SwarmError(f"wire: malformed tensor entry {str(e)[:80]}")
+        if e["codec"] not in limits.codecs:
+            raise SwarmError(f"wire: tensor '{e['name']}' uses codec '{e['codec']}' (accepted: {', '.join(sorted(limits.codecs))})")
         shape = e["shape"]
         if len(shape) > limits.max_ndim or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise SwarmError(f"wire: tensor '{e['name']}' has a bad shape {shape[:10]}")
         if math.prod(shape) > limits.max_numel:
             raise SwarmError(f"wire: tensor '{e['name']}' has {math.prod(shape)} elements (limit {limits.max_numel})")
+        if e["codec"] == "adatopk" and decoded_bytes(e) > limits.max_expand * e["nbytes"]:
+            raise SwarmError(f"wire: tensor '{e['name']}' would decode {e['nbytes']} bytes to {decoded_bytes(e)} "
+                             f"(more than {limits.max_expand:g}x)")
         if e["name"] in names:
             raise SwarmError(f"wire: tensor '{e['name']}' appears twice")
         names.add(e["name"])

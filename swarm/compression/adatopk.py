@@ -200,10 +200,21 @@ def encode_like(x: torch.Tensor, indices: torch.Tensor) -> bytes:
     return _pack(x, indices, REUSE)
 
 
+MAX_EXPAND = 1024.0   # dense bytes per packet byte a receiver accepts (legitimate packets: about the ratio)
+
+
+def max_expansion(ratio: float) -> float:
+    """The most dense bytes per packet byte a packet sent at ``ratio`` can decode to: a gradient sent on
+    its activation's mask carries no indices, so it expands more than its ratio (up to ~10x more, with
+    9-byte varint gaps); ``decode`` accepts ``MAX_EXPAND`` or this, whichever is larger."""
+    return max(MAX_EXPAND, 16.0 * ratio)
+
+
 def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 << 28,
-           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+           device: str | torch.device = "cpu", max_expand: float = MAX_EXPAND) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense tensor, kept positions); ``indices`` must be given for a packet made by ``encode_like``.
-    Every size is checked against the packet length and ``max_numel`` before anything is allocated."""
+    Every size is checked against the packet length, ``max_numel`` and ``max_expand`` (dense bytes per
+    packet byte: a packet cannot claim a huge tensor of zeros) before anything is allocated."""
     try:
         magic, code, kind, ndim, _ = _HEAD.unpack_from(data, 0)
         if magic != MAGIC or code not in DTYPES or kind not in (VARINT, BITMAP, REUSE) or ndim > MAX_NDIM:
@@ -215,6 +226,9 @@ def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 
     numel = math.prod(shape)
     if any(d < 0 for d in shape) or numel > max_numel or not 0 <= k <= numel or block != BLOCK:
         raise SwarmError(f"AdaTopK packet: shape {shape} / k {k} out of bounds")
+    if numel * DTYPES[code].itemsize > max_expand * len(data):
+        raise SwarmError(f"AdaTopK packet: {len(data)} bytes claim {numel * DTYPES[code].itemsize} dense bytes "
+                         f"(more than {max_expand:g}x)")
     offset = _HEAD.size + 8 * ndim + _TAIL.size
     n_scales = math.ceil(k / BLOCK)
     if len(data) != offset + n_index + 4 * n_scales + k:
