@@ -97,8 +97,8 @@ def check_ballot(ballot: dict) -> str | None:
     checks = [
         _number("epoch", ballot["epoch"], 0, MAX_COUNT, low_open=False, high_open=True),
         _text("plan_hash", ballot["plan_hash"], MAX_ID_CHARS), _text("proposer", ballot["proposer"], MAX_ID_CHARS),
-        None if len(members) <= MAX_BALLOT_MEMBERS else f"more than {MAX_BALLOT_MEMBERS} members",
-        next((f"a member id longer than {MAX_ID_CHARS} characters" for m in members if len(m) > MAX_ID_CHARS), None),
+        None if len(members) <= MAX_BALLOT_MEMBERS else f"members has more than {MAX_BALLOT_MEMBERS} entries",
+        next((f"members entry longer than {MAX_ID_CHARS} characters" for m in members if len(m) > MAX_ID_CHARS), None),
         None if members == sorted(set(members)) else "members not sorted and distinct",
     ]
     return next((reason for reason in checks if reason is not None), None)
@@ -220,18 +220,18 @@ def check_record(record: MemberRecord, now: float | None = None, ttl_s: float | 
         _text("peer_id", r.peer_id, MAX_ID_CHARS),
         *(_text(name, getattr(r, name), MAX_ID_CHARS) for name in ("vote_hash", "committed_hash", "ready")),
         *(_text(name, getattr(r, name), MAX_NAME_CHARS) for name in ("device", "device_name", "role")),
-        None if len(r.maddrs) <= MAX_MADDRS else f"more than {MAX_MADDRS} maddrs",
-        *(_text("a maddr", a, MAX_MADDR_CHARS) for a in r.maddrs),
-        None if len(r.versions) <= MAX_VERSIONS else f"more than {MAX_VERSIONS} versions",
-        *(_text("a version", text, MAX_NAME_CHARS) for item in r.versions.items() for text in item),
+        None if len(r.maddrs) <= MAX_MADDRS else f"maddrs has more than {MAX_MADDRS} entries",
+        *(_text("maddrs entry", a, MAX_MADDR_CHARS) for a in r.maddrs),
+        None if len(r.versions) <= MAX_VERSIONS else f"versions has more than {MAX_VERSIONS} entries",
+        *(_text("versions entry", text, MAX_NAME_CHARS) for item in r.versions.items() for text in item),
         None if r.credential is None or len(r.credential) <= MAX_CREDENTIAL_BYTES
         else f"credential longer than {MAX_CREDENTIAL_BYTES} bytes",
     ]
     for name, table, high in (("bandwidth_bps", r.bandwidth_bps, MAX_BANDWIDTH_BPS), ("rtt_s", r.rtt_s, MAX_RTT_S)):
         checks.append(None if len(table) <= MAX_LINKS else f"{name} has more than {MAX_LINKS} links")
-        checks += [_text(f"a {name} peer id", peer, MAX_ID_CHARS) or _number(name, value, 0, high) for peer, value in table.items()]
+        checks += [_text(f"{name} peer id", peer, MAX_ID_CHARS) or _number(name, value, 0, high) for peer, value in table.items()]
     if r.holds is not None:
-        checks.append(None if len(r.holds) <= MAX_HOLDS else f"more than {MAX_HOLDS} holds")
+        checks.append(None if len(r.holds) <= MAX_HOLDS else f"holds has more than {MAX_HOLDS} entries")
         checks += [None if len(h) == 3 and 0 <= h[0] < h[1] < MAX_COUNT and 0 <= h[2] < MAX_COUNT
                    else f"holds {_brief(h)} out of range" for h in r.holds]
     if now is not None and ttl_s is not None:
