@@ -182,3 +182,13 @@ def test_the_plain_rules_are_unchanged_by_default():
     far = Ballot(10**12, plan_hash(10**12, ("n0", "n1")), "n0", ("n0", "n1"))
     node.observe(0.0, {"n0": PeerState(far, far.key)})
     assert node.vote == far.key   # no window: the plain machine believes any epoch (nodes run the hardened one)
+
+
+def test_a_stranger_claiming_a_commit_in_a_new_swarm_neither_leads_nor_moves_the_epoch():
+    sim = HostileSim([f"n{i}" for i in range(3)])
+    fake = Ballot(10**9, "fake", "x", ("x",))
+    sim.add_hostile("x", PeerState(fake, fake.key, fake.key))   # before any honest commit
+    assert sim.settle_until(lambda: all(sim.nodes[n].committed for n in sim.nodes), rounds=40)
+    sim.check_safety()
+    assert all(sim.nodes[n].committed.epoch < 64 and sim.nodes[n].committed.plan_hash != "fake" for n in sim.nodes)
+    assert {i.peer for i in sim.ignored} == {"x"}

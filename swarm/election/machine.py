@@ -25,7 +25,6 @@ members already run it.
 from __future__ import annotations
 
 import hashlib
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -135,11 +134,11 @@ class Election:
         before = self.state()
         peers = {**peers, self.me: before}
         out: list = []
+        rotating = self.settings.leader == "rotating"
         if self.settings.epoch_window is not None:
             peers = self._within_window(peers, out)
         live = tuple(sorted(peers))
         ballots = {b.key: b for p, s in peers.items() if (b := s.ballot) is not None and b.proposer == p}
-        rotating = self.settings.leader == "rotating"
         running = self._running(peers) if rotating else None
 
         # 1. commit: the highest ballot all of whose members voted for it
@@ -199,9 +198,11 @@ class Election:
         """The plan most live members run (ties: the higher epoch) and who may propose the next one:
         the live members it names (as this node or a visible ballot knows them), else those running it."""
         counts = Counter(s.committed for s in peers.values() if s.committed)
-        if not counts:
+        mine = self.committed.key if self.committed else None
+        believed = [k for k in counts if counts[k] >= 2 or k == mine or len(peers) <= 2]   # one stranger's word is not a plan
+        if not believed:
             return None
-        key = max(counts, key=lambda k: (counts[k], k))
+        key = max(believed, key=lambda k: (counts[k], k == mine, k))
         named = self.committed.members if self.committed and self.committed.key == key else next(
             (s.ballot.members for s in peers.values() if s.ballot and s.ballot.key == key), None)
         running = [p for p, s in peers.items() if s.committed == key]
@@ -240,10 +241,10 @@ class Election:
 
     def _within_window(self, peers: dict[str, PeerState], out: list) -> dict[str, PeerState]:
         """Members' claims with epochs past the window dropped (an ``Ignored`` for each)."""
-        mine = [self.committed.epoch if self.committed else 0, self.vote[0] if self.vote else 0,
-                self.asked[0] if self.asked else 0]
-        committed = [s.committed[0] for s in peers.values() if s.committed]
-        top = max(mine + [int(statistics.median(committed)) if committed else 0]) + self.settings.epoch_window
+        running = self._running(peers)   # the plan most members run: one member's claim does not move it
+        own = [self.committed.epoch if self.committed else 0, self.vote[0] if self.vote else 0,
+               self.asked[0] if self.asked else 0, running[0][0] if running else 0]
+        top = max(own) + self.settings.epoch_window
         kept = {}
         for p, s in peers.items():
             bad = [(name, pair[0]) for name, pair in (("ballot", s.ballot and s.ballot.key), ("vote", s.vote),
