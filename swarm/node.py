@@ -22,6 +22,7 @@ from swarm import __version__
 from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
 from swarm.transport import LinkProber
+from swarm.liveness import MAX_PINGS, Liveness
 from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
 from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
 
@@ -103,7 +104,7 @@ def _initial_peers(net: NetworkConfig) -> list[str]:
 class _ProbeSchedule:
     """Measures links in the background: a peer never measured right away (one probe at a time), then
     one peer per ``interval_s`` (each probe takes about a second of the link: rare while training);
-    keeps smoothed results (EMA, 1/2)."""
+    keeps smoothed results (EMA, 1/2). ``alive`` pings every member (``swarm.liveness``)."""
 
     def __init__(self, dht: SwarmDHT, interval_s: float, admit: Callable[[str], bool] | None = None,
                  log: Callable[[str], None] = lambda line: None):
@@ -117,6 +118,32 @@ class _ProbeSchedule:
         self.bandwidth_bps: dict[str, float] = {}
         self.rtt_s: dict[str, float] = {}
         self.probed_at: dict[str, float] = {}
+        self.liveness: Liveness | None = None
+        self.pings: dict[str, object] = {}   # peer -> the future of its ping in flight
+
+    def alive(self, view: MembershipView, me: str, ttl_s: float) -> MembershipView:
+        """``view`` without the members that answer no direct probe (``swarm.liveness``): collects the
+        finished pings and sends the due ones (at most ``MAX_PINGS`` in flight; never waits for one)."""
+        now = time.monotonic()
+        if self.liveness is None or self.liveness.ttl_s != ttl_s or self.liveness.me != me:
+            self.liveness = Liveness(ttl_s, me, self.log)
+        live = self.liveness
+        for peer, future in list(self.pings.items()):
+            if future.done():
+                del self.pings[peer]
+                (live.failed if future.cancelled() or future.exception() is not None else live.answered)(peer, now)
+        peers = [p for p in view.peers() if p != me]
+        live.observe(peers, now)
+        for peer in live.due(peers, now, self.pings)[:max(0, MAX_PINGS - len(self.pings))]:
+            live.pinged(peer, now)
+            try:
+                coro = self.links.ping(PeerID.from_base58(peer), live.interval_s)
+            except Exception:   # not a peer id: never answers
+                live.failed(peer, now)
+                continue
+            self.pings[peer] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        gone = live.gone_among(peers, now)
+        return MembershipView({p: r for p, r in view.members.items() if p not in gone}, view.taken_at) if gone else view
 
     def _run(self, coro, timeout_s: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
@@ -128,6 +155,8 @@ class _ProbeSchedule:
             self.pending = None
             if future.exception() is None:
                 bandwidth, rtt = future.result()
+                if self.liveness is not None:
+                    self.liveness.answered(peer, time.monotonic())
                 for table, value in ((self.bandwidth_bps, bandwidth), (self.rtt_s, rtt)):
                     table[peer] = (table.pop(peer) + value) / 2 if peer in table else value  # newest last
                 self.log(f"link to {peer[-6:]}: {bandwidth / 1e6:.3g} Mbit/s, rtt {rtt * 1e3:.3g} ms")
@@ -227,7 +256,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
     try:
         with stop_on_signals() as stop:
             checker = authorizer.checker if authorizer else None
-            membership = Membership(dht, validators[0], net.prefix, net.ttl_s, checker)
+            membership = Membership(dht, validators[0], net.prefix, net.ttl_s, checker, log=log)
             maddrs = [str(a) for a in dht.get_visible_maddrs()]
             record = MemberRecord(
                 peer_id=identity.peer_id, maddrs=maddrs, device=profile.device, device_name=profile.name,
@@ -250,11 +279,12 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                                     members.__contains__ if authorizer else None, log, profile.device)
 
             def heartbeat() -> MembershipView:
-                view = membership.view()
-                views[:] = [view]
+                seen = membership.view()
                 members.clear()
-                members.update(view.peers())
-                probes.step(lambda: sorted(members - {record.peer_id}))
+                members.update(seen.peers())   # admitted: every valid record, answering or not (it may come back)
+                view = probes.alive(seen, record.peer_id, net.ttl_s)   # members answering no probe for a TTL: gone
+                views[:] = [view]
+                probes.step(lambda: sorted(set(view.peers()) - {record.peer_id}))
                 record.bandwidth_bps, record.rtt_s = dict(probes.bandwidth_bps), dict(probes.rtt_s)
                 return view
 

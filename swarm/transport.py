@@ -1,10 +1,11 @@
-"""Peer-to-peer transport: the only hivemind.p2p user. For now: bandwidth and RTT probes.
+"""Peer-to-peer transport: the only hivemind.p2p user. For now: bandwidth and RTT probes, liveness pings.
 
 Probe protocol ``swarm.probe.v1`` on a libp2p binary stream: the caller sends an 8-byte big-endian
 length ``n`` (at most ``MAX_PROBE_BYTES``) and ``n`` bytes; the callee reads them and answers one
 byte (``0x01``), or ``0x02`` at once when it is busy: a node takes part in one probe at a time, in
 either role, because concurrent probes share its access link (and the ACKs of one flow queue behind
-the data of the other) and would all read low. RTT = time of an empty probe; bandwidth = 8 n / (time of an n-byte probe - RTT), with ``n``
+the data of the other) and would all read low. An empty probe (``n = 0``: the RTT probe, and the
+liveness ping of ``swarm.liveness``) is answered ``0x01`` busy or not. RTT = time of an empty probe; bandwidth = 8 n / (time of an n-byte probe - RTT), with ``n``
 sized so that the transfer takes about ``target_s`` (the faster of two such probes counts). The callee bounds every read in time, so a peer
 that stalls or lies about ``n`` costs nothing but a closed stream. In a private swarm, ``admit`` (a
 check of the caller's authenticated libp2p peer id) turns away non-members the same way.
@@ -49,7 +50,8 @@ class LinkProber:
                 writer.write(b"\x02")
                 await writer.drain()
                 return
-            held = self.busy = bool(n)
+            if n:   # an empty probe (RTT, liveness ping) is answered whatever this node is doing
+                held = self.busy = True
             deadline = time.monotonic() + self.timeout_s
             while n:
                 chunk = await asyncio.wait_for(reader.read(min(n, CHUNK)), max(0.01, deadline - time.monotonic()))
@@ -87,6 +89,11 @@ class LinkProber:
                 writer.close()
 
         return await asyncio.wait_for(transfer(), timeout_s)
+
+    async def ping(self, peer: PeerID, timeout_s: float) -> float:
+        """Seconds an empty probe took: the peer answers it even while it is in another probe (a
+        liveness check: ``swarm.liveness``). Raises on no answer within ``timeout_s``."""
+        return await self.probe_once(peer, 0, timeout_s)
 
     async def measure(self, peer: PeerID, target_s: float = 1.0, first_bytes: int = 64 << 10) -> tuple[float, float]:
         """(bandwidth_bps, rtt_s) to ``peer``: probes grow until one takes a tenth of ``target_s``; the

@@ -1,0 +1,102 @@
+"""Liveness from the network: a member is live while it answers direct probes, whatever its record says.
+
+A member record can outlive its writer: one stored once with a far expiration stays in the DHT, and
+readers cap it at ``ttl_s`` after its ``updated_at`` (``swarm.membership``), but a record kept fresh by
+a broken or hostile writer that does not serve anything would still name a member that never votes,
+never trains and stalls every epoch. So each node pings every member it sees (an empty
+``swarm.probe.v1`` probe, answered even while the peer is busy: ``swarm.transport``) every
+``ttl_s / PINGS_PER_TTL`` seconds, and a member that has answered nothing for ``ttl_s`` since it was
+first seen or last answered, with at least ``MIN_FAILURES`` pings unanswered meanwhile, is gone: left out
+of the view the election and the pipeline see. It is pinged on, and comes back the moment it answers.
+
+The failure count keeps a stalled prober (this node's own heartbeat held up for longer than a TTL)
+from declaring everyone gone at once: silence is only believed when pings went out and failed.
+
+Pure: the caller sends the pings and reports what came back (``node._ProbeSchedule``); times are the
+caller's clock (monotonic seconds); no I/O but the ``log`` callable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Container, Iterable
+
+from swarm.refusals import short
+
+PINGS_PER_TTL = 3     # a member is pinged every ttl_s / 3, and each ping waits at most ttl_s / 3
+MIN_FAILURES = 2      # unanswered pings before silence counts (the ping timeouts must have run out)
+MAX_PINGS = 64        # pings in flight at once, whatever the number of members
+
+
+@dataclass
+class Liveness:
+    """For each peer: when it was first seen (in the view), last pinged, last answered, and how many
+    pings went unanswered since. ``me`` is never gone."""
+
+    ttl_s: float
+    me: str = ""
+    log: Callable[[str], None] = lambda line: None
+    first_seen: dict[str, float] = field(default_factory=dict)
+    in_view_at: dict[str, float] = field(default_factory=dict)
+    pinged_at: dict[str, float] = field(default_factory=dict)
+    answered_at: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)   # peers logged as gone (a line when they come back)
+
+    @property
+    def interval_s(self) -> float:
+        """How often a member is pinged, and how long a ping waits."""
+        return self.ttl_s / PINGS_PER_TTL
+
+    def observe(self, peers: Iterable[str], now: float) -> None:
+        """The peers whose records are in the view now. A peer out of the view for a TTL is forgotten,
+        so one that comes back is a new peer (seen now) again."""
+        for peer in peers:
+            if peer != self.me:
+                self.first_seen.setdefault(peer, now)
+                self.in_view_at[peer] = now
+        for peer in [p for p, t in self.in_view_at.items() if now - t > self.ttl_s]:
+            self.forget(peer)
+
+    def forget(self, peer: str) -> None:
+        for table in (self.first_seen, self.in_view_at, self.pinged_at, self.answered_at, self.failures):
+            table.pop(peer, None)
+        self.reported.discard(peer)
+
+    def due(self, peers: Iterable[str], now: float, pending: Container[str] = ()) -> list[str]:
+        """Peers to ping now: not pinged within ``interval_s`` and no ping of theirs in flight, the
+        longest unpinged first."""
+        due = [p for p in peers if p != self.me and p not in pending
+               and now - self.pinged_at.get(p, -float("inf")) >= self.interval_s]
+        return sorted(due, key=lambda p: (self.pinged_at.get(p, -float("inf")), p))
+
+    def pinged(self, peer: str, now: float) -> None:
+        self.pinged_at[peer] = now
+
+    def answered(self, peer: str, now: float) -> None:
+        """The peer answered a direct probe (a ping, a bandwidth probe)."""
+        self.answered_at[peer] = max(now, self.answered_at.get(peer, now))
+        self.failures[peer] = 0
+        if peer in self.reported:
+            self.reported.discard(peer)
+            self.log(f"member {short(peer)} answers probes again")
+
+    def failed(self, peer: str, now: float) -> None:
+        """A ping to the peer got no answer in time (or its stream failed)."""
+        self.failures[peer] = self.failures.get(peer, 0) + 1
+
+    def silent_s(self, peer: str, now: float) -> float:
+        """Seconds since the peer was first seen or last answered, whichever is later."""
+        since = max(self.first_seen.get(peer, now), self.answered_at.get(peer, -float("inf")))
+        return max(0.0, now - since)
+
+    def gone(self, peer: str, now: float) -> bool:
+        return (peer != self.me and peer in self.first_seen and self.silent_s(peer, now) >= self.ttl_s
+                and self.failures.get(peer, 0) >= MIN_FAILURES)
+
+    def gone_among(self, peers: Iterable[str], now: float) -> set[str]:
+        """The gone ones of ``peers``; each newly gone peer is logged once."""
+        gone = {p for p in peers if self.gone(p, now)}
+        for peer in sorted(gone - self.reported):
+            self.reported.add(peer)
+            self.log(f"member {short(peer)} answers no probe for {self.silent_s(peer, now):.0f} s: treated as gone")
+        return gone
