@@ -64,6 +64,8 @@ def _import_factory(path: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise SwarmError(f"cannot import model module '{module_name}': {e}") from None
+    except BaseException as e:   # its top level raised (SystemExit, a bug): the user's code, not ours
+        raise SwarmError(f"importing model module '{module_name}' raised {_describe(e)}") from None
     try:
         factory = getattr(module, attr)
     except AttributeError:
@@ -73,7 +75,35 @@ def _import_factory(path: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def _describe(e: BaseException) -> str:
+    """An exception in one line: its type and (the first 200 characters of) its message."""
+    text = " ".join(str(e).split())[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _param_bytes(spec: GPTSpec | ResNetSpec) -> int:
+    """Bytes of the parameters the spec asks for (float32), known before building: GPT blocks hold
+    12 d^2 each plus the embeddings and the head; a ResNet's size is its depth's plus the classifier."""
+    if isinstance(spec, GPTSpec):
+        d = spec.d_model
+        return 4 * (12 * spec.n_layer * d * d + (2 * spec.vocab_size + spec.seq_len) * d)
+    return 4 * (45_000_000 + 2048 * spec.num_classes)   # ResNet-101's convolutions, the widest classifier
+
+
+def _check_fits(what: str, need: int, hint: str) -> None:
+    """Refuse, in one line, what certainly does not fit the memory available here."""
+    from swarm.estimator.profile import _memory
+
+    available = _memory("cpu")[1]   # models are built and traced on the CPU
+    if need > available:
+        raise SwarmError(f"{what} needs about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+                         f"of memory available on this machine; {hint}")
+
+
 def build(spec: GPTSpec | ResNetSpec | ImportSpec) -> BuiltModel:
+    if not isinstance(spec, ImportSpec):
+        _check_fits(f"model '{spec.name or spec.kind}' ({_param_bytes(spec) // 4:,} parameters)", _param_bytes(spec),
+                    "make it smaller")
     if isinstance(spec, GPTSpec):
         module: nn.Module = GPT(spec.vocab_size, spec.seq_len, spec.n_layer, spec.n_head, spec.d_model,
                                 spec.dropout, spec.tie_weights)
@@ -84,8 +114,8 @@ def build(spec: GPTSpec | ResNetSpec | ImportSpec) -> BuiltModel:
             module = _import_factory(spec.factory)(**spec.kwargs)
         except SwarmError:
             raise
-        except Exception as e:
-            raise SwarmError(f"model factory '{spec.factory}' failed: {type(e).__name__}: {e}") from None
+        except BaseException as e:   # SystemExit(0) too: a factory that exits must not end the node with "success"
+            raise SwarmError(f"model factory '{spec.factory}' failed: {_describe(e)}") from None
         if not isinstance(module, nn.Module):
             raise SwarmError(f"model factory '{spec.factory}' returned {type(module).__name__}, not torch.nn.Module")
     if hasattr(module, "example_inputs"):
@@ -103,10 +133,66 @@ def load_model(name: str) -> BuiltModel:
     return build(resolve(name))
 
 
-def trace_model(name: str, granularity: str, batch_size: int):
-    """Build model ``name`` (seeded, so every node builds the same one) and trace its OP-DAG."""
+def sample_bytes(built: BuiltModel, probe: int = 1) -> tuple[int, int]:
+    """(activation bytes, input bytes) per sample: what autograd saves for backward in one training
+    forward pass of ``probe`` samples (parameters excluded, each storage once), divided by ``probe``.
+    The model is left as it was (buffers such as BatchNorm statistics and the RNG are restored)."""
+    module = built.module
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            inputs = built.example_inputs(probe)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = module(*inputs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            out_bytes = sum(o.numel() * o.element_size() for o in outs if torch.is_tensor(o))
+            del out, outs
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+    in_bytes = sum(t.numel() * t.element_size() for t in inputs if torch.is_tensor(t))
+    return (sum(saved.values()) + out_bytes) // probe, in_bytes // probe
+
+
+def check_batch_memory(built: BuiltModel, micro_batch_size: int, micro_batches: int = 1) -> None:
+    """A micro-batch of ``micro_batch_size`` samples of the whole model (what tracing runs, and what a
+    node holding the model trains) and a step's inputs (``micro_batches`` of them) must fit this
+    machine's memory: else a one-line error, before anything that large is allocated. A single
+    sample is not checked (the probe itself is one)."""
+    if micro_batch_size * micro_batches <= 1:
+        return
+    try:
+        act, inp = sample_bytes(built)
+    except (Exception, SystemExit):   # e.g. BatchNorm over a single value: probe two samples
+        act, inp = sample_bytes(built, 2)
+    step = f" in a step of {micro_batches} micro-batches" if micro_batches > 1 else ""
+    _check_fits(f"a micro-batch of {micro_batch_size} samples of model '{built.name}' "
+                f"({act / 2**20:.2f} MiB of activations per sample){step}",
+                act * micro_batch_size + inp * micro_batch_size * micro_batches,
+                "lower micro_batch_size (or election.micro_batches)")
+
+
+def trace_model(name: str, granularity: str, batch_size: int, micro_batches: int = 1):
+    """Build model ``name`` (seeded, so every node builds the same one) and trace its OP-DAG, once a
+    micro-batch of ``batch_size`` (and a step of ``micro_batches`` of them) is known to fit in memory."""
     from swarm.dag.trace import trace
 
     torch.manual_seed(0)   # same initial weights in every process
     built = load_model(name)
-    return trace(built.module, built.example_inputs(batch_size), granularity, built.sequential_modules, built.name)
+    try:
+        check_batch_memory(built, batch_size, micro_batches)
+        return trace(built.module, built.example_inputs(batch_size), granularity, built.sequential_modules, built.name)
+    except SwarmError:
+        raise
+    except (Exception, SystemExit) as e:   # the model's own code (forward, example_inputs)
+        raise SwarmError(f"model '{built.name}' failed on example inputs: {_describe(e)}") from None
