@@ -22,12 +22,22 @@ A request and its reply are each one length-prefixed wire frame (``swarm.wire``)
 Every request names its step id (and micro-batch id); a stale step, a duplicate micro-batch, a caller
 that is not a pipeline neighbour, a malformed frame get an ``error`` reply (``retry`` set where another
 attempt may succeed) and change nothing.
+
+Hostile or broken peers (docs/hostile.md, "Data plane"): a stream from a peer that is neither a
+neighbour nor a replica, or from a banned peer, is refused right after its 8-byte length prefix, as is
+one beyond the per-peer or overall number of requests in progress or the budget of bytes being read
+(``Gate``); a frame's header is checked (sender, kind, tensor names, the traced boundary's shapes, the
+decoded size) before any tensor is decoded; tensors with NaN or Inf are refused and their sender is
+banned for a while (``swarm.refusals.Bans``); a next-stage replica that answers with them is routed
+around; a stage whose own update is not finite skips the step. Every send has a deadline. Refusals
+are logged, rate-limited (``swarm.refusals.Refusals``).
 """
 from __future__ import annotations
 
 import asyncio
 import heapq
 import itertools
+import math
 import struct
 import threading
 import time
@@ -39,9 +49,10 @@ import torch
 from swarm.compression.adatopk import ChannelScale
 from swarm.compression.policy import LinkPolicy
 from swarm.errors import SwarmError
+from swarm.refusals import Bans, Refusals, short
 from swarm.runtime.allreduce import ReduceRound, parts
 from swarm.runtime.worker import StageWorker
-from swarm.wire import Limits, Message, pack, sizes, unpack
+from swarm.wire import NAMES, Header, Limits, Message, decode, non_finite, pack, read_header, sizes, unpack
 
 PROTOCOL = "swarm.stage.v1"
 MAX_CACHED_REPLIES = 256    # per step: bounds the memory a confused or hostile upstream can make us hold
@@ -53,10 +64,23 @@ class Retry(SwarmError):
     """A failure another attempt (later, or on another replica) may not meet."""
 
 
+class Refused(SwarmError):
+    """Input no honest peer of this plan sends (a malformed or oversized frame, a stranger, a tensor that
+    is not the boundary's, a banned peer): refused, counted and logged (rate-limited)."""
+
+
+class Poisoned(Refused):
+    """Tensors with NaN or Inf: refused, and their sender banned for a while."""
+
+
+async def read_length(reader: asyncio.StreamReader, timeout_s: float) -> int:
+    return _LEN.unpack(await asyncio.wait_for(reader.readexactly(_LEN.size), timeout_s))[0]
+
+
 async def read_frame(reader: asyncio.StreamReader, limit: int, timeout_s: float) -> bytes:
-    (n,) = _LEN.unpack(await asyncio.wait_for(reader.readexactly(_LEN.size), timeout_s))
+    n = await read_length(reader, timeout_s)
     if n > limit:
-        raise SwarmError(f"frame of {n} bytes announced (limit {limit})")
+        raise Refused(f"frame of {n} bytes announced (limit {limit})")
     return await asyncio.wait_for(reader.readexactly(n), timeout_s)
 
 
@@ -79,23 +103,105 @@ def check_reply(reply: Message, what: str) -> Message:
     return reply
 
 
-async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Callable[[bytes], Awaitable[bytes]],
-                    limit: int, timeout_s: float) -> int:
-    """One request frame in, ``answer``'s reply out; returns the bytes written. Waits until the caller
-    has read the reply and hung up: closing first can cut the reply's tail in the daemons. A frame
-    announced above ``limit`` is not read: the caller gets an error reply naming it, then this raises."""
+class Gate:
+    """Admission of one protocol's requests, decided from the sender and the announced length before the
+    frame body is read: at most ``per_peer`` requests of one peer and ``total`` in all in progress (from
+    the length prefix until the reply is sent), and at most ``read_bytes`` announced bytes being read at
+    once (one frame is always admitted when nothing else is being read)."""
+
+    def __init__(self, per_peer: int = 8, total: int = 64, read_bytes: int = 64 << 20):
+        self.per_peer, self.total, self.read_bytes = per_peer, total, read_bytes
+        self.active: dict[str, int] = {}   # requests in progress, by peer
+        self.reading = 0                   # announced bytes of the frames being read
+
+    @property
+    def in_progress(self) -> int:
+        return sum(self.active.values())
+
+    def enter(self, peer: str, n: int) -> Retry | None:
+        """Take a place for a request of ``n`` bytes from ``peer`` (None), or say why not."""
+        if self.active.get(peer, 0) >= self.per_peer:
+            return Retry(f"busy: {self.per_peer} requests of this peer in progress")
+        if self.in_progress >= self.total:
+            return Retry(f"busy: {self.total} requests in progress")
+        if self.reading and self.reading + n > self.read_bytes:
+            return Retry(f"busy: {self.reading} bytes being read (budget {self.read_bytes})")
+        self.active[peer] = self.active.get(peer, 0) + 1
+        self.reading += n
+        return None
+
+    def read(self, n: int) -> None:
+        """The frame of ``n`` bytes is read (or its reading failed)."""
+        self.reading -= n
+
+    def leave(self, peer: str) -> None:
+        self.active[peer] -= 1
+        if not self.active[peer]:
+            del self.active[peer]
+
+
+def close_stream(writer: asyncio.StreamWriter) -> None:
+    """Close a stream; one whose reply is still unsent (the caller does not read it) is aborted, so the
+    buffered bytes go now rather than when the peer reads them."""
+    transport = getattr(writer, "transport", None)
+    try:
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            writer.close()
+    except Exception:   # a stream the daemon already dropped
+        pass
+
+
+Answer = Callable[[bytes], Awaitable["bytes | tuple[bytes, Callable[[], None]]"]]
+
+
+async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Answer, limit: int,
+                    timeout_s: float, gate: Gate | None = None, peer: str = "",
+                    refuse: Callable[[], SwarmError | None] | None = None) -> int:
+    """One request frame in, ``answer``'s reply out; returns the bytes written. After the 8-byte length
+    prefix and before the frame is read, a frame announced above ``limit``, a sender ``refuse()`` names a
+    reason for, or a request ``gate`` has no place for gets an error reply naming it, the frame unread,
+    and this raises. ``answer`` may return ``(reply, release)``: ``release()`` runs once the reply is sent
+    (or could not be). The reply's send has a deadline (``timeout_s``: a caller that does not read it
+    does not hold it longer); then this waits (as long) until the caller has read the reply and hung up:
+    closing first can cut the reply's tail in the daemons."""
     async def send(reply: bytes) -> int:
         write_frame(writer, reply)
-        await writer.drain()
-        await asyncio.wait_for(reader.read(1), timeout_s)
+        await asyncio.wait_for(writer.drain(), timeout_s)
         return len(reply) + _LEN.size
 
+    n = await read_length(reader, timeout_s)
+    error = Refused(f"frame of {n} bytes announced (limit {limit})") if n > limit else refuse() if refuse else None
+    if error is None and gate is not None:
+        error = gate.enter(peer, n)
+    if error is not None:   # only the length prefix was read: nothing allocated for the frame
+        try:
+            await send(error_frame(error))
+            await asyncio.wait_for(reader.read(1), timeout_s)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+        raise error
+    release = None
     try:
-        frame = await read_frame(reader, limit, timeout_s)
-    except SwarmError as e:   # only the length prefix was read: nothing allocated for the frame
-        await send(error_frame(e))
-        raise
-    return await send(await answer(frame))
+        try:
+            frame = await asyncio.wait_for(reader.readexactly(n), timeout_s)
+        finally:
+            if gate is not None:
+                gate.read(n)
+        reply = await answer(frame)
+        del frame
+        if isinstance(reply, tuple):
+            reply, release = reply
+        sent = await send(reply)
+        del reply
+    finally:
+        if release is not None:
+            release()
+        if gate is not None:
+            gate.leave(peer)
+    await asyncio.wait_for(reader.read(1), timeout_s)
+    return sent
 
 
 def stream_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0, protocol: str = PROTOCOL) -> Call:
@@ -208,6 +314,9 @@ class Counters:
     act_wire: int = 0           # ... and as they crossed the wire (AdaTopK's achieved ratio: raw / wire)
     errors: int = 0
     retries: int = 0
+    refused: int = 0            # requests and replies refused as hostile or broken (Refused), of which ...
+    poisoned: int = 0           # ... carried NaN or Inf (their senders banned)
+    skipped_steps: int = 0      # optimizer steps not applied: the update was not finite
     compute_s: float = 0.0      # forward + backward seconds, over ...
     micro_batches: int = 0      # ... this many micro-batches
     compute_cpu_s: float = 0.0  # CPU seconds of the compute thread in those passes
@@ -232,15 +341,24 @@ class StageServer:
     def __init__(self, worker: StageWorker, peers: Neighbours, call: Call | None, limits: Limits = Limits(),
                  policy: LinkPolicy | None = None, bandwidth: Callable[[str], float | None] = lambda p: None,
                  timeout_s: float = 120.0, schedule: str = "1f1b", max_requests: int = 64,
-                 admit: Callable[[str], bool] | None = None):
+                 admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = lambda line: None,
+                 max_per_peer: int | None = None, read_budget: int | None = None):
         self.worker, self.peers, self.call, self.limits = worker, peers, call, limits
         self.policy, self.bandwidth, self.timeout_s, self.admit = policy, bandwidth, timeout_s, admit
+        self.log = log
         self.backward_first = schedule == "1f1b"
         self.compute = PriorityRunner()
         self.counters = Counters()
         self.channel_scale = ChannelScale()
         self.slots = max_requests
-        self.banned: dict[str, float] = {}
+        self.banned: dict[str, float] = {}    # next-stage replicas that failed recently -> until (tried last)
+        self.bans = Bans()                    # peers that sent NaN/Inf: refused, and not routed to
+        self.refusals = Refusals(log)
+        self._said: dict[str, float] = {}     # rate limit of this stage's own warnings
+        # a peer never has more than its worker's micro-batches in flight, plus step and reduce requests
+        per_peer = max_per_peer or min(max_requests, worker.max_in_flight + 4)
+        self.gate = Gate(per_peer, max_requests, read_budget or max(4 * limits.max_frame_bytes, 32 << 20))
+        self.allowed = frozenset(peers.upstream) | frozenset(peers.replicas) - {peers.me}
         self.arrived: dict[int, set[str]] = {}
         self.replies: dict[tuple[int, int], bytes] = {}   # (step, mb) answered (retries get the same reply)
         self.draining = False                 # finish the step in progress, take no new one
@@ -264,13 +382,27 @@ class StageServer:
         try:
             if self.admit is not None and not self.admit(peer):
                 return
-            sent = await serve_one(reader, writer, lambda frame: self.answer(frame, peer),
-                                   self.limits.max_frame_bytes, self.timeout_s)
+            sent = await serve_one(reader, writer, lambda frame: self.answer(frame, peer), self.limits.max_frame_bytes,
+                                   self.timeout_s, self.gate, peer, lambda: self._refuse_stream(peer))
             self.counters.sent(peer, sent, reduce=peer in self.peers.replicas)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SwarmError, struct.error):
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SwarmError, struct.error, OSError) as e:
             self.counters.errors += 1
+            if isinstance(e, Refused):
+                self.counters.refused += 1
+            what = str(e) if isinstance(e, SwarmError) else \
+                "the stream ended inside a frame" if isinstance(e, asyncio.IncompleteReadError) else \
+                "no frame or hang-up in time" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
+            self.refusals.note(peer, "busy" if isinstance(e, Retry) else "stream", what)
         finally:
-            writer.close()
+            close_stream(writer)
+
+    def _refuse_stream(self, peer: str) -> SwarmError | None:
+        """Why a stream from ``peer`` is refused after its length prefix, the frame unread (None: read it)."""
+        if self.bans.banned(peer):
+            return Refused(f"peer {short(peer)} is banned for a while ({self.bans.until[peer][1]})")
+        if peer not in self.allowed:
+            return Refused(f"peer {short(peer)} is not a previous-stage replica or a replica of stage {self.worker.stage.io.index}")
+        return None
 
     async def answer(self, frame: bytes, sender: str) -> bytes:
         """The reply frame to a request frame from ``sender`` (authenticated peer id): never raises."""
@@ -278,17 +410,27 @@ class StageServer:
             self.counters.errors += 1
             return error_frame(Retry("stage busy: too many requests in progress"))
         self.slots -= 1
+        kind = "frame"
         try:
-            msg = unpack(frame, self.limits)
-            if msg.kind in ("forward", "step"):   # the first stage is driven by its own node
+            if self.bans.banned(sender):
+                raise Refused(f"peer {short(sender)} is banned for a while ({self.bans.until[sender][1]})")
+            try:
+                header = read_header(frame, self.limits)
+            except SwarmError as e:
+                raise Refused(str(e)) from None
+            kind = header.kind if header.kind in ("forward", "step", "reduce") else "request"
+            if header.kind in ("forward", "step"):   # the first stage is driven by its own node
                 self._check_sender(sender, self.peers.upstream or (self.peers.me,), "a previous-stage replica")
-            elif msg.kind == "reduce":
+            elif header.kind == "reduce":
                 self._check_sender(sender, tuple(p for p in self.peers.replicas if p != self.peers.me), "a replica")
             else:
-                raise SwarmError(f"unknown request kind '{msg.kind}'")
-            step = msg.meta.get("step")
-            if msg.kind == "step" and type(step) is int and step == self.worker.step_id - 1:
+                raise Refused(f"unknown request kind '{header.kind}'")
+            step = header.meta.get("step")
+            if header.kind == "step" and type(step) is int and step == self.worker.step_id - 1:
                 return pack("stepped", {"step": step}, {})[0]   # a repeat whose first reply was lost
+            self._expect(header)
+            msg = self._decode(frame, header, sender)
+            del frame
             await self._reach(step)
             if msg.kind == "forward" and self.draining and not self.replies:
                 raise Retry("stage leaving: it takes no new step")
@@ -297,9 +439,61 @@ class StageServer:
             return await (self._step(step, sender) if msg.kind == "step" else self._reduce(msg, sender))
         except Exception as e:
             self.counters.errors += 1
+            if isinstance(e, Refused):
+                self.counters.refused += 1
+                self.refusals.note(sender, kind, str(e))
+            elif not isinstance(e, SwarmError):   # a pass that failed on odd input
+                self.refusals.note(sender, kind, f"stage failed: {type(e).__name__}: {str(e)[:200]}")
             return error_frame(e)
         finally:
             self.slots += 1
+
+    def _expect(self, header: Header) -> None:
+        """The tensors a request announces must be the ones its kind carries at this stage: the traced
+        boundary's inputs (batch up to the micro-batch size), a reduce part of the owner's size, nothing
+        for ``step``; checked on the header, before anything is decoded."""
+        shapes = header.shapes()
+        if header.kind == "step":
+            if shapes:
+                raise Refused("a step request carries no tensors")
+        elif header.kind == "reduce":
+            part = header.meta.get("part")
+            if type(part) is not int or part != self.peers.replicas.index(self.peers.me):
+                raise Refused(f"part {part!r} is not owned by this replica")
+            lo, hi = parts(self.flat_numel, len(self.peers.replicas))[part]
+            if shapes != {"g": ([hi - lo], "float32", "raw")}:
+                raise Refused(f"a reduce request carries exactly one tensor 'g' (float32 [{hi - lo}], raw), "
+                              f"not {str(shapes)[:120]}")
+        else:
+            inputs = sorted((k for k in shapes if k.startswith("x") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+            others = set(shapes) - set(inputs) - {"targets"}
+            if others or inputs != [f"x{i}" for i in range(len(inputs))]:
+                raise Refused(f"a forward request carries inputs x0, x1, ... without gaps (and targets), "
+                              f"not {sorted(shapes)[:8]}")
+            try:
+                self.worker.check_inputs([(shapes[k][0], shapes[k][1]) for k in inputs])
+            except SwarmError as e:
+                raise Refused(str(e)) from None
+
+    def _decode(self, frame: bytes, header: Header, sender: str, masks: dict | None = None) -> Message:
+        """``decode``, refusing tensors with NaN or Inf (their sender is banned for a while)."""
+        try:
+            msg = decode(frame, header, self.limits, masks)
+        except SwarmError as e:
+            raise Refused(str(e)) from None
+        bad = non_finite(msg.tensors)
+        if bad is not None:
+            self.bans.ban(sender, f"sent {header.kind} with NaN/Inf")
+            self.counters.poisoned += 1
+            raise Poisoned(f"{header.kind}: {bad}; peer {short(sender)} banned for {self.bans.ban_s:.0f} s")
+        return msg
+
+    def _say(self, key: str, line: str, interval_s: float = 60.0) -> None:
+        """Log one of this stage's own warnings, at most once per ``interval_s`` per ``key``."""
+        now = time.monotonic()
+        if now - self._said.get(key, -interval_s) >= interval_s:
+            self._said[key] = now
+            self.log(line)
 
     async def _reach(self, step) -> None:
         """Return once ``step`` is the current step: at once, or (for the next one) after this stage
@@ -318,7 +512,7 @@ class StageServer:
 
     def _check_sender(self, sender: str, allowed: tuple[str, ...], what: str) -> None:
         if sender not in allowed:
-            raise SwarmError(f"peer {sender[-8:]} is not {what} of stage {self.worker.stage.io.index}")
+            raise Refused(f"peer {sender[-8:]} is not {what} of stage {self.worker.stage.io.index}")
 
     async def _run(self, backward: bool, fn, *args):
         """``fn(*args)`` on the compute thread (1F1B: backward work first)."""
@@ -357,11 +551,22 @@ class StageServer:
             raise SwarmError(f"bad loss scale {scale!r}")
         targets, step = msg.tensors.get("targets"), self.worker.step_id
         outputs, forward_s = await self._pass(False, self.worker.forward, mb, inputs, targets, float(scale))
+        index = self.worker.stage.io.index
         if not self.peers.downstream:
             loss = outputs[0].item()
+            if not math.isfinite(loss):   # nothing to learn from: no gradient, the driver sees the loss
+                await self._run(True, self.worker.drop, mb)
+                self._say("loss", f"warning: stage {index}: loss {loss} on micro-batch {mb} of step {step}; "
+                                  "its gradient is not applied")
+                return pack("grads", {"step": step, "mb": mb, "loss": loss}, {})[0]
             grads, backward_s = await self._pass(True, self.worker.backward, mb, None)
         else:
             try:
+                bad = non_finite({f"x{i}": o for i, o in enumerate(outputs)})
+                if bad is not None:   # never sent: the next stage would (rightly) ban this one
+                    self._say("forward", f"warning: stage {index} computed non-finite activations ({bad}) "
+                                         f"in step {step}; not sent")
+                    raise SwarmError(f"stage {index} computed non-finite activations ({bad})")
                 reply = await self._send_forward(step, mb, float(scale), outputs, targets)
             except BaseException:
                 await self._run(True, self.worker.drop, mb)
@@ -369,6 +574,10 @@ class StageServer:
             loss = reply.meta.get("loss")
             out_grads = [reply.tensors.get(f"g{i}") for i in range(len(outputs))]
             grads, backward_s = await self._pass(True, self.worker.backward, mb, out_grads)
+        bad = non_finite({f"g{i}": g for i, g in enumerate(grads) if g is not None})
+        if bad is not None:   # accumulated here (this step will be skipped), never sent upstream
+            self._say("backward", f"warning: stage {index} computed non-finite input gradients ({bad}) in step {step}; not sent")
+            raise SwarmError(f"stage {index} computed non-finite gradients ({bad})")
         self.counters.compute_s += forward_s + backward_s
         self.counters.micro_batches += 1
         if self.policy is not None:
@@ -386,7 +595,8 @@ class StageServer:
         raw = sum(tensors[k].numel() * tensors[k].element_size() for k in floats)
         now, last_error = time.monotonic(), None
         banned = {p for p, until in self.banned.items() if until > now}
-        for peer in self.peers.route(mb, banned):
+        expect = {f"g{i}": (list(o.shape), NAMES[o.dtype]) for i, o in enumerate(outputs) if o.dtype in NAMES}
+        for peer in [p for p in self.peers.route(mb, banned) if not self.bans.banned(p)]:   # poisoners: not at all
             ratio = self.policy.ratio(step, self.bandwidth(peer), raw) if self.policy else 1.0
             started = time.perf_counter()
             frame, masks = pack("forward", {"step": step, "mb": mb, "scale": scale}, tensors,
@@ -400,8 +610,15 @@ class StageServer:
                 self.counters.retries += 1
                 continue
             started = time.perf_counter()
-            reply = check_reply(unpack(reply_frame, self.limits, {f"g{k[1:]}": m for k, m in masks.items()}),
-                                f"stage {self.worker.stage.io.index + 1}")
+            try:
+                reply = self._reply(reply_frame, peer, "grads", expect, {f"g{k[1:]}": m for k, m in masks.items()})
+            except Refused as e:   # a broken or hostile replica: the micro-batch goes to the next one
+                last_error = e
+                if not isinstance(e, Poisoned):
+                    self.banned[peer] = time.monotonic() + 10.0
+                self.counters.retries += 1
+                continue
+            check_reply(reply, f"stage {self.worker.stage.io.index + 1}")
             if ratio > 1 and self.policy is not None:
                 self.policy.observe_codec(raw, encode_s + time.perf_counter() - started)
             sent, grads = sizes(frame), [k for k in reply.tensors if k.startswith("g")]
@@ -410,6 +627,27 @@ class StageServer:
             self.counters.act_wire += sum(sent[k] for k in floats) + sum(reply.sizes[k] for k in grads)
             return reply
         raise Retry(f"no replica of stage {self.worker.stage.io.index + 1} reachable ({last_error})")
+
+    def _reply(self, frame: bytes, peer: str, kind: str, expect: dict[str, tuple[list[int], str]],
+               masks: dict | None = None) -> Message:
+        """A reply of ``kind`` (or ``error``) from ``peer`` whose tensors must be among ``expect`` (name ->
+        shape, dtype), checked on the header before decoding, and finite (else ``peer`` is banned);
+        a refused reply is counted and logged."""
+        try:
+            try:
+                header = read_header(frame, self.limits)
+            except SwarmError as e:
+                raise Refused(str(e)) from None
+            if header.kind not in (kind, "error"):
+                raise Refused(f"a {header.kind!r} reply where {kind!r} was expected")
+            for name, (shape, dtype, _) in header.shapes().items():
+                if name not in expect or (shape, dtype) != tuple(expect[name]):
+                    raise Refused(f"{kind}: tensor '{name}' {dtype} {shape[:8]} is not one this stage expects")
+            return self._decode(frame, header, peer, masks)
+        except Refused as e:
+            self.counters.refused += 1
+            self.refusals.note(peer, f"{kind} reply", str(e))
+            raise
 
     async def _step(self, step: int, sender: str) -> bytes:
         expected = set(self.peers.upstream) or {self.peers.me}
@@ -459,7 +697,7 @@ class StageServer:
             deadline, delay = time.monotonic() + self.timeout_s, 0.05
             while True:
                 try:
-                    check_reply(unpack(await self.call(peer, pack("step", {"step": step}, {})[0]), self.limits),
+                    check_reply(self._reply(await self.call(peer, pack("step", {"step": step}, {})[0]), peer, "stepped", {}),
                                 f"step at stage {self.worker.stage.io.index + 1}")
                     return
                 except Retry:
@@ -477,8 +715,13 @@ class StageServer:
 
     async def _reduce_and_apply(self, step: int) -> None:
         replicas = self.peers.replicas
+        index = self.worker.stage.io.index
         if len(replicas) > 1 and self.flat_numel:
             flat = await self._run(True, self.worker.flat_grads)
+            if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
+                self.log(f"warning: stage {index}: own gradient of step {step} is not finite; this replica "
+                         "contributes zeros to the all-reduce")
+                flat = torch.zeros_like(flat)
             bounds = parts(self.flat_numel, len(replicas))
             mine = replicas.index(self.peers.me)
             self._round(step, mine).add(self.peers.me, flat[slice(*bounds[mine])].clone())
@@ -488,9 +731,13 @@ class StageServer:
                     return await asyncio.wait_for(asyncio.shield(self.rounds[step].done), self.timeout_s)
                 frame = pack("reduce", {"step": step, "part": j}, {"g": flat[slice(*bounds[j])]})[0]
                 self.counters.sent(replicas[j], len(frame) + _LEN.size, reduce=True)
-                reply = check_reply(unpack(await self.call(replicas[j], frame), self.limits), "all-reduce")
-                total = reply.tensors.get("g")
-                if total is None or total.dtype != torch.float32 or total.numel() != bounds[j][1] - bounds[j][0]:
+                size = bounds[j][1] - bounds[j][0]
+                try:
+                    reply = self._reply(await self.call(replicas[j], frame), replicas[j], "reduced", {"g": ([size], "float32")})
+                except Refused as e:
+                    raise SwarmError(f"all-reduce: replica {replicas[j][-8:]} sent a malformed sum ({e})") from None
+                total = check_reply(reply, "all-reduce").tensors.get("g")
+                if total is None:
                     raise SwarmError(f"all-reduce: replica {replicas[j][-8:]} sent a malformed sum")
                 return total
 
@@ -498,7 +745,9 @@ class StageServer:
             await self._run(True, self.worker.set_flat_grads, torch.cat(sums))
         if self.before_apply is not None:
             await self.before_apply(step)
-        await self._run(True, self.worker.step)
+        if not await self._run(True, self.worker.step):
+            self.counters.skipped_steps += 1
+            self.log(f"warning: stage {index} skipped step {step}: {self.worker.skipped}")
 
     def _round(self, step: int, part: int) -> ReduceRound:
         if step not in self.rounds:

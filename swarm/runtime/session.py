@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from swarm.compression.adatopk import max_expansion
 from swarm.compression.policy import LinkPolicy, measure_codec_rate
 from swarm.config import NodeConfig
 from swarm.dag.graph import Partition
@@ -71,7 +72,10 @@ class TrainingSession:
         self.owned = op_tensors(traced.dag, traced.gm)
         self.ops = [op for op in stage.io.ops if op in self.owned]
         self.completed = self.worker.resume({op: st for op, st in (states or {}).items() if op in self.ops}, start_step)
-        limits = Limits(max_frame_bytes=frame_limit(traced, mbs, sum(p.numel() for p in self.worker.params)))
+        limit = frame_limit(traced, mbs, sum(p.numel() for p in self.worker.params))
+        comp = cfg.compression   # what a legitimate peer decodes to at most: raw frames are below the frame limit
+        hardest = max(comp.ratio if comp.mode == "fixed" else comp.max_ratio, 1.0)
+        limits = Limits(max_frame_bytes=limit, max_decoded_bytes=limit, max_expand=max_expansion(hardest))
         replicas = tuple(sorted(spec.peers))
         upstream = tuple(sorted(plan.stages[self.index - 1].peers)) if self.index else ()
         downstream = () if last else tuple(sorted(plan.stages[self.index + 1].peers))
@@ -84,7 +88,7 @@ class TrainingSession:
         self.policy = policy
         self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream, plan.micro_batches),
                                   stream_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
-                                  self.training.timeout_s, self.training.schedule, admit=admit)
+                                  self.training.timeout_s, self.training.schedule, admit=admit, log=log)
         self.server.stepped = self._stepped
         self.rank, self.world = (replicas.index(me), len(replicas)) if self.index == 0 else (0, 1)
         self.driver: asyncio.Task | None = None

@@ -43,6 +43,8 @@ class StageWorker:
         self.step_id = 0
         self.backwards = 0       # micro-batches of this step whose gradients are accumulated
         self.reduced = False     # this step's gradients are the replicas' sum
+        self.skipped_steps = 0   # steps whose update was not finite: not applied
+        self.skipped: str | None = None   # why the newest step was skipped (None: it was applied)
 
     @property
     def is_last(self) -> bool:
@@ -71,19 +73,22 @@ class StageWorker:
     def _check(self, inputs: list[torch.Tensor]) -> None:
         """Inputs must look like the traced boundary (any batch size up to ``max_batch``): a peer
         cannot make this stage allocate for shapes it was never planned for."""
+        self.check_inputs([(list(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs])
+
+    def check_inputs(self, inputs: list[tuple[list[int], str]]) -> None:
+        """``_check`` on (shape, dtype name) pairs: what a frame's header announces, before it is decoded."""
         if self.input_specs is None:
             return
         if len(inputs) != len(self.input_specs):
             raise SwarmError(f"stage {self.stage.io.index} takes {len(self.input_specs)} inputs, got {len(inputs)}")
-        for i, (t, (shape, dtype, batched)) in enumerate(zip(inputs, self.input_specs)):
-            got = str(t.dtype).removeprefix("torch.")
+        for i, ((got_shape, got), (shape, dtype, batched)) in enumerate(zip(inputs, self.input_specs)):
             if batched:
-                ok = got == dtype and list(t.shape[1:]) == list(shape[1:]) and t.dim() and 0 < t.shape[0] <= self.max_batch
+                ok = got == dtype and list(got_shape[1:]) == list(shape[1:]) and len(got_shape) and 0 < got_shape[0] <= self.max_batch
                 want = f"{dtype} [batch<={self.max_batch}, {', '.join(map(str, shape[1:]))}]"
             else:
-                ok, want = got == dtype and list(t.shape) == list(shape), f"{dtype} {list(shape)}"
+                ok, want = got == dtype and list(got_shape) == list(shape), f"{dtype} {list(shape)}"
             if not ok:
-                raise SwarmError(f"input {i}: {got} {list(t.shape)} does not match the stage's {want}")
+                raise SwarmError(f"input {i}: {got} {list(got_shape)} does not match the stage's {want}")
 
     def backward(self, mb: int, grads: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
         """Gradients w.r.t. the inputs of micro-batch ``mb`` given those w.r.t. its outputs (the last
@@ -139,14 +144,28 @@ class StageWorker:
             self.step()
         return behind
 
-    def step(self) -> None:
-        """Apply the accumulated gradients (one optimizer step) and start the next step."""
+    def non_finite_grads(self) -> list[str]:
+        """Names of the parameters whose accumulated gradient has a NaN or an infinity."""
+        names = {id(p): n for n, p in self.stage.module.named_parameters()}
+        return [names.get(id(p), "?") for p in self.params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+    def step(self) -> bool:
+        """Apply the accumulated gradients (one optimizer step) and start the next step. A non-finite
+        gradient is not applied: the step is skipped (gradients dropped, ``skipped`` says why) and the
+        step id advances all the same, with the rest of the pipeline. Returns whether it was applied."""
         if self.saved:
             raise SwarmError(f"step {self.step_id} ends with {len(self.saved)} micro-batches still in flight")
+        bad = self.non_finite_grads()
+        self.skipped = None
+        if bad:
+            self.skipped = f"non-finite gradient of {len(bad)} parameters ({', '.join(bad[:3])})"
+            self.skipped_steps += 1
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step_id, self.lr, self.warmup_steps)
-            self.optimizer.step()
+            if not bad:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step_id += 1
         self.backwards, self.reduced = 0, False
+        return not bad
