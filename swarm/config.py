@@ -143,6 +143,9 @@ class TrainingConfig(Strict):
     metrics_path: str | None = Field(default=None, description="append one JSON line per step (first-stage nodes)")
     threads: int | None = Field(default=None, ge=1, le=MAX_THREADS, description="torch threads (None: torch's default)")
     timeout_s: float = Field(default=60.0, gt=0, le=MAX_WAIT_S, description="bound on every pipeline call")
+    serve_state: Literal["plan", "anyone"] = Field(
+        default="plan", description="who may fetch this node's training state: members of the committed (or "
+        "pending) plan, or anyone")
 
     @field_validator("backup_every_steps")
     @classmethod
