@@ -14,7 +14,13 @@ Adopting plan P (one heartbeat at a time, never blocking the heartbeat for a tra
 A stage held by a single peer is backed up (``swarm.runtime.backup``): its holder pushes snapshots to
 the peers ``backups`` names (``snapshot`` requests, checked against the plan and the model before they
 are kept), so a SIGKILLed sole holder costs at most ``backup_every_steps`` steps of its ops, never the
-model. Every node serves ``swarm.state.v1`` all the time.
+model. Every node serves ``swarm.state.v1`` all the time: in a public swarm (``training.serve_state:
+plan``, the default) to the members of the plan it runs or adopts only; at most ``FETCHES_PER_PEER``
+fetches of one peer and ``FETCHES`` in all at once (the op's state is captured only once one has a
+place, and the place is held until the reply is sent, with a deadline); requests beyond the gate,
+from strangers or banned peers are refused after the length prefix, unread. State frames are raw
+tensors only (no codec can expand), within the largest op's state; snapshots and fetched state with
+NaN or Inf are refused and their sender banned (docs/hostile.md).
 """
 from __future__ import annotations
 
@@ -26,13 +32,37 @@ from typing import Callable
 from swarm.config import NodeConfig
 from swarm.errors import SwarmError
 from swarm.membership import MAX_HOLDS, MemberRecord, MembershipView
+from swarm.refusals import Bans, Refusals, short
 from swarm.runtime.backup import SnapshotPusher, backups
-from swarm.runtime.rpc import check_reply, error_frame, serve_one, stream_caller
+from swarm.runtime.rpc import (Gate, Poisoned, Refused, Retry, check_reply, close_stream, error_frame, serve_one,
+                               stream_caller)
 from swarm.runtime.state import OpState, check, op_tensors, read_checkpoint
 from swarm.scheduler import Plan
-from swarm.wire import Limits, pack, unpack
+from swarm.wire import Limits, decode, non_finite, pack, read_header, unpack
 
 STATE_PROTOCOL = "swarm.state.v1"
+FETCHES_PER_PEER, FETCHES = 2, 4     # state fetches served at once: per peer, in all
+REQUESTS_PER_PEER, REQUESTS = 8, 32  # state requests (fetches and snapshots) in progress: per peer, in all
+CONCURRENCY = 2                      # requests this node sends to one peer at once (below FETCHES_PER_PEER)
+BUSY_WAIT_S = 60.0                   # how long a fetch or snapshot refused as busy is tried again
+
+
+def state_limits(module, owned: dict[str, list[tuple[str, str]]]) -> Limits:
+    """What one op's state can take on ``swarm.state.v1``: per parameter, the parameter, its gradient and
+    the optimizer's tensors (at most five tensors of its size and a scalar), and its buffers; raw only."""
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    tensors, nbytes, numel = 8, 1 << 10, 1
+    for names in owned.values():
+        n, b = 0, 0
+        for kind, name in names:
+            t = params[name] if kind == "p" else buffers[name]
+            n += 6 if kind == "p" else 1
+            b += (5 * t.numel() * max(t.element_size(), 4) + 64) if kind == "p" else t.numel() * t.element_size()
+            numel = max(numel, t.numel())
+        tensors, nbytes = max(tensors, n + 8), max(nbytes, b)
+    frame = nbytes + tensors * 256 + (1 << 20)
+    return Limits(max_frame_bytes=frame, max_tensors=tensors, max_header_bytes=max(64 << 10, tensors * 256),
+                  max_numel=numel, max_decoded_bytes=frame, codecs=frozenset({"raw"}))
 
 
 def holds_ranges(index: dict[str, int], steps: dict[str, int]) -> list[list[int]]:
@@ -67,9 +97,12 @@ class PlanFollower:
         self.bandwidth, self.admit, self.log, self.device = bandwidth, admit, log, device
         self.dag = traced.dag
         self.owned = op_tensors(self.dag, traced.gm)
-        biggest = max((sum(t.numel() for n, t in traced.gm.state_dict().items()), 1))
-        self.limits = Limits(max_frame_bytes=16 * biggest + (1 << 20), max_tensors=4096, max_header_bytes=1 << 20)
+        self.limits = state_limits(traced.gm, self.owned)
         self.call = stream_caller(p2p, self.limits, 120.0, STATE_PROTOCOL)
+        self.serve_timeout_s = 60.0   # deadline of every read and send of a state request
+        self.gate = Gate(REQUESTS_PER_PEER, REQUESTS, max(4 * self.limits.max_frame_bytes, 32 << 20))
+        self.fetches = Gate(FETCHES_PER_PEER, FETCHES, 0)   # places for a capture and its reply
+        self.refusals, self.bans = Refusals(log), Bans()
         self.store: dict[str, OpState] = {}
         self.stopped_at = 0   # the step of the last session stopped (a stage without state has no other record)
         self.session = None
@@ -101,21 +134,50 @@ class PlanFollower:
             return (await session.capture([op]))[op]
         return self.store.get(op)
 
-    async def _answer(self, frame: bytes, peer: str) -> bytes:
-        """The reply to a ``fetch`` or ``snapshot`` request from ``peer``: never raises."""
+    def _members(self) -> set[str]:
+        return {p for plan in (self.plan, self.pending) if plan is not None for p in plan.members}
+
+    def _refuse(self, peer: str) -> SwarmError | None:
+        """Why a state request of ``peer`` is refused after its length prefix, unread (None: read it)."""
+        if self.bans.banned(peer):
+            return Refused(f"peer {short(peer)} is banned for a while ({self.bans.until[peer][1]})")
+        if getattr(self.cfg.training, "serve_state", "plan") == "plan" and peer not in self._members():
+            return Refused(f"peer {short(peer)} is not a member of the plan this node follows (training.serve_state: plan)")
+        return None
+
+    async def _answer(self, frame: bytes, peer: str):
+        """The reply to a ``fetch`` or ``snapshot`` request from ``peer``: never raises. A fetch's reply
+        comes with the release of its place (``serve_one`` calls it once the reply is sent)."""
+        kind = "state request"
         try:
-            msg = unpack(frame, self.limits)
-            op = msg.meta.get("op")
-            if msg.kind not in ("fetch", "snapshot") or not isinstance(op, str):
-                raise SwarmError("expected a fetch or snapshot request naming an op")
-            if msg.kind == "snapshot":
-                return self._keep(peer, op, msg.meta.get("step"), msg.tensors)
-            state = await self._state_of(op)
-            if state is None:
-                raise SwarmError(f"no state of op '{op}' here")
+            try:
+                header = read_header(frame, self.limits)
+            except SwarmError as e:
+                raise Refused(str(e)) from None
+            op = header.meta.get("op")
+            if header.kind not in ("fetch", "snapshot") or not isinstance(op, str):
+                raise Refused("expected a fetch or snapshot request naming an op")
+            kind = header.kind
+            if kind == "snapshot":
+                return self._keep(peer, op, header.meta.get("step"), frame, header)
+            if header.entries:
+                raise Refused("a fetch request carries no tensors")
+            busy = self.fetches.enter(peer, 0)
+            if busy is not None:
+                raise busy
+            try:   # the capture and the reply exist only while this fetch holds its place
+                state = await self._state_of(op)
+                if state is None:
+                    raise SwarmError(f"no state of op '{op}' here")
+                reply = pack("state", {"op": op, "step": state.step}, state.tensors)[0]
+            except BaseException:
+                self.fetches.leave(peer)
+                raise
             self.served += 1
-            return pack("state", {"op": op, "step": state.step}, state.tensors)[0]
+            return reply, lambda: self.fetches.leave(peer)
         except SwarmError as e:
+            if isinstance(e, (Refused, Retry)):
+                self.refusals.note(peer, "busy" if isinstance(e, Retry) else kind, str(e))
             return error_frame(e)
 
     def _backed_up(self, peer: str) -> dict[str, int]:
@@ -129,16 +191,24 @@ class PlanFollower:
                     out.update({op: stage for op in plan.stages[stage].ops if op in self.owned})
         return out
 
-    def _keep(self, peer: str, op: str, step, tensors) -> bytes:
-        """Keep ``peer``'s snapshot of ``op`` if this node backs that op up and the tensors are the op's."""
+    def _keep(self, peer: str, op: str, step, frame: bytes, header) -> bytes:
+        """Keep ``peer``'s snapshot of ``op`` if this node backs that op up and the tensors are the op's
+        (and finite: else ``peer`` is banned); checked on the header before anything is decoded."""
         if op not in self._backed_up(peer):
-            raise SwarmError(f"this node keeps no snapshot of '{op}' for {peer[-8:]}")
+            raise Refused(f"this node keeps no snapshot of '{op}' for {peer[-8:]}")
         if type(step) is not int or step < 0:
-            raise SwarmError("a snapshot names its step (an int >= 0)")
-        if any(k.startswith("g:") for k in tensors):
-            raise SwarmError("a snapshot carries no gradient")
-        state = OpState(step, tensors)
-        check(self.traced.gm, self.owned, {op: state})
+            raise Refused("a snapshot names its step (an int >= 0)")
+        if any(e["name"].startswith("g:") for e in header.entries):
+            raise Refused("a snapshot carries no gradient")
+        try:
+            tensors = decode(frame, header, self.limits).tensors
+        except SwarmError as e:
+            raise Refused(str(e)) from None
+        state = OpState(step, self._finite(peer, "snapshot", tensors))
+        try:
+            check(self.traced.gm, self.owned, {op: state})
+        except SwarmError as e:
+            raise Refused(str(e)) from None
         self.received.append((peer, op, state))   # into the store on the next heartbeat
         return pack("kept", {"op": op, "step": step}, {})[0]
 
@@ -147,37 +217,84 @@ class PlanFollower:
         try:
             if self.admit is None or self.admit(peer):   # only a holder this node backs up sends big frames
                 limit = self.limits.max_frame_bytes if self._backed_up(peer) else 1 << 16
-                await serve_one(reader, writer, lambda frame: self._answer(frame, peer), limit, 60.0)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, struct.error, SwarmError):
-            pass
+                await serve_one(reader, writer, lambda frame: self._answer(frame, peer), limit, self.serve_timeout_s,
+                                self.gate, peer, lambda: self._refuse(peer))
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, struct.error, SwarmError, OSError) as e:
+            what = str(e) if isinstance(e, SwarmError) else \
+                "the stream ended inside a frame" if isinstance(e, asyncio.IncompleteReadError) else \
+                "no frame, send or hang-up in time" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
+            self.refusals.note(peer, "busy" if isinstance(e, Retry) else "state stream", what)
         finally:
-            writer.close()
+            close_stream(writer)
+
+    def _finite(self, peer: str, what: str, tensors: dict) -> dict:
+        bad = non_finite(tensors)
+        if bad is not None:
+            self.bans.ban(peer, f"sent a {what} with NaN/Inf")
+            raise Poisoned(f"{what}: {bad}; peer {short(peer)} banned for {self.bans.ban_s:.0f} s")
+        return tensors
 
     async def _fetch_one(self, peer: str, op: str) -> OpState:
-        msg = unpack(await self.call(peer, pack("fetch", {"op": op}, {})[0]), self.limits)
-        if msg.kind != "state" or msg.meta.get("op") != op or not isinstance(msg.meta.get("step"), int):
-            raise SwarmError(f"peer {peer[-8:]} answered no state of '{op}': {msg.meta.get('message', msg.kind)}")
-        return OpState(msg.meta["step"], msg.tensors)
+        frame = await self.call(peer, pack("fetch", {"op": op}, {})[0])
+        try:
+            header = read_header(frame, self.limits)
+        except SwarmError as e:
+            raise Refused(str(e)) from None
+        if header.kind == "error" and header.meta.get("retry"):
+            raise Retry(f"peer {peer[-8:]}: {header.meta.get('message')}")
+        if header.kind != "state" or header.meta.get("op") != op or not isinstance(header.meta.get("step"), int):
+            raise SwarmError(f"peer {peer[-8:]} answered no state of '{op}': {header.meta.get('message', header.kind)}")
+        tensors = self._finite(peer, "state", decode(frame, header, self.limits).tensors)
+        return OpState(header.meta["step"], tensors)
 
     async def fetch(self, sources: dict[str, list[str]]) -> dict[str, tuple[OpState, str]]:
         """The state of every op in ``sources`` (op -> donors holding its newest step) and who gave it:
-        spread over the donors (``donor_order``), each op tried on its other donors if one fails."""
+        spread over the donors (``donor_order``), at most ``CONCURRENCY`` at once from one donor, each op
+        tried on its other donors if one fails (a donor that answers busy is asked again for a while)."""
+        places: dict[str, asyncio.Semaphore] = {}
+
         async def one(op: str, donors: list[str]) -> tuple[str, OpState | None, str]:
             for peer in donors:
-                try:
-                    return op, await self._fetch_one(peer, op), peer
-                except Exception as e:   # any donor failure: try the next one
-                    self.log(f"warning: fetching '{op}' from {peer[-8:]} failed ({type(e).__name__}: {str(e)[:100]})")
+                if self.bans.banned(peer):
+                    continue
+                deadline, delay = asyncio.get_running_loop().time() + BUSY_WAIT_S, 0.1
+                while True:
+                    try:
+                        async with places.setdefault(peer, asyncio.Semaphore(CONCURRENCY)):
+                            return op, await self._fetch_one(peer, op), peer
+                    except Retry as e:
+                        if "busy" in str(e) and asyncio.get_running_loop().time() + delay < deadline:
+                            await asyncio.sleep(delay)   # back-off: the donor serves others first
+                            delay = min(2 * delay, 2.0)
+                            continue
+                        self.log(f"warning: fetching '{op}' from {peer[-8:]} failed ({type(e).__name__}: {str(e)[:100]})")
+                    except Exception as e:   # any donor failure: try the next one
+                        if isinstance(e, Refused):
+                            self.refusals.note(peer, "state reply", str(e))
+                        self.log(f"warning: fetching '{op}' from {peer[-8:]} failed ({type(e).__name__}: {str(e)[:100]})")
+                    break
             return op, None, ""
         results = await asyncio.gather(*(one(op, donors) for op, donors in donor_order(sources).items()))
         return {op: (state, peer) for op, state, peer in results if state is not None}
 
     async def _send_snapshot(self, peer: str, states: dict[str, OpState]) -> None:
-        """Push a snapshot of ops to a backup (raises unless it kept every op)."""
+        """Push a snapshot of ops to a backup, ``CONCURRENCY`` at a time (raises unless it kept every op)."""
+        place = asyncio.Semaphore(CONCURRENCY)
+
         async def one(op: str, state: OpState) -> None:
-            reply = unpack(await self.call(peer, pack("snapshot", {"op": op, "step": state.step}, state.tensors)[0]),
-                           Limits(max_frame_bytes=1 << 16))
-            check_reply(reply, f"backup {peer[-8:]}")
+            deadline, delay = asyncio.get_running_loop().time() + BUSY_WAIT_S, 0.1
+            while True:
+                async with place:
+                    reply = unpack(await self.call(peer, pack("snapshot", {"op": op, "step": state.step}, state.tensors)[0]),
+                                   Limits(max_frame_bytes=1 << 16, max_tensors=0))
+                try:
+                    check_reply(reply, f"backup {peer[-8:]}")
+                    return
+                except Retry as e:
+                    if "busy" not in str(e) or asyncio.get_running_loop().time() + delay > deadline:
+                        raise
+                await asyncio.sleep(delay)   # back-off: the backup is serving others
+                delay = min(2 * delay, 2.0)
         await asyncio.gather(*(one(op, state) for op, state in states.items()))
 
     # --- following plans ------------------------------------------------------------------------
