@@ -65,7 +65,9 @@ def test_checkpoints_resume_at_the_newest_step_every_op_has(tmp_path):
     write_checkpoint(tmp_path, {"a": OpState(20, t(20))}, stage=0, step=20)  # b's stage died before step 20
     got = read_checkpoint(tmp_path, ["a", "b"])
     assert {op: s.step for op, s in got.items()} == {"a": 10, "b": 10} and got["a"].tensors["p:w"][0] == 10
-    assert read_checkpoint(tmp_path, ["a"])["a"].step == 20 and read_checkpoint(tmp_path, ["c"]) == {}
+    assert read_checkpoint(tmp_path, ["a"])["a"].step == 20 and read_checkpoint(tmp_path / "none", ["c"]) == {}
+    with pytest.raises(SwarmError, match="none is usable"):   # step directories, none with op c: not a silent step 0
+        read_checkpoint(tmp_path, ["c"])
     write_checkpoint(tmp_path, {"a": OpState(30, t(30))}, stage=0, step=30)  # only the newest two steps are kept
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000020", "step-000000030"]
     with pytest.raises(SwarmError, match="step 40 holds states of steps \\[30\\]"):

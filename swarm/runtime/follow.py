@@ -113,7 +113,7 @@ class PlanFollower:
         self.received: deque[tuple[str, str, OpState]] = deque()   # (holder, op, snapshot) kept as a backup
         self.served = 0
         if cfg.training.checkpoint_dir:
-            self.store.update(read_checkpoint(cfg.training.checkpoint_dir, sorted(self.owned)))
+            self.store.update(read_checkpoint(cfg.training.checkpoint_dir, sorted(self.owned), log=log))
             if self.store:
                 log(f"checkpoint: state of {len(self.store)} ops at step {self.step} from {cfg.training.checkpoint_dir}")
         self._call(self.p2p.add_binary_stream_handler(STATE_PROTOCOL, self._serve))

@@ -10,7 +10,9 @@ those tensors, whoever held them before.
 Checkpoints: ``<dir>/step-<step>/<op>.pt`` (``torch.save`` of nothing but tensors: the op's, and its
 step as the 0-d tensor ``step``; written to a temporary name, then renamed), one directory per
 checkpointed step; a stage's ``done-<k>`` marker closes its part of a step. A swarm restarted from the
-directory resumes at the newest step that every op has.
+directory resumes at the newest step that every op has. A write that fails (a full disk) leaves no
+temporary or partial file behind; a directory whose step directories are all unusable (incomplete or
+unreadable) is an error, never a silent start at step 0 (docs/churn.md).
 """
 from __future__ import annotations
 
@@ -111,6 +113,49 @@ def _file_name(op: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", op) + ".pt"
 
 
+def _reason(e: BaseException) -> str:
+    """Why a file operation failed, in one line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def check_writable_dir(directory: str | Path, what: str = "training.checkpoint_dir") -> Path:
+    """At start: ``directory`` is (or can be made) a directory this process can write, checked by
+    really creating and removing a file in it (permission bits do not stop root; a read-only mount,
+    or a full disk, does). Anything else is a one-line error naming ``what``."""
+    root = Path(directory).expanduser()
+    if root.exists() and not root.is_dir():
+        raise SwarmError(f"{what} {root} is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SwarmError(f"{what} {root} cannot be created: {_reason(e)}") from None
+    probe = root / f".write-probe-{os.getpid()}.tmp"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"swarm")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise SwarmError(f"{what} {root} is not writable: {_reason(e)}") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return root
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every ``step-<step>`` directory, oldest first (by number, not by name)."""
+    out = []
+    for d in root.glob("step-*"):
+        if d.name[5:].isdigit() and d.is_dir():
+            out.append((int(d.name[5:]), d))
+    return sorted(out)
+
+
 def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: int, step: int, keep: int = 2) -> Path:
     """Write ``states`` (all at ``step``; a stage without state writes none) under ``directory/step-<step>/``,
     then this stage's marker; older step directories beyond the newest ``keep`` are removed."""
@@ -118,33 +163,85 @@ def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: i
     if others := sorted({s.step for s in states.values()} - {step}):
         raise SwarmError(f"a checkpoint of step {step} holds states of steps {others}")
     step_dir = root / f"step-{step:09d}"
-    step_dir.mkdir(parents=True, exist_ok=True)
-    for op, state in states.items():
-        tmp = step_dir / f".{_file_name(op)}.tmp"
-        torch.save({**state.tensors, "step": torch.tensor(state.step)}, tmp)   # tensors only
-        os.replace(tmp, step_dir / _file_name(op))
-    (step_dir / f"done-{stage}").touch()
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+    made_dir = not step_dir.exists()
+    written: list[Path] = []
+    tmp: Path | None = None
+    try:
+        step_dir.mkdir(parents=True, exist_ok=True)
+        for op, state in states.items():
+            tmp = step_dir / f".{_file_name(op)}.tmp"
+            torch.save({**state.tensors, "step": torch.tensor(state.step)}, tmp)   # tensors only
+            os.replace(tmp, step_dir / _file_name(op))
+            written.append(step_dir / _file_name(op))
+            tmp = None
+        marker = step_dir / f"done-{stage}"
+        marker.touch()
+        written.append(marker)
+    except Exception as e:   # a full disk, a read-only or vanished directory: leave nothing half-written
+        for f in ([tmp] if tmp is not None else []) + written:   # this stage's part of the step is useless partial
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if made_dir:
+            try:
+                step_dir.rmdir()   # only if empty: another stage's part of the step stays
+            except OSError:
+                pass
+        raise SwarmError(f"cannot write checkpoint {step_dir}: {_reason(e)}") from None
+    # keep this step and the newest keep - 1 below it; a newer directory (left by an earlier run) is not ours to drop
+    older = [d for s, d in _step_dirs(root) if s < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
+        try:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        except OSError as e:
+            raise SwarmError(f"checkpoint {step_dir} written, but the old {old} cannot be removed: {_reason(e)}") from None
     return step_dir
 
 
-def read_checkpoint(directory: str | Path, ops: list[str]) -> dict[str, OpState]:
-    """The state of ``ops`` at the newest checkpointed step that has all of them ({} if none)."""
+def _load(f: Path) -> OpState:
+    data = torch.load(f, weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a {type(data).__name__}, not a mapping of tensors")
+    if "tensors" in data:   # the first format: {"op", "step", "tensors"}
+        data = {**data["tensors"], "step": data["step"]}
+    step = data.pop("step")
+    if not all(torch.is_tensor(t) for t in data.values()):
+        raise ValueError("holds something other than tensors")
+    return OpState(int(step), data)
+
+
+def read_checkpoint(directory: str | Path, ops: list[str], log=None) -> dict[str, OpState]:
+    """The state of ``ops`` at the newest checkpointed step that has all of them, readable ({} when the
+    directory holds no step directory). Newer steps passed over are named in one warning (``log``);
+    step directories none of which is usable are a one-line error: a restart must not silently begin
+    at step 0 beside checkpoints it could not use."""
     root = Path(directory)
-    for step_dir in sorted(root.glob("step-*"), reverse=True):
+    unusable: list[str] = []
+    dirs = _step_dirs(root) if root.is_dir() else []
+    for _, step_dir in reversed(dirs):
         files = [step_dir / _file_name(op) for op in ops]
-        if all(f.exists() for f in files):
-            out = {}
-            for op, f in zip(ops, files):
-                try:
-                    data = torch.load(f, weights_only=True)
-                except Exception as e:
-                    raise SwarmError(f"cannot read checkpoint {f}: {type(e).__name__}") from None
-                if "tensors" in data:   # the first format: {"op", "step", "tensors"}
-                    data = {**data["tensors"], "step": data["step"]}
-                out[op] = OpState(int(data.pop("step")), data)
-            return out
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            unusable.append(f"{step_dir.name} lacks {len(missing)} of {len(files)} ops ({missing[0].stem}...)")
+            continue
+        out, bad = {}, None
+        for op, f in zip(ops, files):
+            try:
+                out[op] = _load(f)
+            except Exception as e:   # truncated, corrupt, or not ours
+                bad = f"{step_dir.name}: cannot read {f.name} ({_reason(e)})"
+                break
+        if bad is not None:
+            unusable.append(bad)
+            continue
+        if unusable and log is not None:
+            log(f"warning: checkpoint: resuming from {step_dir.name}; newer steps unusable: {'; '.join(unusable)}")
+        return out
+    if dirs:
+        raise SwarmError(f"checkpoint directory {root} has {len(dirs)} step directories but none is usable "
+                         f"({unusable[0]}{'; ...' if len(unusable) > 1 else ''}): refusing to start at step 0 beside "
+                         "them (a directory of another model, or not shared by every node?); move them away to start afresh")
     return {}
