@@ -1,4 +1,6 @@
 """Models a user might bring, referenced by import path (tests.user_models:factory)."""
+import os
+
 import torch
 from torch import nn
 
@@ -60,3 +62,47 @@ def bare() -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+# --- a broken member (tests/test_hostile_swarm.py) -------------------------------------------------
+# Every node of that test runs this same model (same OP-DAG, same plan hashes); one node runs it with
+# SWARM_TEST_POISON set, read when a block runs, so that node's stage sends NaN activations ("act") and
+# NaN gradients ("grad") to its pipeline neighbours, as a member with broken memory or a hostile one would.
+
+POISON_ENV = "SWARM_TEST_POISON"
+
+
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class PoisonableBlock(nn.Module):
+    """A transformer block that, in a poisoning process, outputs NaN and passes NaN gradients back."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        mode = os.environ.get(POISON_ENV, "")
+        if "act" in mode:
+            y = y * float("nan")
+        if "grad" in mode and torch.is_grad_enabled():
+            y = _NaNGradient.apply(y)
+        return y
+
+
+def poisonable_gpt() -> nn.Module:
+    """gpt2-tiny with its blocks wrapped in ``PoisonableBlock`` (one op each at coarse granularity)."""
+    from swarm.models import load_model
+
+    model = load_model("gpt2-tiny").module
+    model.blocks = nn.ModuleList(PoisonableBlock(b) for b in model.blocks)
+    return model
