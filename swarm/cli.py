@@ -136,10 +136,20 @@ def _network(args: argparse.Namespace):
                          "command-line flags")
 
 
+def check_local_dirs(cfg: NodeConfig) -> None:
+    """At start, before anything joins a swarm: the directories the node will write are usable."""
+    from swarm.runtime.state import check_writable_dir
+
+    for key in ("checkpoint_dir", "save_dir"):
+        if getattr(cfg.training, key):
+            check_writable_dir(getattr(cfg.training, key), f"training.{key}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from swarm.node import run_node
 
     cfg, net = _network(args)
+    check_local_dirs(cfg)
     return run_node(cfg, net, log=lambda msg: print(msg, flush=True))
 
 

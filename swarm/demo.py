@@ -5,6 +5,11 @@ Every node is a real ``node.py run`` (its own DHT, p2p daemon, election, stage s
 only creates the swarm's keys and config, starts the nodes, follows the metrics they append to one
 JSON-lines file, and stops them. The nodes' config is the demo's defaults, overridden by a node config
 file (``--config``), overridden by the demo's flags that were given.
+
+A node that dies once training has begun is churn, which the demo is meant to show: it is reported
+(a line, and ``nodes_died`` in the metrics JSON) and the swarm re-plans without it. The demo fails
+only when no node is left, when one dies before the first step (the first plan waits for every
+node), or when no step completes within ``stall_s``.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class DemoSettings:
     device: str | None = None            # [cpu]
     config: str | None = None            # node config YAML the nodes start from
     timeout_s: float = 1800.0
+    stall_s: float = 300.0               # once training began: fail when no step completes for this long
 
 
 class _Node:
@@ -59,10 +65,12 @@ class _Node:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def last_line(self) -> str:
+        return (self.text().strip().splitlines()[-1:] or ["(no output)"])[0]
+
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
-            tail = self.text().strip().splitlines()[-1:] or ["(no output)"]
-            raise SwarmError(f"node {self.log.stem} exited with code {self.popen.returncode}: {tail[0]}")
+            raise SwarmError(f"node {self.log.stem} exited with code {self.popen.returncode}: {self.last_line()}")
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -119,9 +127,26 @@ def _config(s: DemoSettings, metrics: Path) -> dict:
     return _merge(_merge(_merge(defaults, read_yaml(s.config) if s.config else {}), flags), needs)
 
 
-def summarise(rows: list[dict], s: DemoSettings, model: str) -> dict:
-    """The metrics JSON: per-step losses (mean over first-stage replicas) and throughput, totals."""
-    return {**summarise_metrics(rows), "nodes": s.nodes, "model": model}
+def summarise(rows: list[dict], s: DemoSettings, model: str, died: list[dict] | None = None) -> dict:
+    """The metrics JSON: per-step losses (mean over first-stage replicas) and throughput, totals, and
+    the nodes that died on the way (``node``, ``exit_code``, ``at_step``: steps done when it was seen)."""
+    return {**summarise_metrics(rows), "nodes": s.nodes, "model": model, "nodes_died": list(died or [])}
+
+
+def _deaths(nodes: list["_Node"], died: list[dict], done: int, s: DemoSettings, say) -> None:
+    """Report nodes that exited since the last look; raise when the swarm cannot go on without them."""
+    for i, n in enumerate(nodes):
+        if n.popen.poll() is None or any(d["node"] == i for d in died):
+            continue
+        if done == 0:   # the first plan waits for min_members = every node
+            raise SwarmError(f"node {i} exited with code {n.popen.returncode} before the first step "
+                             f"(the first plan needs all {s.nodes} nodes): {n.last_line()}")
+        died.append({"node": i, "exit_code": n.popen.returncode, "at_step": done})
+        alive = sum(m.popen.poll() is None for m in nodes)
+        say(f"node {i} died (exit code {n.popen.returncode}) after {done} steps: {n.last_line()[:160]}; "
+            f"{alive} nodes left, the swarm re-plans without it")
+        if alive == 0:
+            raise SwarmError(f"every node died; the swarm trained {done} of {s.steps} steps")
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -160,9 +185,12 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     metrics.unlink(missing_ok=True)
     values = _config(s, metrics)
     cfg = validate(NodeConfig, values, s.config or "demo settings")   # a bad value fails here, in one line
+    from swarm.cli import check_local_dirs
+    check_local_dirs(cfg)                                                # and so does a directory nodes cannot write
     config = out / "node.yaml"
     config.write_text(json.dumps(values, indent=1))
-    traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)   # a bad model name fails here, in one line
+    traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size,   # a bad model name fails here, in one line,
+                         cfg.election.micro_batches)                        # and so does a step too big for memory
     training_data(cfg.training.data, *model_io(traced))   # and so does a bad data source
     load_or_measure(cfg.device)                             # profile once; the nodes read the cache
     keys = out / "keys"
@@ -171,6 +199,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
             f.unlink() if f.is_file() else f.rmdir()
     members = init_swarm(str(keys), "demo", s.nodes).members
     nodes: list[_Node] = []
+    died: list[dict] = []
     deadline = time.monotonic() + s.timeout_s
     try:
         nodes.append(_Node(0, config, members[0], out / "node0.log", None))
@@ -179,6 +208,8 @@ def run_demo(s: DemoSettings, log=print) -> dict:
             nodes.append(_Node(i, config, members[i], out / f"node{i}.log", maddr.group(1)))
         log(f"{s.nodes} nodes started (private swarm, logs in {out}/); electing a plan ...")
         with tqdm(total=s.steps, unit="step", dynamic_ncols=True) as bar:
+            say = bar.write if log is print else log   # a line above the progress bar
+            progressed = time.monotonic()
             while True:
                 rows = [r for r in read_metrics(metrics) if "loss" in r]
                 done = len({r["step"] for r in rows})
@@ -187,14 +218,17 @@ def run_demo(s: DemoSettings, log=print) -> dict:
                     sent = sum(x["bytes_sent"] for x in newest_by_peer(read_metrics(metrics)).values())
                     bar.set_postfix(loss=f"{r['loss']:.3f}", samples_s=f"{r['samples_per_s']:.1f}", sent=f"{sent / 1e6:.0f}MB")
                     bar.update(done - bar.n)
+                    progressed = time.monotonic()
                 if done >= s.steps:
                     break
-                for n in nodes:
-                    n.check_alive()
+                _deaths(nodes, died, done, s, say)
+                if done and time.monotonic() - progressed > s.stall_s:
+                    after = f" (since node {died[-1]['node']} died)" if died else ""
+                    raise SwarmError(f"no step completed for {s.stall_s:.0f} s after step {done - 1}{after}")
                 if time.monotonic() > deadline:
                     raise SwarmError(f"the demo did not finish {s.steps} steps within {s.timeout_s:.0f} s")
                 time.sleep(0.5)   # polling the metrics file the nodes append to
-        summary = summarise(read_metrics(metrics), s, cfg.model)
+        summary = summarise(read_metrics(metrics), s, cfg.model, died)
     finally:
         for n in nodes:
             n.stop()
@@ -210,6 +244,9 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     log(f"trained {summary['steps']} steps on {s.nodes} nodes ({summary['stages']} stages, plan {summary['plan_hash']}): "
         f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, {summary['samples_per_s']:.1f} samples/s, "
         f"{summary['bytes_sent'] / 1e6:.1f} MB sent (wire ratio {summary['wire_ratio']:.1f}x)")
+    if died:
+        log(f"{len(died)} of {s.nodes} nodes died on the way (" + ", ".join(
+            f"node {d['node']} after {d['at_step']} steps" for d in died) + "); the swarm trained on without them")
     log(f"metrics: {json_out}  plot: {png}")
     return summary
 

@@ -193,7 +193,17 @@ class TrainingSession:
             states = self.final_state()   # between steps: nothing runs on this stage now
             written = self.loop.run_in_executor(None, write_checkpoint, self.training.checkpoint_dir, states,
                                                 self.index, self.worker.step_id)
-            written.add_done_callback(lambda f: not f.cancelled() and f.exception() and self.log(f"warning: checkpoint not written: {f.exception()}"))
+
+            def report(f, step: int = self.worker.step_id) -> None:   # one warning while writes keep failing
+                if f.cancelled():
+                    return
+                failing = getattr(self, "_checkpoint_failing", False)
+                if f.exception() is not None and not failing:
+                    self.log(f"warning: checkpoint not written: {f.exception()} (not repeated until one is written)")
+                elif f.exception() is None and failing:
+                    self.log(f"checkpoint of step {step} written again")
+                self._checkpoint_failing = f.exception() is not None
+            written.add_done_callback(report)
 
     def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0) -> None:
         c = self.server.counters
