@@ -8,6 +8,7 @@ swarm of ``node.py run`` processes, built the way an attacker would build it.
   vanish and leave a record behind (``close``). The honest nodes schema-check a record when they store
   it and again when they read it, so what an attack proves is what they actually received: ``store``
   returns whether any honest node accepted the value.
+- It answers ``swarm.probe.v1`` (liveness pings, link probes) like a member, unless told not to.
 - Raw libp2p streams from the same identity (``dht.replicate_p2p()``, ``call_binary_stream_handler``)
   on ``swarm.stage.v1`` / ``swarm.state.v1``: one request and its reply (``request``), streams opened
   and left hanging (``hold``: a fetch whose reply is never read, a frame sent but for its last byte).
@@ -111,7 +112,7 @@ class Attacker:
     write), and a libp2p endpoint of the same identity for raw streams."""
 
     def __init__(self, initial_peers: list[str], ident: Identity, prefix: str = PREFIX, ttl_s: float = 4.0,
-                 schema: bool = True):
+                 schema: bool = True, answer_probes: bool = True):
         validators = make_validators(prefix, ident.key)
         self.signer = validators[0]
         self.peer_id, self.ttl_s = ident.peer_id, ttl_s
@@ -123,6 +124,10 @@ class Attacker:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="attacker").start()
         self.p2p = self.run(self.dht.replicate_p2p())
+        self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        if answer_probes:   # a live member answers liveness pings and link probes, as an honest node does
+            from swarm.transport import LinkProber
+            self.run(LinkProber(self.p2p).serve())
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.held: list = []
@@ -166,7 +171,7 @@ class Attacker:
         """A member record copied from an honest one (its device, memory, measurements, versions) with
         this peer's id, a fresh start, no links, no election state, no stage; ``fields`` override."""
         now = get_dht_time()
-        record = dict(like, peer_id=self.peer_id, maddrs=[], started_at=now, updated_at=now, state="online",
+        record = dict(like, peer_id=self.peer_id, maddrs=list(self.maddrs), started_at=now, updated_at=now, state="online",
                       bandwidth_bps={}, rtt_s={}, stage=None, vote_epoch=None, vote_hash=None, committed_epoch=None,
                       committed_hash=None, role=None, step=0, holds=None, ready=None, credential=None)
         record.update(fields)

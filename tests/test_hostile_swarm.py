@@ -128,16 +128,20 @@ class Swarm:
             return False
 
     def keeps_training(self, seconds: float, steps: int, names=None, limit_s: float = 120) -> list[str]:
-        """Failures, if any: an honest node exited, or fewer than ``steps`` new steps after ``seconds``."""
-        start, mark = time.monotonic(), self.top()
+        """Failures, if any: an honest node exited, or, once ``seconds`` have passed (the attack had time
+        to act), fewer than ``steps`` new steps since the start or no new step since then."""
+        start, mark, later = time.monotonic(), self.top(), None
         while True:
             if gone := self.exited(names):
                 return gone
             elapsed = time.monotonic() - start
-            if elapsed >= seconds and self.top() >= mark + steps:
-                return []
+            if elapsed >= seconds:
+                later = self.top() if later is None else later
+                if self.top() >= max(mark + steps, later + 1):
+                    return []
             if elapsed > seconds + limit_s:
-                return [f"training stalled: step {self.top()} after {elapsed:.0f} s (was {mark}, wanted +{steps})"]
+                return [f"training stalled: step {self.top()} after {elapsed:.0f} s (was {mark} at the start, "
+                        f"{later} after {seconds:.0f} s; wanted +{steps} and one more)"]
             time.sleep(0.5)   # polling the metrics file
 
 
@@ -317,6 +321,22 @@ def test_data_plane_floods_are_refused_in_bounded_memory_while_training_goes_on(
     failures: list[str] = []
     a = Attacker([swarm.maddr], identity(tmp_path / "keys", "flood"), ttl_s=TTL)
     try:
+        # the strongest flooder is a member: a weak peer (sane numbers, too little memory for a stage) that
+        # answers probes and votes, so the swarm re-plans with it as a spare and serves it state
+        records = wait_until(lambda: (r := a.records()) and all(p in r for p in swarm.ids.values()) and r, 20,
+                             what="honest records")
+        joined = swarm.marks()
+        a.keep(a.clone_record(records[swarm.ids["a"]], tflops=1e-3, model_tflops=1e-3, memory_bytes=1 << 20), vote=True)
+        try:
+            wait_until(lambda: any("with 4 members" in line for lines in swarm.lines(joined).values() for line in lines
+                                   if "committed epoch" in line), 60, what="a plan with the flooder as a spare")
+            print(f"[flood] attacker {a.tail} is a member (a spare) of the plan")
+        except AssertionError:
+            print(f"[flood] attacker {a.tail} was not let into a plan: it floods as a stranger")
+        failures += [f"flooder joining: {f}" for f in swarm.keeps_training(0, 2)]
+        if a.peer_id[-6:] in stage_holders(swarm, joined):
+            failures.append(f"flooder joining: attacker {a.tail} got a stage")
+
         def targets():
             records = a.records()
             stage = {n: records.get(p, {}).get("stage") for n, p in swarm.ids.items()}
@@ -409,6 +429,7 @@ def test_data_plane_floods_are_refused_in_bounded_memory_while_training_goes_on(
             if wanted(name.split()[0]):
                 flood(name, attack)
     finally:
+        a.go_offline()
         a.close()
     assert not failures, "\n".join(failures)
 
