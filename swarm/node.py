@@ -291,7 +291,10 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
             while not stop.is_set():
                 view = heartbeat()
                 if record.peer_id in view.members:  # the election starts once our own record is visible
-                    elector.step(view.electorate(), record)
+                    try:
+                        elector.step(view.electorate(), record)
+                    except Exception as e:   # no peer's input may end the node: the next heartbeat tries again
+                        log(f"warning: election step failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
                     follower.follow(elector.plan, view, record)
                 if not membership.publish(record):
                     log("warning: could not store the member record this round")
