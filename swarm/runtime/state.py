@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +179,15 @@ def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: i
         marker.touch()
         written.append(marker)
     except Exception as e:   # a full disk, a read-only or vanished directory: leave nothing half-written
+        reason = _reason(e)
+        if not isinstance(e, OSError):   # torch.save hides ENOSPC behind "[enforce fail ...] unexpected pos"
+            need = sum(t.numel() * t.element_size() for st in states.values() for t in st.tensors.values())
+            try:
+                free = shutil.disk_usage(step_dir if step_dir.exists() else root).free
+            except OSError:
+                free = need
+            if free < need:
+                reason = f"No space left on device ({free >> 10} KiB free, {need >> 10} KiB to write)"
         for f in ([tmp] if tmp is not None else []) + written:   # this stage's part of the step is useless partial
             try:
                 f.unlink(missing_ok=True)
@@ -188,7 +198,7 @@ def write_checkpoint(directory: str | Path, states: dict[str, OpState], stage: i
                 step_dir.rmdir()   # only if empty: another stage's part of the step stays
             except OSError:
                 pass
-        raise SwarmError(f"cannot write checkpoint {step_dir}: {_reason(e)}") from None
+        raise SwarmError(f"cannot write checkpoint {step_dir}: {reason}") from None
     # keep this step and the newest keep - 1 below it; a newer directory (left by an earlier run) is not ours to drop
     older = [d for s, d in _step_dirs(root) if s < step]
     for old in older[:max(len(older) - (keep - 1), 0)]:
