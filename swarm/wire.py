@@ -105,7 +105,7 @@ def pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor], ratios: dict[s
         entries.append({"name": name, "dtype": NAMES[t.dtype], "shape": list(t.shape), "codec": codec, "nbytes": len(data)})
         chunks.append(data)
     header = msgpack.packb({"v": VERSION, "kind": kind, "meta": meta, "tensors": entries}, use_bin_type=True)
-    return _PREFIX.pack(MAGIC, len(header)) + header + b"".join(chunks), masks
+    return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *chunks]), masks   # one copy of the payload
 
 
 def unpack(frame: bytes, limits: Limits = Limits(), masks: dict[str, torch.Tensor] | None = None) -> Message:

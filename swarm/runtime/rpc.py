@@ -85,7 +85,8 @@ async def read_frame(reader: asyncio.StreamReader, limit: int, timeout_s: float)
 
 
 def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
-    writer.write(_LEN.pack(len(frame)) + frame)
+    writer.write(_LEN.pack(len(frame)))
+    writer.write(frame)   # not concatenated: a large reply is not copied once more
 
 
 def error_frame(e: Exception) -> bytes:
@@ -412,8 +413,8 @@ class StageServer:
         self.slots -= 1
         kind = "frame"
         try:
-            if self.bans.banned(sender):
-                raise Refused(f"peer {short(sender)} is banned for a while ({self.bans.until[sender][1]})")
+            if sender != self.peers.me and (refused := self._refuse_stream(sender)) is not None:
+                raise refused   # a stranger or a banned peer: not even the header is parsed
             try:
                 header = read_header(frame, self.limits)
             except SwarmError as e:
