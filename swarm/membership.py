@@ -206,40 +206,46 @@ def check_record(record: MemberRecord, now: float | None = None, ttl_s: float | 
     """Why ``record`` must not be believed (one short phrase), or None when it is sane: every number
     finite and within the physical bounds above, every size within its cap, and, when ``now`` and
     ``ttl_s`` are given, ``updated_at`` at most ``ttl_s`` ahead of ``now`` and at most ``ttl_s`` old."""
-    r = record
-    checks = [
-        _number("tflops", r.tflops, 0, MAX_TFLOPS), _number("model_tflops", r.model_tflops, 0, MAX_TFLOPS),
-        _number("memory_bytes", r.memory_bytes, 0, MAX_MEMORY_BYTES, low_open=False),
-        _number("codec_bps", r.codec_bps, 0, MAX_CODEC_BPS), _number("cpu_cores", r.cpu_cores, 0, MAX_CPU_CORES),
-        _number("started_at", r.started_at, 0, math.inf, low_open=False),
-        _number("updated_at", r.updated_at, 0, math.inf, low_open=False),
-        _number("stage", r.stage, 0, MAX_STAGES, low_open=False, high_open=True),
-        *(_number(name, getattr(r, name), 0, MAX_COUNT, low_open=False, high_open=True)
-          for name in ("step", "vote_epoch", "committed_epoch")),
-        None if r.state in STATES else f"state {_brief(r.state)} unknown",
-        _text("peer_id", r.peer_id, MAX_ID_CHARS),
-        *(_text(name, getattr(r, name), MAX_ID_CHARS) for name in ("vote_hash", "committed_hash", "ready")),
-        *(_text(name, getattr(r, name), MAX_NAME_CHARS) for name in ("device", "device_name", "role")),
-        None if len(r.maddrs) <= MAX_MADDRS else f"maddrs has more than {MAX_MADDRS} entries",
-        *(_text("maddrs entry", a, MAX_MADDR_CHARS) for a in r.maddrs),
-        None if len(r.versions) <= MAX_VERSIONS else f"versions has more than {MAX_VERSIONS} entries",
-        *(_text("versions entry", text, MAX_NAME_CHARS) for item in r.versions.items() for text in item),
-        None if r.credential is None or len(r.credential) <= MAX_CREDENTIAL_BYTES
-        else f"credential longer than {MAX_CREDENTIAL_BYTES} bytes",
-    ]
+    return next((reason for reason in _record_faults(record, now, ttl_s) if reason is not None), None)
+
+
+def _record_faults(r: MemberRecord, now: float | None, ttl_s: float | None):
+    """Reasons (or None) in order, lazily: a size cap is checked before the entries it bounds."""
+    yield _number("tflops", r.tflops, 0, MAX_TFLOPS)
+    yield _number("model_tflops", r.model_tflops, 0, MAX_TFLOPS)
+    yield _number("memory_bytes", r.memory_bytes, 0, MAX_MEMORY_BYTES, low_open=False)
+    yield _number("codec_bps", r.codec_bps, 0, MAX_CODEC_BPS)
+    yield _number("cpu_cores", r.cpu_cores, 0, MAX_CPU_CORES)
+    yield _number("started_at", r.started_at, 0, math.inf, low_open=False)
+    yield _number("updated_at", r.updated_at, 0, math.inf, low_open=False)
+    yield _number("stage", r.stage, 0, MAX_STAGES, low_open=False, high_open=True)
+    for name in ("step", "vote_epoch", "committed_epoch"):
+        yield _number(name, getattr(r, name), 0, MAX_COUNT, low_open=False, high_open=True)
+    yield None if r.state in STATES else f"state {_brief(r.state)} unknown"
+    yield _text("peer_id", r.peer_id, MAX_ID_CHARS)
+    for name in ("vote_hash", "committed_hash", "ready"):
+        yield _text(name, getattr(r, name), MAX_ID_CHARS)
+    for name in ("device", "device_name", "role"):
+        yield _text(name, getattr(r, name), MAX_NAME_CHARS)
+    yield None if len(r.maddrs) <= MAX_MADDRS else f"maddrs has more than {MAX_MADDRS} entries"
+    yield from (_text("maddrs entry", a, MAX_MADDR_CHARS) for a in r.maddrs)
+    yield None if len(r.versions) <= MAX_VERSIONS else f"versions has more than {MAX_VERSIONS} entries"
+    yield from (_text("versions entry", text, MAX_NAME_CHARS) for item in r.versions.items() for text in item)
+    yield None if r.credential is None or len(r.credential) <= MAX_CREDENTIAL_BYTES \
+        else f"credential longer than {MAX_CREDENTIAL_BYTES} bytes"
     for name, table, high in (("bandwidth_bps", r.bandwidth_bps, MAX_BANDWIDTH_BPS), ("rtt_s", r.rtt_s, MAX_RTT_S)):
-        checks.append(None if len(table) <= MAX_LINKS else f"{name} has more than {MAX_LINKS} links")
-        checks += [_text(f"{name} peer id", peer, MAX_ID_CHARS) or _number(name, value, 0, high) for peer, value in table.items()]
+        yield None if len(table) <= MAX_LINKS else f"{name} has more than {MAX_LINKS} links"
+        yield from (_text(f"{name} peer id", peer, MAX_ID_CHARS) or _number(name, value, 0, high)
+                    for peer, value in table.items())
     if r.holds is not None:
-        checks.append(None if len(r.holds) <= MAX_HOLDS else f"holds has more than {MAX_HOLDS} entries")
-        checks += [None if len(h) == 3 and 0 <= h[0] < h[1] < MAX_COUNT and 0 <= h[2] < MAX_COUNT
-                   else f"holds {_brief(h)} out of range" for h in r.holds]
+        yield None if len(r.holds) <= MAX_HOLDS else f"holds has more than {MAX_HOLDS} entries"
+        yield from (None if len(h) == 3 and 0 <= h[0] < h[1] < MAX_COUNT and 0 <= h[2] < MAX_COUNT
+                    else f"holds {_brief(h)} out of range" for h in r.holds)
     if now is not None and ttl_s is not None:
         if r.updated_at > now + ttl_s:
-            checks.append(f"updated_at {r.updated_at - now:.3g} s in the future")
+            yield f"updated_at {r.updated_at - now:.3g} s in the future"
         elif r.updated_at + ttl_s < now:
-            checks.append(f"updated_at {now - r.updated_at:.3g} s old, past the {ttl_s:g} s TTL")
-    return next((reason for reason in checks if reason is not None), None)
+            yield f"updated_at {now - r.updated_at:.3g} s old, past the {ttl_s:g} s TTL"
 
 
 def parse_record(value: Any) -> tuple[MemberRecord | None, str | None]:
