@@ -228,6 +228,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
                 if time.monotonic() > deadline:
                     raise SwarmError(f"the demo did not finish {s.steps} steps within {s.timeout_s:.0f} s")
                 time.sleep(0.5)   # polling the metrics file the nodes append to
+            _deaths(nodes, died, done, s, say)   # one that died during the last steps is reported too
         summary = summarise(read_metrics(metrics), s, cfg.model, died)
     finally:
         for n in nodes:
