@@ -56,6 +56,7 @@ MAX_NAME_CHARS = 128               # device, device_name, role, version names an
 MAX_VERSIONS = 16
 MAX_CREDENTIAL_BYTES = 8 << 10     # a credential is ~1 KiB (an RSA key and a signature)
 MAX_BALLOT_MEMBERS = 1024          # a ballot's electorate (its plan caps it at ~150 anyway)
+MAX_DISTRUSTS = 4                  # peers a record accuses of sending poison (docs/hostile.md, "Disputes")
 # updated_at may be at most ttl_s ahead of the reader's clock (clock skew allowance = ttl_s), and a
 # record counts at most ttl_s after its updated_at, whatever DHT expiration its writer chose.
 
@@ -88,6 +89,8 @@ class _RecordV1(pv1.BaseModel):
     cpu_cores: Optional[pv1.StrictFloat] = None
     holds: Optional[List[List[pv1.StrictInt]]] = None
     ready: Optional[pv1.StrictStr] = None
+    observed_tflops: Optional[Dict[pv1.StrictStr, pv1.StrictFloat]] = None
+    distrusts: Optional[List[pv1.StrictStr]] = None
 
 
 def check_ballot(ballot: dict) -> str | None:
@@ -146,6 +149,8 @@ class MemberRecord:
     cpu_cores: float | None = None     # a CPU quota its process runs under (cores), if any
     holds: list[list[int]] | None = None   # [first op, stop op, step]: state this node can hand over
     ready: str | None = None          # hash of the plan whose stage this node runs (state loaded)
+    observed_tflops: dict[str, float] | None = None   # TFLOP/s this node saw next-stage peers deliver
+    distrusts: list[str] | None = None   # peers this node banned for sending NaN/Inf (a dispute: docs/hostile.md)
 
     @property
     def uptime_s(self) -> float:
@@ -171,6 +176,11 @@ class MemberRecord:
         for name, high in (("codec_bps", MAX_CODEC_BPS), ("model_tflops", MAX_TFLOPS), ("cpu_cores", MAX_CPU_CORES)):
             if d[name] is not None:
                 d[name] = _clamp(float(d[name]), high) if math.isfinite(d[name]) and d[name] > 0 else None
+        if d["observed_tflops"] is not None:
+            d["observed_tflops"] = {str(k): _clamp(float(v), MAX_TFLOPS) for k, v in list(d["observed_tflops"].items())[-MAX_LINKS:]
+                                    if math.isfinite(v) and v > 0} or None
+        if d["distrusts"] is not None:
+            d["distrusts"] = [str(p) for p in d["distrusts"]][:MAX_DISTRUSTS] or None
         return d
 
     @classmethod
@@ -237,6 +247,13 @@ def _record_faults(r: MemberRecord, now: float | None, ttl_s: float | None):
         yield None if len(table) <= MAX_LINKS else f"{name} has more than {MAX_LINKS} links"
         yield from (_text(f"{name} peer id", peer, MAX_ID_CHARS) or _number(name, value, 0, high)
                     for peer, value in table.items())
+    if r.observed_tflops is not None:
+        yield None if len(r.observed_tflops) <= MAX_LINKS else f"observed_tflops has more than {MAX_LINKS} entries"
+        yield from (_text("observed_tflops peer id", peer, MAX_ID_CHARS) or _number("observed_tflops", value, 0, MAX_TFLOPS)
+                    for peer, value in r.observed_tflops.items())
+    if r.distrusts is not None:
+        yield None if len(r.distrusts) <= MAX_DISTRUSTS else f"distrusts has more than {MAX_DISTRUSTS} entries"
+        yield from (_text("distrusts entry", peer, MAX_ID_CHARS) for peer in r.distrusts)
     if r.holds is not None:
         yield None if len(r.holds) <= MAX_HOLDS else f"holds has more than {MAX_HOLDS} entries"
         yield from (None if len(h) == 3 and 0 <= h[0] < h[1] < MAX_COUNT and 0 <= h[2] < MAX_COUNT

@@ -292,7 +292,7 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                 view = heartbeat()
                 if record.peer_id in view.members:  # the election starts once our own record is visible
                     try:
-                        elector.step(view.electorate(), record)
+                        elector.step(elector.electorate(view), record)
                     except Exception as e:   # no peer's input may end the node: the next heartbeat tries again
                         log(f"warning: election step failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
                     follower.follow(elector.plan, view, record)

@@ -27,15 +27,60 @@ from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, basel
 
 EPOCH_WINDOW = 64        # epochs claimed further above the swarm's committed one are not believed
 PLAN_TOLERANCE = 2.0     # a ballot's plan may predict a step at most this much slower than this node's own
-CLAIM_SPREAD = 100.0     # a member's compute counts at most this many times the members' median
+CLAIM_SPREAD = 100.0     # a member's compute counts at most this many times the members' median ...
+OBSERVED_SLACK = 4.0     # ... and at most this many times what its pipeline neighbours saw it deliver
+
+
+def ratings(view: MembershipView, members) -> dict[str, tuple[float, float, str]]:
+    """For each member: (claimed TFLOP/s, the rate planning believes, why it was down-rated or "").
+    The claim is its measured model rate (else its peak). It counts at most ``CLAIM_SPREAD`` times the
+    members' median (a claim far above everyone else's is not evidence), and at most ``OBSERVED_SLACK``
+    times the best rate any other member saw it deliver on pipeline calls (``observed_tflops``)."""
+    claimed = {m: view.members[m].model_tflops or view.members[m].tflops for m in members}
+    cap = CLAIM_SPREAD * statistics.median(claimed.values()) if claimed else math.inf
+    out = {}
+    for m, c in claimed.items():
+        seen = [r.observed_tflops[m] for p, r in view.members.items() if p != m and r.observed_tflops and m in r.observed_tflops]
+        rated, why = c, ""
+        if rated > cap:
+            rated, why = cap, f"{CLAIM_SPREAD:g}x the members' median"
+        if seen and rated > OBSERVED_SLACK * max(seen):
+            rated, why = OBSERVED_SLACK * max(seen), f"{OBSERVED_SLACK:g}x the {max(seen):.3g} TFLOP/s its neighbours saw"
+        out[m] = (c, rated, why)
+    return out
 
 
 def rated_tflops(view: MembershipView, members) -> dict[str, float]:
-    """The compute planning believes of each member: its measured model rate (else its peak), at most
-    ``CLAIM_SPREAD`` times the median of the members' (a claim far above everyone else's is not evidence)."""
-    claimed = {m: view.members[m].model_tflops or view.members[m].tflops for m in members}
-    cap = CLAIM_SPREAD * statistics.median(claimed.values()) if claimed else math.inf
-    return {m: min(c, cap) for m, c in claimed.items()}
+    """The compute planning believes of each member (``ratings``)."""
+    return {m: rated for m, (_, rated, _) in ratings(view, members).items()}
+
+
+def disputed(view: MembershipView, plan: Plan | None) -> dict[str, str]:
+    """Members left out of the next plans (-> why) because pipeline neighbours accuse each other of
+    sending NaN/Inf (``distrusts``; docs/hostile.md, "Disputes"). Only an accusation between neighbours
+    in ``plan`` counts (only they exchange tensors). A member accused by two or more neighbours is left
+    out and its own accusations dropped, most accused first; each accusation left then takes out both
+    its accuser and the accused: a liar can trade itself for one honest member, no more."""
+    if plan is None:
+        return {}
+    place = {p: s.index for s in plan.stages for p in s.peers}
+    accusations = {(r.peer_id, b) for r in view.members.values() for b in (r.distrusts or [])
+                   if b in view.members and b != r.peer_id and r.peer_id in place and b in place
+                   and abs(place[r.peer_id] - place[b]) <= 1}
+    out: dict[str, str] = {}
+    while accusations:
+        accusers: dict[str, set[str]] = {}
+        for a, b in accusations:
+            accusers.setdefault(b, set()).add(a)
+        most = max(sorted(accusers), key=lambda b: len(accusers[b]))
+        if len(accusers[most]) < 2:
+            break
+        out[most] = f"{len(accusers[most])} neighbours say it sent NaN/Inf"
+        accusations = {(a, b) for a, b in accusations if most not in (a, b)}
+    for a, b in sorted(accusations):
+        out.setdefault(b, f"{a[-8:]} says it sent NaN/Inf")
+        out.setdefault(a, f"it says {b[-8:]} sent NaN/Inf (a dispute takes out both)")
+    return out
 
 
 def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
@@ -58,6 +103,15 @@ def _pair(epoch: int | None, value: str | None) -> tuple[int, str] | None:
 
 class Elector:
     """One node's election loop; ``step`` once per heartbeat, before the record is published."""
+
+    def electorate(self, view: MembershipView) -> MembershipView:
+        """The members that take part in elections: not those leaving, nor those in a dispute
+        (``disputed``; each named once in the log)."""
+        view = view.electorate()
+        out = disputed(view, self.plan)
+        for peer, why in out.items():
+            self.refusals.note(peer, "plan place", why)
+        return MembershipView({p: r for p, r in view.members.items() if p not in out}, view.taken_at) if out else view
 
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
                  log: Callable[[str], None] = print, max_ratio: float = PlanSettings.max_ratio):

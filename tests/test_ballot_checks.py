@@ -8,7 +8,7 @@ import pytest
 from swarm.config import ElectionConfig
 from swarm.membership import MemberRecord, MembershipView
 from swarm.models import trace_model
-from swarm.planning import CLAIM_SPREAD, Elector, rated_tflops, swarm_of
+from swarm.planning import CLAIM_SPREAD, OBSERVED_SLACK, Elector, disputed, rated_tflops, ratings, swarm_of
 from swarm.scheduler import PlanSettings, Workload, evaluate, schedule
 from tests.test_planning import Ballots
 
@@ -70,3 +70,49 @@ def test_a_compute_claim_far_above_everyone_elses_is_capped(workload):
     rated = rated_tflops(view, ["A", "B", "C", "X"])
     assert rated["X"] == pytest.approx(CLAIM_SPREAD * 1.0) and rated["A"] == 1.0
     assert [p.tflops for p in swarm_of(view, ["A", "B", "C", "X"]).peers] == [1.0, 1.0, 1.0, CLAIM_SPREAD]
+
+
+def test_a_claim_far_above_what_the_neighbours_saw_delivered_is_down_rated(workload):
+    liar = member("X", tflops=50.0)
+    witness = member("A")
+    witness.observed_tflops = {"X": 0.5}   # A sent X micro-batches: X delivered 0.5 TFLOP/s
+    liar.observed_tflops = {"A": 1e3}      # X's word about others does not raise them above their own claim
+    view = MembershipView({"A": witness, "B": member("B"), "X": liar}, time.time())
+    rates = ratings(view, ["A", "B", "X"])
+    assert rates["X"][1] == pytest.approx(OBSERVED_SLACK * 0.5) and "neighbours saw" in rates["X"][2]
+    assert rates["A"] == (1.0, 1.0, "") and rates["B"] == (1.0, 1.0, "")
+
+
+def stages_plan(*stages):
+    from swarm.scheduler.plan import Plan, StagePlan
+    return Plan("m", tuple(StagePlan(i, i, i + 1, (f"op{i}",), tuple(peers), 0.1, 1.0, 0.0) for i, peers in enumerate(stages)),
+                (), (), 0.1, 1.0, 8)
+
+
+def accusing(view_peers: dict[str, list[str]]) -> MembershipView:
+    records = {}
+    for peer, accused in view_peers.items():
+        records[peer] = member(peer)
+        records[peer].distrusts = accused or None
+    return MembershipView(records, time.time())
+
+
+def test_disputes_take_out_the_member_accused_by_two_neighbours_or_both_sides_of_one_accusation():
+    plan = stages_plan(["A"], ["P"], ["C"])
+    # the middle member poisons both neighbours (and accuses them back): it alone is left out
+    assert set(disputed(accusing({"A": ["P"], "P": ["A", "C"], "C": ["P"]}), plan)) == {"P"}
+    # one accusation: both sides sit out (a liar trades itself for one honest member, no more)
+    assert set(disputed(accusing({"A": [], "P": ["A"], "C": []}), plan)) == {"A", "P"}
+    # accusations between members that exchange no tensors, or of strangers, count for nothing
+    assert disputed(accusing({"A": ["C", "Z"], "P": [], "C": []}), plan) == {}
+    assert disputed(accusing({"A": ["P"], "P": [], "C": []}), None) == {}
+
+
+def test_the_electorate_leaves_disputed_members_out_and_names_them_once(workload):
+    logged: list[str] = []
+    elector = Elector("A", Ballots(), workload, ElectionConfig(), log=logged.append)
+    elector.plan = stages_plan(["A"], ["P"], ["C"])
+    view = accusing({"A": ["P"], "P": [], "C": ["P"]})
+    for _ in range(3):
+        assert set(elector.electorate(view).members) == {"A", "C"}
+    assert len([line for line in logged if "P" in line and "NaN" in line]) == 1
