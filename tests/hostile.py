@@ -184,8 +184,9 @@ class Attacker:
 
     def keep(self, record: dict, every_s: float = 0.5, fresh: bool = True, vote: bool = False) -> None:
         """Refresh ``record`` like a live member would (``fresh``: a new ``updated_at`` each time);
-        ``vote``: also vote for the best ballot naming this peer (highest epoch, then smallest proposer),
-        as an honest member does, so that a plan placing it can commit."""
+        ``vote``: also vote for the best ballot naming this peer (highest epoch, then smallest proposer)
+        and commit it once everyone it names voted, as an honest member does, so that a plan placing it
+        can commit and be adopted."""
         self.record = record
 
         def loop() -> None:
@@ -200,6 +201,7 @@ class Attacker:
                         best = min(named, key=lambda b: (-b["epoch"], b["proposer"]))
                         if self.record.get("vote_epoch") is None or best["epoch"] > self.record["vote_epoch"]:
                             self.record = dict(self.record, vote_epoch=best["epoch"], vote_hash=best["plan_hash"])
+                        self._commit(named)
                 if fresh:
                     self.record = dict(self.record, updated_at=get_dht_time())
                 self.publish(self.record)
@@ -207,6 +209,24 @@ class Attacker:
         thread = threading.Thread(target=loop, daemon=True, name="attacker-heartbeat")
         thread.start()
         self.threads.append(thread)
+
+    def _commit(self, ballots: list[dict]) -> None:
+        """Commit the ballot voted for once every member it names votes for it, as a member does (the
+        followers wait for every member of a plan to say it committed before they take their stage)."""
+        key = (self.record.get("vote_epoch"), self.record.get("vote_hash"))
+        ballot = next((b for b in ballots if (b["epoch"], b["plan_hash"]) == key), None)
+        if ballot is None or (self.record.get("committed_epoch") or -1) >= key[0]:
+            return
+        records = self.records()
+        if all(m == self.peer_id or (records.get(m, {}).get("vote_epoch"), records.get(m, {}).get("vote_hash")) == key
+               for m in ballot["members"]):
+            try:
+                stages = json.loads(ballot["plan"])["stages"]
+            except (ValueError, KeyError, TypeError):
+                return
+            stage = next((s["index"] for s in stages if self.peer_id in s.get("peers", ())), None)
+            self.record = dict(self.record, committed_epoch=key[0], committed_hash=key[1], stage=stage,
+                               role=f"stage {stage}" if stage is not None else "spare")
 
     def go_offline(self) -> None:
         """Stop refreshing and publish ``state = offline`` (readers drop it at once, as for a leaver)."""
@@ -226,7 +246,10 @@ class Attacker:
         return reader, writer
 
     async def _request(self, peer: str, protocol: str, data: bytes, timeout_s: float) -> bytes | None:
-        reader, writer = await self._open(peer, protocol)
+        try:
+            reader, writer = await asyncio.wait_for(self._open(peer, protocol), timeout_s)
+        except Exception:   # no such handler right now (a stage between plans), dial failed: no reply
+            return None
         try:
             writer.write(data)
             await writer.drain()
