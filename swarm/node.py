@@ -279,7 +279,13 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=print) -> int:
                                     members.__contains__ if authorizer else None, log, profile.device)
 
             def heartbeat() -> MembershipView:
-                seen = membership.view()
+                try:
+                    seen = membership.view()
+                except TimeoutError:
+                    if not dht.is_alive():
+                        raise SwarmError("this node's DHT process died (and its p2p daemon with it)") from None
+                    log("warning: reading the member records timed out; keeping the last view")
+                    return views[-1] if views else MembershipView({}, time.time())
                 members.clear()
                 members.update(seen.peers())   # admitted: every valid record, answering or not (it may come back)
                 view = probes.alive(seen, record.peer_id, net.ttl_s)   # members answering no probe for a TTL: gone
