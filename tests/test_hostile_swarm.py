@@ -60,8 +60,8 @@ class Swarm:
     """Three honest nodes (one may be given a poisoning environment) training on loopback."""
 
     def __init__(self, procs: list, directory: Path, envs: dict[str, dict] | None = None,
-                 identities: dict[str, str] | None = None, **cfg):
-        self.procs, self.dir, self.cfg_kw = procs, directory, cfg
+                 identities: dict[str, str] | None = None, programs: dict[str, str] | None = None, **cfg):
+        self.procs, self.dir, self.cfg_kw, self.programs = procs, directory, cfg, programs or {}
         self.envs, self.identities = envs or {}, identities or {}
         self.generation = 0
         self.start()
@@ -75,7 +75,7 @@ class Swarm:
         maddr = None
         for name in ("a", "b", "c"):
             ident = self.identities.get(name) or str(self.run_dir / f"{name}.id")
-            args = ("node.py", "run", "--config", cfg, "--identity", ident, "--initial-peers", *([maddr] if maddr else []))
+            args = (self.programs.get(name, "node.py"), "run", "--config", cfg, "--identity", ident, "--initial-peers", *([maddr] if maddr else []))
             proc = EnvProc(*args, env=self.envs.get(name))
             self.procs.append(proc)
             self.nodes[name] = proc
@@ -443,7 +443,8 @@ def _finite_file(path: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_member_poisoning_its_neighbours_with_nan_never_reaches_honest_parameters(tmp_path, swarm_procs):
-    """A real member (same code, same model) whose stage sends NaN activations and NaN gradients: training
+    """A real member (node.py minus its check of what it sends, same model) whose stage sends NaN
+    activations and NaN gradients: training
     goes on to max_steps, every loss is finite, no honest stage's saved parameters hold a NaN, and the
     poisoner is named in a log line. The naive planner places peers in id order, so the poisoner gets
     the middle stage of three (both its neighbours are honest)."""
@@ -453,6 +454,7 @@ def test_a_member_poisoning_its_neighbours_with_nan_never_reaches_honest_paramet
     total = 12
     save = tmp_path / "saved"
     swarm = Swarm(swarm_procs, tmp_path, envs={"b": {"SWARM_TEST_POISON": "act,grad"}}, identities=identities,
+                  programs={"b": "tests/poisoner.py"},   # node.py without its own check of what it sends
                   model="tests.user_models:poisonable_gpt", planner="naive", stages=0, max_steps=total,
                   save_dir=str(save))
     honest = ["a", "c"]
