@@ -175,9 +175,11 @@ class PlanFollower:
                 raise
             self.served += 1
             return reply, lambda: self.fetches.leave(peer)
-        except SwarmError as e:
+        except Exception as e:   # never raises: a capture that failed is the caller's error reply too
             if isinstance(e, (Refused, Retry)):
                 self.refusals.note(peer, "busy" if isinstance(e, Retry) else kind, str(e))
+            elif not isinstance(e, SwarmError):
+                self.log(f"warning: serving a {kind} of {short(peer)} failed ({type(e).__name__}: {str(e)[:100]})")
             return error_frame(e)
 
     def _backed_up(self, peer: str) -> dict[str, int]:
