@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from swarm.config import ElectionConfig
 from swarm.membership import MemberRecord, MembershipView
@@ -116,3 +117,37 @@ def test_the_electorate_leaves_disputed_members_out_and_names_them_once(workload
     for _ in range(3):
         assert set(elector.electorate(view).members) == {"A", "C"}
     assert len([line for line in logged if "P" in line and "NaN" in line]) == 1
+
+
+def test_the_compute_a_next_stage_peer_delivers_is_measured_on_pipeline_calls():
+    """Stage 1 takes at least 0.25 s a micro-batch (a slow device, whatever it claims): stage 0 sees it
+    deliver no more than its FLOPs over that time; the wait a middle stage reports is not counted."""
+    import asyncio
+
+    from swarm.dag.stages import input_specs
+    from swarm.runtime.rpc import Neighbours, StageServer, local_caller, train_step
+    from swarm.runtime.worker import StageWorker
+    from tests.test_hostile_frames import two_stage_gpt
+    from tests.test_rpc import lm_loss
+
+    traced, stages = two_stage_gpt(2)
+    ids, servers = ["s0", "s1"], {}
+    for i, stage in enumerate(stages):
+        worker = StageWorker(stage, loss_fn=lm_loss if i else None, max_batch=2, input_specs=input_specs(traced.dag, stage.io))
+        hood = Neighbours(ids[i], (ids[i],), tuple(ids[i - 1:i]), tuple(ids[i + 1:i + 2]))
+        servers[ids[i]] = StageServer(worker, hood, local_caller(ids[i], servers), timeout_s=30.0)
+    slow, forward = servers["s1"].worker, servers["s1"].worker.forward
+
+    def slow_forward(*args):
+        time.sleep(0.25)   # the device's own pace, not synchronisation
+        return forward(*args)
+
+    slow.forward = slow_forward
+    dag = traced.dag
+    flops = sum(dag.ops[dag.index[name]].flops for name in stages[1].io.ops) * 2 / dag.batch_size
+    servers["s0"].next_stage = (float(flops), True)
+    data = torch.randint(0, 256, (4, 129))
+    asyncio.run(asyncio.wait_for(train_step(servers["s0"], data[:, :-1], data[:, 1:], micro_batches=2, in_flight=1), 60))
+    delivered = servers["s0"].counters.delivered["s1"]
+    assert 0 < delivered <= flops / 0.25 / 1e12
+    assert delivered > flops / 2.5 / 1e12   # the measurement is of the peer's pass, not of anything slower

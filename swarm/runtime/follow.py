@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections import deque
 from typing import Callable
 
 from swarm.config import NodeConfig
 from swarm.errors import SwarmError
-from swarm.membership import MAX_HOLDS, MemberRecord, MembershipView
+from swarm.membership import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord, MembershipView
 from swarm.refusals import Bans, Refusals, short
 from swarm.runtime.backup import SnapshotPusher, backups
 from swarm.runtime.rpc import (Gate, Poisoned, Refused, Retry, check_reply, close_stream, error_frame, serve_one,
@@ -41,6 +42,7 @@ from swarm.scheduler import Plan
 from swarm.wire import Limits, decode, non_finite, pack, read_header, unpack
 
 STATE_PROTOCOL = "swarm.state.v1"
+OBSERVED_KEEP_S = 1800.0   # how long what a peer delivered is remembered
 FETCHES_PER_PEER, FETCHES = 2, 4     # state fetches served at once: per peer, in all
 REQUESTS_PER_PEER, REQUESTS = 8, 32  # state requests (fetches and snapshots) in progress: per peer, in all
 CONCURRENCY = 2                      # requests this node sends to one peer at once (below FETCHES_PER_PEER)
@@ -102,7 +104,8 @@ class PlanFollower:
         self.serve_timeout_s = 60.0   # deadline of every read and send of a state request
         self.gate = Gate(REQUESTS_PER_PEER, REQUESTS, max(4 * self.limits.max_frame_bytes, 32 << 20))
         self.fetches = Gate(FETCHES_PER_PEER, FETCHES, 0)   # places for a capture and its reply
-        self.refusals, self.bans = Refusals(log), Bans()
+        self.refusals, self.bans = Refusals(log), Bans()   # one table of bans for the node, sessions included
+        self.observed: dict[str, tuple[float, float]] = {}   # next-stage peer -> (TFLOP/s it delivered, when seen)
         self.store: dict[str, OpState] = {}
         self.stopped_at = 0   # the step of the last session stopped (a stage without state has no other record)
         self.session = None
@@ -319,6 +322,20 @@ class PlanFollower:
         if self.session is not None:
             steps.update({op: self.session.step for op in self.session.ops})
         record.holds = holds_ranges(self.dag.index, steps) or None
+        self._report(record)
+
+    def _report(self, record: MemberRecord) -> None:
+        """What this node saw of others, for everyone's planning: the compute each next-stage peer
+        delivered (kept ``OBSERVED_KEEP_S`` across plans, so a liar moved off the pipeline stays
+        down-rated) and the peers it banned for NaN/Inf (a dispute: ``swarm.planning.disputed``)."""
+        now = time.monotonic()
+        if self.session is not None:
+            for peer, rate in self.session.server.counters.delivered.items():
+                self.observed[peer] = (rate, now)
+        self.observed = {p: (r, t) for p, (r, t) in self.observed.items() if now - t < OBSERVED_KEEP_S}
+        newest = sorted(self.observed, key=lambda p: self.observed[p][1])[-MAX_LINKS:]
+        record.observed_tflops = {p: self.observed[p][0] for p in newest} or None
+        record.distrusts = sorted(self.bans.active())[:MAX_DISTRUSTS] or None
 
     def _adopt(self, plan: Plan, view: MembershipView, record: MemberRecord) -> None:
         live = [m for m in plan.members if m in view.members]
@@ -372,7 +389,8 @@ class PlanFollower:
             self.log(f"warning: no state of {len(missing)} ops anywhere ({', '.join(missing[:3])}...): initial weights")
         try:
             self.session = session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop,
-                                                     self.bandwidth, self.start_step, self.admit, self.log, self.device, states)
+                                                     self.bandwidth, self.start_step, self.admit, self.log, self.device, states,
+                                                     bans=self.bans)
             keepers = backups(plan, self.cfg.training.backup_copies).get(stage)
             if keepers and self.cfg.training.backup_every_steps:
                 self.pusher = SnapshotPusher(lambda: session.capture(session.ops), self._send_snapshot, keepers,

@@ -325,6 +325,7 @@ class Counters:
     drain_s: float = 0.0        # ... and from the last pass to this step's optimizer step (summed), of which
     reduce_s: float = 0.0       # ... summing gradients with the replicas and applying them
     ratios: dict[str, float] = field(default_factory=dict)   # last ratio used, by next-stage peer
+    delivered: dict[str, float] = field(default_factory=dict)   # TFLOP/s each next-stage peer delivered (smoothed)
     sent_to: dict[str, int] = field(default_factory=dict)    # bytes_sent by receiving peer ...
     reduce_to: dict[str, int] = field(default_factory=dict)  # ... and the all-reduce's share of them
 
@@ -343,7 +344,7 @@ class StageServer:
                  policy: LinkPolicy | None = None, bandwidth: Callable[[str], float | None] = lambda p: None,
                  timeout_s: float = 120.0, schedule: str = "1f1b", max_requests: int = 64,
                  admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = lambda line: None,
-                 max_per_peer: int | None = None, read_budget: int | None = None):
+                 max_per_peer: int | None = None, read_budget: int | None = None, bans: Bans | None = None):
         self.worker, self.peers, self.call, self.limits = worker, peers, call, limits
         self.policy, self.bandwidth, self.timeout_s, self.admit = policy, bandwidth, timeout_s, admit
         self.log = log
@@ -353,7 +354,9 @@ class StageServer:
         self.channel_scale = ChannelScale()
         self.slots = max_requests
         self.banned: dict[str, float] = {}    # next-stage replicas that failed recently -> until (tried last)
-        self.bans = Bans()                    # peers that sent NaN/Inf: refused, and not routed to
+        self.bans = bans if bans is not None else Bans()   # peers that sent NaN/Inf: refused, not routed to (the node's)
+        self.next_stage: tuple[float, bool] | None = None   # (FLOPs of a micro-batch's pass at the next stage, is it the last)
+        self.outstanding: dict[str, int] = {}               # calls in flight to each next-stage peer
         self.refusals = Refusals(log)
         self._said: dict[str, float] = {}     # rate limit of this stage's own warnings
         # a peer never has more than its worker's micro-batches in flight, plus step and reduce requests
@@ -568,7 +571,9 @@ class StageServer:
                     self._say("forward", f"warning: stage {index} computed non-finite activations ({bad}) "
                                          f"in step {step}; not sent")
                     raise SwarmError(f"stage {index} computed non-finite activations ({bad})")
+                sent_at = time.perf_counter()
                 reply = await self._send_forward(step, mb, float(scale), outputs, targets)
+                wait_s = time.perf_counter() - sent_at   # told upstream: its share of the round trip is not ours
             except BaseException:
                 await self._run(True, self.worker.drop, mb)
                 raise
@@ -584,8 +589,8 @@ class StageServer:
         if self.policy is not None:
             self.policy.observe_compute(forward_s + backward_s)
         reuse = {f"g{i}": msg.masks[f"x{i}"] for i in range(n_inputs) if f"x{i}" in msg.masks}
-        return pack("grads", {"step": step, "mb": mb, "loss": loss},
-                    {f"g{i}": g for i, g in enumerate(grads) if g is not None}, reuse=reuse)[0]
+        meta = {"step": step, "mb": mb, "loss": loss, "wait_s": wait_s if self.peers.downstream else 0.0}
+        return pack("grads", meta, {f"g{i}": g for i, g in enumerate(grads) if g is not None}, reuse=reuse)[0]
 
     async def _send_forward(self, step: int, mb: int, scale: float, outputs: list, targets) -> Message:
         """Send a micro-batch's activations to a next-stage replica, falling back to the others."""
@@ -604,12 +609,16 @@ class StageServer:
                                 ratios={k: ratio for k in floats}, scales=self.channel_scale)
             encode_s = time.perf_counter() - started
             self.counters.ratios[peer] = ratio
+            queued = self.outstanding[peer] = self.outstanding.get(peer, 0) + 1
+            sent_at = time.perf_counter()
             try:
                 reply_frame = await self.call(peer, frame)
             except Retry as e:
                 self.banned[peer], last_error = time.monotonic() + 10.0, e
                 self.counters.retries += 1
                 continue
+            finally:
+                self.outstanding[peer] -= 1
             started = time.perf_counter()
             try:
                 reply = self._reply(reply_frame, peer, "grads", expect, {f"g{k[1:]}": m for k, m in masks.items()})
@@ -620,6 +629,7 @@ class StageServer:
                 self.counters.retries += 1
                 continue
             check_reply(reply, f"stage {self.worker.stage.io.index + 1}")
+            self._observe_delivered(peer, started - sent_at, queued, reply, len(frame) + len(reply_frame))
             if ratio > 1 and self.policy is not None:
                 self.policy.observe_codec(raw, encode_s + time.perf_counter() - started)
             sent, grads = sizes(frame), [k for k in reply.tensors if k.startswith("g")]
@@ -628,6 +638,21 @@ class StageServer:
             self.counters.act_wire += sum(sent[k] for k in floats) + sum(reply.sizes[k] for k in grads)
             return reply
         raise Retry(f"no replica of stage {self.worker.stage.io.index + 1} reachable ({last_error})")
+
+    def _observe_delivered(self, peer: str, rtt: float, queued: int, reply: Message, nbytes: int) -> None:
+        """The compute ``peer`` delivered on one call (``Counters.delivered``, TFLOP/s, smoothed): the next
+        stage's FLOPs over the round trip less the transfer at the measured bandwidth and the time the
+        peer says it waited for its own next stage (at most the round trip; none for a last stage),
+        shared among the calls in flight to it. Queueing only makes it read low: planning allows for that."""
+        if self.next_stage is None:
+            return
+        flops, last = self.next_stage
+        wait = reply.meta.get("wait_s", 0.0)
+        wait = 0.0 if last or not isinstance(wait, (int, float)) or not math.isfinite(wait) else min(max(wait, 0.0), rtt)
+        bandwidth = self.bandwidth(peer)
+        local = max(rtt - wait - (8 * nbytes / bandwidth if bandwidth else 0.0), 1e-6) / max(queued, 1)
+        rate, old = flops / local / 1e12, self.counters.delivered.get(peer)
+        self.counters.delivered[peer] = rate if old is None else 0.8 * old + 0.2 * rate
 
     def _reply(self, frame: bytes, peer: str, kind: str, expect: dict[str, tuple[list[int], str]],
                masks: dict | None = None) -> Message:

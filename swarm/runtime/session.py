@@ -26,6 +26,7 @@ from swarm.data import training_data
 from swarm.errors import SwarmError
 from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
+from swarm.refusals import Bans
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
 from swarm.wire import Limits
@@ -53,7 +54,7 @@ class TrainingSession:
     def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: asyncio.AbstractEventLoop,
                  bandwidth: Callable[[str], float | None] = lambda p: None, start_step: int = 0,
                  admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = print, device: str = "cpu",
-                 states: dict[str, OpState] | None = None):
+                 states: dict[str, OpState] | None = None, bans: Bans | None = None):
         role = plan.role(me)
         if role["stage"] is None:
             raise SwarmError("this node has no stage in the plan")
@@ -88,7 +89,11 @@ class TrainingSession:
         self.policy = policy
         self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream, plan.micro_batches),
                                   stream_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
-                                  self.training.timeout_s, self.training.schedule, admit=admit, log=log)
+                                  self.training.timeout_s, self.training.schedule, admit=admit, log=log, bans=bans)
+        if not last:   # what the next stage's holders deliver is measured on every call (planning checks claims with it)
+            nxt, dag = plan.stages[self.index + 1], traced.dag
+            flops = sum(op.flops for op in dag.ops[nxt.first_op:nxt.stop_op]) * mbs / dag.batch_size
+            self.server.next_stage = (float(flops), self.index + 1 == len(plan.stages) - 1)
         self.server.stepped = self._stepped
         self.rank, self.world = (replicas.index(me), len(replicas)) if self.index == 0 else (0, 1)
         self.driver: asyncio.Task | None = None
