@@ -179,6 +179,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     spares = [r.peer_id[-8:] for r in records if r.role == "spare"]
     if spares:
         print(f"spares: {', '.join(spares)}")
+    for line in trust_notes(view):
+        print(line)
     plans = {(r.committed_epoch, r.committed_hash) for r in records if r.committed_hash}
     if plans:
         epoch, plan = max(plans, key=lambda p: p[0])
@@ -186,6 +188,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"committed: epoch {epoch}, plan {plan} ({agree} of {len(records)} members run it)")
     print(f"{len(records)} members")
     return 0
+
+
+def trust_notes(view) -> list[str]:
+    """What ``status`` says of members planning does not take at their word: compute claims it
+    down-rates (``swarm.planning.ratings``) and bans for NaN/Inf that members report (disputes)."""
+    from swarm.planning import ratings
+
+    lines = [f"down-rated: {peer[-8:]} claims {claimed:.3g} TFLOP/s, planned at {rated:.3g} ({why})"
+             for peer, (claimed, rated, why) in ratings(view, view.peers()).items() if why]
+    for peer in view.peers():   # the plan's neighbours decide what a dispute costs (swarm.planning.disputed)
+        if view.members[peer].distrusts:
+            lines.append(f"dispute: {peer[-8:]} banned {', '.join(p[-8:] for p in view.members[peer].distrusts)} "
+                         "for sending NaN/Inf")
+    return lines
 
 
 def stage_table(records) -> list[dict]:

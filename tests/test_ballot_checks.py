@@ -151,3 +151,13 @@ def test_the_compute_a_next_stage_peer_delivers_is_measured_on_pipeline_calls():
     delivered = servers["s0"].counters.delivered["s1"]
     assert 0 < delivered <= flops / 0.25 / 1e12
     assert delivered > flops / 2.5 / 1e12   # the measurement is of the peer's pass, not of anything slower
+
+
+def test_status_names_down_rated_members_and_disputes():
+    from swarm.cli import trust_notes
+
+    liar, witness = member("X", tflops=50.0), member("A")
+    witness.observed_tflops, witness.distrusts = {"X": 0.5}, ["X"]
+    lines = trust_notes(MembershipView({"A": witness, "B": member("B"), "X": liar}, time.time()))
+    assert lines == [f"down-rated: X claims 50 TFLOP/s, planned at {OBSERVED_SLACK * 0.5:.3g} "
+                     f"({OBSERVED_SLACK:g}x the 0.5 TFLOP/s its neighbours saw)", "dispute: A banned X for sending NaN/Inf"]
