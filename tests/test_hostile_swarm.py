@@ -249,12 +249,13 @@ def test_hostile_records_and_ballots_neither_crash_stall_nor_hijack_the_swarm(tm
         a = attacker("hijack")
         traced = trace_model("gpt2-tiny", "coarse", 2)
         names = Workload.from_dag(traced.dag).names
-        ballots = wait_until(lambda: a.ballots(), 20, what="an honest ballot")
-        honest_ballot = next(iter(ballots.values()))
-        compact = json.loads(honest_ballot["plan"])
-        # the toolkit rebuilds plans as the nodes do: an honest ballot's plan hashes to its hash here too
-        assert Plan.from_compact(compact, names).hash == honest_ballot["plan_hash"]
-        plan = hijack_plan(traced, a.peer_id, honest(), compact["micro_batches"], compact["model"])
+        model, micro_batches = traced.dag.model, 4   # the swarm's (config: election.micro_batches)
+        for honest_ballot in a.ballots().values():   # (ballots expire: a steady swarm may have none left)
+            compact = json.loads(honest_ballot["plan"])
+            # the toolkit rebuilds plans as the nodes do: an honest ballot's plan hashes to its hash here too
+            assert Plan.from_compact(compact, names).hash == honest_ballot["plan_hash"]
+            assert (compact["model"], compact["micro_batches"]) == (model, micro_batches)
+        plan = hijack_plan(traced, a.peer_id, honest(), micro_batches, model)
         epoch = 10 ** 12
         ballot = ballot_of(plan, epoch, a.peer_id)
         since = swarm.marks()
