@@ -11,6 +11,7 @@ import functools
 import gc
 import struct
 import threading
+import time
 import tracemalloc
 from types import SimpleNamespace
 
@@ -599,3 +600,27 @@ def test_200_half_sent_stage_frames_stay_within_the_read_budget_and_the_stage_se
             await server_p2p.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 240))
+
+
+def test_a_member_that_never_commits_holds_the_adoption_of_a_plan_up_for_two_ttls_only():
+    from swarm.membership import MemberRecord, MembershipView
+
+    def record(peer: str, committed: str) -> MemberRecord:
+        now = time.time()
+        return MemberRecord(peer, [], "cpu", "test", 1.0, 8 << 30, {"swarm": "0"}, now, now, committed_hash=committed)
+
+    loop, logged = Loop(), []
+    try:
+        f = follower(loop, log=logged.append)
+        plan = SimpleNamespace(members=("me", "x"), stages=[], spares=(), hash="new", feasible=True,
+                               role=lambda peer: {"stage": None, "spare": True})
+        view = MembershipView({"me": record("me", "new"), "x": record("x", "old")}, time.time())
+        mine = view.members["me"]
+        f.follow(plan, view, mine)
+        assert mine.ready is None and f.pending is plan   # x may still be handing its state over
+        f.pending_since -= 2 * f.cfg.network.ttl_s       # ... but not for longer than two TTLs
+        f.follow(plan, view, mine)
+        assert mine.ready == "new" and f.pending is None
+        assert [line for line in logged if "adopting plan new without x" in line]
+    finally:
+        loop.close()

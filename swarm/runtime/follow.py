@@ -43,6 +43,7 @@ from swarm.wire import Limits, decode, non_finite, pack, read_header, unpack
 
 STATE_PROTOCOL = "swarm.state.v1"
 OBSERVED_KEEP_S = 1800.0   # how long what a peer delivered is remembered
+ADOPT_WAIT_TTLS = 2        # a plan is adopted after this many record TTLs even if some member has not committed it
 FETCHES_PER_PEER, FETCHES = 2, 4     # state fetches served at once: per peer, in all
 REQUESTS_PER_PEER, REQUESTS = 8, 32  # state requests (fetches and snapshots) in progress: per peer, in all
 CONCURRENCY = 2                      # requests this node sends to one peer at once (below FETCHES_PER_PEER)
@@ -111,6 +112,7 @@ class PlanFollower:
         self.session = None
         self.plan: Plan | None = None
         self.pending: Plan | None = None
+        self.pending_since = 0.0   # when the plan being adopted was committed here
         self.fetching: asyncio.Future | None = None
         self.pusher: SnapshotPusher | None = None
         self.received: deque[tuple[str, str, OpState]] = deque()   # (holder, op, snapshot) kept as a backup
@@ -310,6 +312,7 @@ class PlanFollower:
         if plan is not None and (self.plan is None or plan.hash != self.plan.hash) and plan.hash != pending:
             self._stop_session()
             record.ready, self.pending, self.fetching = None, plan, None
+            self.pending_since = time.monotonic()
             if not plan.feasible:
                 self.log(f"warning: plan {plan.hash} does not fit its peers' memory; not training")
         if self.pending is not None and self.pending.feasible:
@@ -339,8 +342,14 @@ class PlanFollower:
 
     def _adopt(self, plan: Plan, view: MembershipView, record: MemberRecord) -> None:
         live = [m for m in plan.members if m in view.members]
-        if any(view.members[m].committed_hash != plan.hash for m in live):
-            return   # some member still runs the previous plan: its state is not final yet
+        behind = [m for m in live if view.members[m].committed_hash != plan.hash]
+        if behind:   # some member still runs the previous plan: its state is not final yet ...
+            waited = time.monotonic() - self.pending_since
+            if waited < ADOPT_WAIT_TTLS * self.cfg.network.ttl_s:
+                return
+            if self.fetching is None:   # ... but a member that never commits cannot hold the plan up for good
+                self.log(f"warning: adopting plan {plan.hash} without {', '.join(short(m) for m in behind)}: "
+                         f"not committed {waited:.0f} s after this node did")
         stage = plan.role(self.me)["stage"]
         if stage is None:
             self.plan, self.pending, record.ready = plan, None, plan.hash
