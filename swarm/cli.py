@@ -215,7 +215,8 @@ def stage_table(records) -> list[dict]:
         for r in records:
             if r.stage == stage:
                 continue
-            ages = [step - s for a, b, s in (r.holds or []) for lo, hi in live if a < hi and lo < b]
+            # a snapshot newer than the holders' step: their record is a heartbeat older than the backup's
+            ages = [max(0, step - s) for a, b, s in (r.holds or []) for lo, hi in live if a < hi and lo < b]
             if ages:
                 backups.append((r.peer_id, min(ages)))
         rows.append({"stage": stage, "holders": [r.peer_id for r in holders], "step": step, "backups": backups})

@@ -48,16 +48,24 @@ BOMB_NUMEL = 1 << 28        # the wire's per-tensor element limit: a 1 GiB float
 
 # --- identities -------------------------------------------------------------------------------------
 
-def identity(directory: Path, name: str, others: list[str] = (), first: bool = False) -> Identity:
-    """A fresh identity file; with ``others``, one whose peer id sorts after all of them (or before all,
-    ``first``): the election's proposer is the smallest live id, so the order decides an attack's reach."""
-    for i in range(200):
+def identity(directory: Path, name: str, others: list[str] = (), first: bool = False, tries: int = 64) -> Identity:
+    """A fresh identity file; with ``others``, the one of ``tries`` fresh identities whose peer id sorts
+    last (or first, ``first``), which is after (before) all of ``others`` when one of them does: with no
+    plan yet the smallest live id proposes, so the order decides an attack's reach there. RSA peer ids
+    are not uniform (``Qm`` then a third character in a narrow range), so an order is not always found."""
+    best = None
+    for i in range(tries if others else 1):
         path = Path(directory) / f"{name}-{i}.id"
         ident = load_identity(str(path))
-        if not others or (ident.peer_id < min(others) if first else ident.peer_id > max(others)):
-            return ident
-        path.unlink()
-    raise RuntimeError("no identity with the wanted peer-id order")
+        if best is None or (ident.peer_id < best.peer_id if first else ident.peer_id > best.peer_id):
+            if best is not None:
+                Path(best.path).unlink()
+            best = ident
+        else:
+            path.unlink()
+        if not others or (best.peer_id < min(others) if first else best.peer_id > max(others)):
+            break
+    return best
 
 
 # --- frames -----------------------------------------------------------------------------------------
