@@ -192,6 +192,7 @@ def mend(swarm: Swarm, failures: list[str], row: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario   # minutes long: run by `python -m benchmarks.hostile`, not by the default suite
 @pytest.mark.timeout(900)
 def test_hostile_records_and_ballots_neither_crash_stall_nor_hijack_the_swarm(tmp_path, swarm_procs):
     """Rows: a vote in epoch 2^64-1; bandwidth -1 / NaN to every member; TFLOP/s 1e9 / inf / -1 / NaN;
@@ -312,6 +313,7 @@ def test_hostile_records_and_ballots_neither_crash_stall_nor_hijack_the_swarm(tm
 
 
 @pytest.mark.slow
+@pytest.mark.scenario   # minutes long: run by `python -m benchmarks.hostile`, not by the default suite
 @pytest.mark.timeout(900)
 def test_data_plane_floods_are_refused_in_bounded_memory_while_training_goes_on(tmp_path, swarm_procs):
     """Rows: decompression bombs (k = 0 AdaTopK packets of 2^28 elements, and frames of 8 of them) on
