@@ -444,6 +444,7 @@ def _finite_file(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario   # run by `python -m benchmarks.hostile` (tests/test_hostile_frames.py covers NaN in the suite)
 @pytest.mark.timeout(600)
 def test_a_member_poisoning_its_neighbours_with_nan_never_reaches_honest_parameters(tmp_path, swarm_procs):
     """A real member (node.py minus its check of what it sends, same model) whose stage sends NaN

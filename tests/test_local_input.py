@@ -275,6 +275,7 @@ def demo_nodes(demo_pid: int, out: Path) -> dict[int, int]:
     return found
 
 
+@pytest.mark.scenario   # a whole demo with a SIGKILL: run by `python -m benchmarks.hostile`, not by the default suite
 def test_the_demo_reports_a_dead_node_and_trains_on(tmp_path):
     out, steps = tmp_path / "demo", 10
     demo = Proc(str(ROOT / "node.py"), "demo", "--nodes", "3", "--steps", str(steps), "--micro-batches", "2",
