@@ -624,3 +624,32 @@ def test_a_member_that_never_commits_holds_the_adoption_of_a_plan_up_for_two_ttl
         assert [line for line in logged if "adopting plan new without x" in line]
     finally:
         loop.close()
+
+
+def test_the_step_never_goes_back_when_the_only_holder_dies_before_any_snapshot():
+    """A spare that had no state takes over from a holder that died at step 2 before its first snapshot:
+    the ops start afresh (at most K steps lost, by design), but the step counter goes on from 2."""
+    from swarm.membership import MemberRecord, MembershipView
+
+    def record(peer: str, committed: str, step: int) -> MemberRecord:
+        now = time.time()
+        return MemberRecord(peer, [], "cpu", "test", 1.0, 8 << 30, {"swarm": "0"}, now, now, committed_hash=committed, step=step)
+
+    loop = Loop()
+    try:
+        f = follower(loop, members=("me", "holder"))
+        f.plan.role = lambda peer: {"stage": None, "spare": True}
+        mine = record("me", "test", 0)
+        f.follow(f.plan, MembershipView({"me": mine, "holder": record("holder", "test", 2)}, time.time()), mine)
+        new = SimpleNamespace(members=("me",), stages=[], spares=(), hash="after", feasible=True,
+                              role=lambda peer: {"stage": 0})
+        f.pending, f.pending_since = new, time.monotonic()
+        alone = MembershipView({"me": record("me", "after", 0)}, time.time())   # the holder is gone
+        started = []
+        f._start = lambda plan, stage, states, rec: started.append(f.start_step)
+        f._sources = lambda view, ops: {}
+        new.stages = [SimpleNamespace(ops=())]
+        f._adopt(new, alone, alone.members["me"])
+        assert started == [2]
+    finally:
+        loop.close()

@@ -113,6 +113,7 @@ class PlanFollower:
         self.plan: Plan | None = None
         self.pending: Plan | None = None
         self.pending_since = 0.0   # when the plan being adopted was committed here
+        self.plan_step = 0         # the highest step the members of the plan this node ran advertised (a dead one's too)
         self.fetching: asyncio.Future | None = None
         self.pusher: SnapshotPusher | None = None
         self.received: deque[tuple[str, str, OpState]] = deque()   # (holder, op, snapshot) kept as a backup
@@ -309,6 +310,8 @@ class PlanFollower:
     def follow(self, plan: Plan | None, view: MembershipView, record: MemberRecord) -> None:
         """One heartbeat: adopt a newly committed plan step by step; back up single-holder stages."""
         pending = self.pending.hash if self.pending is not None else None
+        if self.plan is not None:   # remembered: a holder that dies takes its step out of the view, not out of the swarm
+            self.plan_step = max([self.plan_step, *(r.step or 0 for p, r in view.members.items() if p in self.plan.members)])
         if plan is not None and (self.plan is None or plan.hash != self.plan.hash) and plan.hash != pending:
             self._stop_session()
             record.ready, self.pending, self.fetching = None, plan, None
@@ -357,7 +360,7 @@ class PlanFollower:
         spec = plan.stages[stage]
         ops = [op for op in spec.ops if op in self.owned]
         if self.fetching is None:
-            start = max([self.step, *(view.members[m].step or 0 for m in live)])
+            start = max([self.step, self.plan_step, *(view.members[m].step or 0 for m in live)])
             newest = self._sources(view, ops)
             local = {op: self.store[op] for op, (step, _) in newest.items() if op in self.store and self.store[op].step >= step}
             remote = {op: donors for op, (step, donors) in newest.items() if op not in local}
