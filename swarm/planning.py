@@ -28,7 +28,7 @@ from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, basel
 EPOCH_WINDOW = 64        # epochs claimed further above the swarm's committed one are not believed
 PLAN_TOLERANCE = 2.0     # a ballot's plan may predict a step at most this much slower than this node's own
 CLAIM_SPREAD = 100.0     # a member's compute counts at most this many times the members' median ...
-OBSERVED_SLACK = 10.0    # ... and at most this many times what its pipeline neighbours saw it deliver (queueing reads low)
+OBSERVED_SLACK = 100.0   # ... and at most this many times what its pipeline neighbours saw it deliver (overheads read low)
 
 
 def ratings(view: MembershipView, members) -> dict[str, tuple[float, float, str]]:

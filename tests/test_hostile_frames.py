@@ -535,7 +535,7 @@ def test_a_flood_of_unread_fetches_stays_bounded_and_the_node_serves_again(monke
 def test_200_half_sent_stage_frames_stay_within_the_read_budget_and_the_stage_serves_again():
     """200 streams from a neighbour each send all but the last byte of a 4 MiB frame to a live stage server
     over loopback libp2p. Bound: at most the read budget (max(4 frames, 32 MiB)) is being read at once, so
-    Python's traced memory peaks below 64 MiB (unbounded: 200 x 4 MiB; the
+    Python's traced memory peaks below 96 MiB (unbounded: 200 x 4 MiB; the
     server's 32 MiB and the 200 senders' write buffers) and RSS grows by less than
     150 MiB; each admitted stream is dropped at the read deadline; then every table is empty and the
     stage answers a real micro-batch."""
@@ -582,7 +582,7 @@ def test_200_half_sent_stage_frames_stay_within_the_read_budget_and_the_stage_se
                 w.close()
             print(f"half-sent frames: peak {peak['reading'] / MiB:.1f} MiB being read, traced peak {traced_peak / MiB:.1f} MiB, "
                   f"RSS +{rss.peak / 1024:.1f} MiB")
-            assert traced_peak < 64 * MiB, traced_peak
+            assert traced_peak < 96 * MiB, traced_peak   # the server's 32 MiB read budget, plus the senders' buffers (this process)
             assert rss.peak < 150 << 10, rss.peak
             assert 0 < peak["reading"] <= server.gate.read_bytes == 32 * MiB
             assert server.gate.active == {} and server.gate.reading == 0 and server.slots == 64
