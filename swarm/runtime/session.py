@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -227,8 +228,14 @@ class TrainingSession:
                 f.write(json.dumps(row) + "\n")
 
     def save(self, directory: Path) -> Path:
-        """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``."""
+        """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``, written to a
+        temporary name and renamed: a reader never sees a half-written file."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"stage{self.index}-{self.me[-8:]}.pt"
-        torch.save({"step": self.step, "stage": self.index, "state": self.worker.state()}, path)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            torch.save({"step": self.step, "stage": self.index, "state": self.worker.state()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
