@@ -22,7 +22,7 @@ from swarm.config import ElectionConfig
 from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, Ignored, PeerState, Publish
 from swarm.errors import SwarmError
 from swarm.membership import MemberRecord, Membership, MembershipView
-from swarm.refusals import Refusals
+from swarm.refusals import Refusals, short
 from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
 
 EPOCH_WINDOW = 64        # epochs claimed further above the swarm's committed one are not believed
@@ -78,8 +78,8 @@ def disputed(view: MembershipView, plan: Plan | None) -> dict[str, str]:
         out[most] = f"{len(accusers[most])} neighbours say it sent NaN/Inf"
         accusations = {(a, b) for a, b in accusations if most not in (a, b)}
     for a, b in sorted(accusations):
-        out.setdefault(b, f"{a[-8:]} says it sent NaN/Inf")
-        out.setdefault(a, f"it says {b[-8:]} sent NaN/Inf (a dispute takes out both)")
+        out.setdefault(b, f"{short(a)} says it sent NaN/Inf")
+        out.setdefault(a, f"it says {short(b)} sent NaN/Inf (a dispute takes out both)")
     return out
 
 
