@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   -> .venv + dependencies, then the main job (a local demo)
-#   make test   -> .venv + dependencies, then the whole test suite
+#   make test   -> .venv + dependencies, then the linter (ruff) and the whole test suite
 # CUDA users: make demo TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124"
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(PY) node.py demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 clean:

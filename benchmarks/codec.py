@@ -43,14 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         raw = numel * 4
         for ratio in (4, 10, 32, 100):
             packet = encode(x, ratio, scale)
-            enc = best_time(lambda: encode(x, ratio, scale))
-            dec = best_time(lambda: decode(packet.data, device=device))
-            bwd = best_time(lambda: encode_like(x, packet.indices))
-            row = {"device": str(device), "shape": list(shape), "elements": numel, "target_ratio": ratio, "achieved_ratio": raw / len(packet.data),
+            enc = best_time(lambda x=x, ratio=ratio, scale=scale: encode(x, ratio, scale))
+            dec = best_time(lambda packet=packet: decode(packet.data, device=device))
+            bwd = best_time(lambda x=x, packet=packet: encode_like(x, packet.indices))
+            row = {"device": str(device), "shape": list(shape), "elements": numel, "target_ratio": ratio,
+                   "achieved_ratio": raw / len(packet.data),
                    "encode_mb_s": raw / enc / 1e6, "decode_mb_s": raw / dec / 1e6, "backward_encode_mb_s": raw / bwd / 1e6,
                    "backward_ratio": raw / len(encode_like(x, packet.indices))}
             rows.append(row)
-            print(f"{'x'.join(map(str, shape)):>16}{ratio:>8}{row['achieved_ratio']:>10.2f}{row['encode_mb_s']:>10.0f}{row['decode_mb_s']:>10.0f}"
+            print(f"{'x'.join(map(str, shape)):>16}{ratio:>8}{row['achieved_ratio']:>10.2f}{row['encode_mb_s']:>10.0f}"
+                  f"{row['decode_mb_s']:>10.0f}"
                   f"{row['backward_encode_mb_s']:>14.0f}{row['backward_ratio']:>11.1f}")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(rows, indent=1))

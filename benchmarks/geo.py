@@ -25,7 +25,8 @@ from pathlib import Path
 from benchmarks.bound import per_step, step_bound
 from swarm.config import config_dir, load
 from swarm.errors import SwarmError
-from swarm.runtime.metrics import newest_by_peer, read_metrics, summarise as summarise_metrics
+from swarm.runtime.metrics import newest_by_peer, read_metrics
+from swarm.runtime.metrics import summarise as summarise_metrics
 from swarm.testbed import Scenario, Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +159,8 @@ def step_timeline(first: dict, last: dict) -> dict[str, float]:
            for k in ("time", "compute_s", "compute_cpu_s", "fill_s", "drain_s", "reduce_s", "cpu_s")}
     starved = per["time"] - per["compute_s"] - per["fill_s"] - per["drain_s"]
     return {k: round(v, 4) for k, v in {"step": per["time"], "compute": per["compute_s"], "fill": per["fill_s"],
-            "starved": starved, "drain": per["drain_s"], "reduce": per["reduce_s"], "compute_cpu": per["compute_cpu_s"], "cpu": per["cpu_s"]}.items()}
+            "starved": starved, "drain": per["drain_s"], "reduce": per["reduce_s"],
+            "compute_cpu": per["compute_cpu_s"], "cpu": per["cpu_s"]}.items()}
 
 
 def _wait(predicate, timeout_s: float, what: str):

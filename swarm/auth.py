@@ -151,7 +151,7 @@ class Credential:
                            "token": base64.b64encode(self.token.SerializeToString()).decode()}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "credential") -> "Credential":
+    def from_json(cls, text: str, source: str = "credential") -> Credential:
         try:
             data = json.loads(text)
             if data.get("version") != CREDENTIAL_VERSION:

@@ -5,11 +5,10 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from swarm.config import NetworkConfig, NodeConfig, config_dir, load, validate
 from swarm.errors import SwarmError
-
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 

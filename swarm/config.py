@@ -89,7 +89,7 @@ class NetworkConfig(Strict):
                                    "for the swarm to take this node's state over")
 
     @model_validator(mode="after")
-    def _heartbeat_within_ttl(self) -> "NetworkConfig":
+    def _heartbeat_within_ttl(self) -> NetworkConfig:
         if self.heartbeat_s >= self.ttl_s:   # the record would expire between two heartbeats
             raise ValueError(f"heartbeat_s ({self.heartbeat_s:g}) must be below ttl_s ({self.ttl_s:g}), "
                              "or the member record expires between heartbeats")

@@ -49,7 +49,7 @@ class ByteCorpus:
         self.seq_len, self.seed = seq_len, seed
 
     @classmethod
-    def from_files(cls, paths: list[str], seq_len: int) -> "ByteCorpus":
+    def from_files(cls, paths: list[str], seq_len: int) -> ByteCorpus:
         """The files' bytes, in order, separated by newlines."""
         try:
             return cls(b"\n".join(Path(p).read_bytes() for p in paths), seq_len)
@@ -92,7 +92,7 @@ class ImageFolder:
         self.num_classes = len(classes)
 
     @classmethod
-    def from_dir(cls, path: str | Path, image_size: int, in_channels: int = 3, seed: int = 0) -> "ImageFolder":
+    def from_dir(cls, path: str | Path, image_size: int, in_channels: int = 3, seed: int = 0) -> ImageFolder:
         """Read ``path/<class>/<image>`` (sorted class names are the labels), resized and normalised per channel."""
         if in_channels not in (1, 3):
             raise SwarmError(f"image folder needs in_channels 1 (grey) or 3 (RGB), not {in_channels}")

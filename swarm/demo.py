@@ -25,7 +25,8 @@ from pathlib import Path
 
 from swarm.config import NodeConfig, read_yaml, validate
 from swarm.errors import SwarmError
-from swarm.runtime.metrics import newest_by_peer, read_metrics, summarise as summarise_metrics
+from swarm.runtime.metrics import newest_by_peer, read_metrics
+from swarm.runtime.metrics import summarise as summarise_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MADDR = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
@@ -133,7 +134,7 @@ def summarise(rows: list[dict], s: DemoSettings, model: str, died: list[dict] | 
     return {**summarise_metrics(rows), "nodes": s.nodes, "model": model, "nodes_died": list(died or [])}
 
 
-def _deaths(nodes: list["_Node"], died: list[dict], done: int, s: DemoSettings, say) -> None:
+def _deaths(nodes: list[_Node], died: list[dict], done: int, s: DemoSettings, say) -> None:
     """Report nodes that exited since the last look; raise when the swarm cannot go on without them."""
     for i, n in enumerate(nodes):
         if n.popen.poll() is None or any(d["node"] == i for d in died):

@@ -17,8 +17,8 @@ caller's clock (monotonic seconds); no I/O but the ``log`` callable.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Container, Iterable
 
 from swarm.refusals import short
 

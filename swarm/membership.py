@@ -19,8 +19,9 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import pydantic.v1 as pv1
 from hivemind.dht import DHT
@@ -65,32 +66,32 @@ class _RecordV1(pv1.BaseModel):
     """Wire schema of a member record (strict: no type conversions are accepted)."""
 
     peer_id: pv1.StrictStr
-    maddrs: List[pv1.StrictStr]
+    maddrs: list[pv1.StrictStr]
     device: pv1.StrictStr
     device_name: pv1.StrictStr
     tflops: pv1.StrictFloat
     memory_bytes: pv1.StrictInt
-    versions: Dict[pv1.StrictStr, pv1.StrictStr]
+    versions: dict[pv1.StrictStr, pv1.StrictStr]
     started_at: pv1.StrictFloat
     updated_at: pv1.StrictFloat
     state: pv1.StrictStr
-    bandwidth_bps: Dict[pv1.StrictStr, pv1.StrictFloat]
-    rtt_s: Dict[pv1.StrictStr, pv1.StrictFloat]
-    stage: Optional[pv1.StrictInt]
-    credential: Optional[pv1.StrictBytes] = None
-    vote_epoch: Optional[pv1.StrictInt] = None
-    vote_hash: Optional[pv1.StrictStr] = None
-    committed_epoch: Optional[pv1.StrictInt] = None
-    committed_hash: Optional[pv1.StrictStr] = None
-    role: Optional[pv1.StrictStr] = None
-    step: Optional[pv1.StrictInt] = None
-    codec_bps: Optional[pv1.StrictFloat] = None
-    model_tflops: Optional[pv1.StrictFloat] = None
-    cpu_cores: Optional[pv1.StrictFloat] = None
-    holds: Optional[List[List[pv1.StrictInt]]] = None
-    ready: Optional[pv1.StrictStr] = None
-    observed_tflops: Optional[Dict[pv1.StrictStr, pv1.StrictFloat]] = None
-    distrusts: Optional[List[pv1.StrictStr]] = None
+    bandwidth_bps: dict[pv1.StrictStr, pv1.StrictFloat]
+    rtt_s: dict[pv1.StrictStr, pv1.StrictFloat]
+    stage: pv1.StrictInt | None
+    credential: pv1.StrictBytes | None = None
+    vote_epoch: pv1.StrictInt | None = None
+    vote_hash: pv1.StrictStr | None = None
+    committed_epoch: pv1.StrictInt | None = None
+    committed_hash: pv1.StrictStr | None = None
+    role: pv1.StrictStr | None = None
+    step: pv1.StrictInt | None = None
+    codec_bps: pv1.StrictFloat | None = None
+    model_tflops: pv1.StrictFloat | None = None
+    cpu_cores: pv1.StrictFloat | None = None
+    holds: list[list[pv1.StrictInt]] | None = None
+    ready: pv1.StrictStr | None = None
+    observed_tflops: dict[pv1.StrictStr, pv1.StrictFloat] | None = None
+    distrusts: list[pv1.StrictStr] | None = None
 
 
 def check_ballot(ballot: dict) -> str | None:
@@ -113,13 +114,13 @@ class _BallotV1(pv1.BaseModel):
     epoch: pv1.StrictInt
     plan_hash: pv1.StrictStr
     proposer: pv1.StrictStr
-    members: List[pv1.StrictStr]
+    members: list[pv1.StrictStr]
     plan: pv1.constr(strict=True, max_length=MAX_PLAN_CHARS)
 
 
 class _SwarmSchema(pv1.BaseModel):
-    members: Dict[BytesWithPublicKey, _RecordV1]
-    ballots: Dict[BytesWithPublicKey, _BallotV1]
+    members: dict[BytesWithPublicKey, _RecordV1]
+    ballots: dict[BytesWithPublicKey, _BallotV1]
 
 
 @dataclass
@@ -184,7 +185,7 @@ class MemberRecord:
         return d
 
     @classmethod
-    def from_wire(cls, value: Any) -> "MemberRecord | None":
+    def from_wire(cls, value: Any) -> MemberRecord | None:
         """The record, or None when ``value`` is malformed or out of bounds (it is then ignored)."""
         return parse_record(value)[0]
 
@@ -311,7 +312,7 @@ class MembershipView:
     def peers(self) -> list[str]:
         return sorted(self.members)
 
-    def electorate(self) -> "MembershipView":
+    def electorate(self) -> MembershipView:
         """The members that take part in elections (not those leaving)."""
         return MembershipView({p: r for p, r in self.members.items() if r.state != "leaving"}, self.taken_at)
 

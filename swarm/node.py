@@ -10,21 +10,21 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 from multiaddr import Multiaddr
 
 from swarm import __version__
+from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
 from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
-from swarm.transport import LinkProber
 from swarm.liveness import MAX_PINGS, Liveness
-from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
 from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
+from swarm.transport import LinkProber
 
 PUBLIC_PEERS = Path(__file__).resolve().parent.parent / "bootstrap" / "peers.txt"
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from hivemind.utils import get_dht_time
 

@@ -8,8 +8,8 @@ something no honest peer sends (non-finite tensors) for a while. Pure: no I/O bu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 LOG_INTERVAL_S = 60.0     # one line per (peer, kind) per minute at most
 BAN_S = 300.0             # how long a peer that sent poison is refused

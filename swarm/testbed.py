@@ -88,7 +88,7 @@ class Testbed:
         """Node ``i``'s network interface (inside its namespace)."""
         return f"{PREFIX}{i}n"
 
-    def up(self) -> "Testbed":
+    def up(self) -> Testbed:
         if os.geteuid() != 0:
             raise SwarmError("the testbed needs root (network namespaces, tc, cgroups): run it with sudo")
         down()
@@ -147,7 +147,7 @@ class Testbed:
         self.procs.append(proc)
         return proc
 
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         return self.up()
 
     def __exit__(self, *exc) -> None:

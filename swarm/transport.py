@@ -5,7 +5,8 @@ length ``n`` (at most ``MAX_PROBE_BYTES``) and ``n`` bytes; the callee reads the
 byte (``0x01``), or ``0x02`` at once when it is busy: a node takes part in one probe at a time, in
 either role, because concurrent probes share its access link (and the ACKs of one flow queue behind
 the data of the other) and would all read low. An empty probe (``n = 0``: the RTT probe, and the
-liveness ping of ``swarm.liveness``) is answered ``0x01`` busy or not. RTT = time of an empty probe; bandwidth = 8 n / (time of an n-byte probe - RTT), with ``n``
+liveness ping of ``swarm.liveness``) is answered ``0x01`` busy or not. RTT = time of an empty probe; bandwidth =
+8 n / (time of an n-byte probe - RTT), with ``n``
 sized so that the transfer takes about ``target_s`` (the faster of two such probes counts). The callee bounds every read in time, so a peer
 that stalls or lies about ``n`` costs nothing but a closed stream. In a private swarm, ``admit`` (a
 check of the caller's authenticated libp2p peer id) turns away non-members the same way.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from hivemind.p2p import P2P, PeerID
 

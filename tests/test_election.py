@@ -2,7 +2,8 @@
 for everybody once the swarm is connected and quiet."""
 import hashlib
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, PeerState, Publish
 

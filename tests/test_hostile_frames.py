@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from swarm.compression import adatopk
 from swarm.config import NodeConfig
@@ -28,9 +28,9 @@ from swarm.data import lm_loss
 from swarm.errors import SwarmError
 from swarm.models import load_model
 from swarm.runtime import StageWorker
-from swarm.runtime.follow import FETCHES, FETCHES_PER_PEER, STATE_PROTOCOL, PlanFollower
 from swarm.runtime.allreduce import parts
-from swarm.runtime.rpc import PROTOCOL, Gate, Neighbours, StageServer, local_caller, read_frame, stream_caller, train_step
+from swarm.runtime.follow import FETCHES, FETCHES_PER_PEER, STATE_PROTOCOL, PlanFollower
+from swarm.runtime.rpc import PROTOCOL, Gate, Neighbours, StageServer, local_caller, stream_caller, train_step
 from swarm.runtime.state import OpState, capture
 from swarm.wire import Limits, pack, read_header, unpack
 
@@ -82,7 +82,7 @@ class SpyZeros:
         monkeypatch.setattr(adatopk.torch, "zeros", spy)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def traced_gpt(batch: int = 1):
     torch.manual_seed(0)
     built = load_model("gpt2-tiny")
@@ -400,7 +400,8 @@ def test_a_stage_whose_own_update_is_not_finite_skips_the_step_and_says_so():
         server.close()
     assert finite(worker.stage.module) and worker.skipped_steps == 1
     assert [line for line in lines if "skipped" in line] == [
-        f"warning: stage 1 skipped step 0: non-finite gradient of 1 parameters ({next(iter(dict(worker.stage.module.named_parameters())))})"]
+        "warning: stage 1 skipped step 0: non-finite gradient of 1 parameters "
+        f"({next(iter(dict(worker.stage.module.named_parameters())))})"]
 
 
 def test_a_stage_never_sends_non_finite_activations_of_its_own():

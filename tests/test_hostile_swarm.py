@@ -26,8 +26,22 @@ import torch
 from hivemind.utils import get_dht_time
 
 from swarm.runtime.metrics import read_metrics
-from tests.hostile import (LEN, STAGE, STATE, Attacker, EnvProc, RssWatch, ballot_of, bomb_frame, fetch_frame,
-                           hijack_plan, identity, prefixed, reply_text, wait_for_time)
+from tests.hostile import (
+    LEN,
+    STAGE,
+    STATE,
+    Attacker,
+    EnvProc,
+    RssWatch,
+    ballot_of,
+    bomb_frame,
+    fetch_frame,
+    hijack_plan,
+    identity,
+    prefixed,
+    reply_text,
+    wait_for_time,
+)
 from tests.swarmproc import MADDR, Proc, wait_until
 
 TTL = 4.0
@@ -75,7 +89,8 @@ class Swarm:
         maddr = None
         for name in ("a", "b", "c"):
             ident = self.identities.get(name) or str(self.run_dir / f"{name}.id")
-            args = (self.programs.get(name, "node.py"), "run", "--config", cfg, "--identity", ident, "--initial-peers", *([maddr] if maddr else []))
+            args = (self.programs.get(name, "node.py"), "run", "--config", cfg, "--identity", ident,
+                    "--initial-peers", *([maddr] if maddr else []))
             proc = EnvProc(*args, env=self.envs.get(name))
             self.procs.append(proc)
             self.nodes[name] = proc

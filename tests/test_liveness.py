@@ -1,6 +1,5 @@
 """Liveness from the network (issue 22, item 4): a member that answers no direct probe for a TTL is
 gone, fresh record or not; an answering member stays, busy or not."""
-import asyncio
 import time
 
 import pytest
@@ -93,7 +92,7 @@ def test_a_busy_node_answers_a_zero_byte_probe_and_stays_busy(two_nodes):
         elapsed = a._run(a.links.ping(PeerID.from_base58(b_id), 5.0))
         assert 0 < elapsed < 5.0
         assert b.links.busy                  # an empty probe must not end the other probe's hold
-        with pytest.raises(Exception):       # a sized probe is still turned away while busy
+        with pytest.raises(Exception):  # noqa: B017 # a sized probe is still turned away while busy
             a._run(a.links.probe_once(PeerID.from_base58(b_id), 1024, 5.0))
     finally:
         b.links.busy = False

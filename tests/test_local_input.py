@@ -89,7 +89,8 @@ def test_a_config_file_of_binary_bytes_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     ({"micro_batch_size": 1_000_000_000}, f"key 'micro_batch_size': Input should be less than or equal to {MAX_MICRO_BATCH_SIZE}"),
-    ({"election": {"micro_batches": 1_000_000_000}}, f"key 'election.micro_batches': Input should be less than or equal to {MAX_MICRO_BATCHES}"),
+    ({"election": {"micro_batches": 1_000_000_000}},
+     f"key 'election.micro_batches': Input should be less than or equal to {MAX_MICRO_BATCHES}"),
     ({"network": {"ttl_s": float("inf")}}, "key 'network.ttl_s': Input should be a finite number"),
     ({"training": {"lr": float("nan")}}, "key 'training.lr': Input should be a finite number"),
     ({"network": {"ttl_s": 4000}}, "key 'network.ttl_s': Input should be less than or equal to 3600"),
@@ -305,8 +306,8 @@ def test_the_demo_reports_a_dead_node_and_trains_on(tmp_path):
                 pass
         demo.cleanup()
     text = "".join(demo.lines)
-    logs = "\n".join(f"--- node{i}: " + "".join(l for l in (out / f"node{i}.log").read_text().splitlines(True)
-                                               if not l.startswith("link"))[-1500:] for i in range(3))
+    logs = "\n".join(f"--- node{i}: " + "".join(line for line in (out / f"node{i}.log").read_text().splitlines(True)
+                                               if not line.startswith("link"))[-1500:] for i in range(3))
     assert f"node {victim} died (exit code -9) after" in text and "the swarm re-plans without it" in text, \
         f"victim {victim}, holders {holders}\n{text[-3000:]}\n{logs}"
     assert f"1 of 3 nodes died on the way (node {victim} after" in text

@@ -6,8 +6,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.auth import peer_id_of
-from swarm.membership import (DEFAULT_BANDWIDTH_BPS, MAX_LINKS, MemberRecord, Membership, MembershipView, SwarmDHT,
-                              make_validators)
+from swarm.membership import DEFAULT_BANDWIDTH_BPS, MAX_LINKS, MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
 
 
 def record(peer: str, **kw) -> MemberRecord:

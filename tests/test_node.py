@@ -68,7 +68,7 @@ def test_unreachable_bootstrap_fails_in_one_line(tmp_path, swarm_procs):
     res = run_cli("run", "--config", node_config(tmp_path, startup_timeout_s=5), "--identity", str(tmp_path / "x.id"),
                   "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/QmbpBtjbbHJgp6dXBPmtZQLmj6YgAGu9LSccs5L7DCbWKB", timeout=60)
     assert res.returncode == 2 and "no bootstrap peer reachable" in res.stderr
-    assert "Traceback" not in res.stderr and len([l for l in res.stderr.splitlines() if l.startswith("error")]) == 1
+    assert "Traceback" not in res.stderr and len([line for line in res.stderr.splitlines() if line.startswith("error")]) == 1
     assert p2pd_pids() <= before
 
 

@@ -3,7 +3,6 @@ bounds, sizes capped, updated_at near now, liveness capped at the TTL whatever D
 chose; a bad record is ignored and named in one log line; this node never fails to publish over a
 peer's value (issue 22, item 2)."""
 import math
-import time
 
 import pytest
 from hivemind.utils import get_dht_time
@@ -11,9 +10,21 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.auth import peer_id_of
 from swarm.errors import SwarmError
-from swarm.membership import (MAX_BANDWIDTH_BPS, MAX_COUNT, MAX_CREDENTIAL_BYTES, MAX_ID_CHARS, MAX_LINKS,
-                              MAX_MADDRS, MAX_TFLOPS, MemberRecord, Membership, SwarmDHT, check_record,
-                              make_validators, parse_record)
+from swarm.membership import (
+    MAX_BANDWIDTH_BPS,
+    MAX_COUNT,
+    MAX_CREDENTIAL_BYTES,
+    MAX_ID_CHARS,
+    MAX_LINKS,
+    MAX_MADDRS,
+    MAX_TFLOPS,
+    MemberRecord,
+    Membership,
+    SwarmDHT,
+    check_record,
+    make_validators,
+    parse_record,
+)
 from swarm.refusals import short
 
 

@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 from hivemind.p2p import P2P
 
+from swarm.compression.policy import LinkPolicy
 from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import trace
 from swarm.models import load_model
-from swarm.compression.policy import LinkPolicy
 from swarm.runtime import StageWorker, make_optimizer
 from swarm.runtime.local import local_servers
-from swarm.runtime.rpc import (PROTOCOL, Neighbours, StageServer, local_caller, read_frame, stream_caller,
-                               train_step)
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, read_frame, stream_caller, train_step
 from swarm.wire import Limits, pack, unpack
 
 

@@ -98,7 +98,8 @@ def test_sequential_fallback_stages():
 def test_tied_weights_across_stages_are_refused():
     model = build(GPTSpec(kind="gpt", n_layer=2, d_model=32, n_head=2, seq_len=16, tie_weights=True)).module
     traced = trace(model, (torch.randint(0, 256, (1, 16)),))
-    with pytest.raises(SwarmError, match=r"one parameter \('wte.weight' in stage 0, 'lm_head.weight' in stage 1\) is used by stages 0 and 1"):
+    with pytest.raises(SwarmError, match=r"one parameter \('wte.weight' in stage 0, 'lm_head.weight' in stage 1\) "
+                       r"is used by stages 0 and 1"):
         extract_stages(traced, Partition.even(len(traced.dag), 2))
 
 

@@ -76,7 +76,8 @@ def test_three_node_processes_train_exactly_like_one_process(tmp_path, swarm_pro
 def test_demo_trains_a_private_swarm_and_leaves_nothing_running(tmp_path):
     out, before = tmp_path / "demo", p2pd_pids()
     result = run_cli("demo", "--nodes", "3", "--stages", "3", "--steps", "4", "--micro-batches", "2", "--micro-batch-size", "2",
-                     "--compression", "8", "--warmup-steps", "0", "--out-dir", str(out), "--json-out", str(tmp_path / "m.json"), timeout=240)
+                     "--compression", "8", "--warmup-steps", "0", "--out-dir", str(out),
+                     "--json-out", str(tmp_path / "m.json"), timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["steps"] == 4 and metrics["nodes"] == metrics["stages"] == 3 and len(metrics["plan_hash"]) == 16

@@ -5,8 +5,9 @@ No torch here: the scheduler and the estimator work on this representation alone
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 from swarm.errors import SwarmError
 
@@ -51,7 +52,7 @@ class Op:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Op":
+    def from_dict(cls, d: dict[str, Any]) -> Op:
         known = {f.name for f in fields(cls)}
         op = cls(**{k: v for k, v in d.items() if k in known})  # unknown fields: newer writers
         op.flops_by_size = {int(k): int(v) for k, v in op.flops_by_size.items()}
@@ -66,7 +67,7 @@ class Partition:
     n_ops: int
 
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int]) -> "Partition":
+    def from_sizes(cls, sizes: Sequence[int]) -> Partition:
         if not sizes or any(s <= 0 for s in sizes):
             raise SwarmError(f"stage sizes must be positive, got {list(sizes)}")
         starts = [0]
@@ -75,7 +76,7 @@ class Partition:
         return cls(tuple(starts), sum(sizes))
 
     @classmethod
-    def even(cls, n_ops: int, n_stages: int) -> "Partition":
+    def even(cls, n_ops: int, n_stages: int) -> Partition:
         """Equal op counts per stage (the naive baseline)."""
         if not 1 <= n_stages <= n_ops:
             raise SwarmError(f"cannot cut {n_ops} ops into {n_stages} stages")
@@ -209,7 +210,7 @@ class OpDAG:
                 "ops": [op.to_dict() for op in self.ops]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OpDAG":
+    def from_dict(cls, d: dict[str, Any]) -> OpDAG:
         try:
             return cls([Op.from_dict(o) for o in d["ops"]], d.get("model", ""), d.get("granularity", "coarse"),
                        int(d.get("batch_size", 1)))
@@ -220,7 +221,7 @@ class OpDAG:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "OpDAG":
+    def from_json(cls, text: str) -> OpDAG:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:

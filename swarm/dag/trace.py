@@ -143,7 +143,7 @@ class _KernelMeter(TorchDispatchMode):
 class _Measure:
     """Forward or backward counters for one operator."""
 
-    def __enter__(self) -> "_Measure":
+    def __enter__(self) -> _Measure:
         self.flops = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
         self.flops.__enter__()
         self.meter = _KernelMeter(self.flops.flop_registry)

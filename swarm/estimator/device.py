@@ -35,7 +35,7 @@ class DeviceProfile:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DeviceProfile":
+    def from_dict(cls, d: dict) -> DeviceProfile:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["matmul_tflops"] = {int(k): float(v) for k, v in d["matmul_tflops"].items()}
         return cls(**d)

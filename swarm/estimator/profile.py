@@ -17,8 +17,8 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -152,7 +152,7 @@ def _calibration(profile: DeviceProfile, repeats: int = 5, clock: Callable[[], f
         block(x).backward(grad)
 
     times = []
-    for i in range(repeats + 2):  # two warm-up runs
+    for _ in range(repeats + 2):  # two warm-up runs
         _sync(profile.device)
         start = clock()
         step()
@@ -177,7 +177,7 @@ def measure_device(device: str = "auto", min_time_s: float = 0.05) -> DeviceProf
     rates = {}
     for n in MATMUL_SIZES:
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        rates[n.bit_length() - 1] = 2 * n**3 / _seconds_per_call(lambda: a @ b, device, min_time_s, clock=clock) / 1e12
+        rates[n.bit_length() - 1] = 2 * n**3 / _seconds_per_call(lambda a=a, b=b: a @ b, device, min_time_s, clock=clock) / 1e12
     x = torch.randn(4 << 20, device=device)  # 16 MiB per tensor: activation-sized, beyond L2
     y, z = torch.empty_like(x), torch.randn_like(x)
     bandwidth = 3 * x.numel() * 4 / _seconds_per_call(lambda: torch.add(x, z, out=y), device, min_time_s, clock=clock) / 1e9

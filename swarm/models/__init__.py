@@ -7,9 +7,9 @@ make example inputs (needed to trace shapes and count FLOPs).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

@@ -14,7 +14,7 @@ training; the election replaces it).
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from swarm.runtime.state import OpState
 from swarm.scheduler import Plan

@@ -28,15 +28,14 @@ import asyncio
 import struct
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from swarm.config import NodeConfig
 from swarm.errors import SwarmError
 from swarm.membership import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord, MembershipView
 from swarm.refusals import Bans, Refusals, short
 from swarm.runtime.backup import SnapshotPusher, backups
-from swarm.runtime.rpc import (Gate, Poisoned, Refused, Retry, check_reply, close_stream, error_frame, serve_one,
-                               stream_caller)
+from swarm.runtime.rpc import Gate, Poisoned, Refused, Retry, check_reply, close_stream, error_frame, serve_one, stream_caller
 from swarm.runtime.state import OpState, check, op_tensors, read_checkpoint
 from swarm.scheduler import Plan
 from swarm.wire import Limits, decode, non_finite, pack, read_header, unpack

@@ -12,8 +12,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -25,9 +25,9 @@ from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import TracedModel
 from swarm.data import training_data
 from swarm.errors import SwarmError
+from swarm.refusals import Bans
 from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
-from swarm.refusals import Bans
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
 from swarm.wire import Limits

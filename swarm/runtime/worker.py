@@ -2,7 +2,7 @@
 an optimizer step per training step. Transport-agnostic: tensors in, tensors out."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

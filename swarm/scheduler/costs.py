@@ -99,7 +99,7 @@ class Workload:
 
     @classmethod
     def from_segments(cls, flops, kernels, param_bytes, act_bytes, cut_bytes, buffer_bytes=None,
-                      names=None, model: str = "") -> "Workload":
+                      names=None, model: str = "") -> Workload:
         """From per-segment costs (one op per segment); ``cut_bytes`` has one entry per segment."""
         n = len(flops)
         names = tuple(names or (f"op{i}" for i in range(n)))
@@ -109,7 +109,7 @@ class Workload:
                    np.asarray(cut_bytes, dtype=np.float64), model)
 
     @classmethod
-    def from_dag(cls, dag: OpDAG, micro_batch_size: int | None = None) -> "Workload":
+    def from_dag(cls, dag: OpDAG, micro_batch_size: int | None = None) -> Workload:
         """Segments of ``dag`` at its valid cuts, costs scaled to ``micro_batch_size`` samples."""
         scale = (micro_batch_size or dag.batch_size) / dag.batch_size
         valid, cuts = dag.valid_cuts(), dag.cut_bytes()
@@ -125,7 +125,7 @@ class Workload:
             names=[op.name for op in dag.ops], model=dag.model,
         )._with_stops(tuple(stops))
 
-    def _with_stops(self, stops: tuple[int, ...]) -> "Workload":
+    def _with_stops(self, stops: tuple[int, ...]) -> Workload:
         return Workload(self.names, stops, self.flops, self.kernels, self.param_bytes, self.buffer_bytes,
                         self.act_bytes, self.cut_bytes, self.model)
 
@@ -144,7 +144,7 @@ class Swarm:
     bandwidth: np.ndarray = field(repr=False)
 
     @classmethod
-    def build(cls, peers: list[PeerSpec], bandwidth) -> "Swarm":
+    def build(cls, peers: list[PeerSpec], bandwidth) -> Swarm:
         """``bandwidth``: a callable ``(a, b) -> bits/s`` or a square array in ``peers`` order.
         Peers are sorted by id, so the input order never matters; each edge is the slower direction."""
         order = sorted(range(len(peers)), key=lambda i: peers[i].peer_id)

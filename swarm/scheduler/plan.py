@@ -86,7 +86,7 @@ class Plan:
         return d
 
     @classmethod
-    def from_compact(cls, d: dict, names: tuple[str, ...]) -> "Plan":
+    def from_compact(cls, d: dict, names: tuple[str, ...]) -> Plan:
         """Inverse of ``compact`` given the OP-DAG's op names; ValueError if malformed."""
         try:
             stages = tuple(StagePlan(int(s["index"]), int(s["first_op"]), int(s["stop_op"]),
