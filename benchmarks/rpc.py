@@ -21,7 +21,7 @@ from swarm.dag.stages import extract_stages
 from swarm.dag.trace import trace
 from swarm.models import load_model
 from swarm.runtime import LocalPipeline, StageWorker
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stage_caller, train_step
 from swarm.wire import Limits
 
 
@@ -44,7 +44,7 @@ async def remote_times(workers, batches, micro_batches: int) -> list[float]:
         ids = [(p.peer_id.to_base58(),) for p in p2ps]
         hoods = [Neighbours(ids[0][0], ids[0], (), ids[1]), Neighbours(ids[1][0], ids[1], ids[0], ids[2]),
                  Neighbours(ids[2][0], ids[2], ids[1], ())]
-        first, middle, last = (StageServer(w, h, stream_caller(p, limits), limits) for w, h, p in zip(workers, hoods, p2ps))
+        first, middle, last = (StageServer(w, h, stage_caller(p, limits), limits) for w, h, p in zip(workers, hoods, p2ps))
         await p2ps[2].add_binary_stream_handler(PROTOCOL, last.handle)
         await p2ps[1].add_binary_stream_handler(PROTOCOL, middle.handle)
         times = []

@@ -12,7 +12,7 @@ import sys
 
 from swarm.config import NetworkConfig, validate
 from swarm.errors import SwarmError
-from swarm.membership import make_validators
+from swarm.net.membership import make_validators
 from swarm.node import check_maddrs, node_identity, private_swarm, start_dht, stop_on_signals
 
 

@@ -223,7 +223,7 @@ def stage_table(records) -> list[dict]:
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
-    from swarm.auth import load_identity
+    from swarm.net.auth import load_identity
 
     identity = load_identity(args.identity)
     if args.json:
@@ -234,7 +234,7 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm_init(args: argparse.Namespace) -> int:
-    from swarm.private import init_swarm
+    from swarm.net.private import init_swarm
 
     made = init_swarm(args.dir, args.name, args.members, args.valid_days)
     print(f"private swarm '{args.name}' in {args.dir}: keep {made.authority_path} secret and offline")
@@ -245,8 +245,8 @@ def cmd_swarm_init(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm_admit(args: argparse.Namespace) -> int:
-    from swarm.auth import load_identity
-    from swarm.private import admit
+    from swarm.net.auth import load_identity
+    from swarm.net.private import admit
 
     if bool(args.public_key) == bool(args.identity):
         raise SwarmError("swarm-admit needs exactly one of --public-key and --identity")

@@ -175,7 +175,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     from swarm.data import training_data
     from swarm.estimator.profile import load_or_measure
     from swarm.models import trace_model
-    from swarm.private import init_swarm
+    from swarm.net.private import init_swarm
     from swarm.runtime.session import model_io
 
     if s.nodes < 1 or s.steps < 1:

@@ -1,10 +1,10 @@
 """Liveness from the network: a member is live while it answers direct probes, whatever its record says.
 
 A member record can outlive its writer: one stored once with a far expiration stays in the DHT, and
-readers cap it at ``ttl_s`` after its ``updated_at`` (``swarm.membership``), but a record kept fresh by
+readers cap it at ``ttl_s`` after its ``updated_at`` (``swarm.net.membership``), but a record kept fresh by
 a broken or hostile writer that does not serve anything would still name a member that never votes,
 never trains and stalls every epoch. So each node pings every member it sees (an empty
-``swarm.probe.v1`` probe, answered even while the peer is busy: ``swarm.transport``) every
+``swarm.probe.v1`` probe, answered even while the peer is busy: ``swarm.net.probe``) every
 ``ttl_s / PINGS_PER_TTL`` seconds, and a member that has answered nothing for ``ttl_s`` since it was
 first seen or last answered, with at least ``MIN_FAILURES`` pings unanswered meanwhile, is gone: left out
 of the view the election and the pipeline see. It is pinged on, and comes back the moment it answers.

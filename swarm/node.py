@@ -14,17 +14,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hivemind.p2p import PeerID
-from hivemind.utils.crypto import RSAPrivateKey
 from multiaddr import Multiaddr
 
 from swarm import __version__
-from swarm.auth import Identity, SwarmAuthorizer, load_identity, read_credential
 from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
 from swarm.liveness import MAX_PINGS, Liveness
-from swarm.membership import MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
-from swarm.transport import LinkProber
+from swarm.net.auth import Identity, SwarmAuthorizer, load_identity, read_credential
+from swarm.net.membership import MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
+from swarm.net.probe import LinkProber
 
 PUBLIC_PEERS = Path(__file__).resolve().parent.parent / "bootstrap" / "peers.txt"
 
@@ -137,7 +135,7 @@ class _ProbeSchedule:
         for peer in live.due(peers, now, self.pings)[:max(0, MAX_PINGS - len(self.pings))]:
             live.pinged(peer, now)
             try:
-                coro = self.links.ping(PeerID.from_base58(peer), live.interval_s)
+                coro = self.links.ping(peer, live.interval_s)
             except Exception:   # not a peer id: never answers
                 live.failed(peer, now)
                 continue
@@ -168,7 +166,7 @@ class _ProbeSchedule:
             peer = min(fresh) if fresh else min(candidates, key=lambda p: (self.probed_at[p], p))
             self.probed_at[peer] = now = time.monotonic()
             self.next_at = now + self.interval_s * random.uniform(0.5, 1.5)  # jitter: peers rarely collide
-            coro = asyncio.wait_for(self.links.measure(PeerID.from_base58(peer)), 60)
+            coro = asyncio.wait_for(self.links.measure(peer), 60)
             self.pending = (peer, asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def close(self) -> None:
@@ -340,7 +338,7 @@ def read_members(net: NetworkConfig, timeout_s: float = 10.0) -> MembershipView:
     In a private swarm the node's identity key and credential authorize the reads."""
     authorizer = private_swarm(net, load_identity(net.identity_path or "~/.swarm/identity", create=False)) \
         if net.credentials_path else None
-    validators = make_validators(net.prefix, RSAPrivateKey())
+    validators = make_validators(net.prefix)
     dht = start_dht(net, _initial_peers(net), validators, identity=None, client_mode=True, authorizer=authorizer)
     try:
         checker = authorizer.checker if authorizer else None

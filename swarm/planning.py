@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import replace
-
-from hivemind.utils import get_dht_time
 
 from swarm.config import ElectionConfig
 from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, Ignored, PeerState, Publish
 from swarm.errors import SwarmError
-from swarm.membership import MemberRecord, Membership, MembershipView
+from swarm.net.membership import MemberRecord, Membership, MembershipView
 from swarm.refusals import Refusals, short
 from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
 
@@ -129,7 +128,7 @@ class Elector:
         self.drift_checked_at = 0.0
 
     def step(self, view: MembershipView, record: MemberRecord) -> None:
-        now = get_dht_time()
+        now = time.time()
         ballots = self._believed(view, self.membership.ballots())
         peers = {}
         for pid, r in view.members.items():

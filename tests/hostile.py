@@ -2,7 +2,7 @@
 swarm of ``node.py run`` processes, built the way an attacker would build it.
 
 - ``Attacker``: a hivemind DHT peer with its own RSA identity and the swarm's record validators
-  (``swarm.membership.make_validators``, same prefix), joined to the swarm. It stores *raw* values under
+  (``swarm.net.membership.make_validators``, same prefix), joined to the swarm. It stores *raw* values under
   its own signed subkey: member records with any field values, any expiration and any ``updated_at``,
   ballots, its own vote; it can keep refreshing them (``keep``), vote like a member (``vote=True``) or
   vanish and leave a record behind (``close``). The honest nodes schema-check a record when they store
@@ -36,8 +36,8 @@ from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from swarm.auth import Identity, load_identity
-from swarm.membership import make_validators
+from swarm.net.auth import Identity, load_identity
+from swarm.net.membership import make_validators
 from tests.swarmproc import ROOT, Proc
 
 PREFIX = "swarm"
@@ -134,7 +134,7 @@ class Attacker:
         self.p2p = self.run(self.dht.replicate_p2p())
         self.maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         if answer_probes:   # a live member answers liveness pings and link probes, as an honest node does
-            from swarm.transport import LinkProber
+            from swarm.net.probe import LinkProber
             self.run(LinkProber(self.p2p).serve())
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from swarm.config import ElectionConfig
-from swarm.membership import MemberRecord, MembershipView
 from swarm.models import trace_model
+from swarm.net.membership import MemberRecord, MembershipView
 from swarm.planning import CLAIM_SPREAD, OBSERVED_SLACK, Elector, disputed, rated_tflops, ratings, swarm_of
 from swarm.scheduler import PlanSettings, Workload, evaluate, schedule
 from tests.test_planning import Ballots

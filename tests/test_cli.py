@@ -81,7 +81,7 @@ def test_plan_bad_peers_file(tmp_path, text, message):
 
 def test_status_stage_table_shows_holders_and_snapshot_age():
     from swarm.cli import stage_table
-    from swarm.membership import MemberRecord
+    from swarm.net.membership import MemberRecord
 
     def rec(peer, stage, step, holds, role=None):
         return MemberRecord(peer, [], "cpu", "x", 1.0, 1, {}, 0.0, stage=stage, step=step, holds=holds, role=role)

@@ -6,7 +6,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.config import NetworkConfig
 from swarm.estimator.profile import load_or_measure
-from swarm.membership import Membership, make_validators
+from swarm.net.membership import Membership, make_validators
 from swarm.node import start_dht
 from tests.swarmproc import MADDR, Proc, wait_until
 

@@ -27,10 +27,11 @@ from swarm.dag.trace import trace
 from swarm.data import lm_loss
 from swarm.errors import SwarmError
 from swarm.models import load_model
+from swarm.net.streams import Gate, stream_caller
 from swarm.runtime import StageWorker
 from swarm.runtime.allreduce import parts
 from swarm.runtime.follow import FETCHES, FETCHES_PER_PEER, STATE_PROTOCOL, PlanFollower
-from swarm.runtime.rpc import PROTOCOL, Gate, Neighbours, StageServer, local_caller, stream_caller, train_step
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, stage_caller, train_step
 from swarm.runtime.state import OpState, capture
 from swarm.wire import Limits, pack, read_header, unpack
 
@@ -524,7 +525,7 @@ def test_a_flood_of_unread_fetches_stays_bounded_and_the_node_serves_again(monke
         assert any(line.startswith(f"refused busy from {them[-8:]}: busy:") for line in lines), lines[:5]
         assert len(lines) < 10   # rate-limited: one line per (peer, kind) and minute
 
-        call = stream_caller(client_p2p, f.limits, 30.0, STATE_PROTOCOL)
+        call = stream_caller(client_p2p, f.limits.max_frame_bytes, 30.0, STATE_PROTOCOL)
         reply = unpack(loop.run(call(me, pack("fetch", {"op": small}, {})[0]), 60), f.limits)
         assert reply.kind == "state" and reply.meta["step"] == 4 and torch.equal(reply.tensors["p:x"], f.store[small].tensors["p:x"])
         loop.run(client_p2p.shutdown(), 30)
@@ -591,7 +592,7 @@ def test_200_half_sent_stage_frames_stay_within_the_read_budget_and_the_stage_se
             assert any(line.startswith(f"refused stream from {up[-8:]}: no frame or hang-up in time") for line in lines)
             (shape, _, _), = specs
             hidden, targets = torch.randn(1, *shape[1:]), torch.randint(0, 256, (1, shape[1]))
-            call = stream_caller(client_p2p, limits, 30.0)
+            call = stage_caller(client_p2p, limits, 30.0)
             reply = unpack(await call(server_p2p.peer_id.to_base58(), forward(hidden, targets)), limits)
             assert reply.kind == "grads" and reply.meta["loss"] > 0
             assert not (server.arrived or server.rounds or worker.saved) and server.gate.in_progress == 0
@@ -604,7 +605,7 @@ def test_200_half_sent_stage_frames_stay_within_the_read_budget_and_the_stage_se
 
 
 def test_a_member_that_never_commits_holds_the_adoption_of_a_plan_up_for_two_ttls_only():
-    from swarm.membership import MemberRecord, MembershipView
+    from swarm.net.membership import MemberRecord, MembershipView
 
     def record(peer: str, committed: str) -> MemberRecord:
         now = time.time()
@@ -630,7 +631,7 @@ def test_a_member_that_never_commits_holds_the_adoption_of_a_plan_up_for_two_ttl
 def test_the_step_never_goes_back_when_the_only_holder_dies_before_any_snapshot():
     """A spare that had no state takes over from a holder that died at step 2 before its first snapshot:
     the ops start afresh (at most K steps lost, by design), but the step counter goes on from 2."""
-    from swarm.membership import MemberRecord, MembershipView
+    from swarm.net.membership import MemberRecord, MembershipView
 
     def record(peer: str, committed: str, step: int) -> MemberRecord:
         now = time.time()

@@ -7,9 +7,9 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.auth import peer_id_of
 from swarm.liveness import MIN_FAILURES, Liveness
-from swarm.membership import MemberRecord, MembershipView, SwarmDHT, make_validators
+from swarm.net.auth import peer_id_of
+from swarm.net.membership import MemberRecord, MembershipView, SwarmDHT, make_validators
 from swarm.node import _ProbeSchedule
 from swarm.refusals import short
 from tests.swarmproc import wait_until

@@ -5,8 +5,9 @@ import pytest
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.auth import peer_id_of
-from swarm.membership import DEFAULT_BANDWIDTH_BPS, MAX_LINKS, MemberRecord, Membership, MembershipView, SwarmDHT, make_validators
+from swarm.net.auth import peer_id_of
+from swarm.net.membership import Membership, MembershipView, SwarmDHT, make_validators
+from swarm.net.records import DEFAULT_BANDWIDTH_BPS, MAX_LINKS, MemberRecord
 
 
 def record(peer: str, **kw) -> MemberRecord:

@@ -8,7 +8,7 @@ import pytest
 
 from swarm.config import NetworkConfig
 from swarm.estimator.profile import load_or_measure
-from swarm.membership import Membership, make_validators
+from swarm.net.membership import Membership, make_validators
 from swarm.node import start_dht
 from tests.conftest import node_config, run_cli
 from tests.swarmproc import MADDR, Proc, p2pd_pids, wait_until
@@ -138,8 +138,8 @@ def test_probe_rejects_oversized_and_stalled_streams():
     import asyncio
     import struct
 
-    from swarm.membership import SwarmDHT
-    from swarm.transport import PROBE, LinkProber
+    from swarm.net.membership import SwarmDHT
+    from swarm.net.probe import PROBE, LinkProber
 
     a = SwarmDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     b = SwarmDHT(initial_peers=[str(x) for x in a.get_visible_maddrs()], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])

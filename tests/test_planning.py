@@ -7,8 +7,8 @@ import pytest
 
 import swarm.planning
 from swarm.config import ElectionConfig
-from swarm.membership import MemberRecord, MembershipView
 from swarm.models import trace_model
+from swarm.net.membership import MemberRecord, MembershipView
 from swarm.planning import Elector
 from swarm.scheduler import Plan, PlanSettings, Workload
 

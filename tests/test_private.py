@@ -7,12 +7,12 @@ import pytest
 from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.auth import CredentialChecker, issue_credential, load_identity, peer_id_of
 from swarm.config import NetworkConfig
 from swarm.estimator.profile import load_or_measure
-from swarm.membership import MemberRecord, Membership, make_validators
-from swarm.private import init_swarm
-from swarm.transport import LinkProber
+from swarm.net.auth import CredentialChecker, issue_credential, load_identity, peer_id_of
+from swarm.net.membership import MemberRecord, Membership, make_validators
+from swarm.net.private import init_swarm
+from swarm.net.probe import LinkProber
 from tests.conftest import node_config, run_cli
 from tests.swarmproc import MADDR, Proc, wait_until
 
@@ -35,7 +35,7 @@ def test_credentials_bind_peer_authority_and_expiry(tmp_path):
 
 
 def load_authority_key(root):
-    from swarm.auth import load_authority
+    from swarm.net.auth import load_authority
     return load_authority(str(root / "authority.key"))
 
 
@@ -97,7 +97,7 @@ def test_private_swarm_admits_members_and_refuses_an_outsider(tmp_path, swarm_pr
 
 
 def start_dht_anyway(net, peers, validators):
-    from swarm.membership import SwarmDHT
+    from swarm.net.membership import SwarmDHT
     return SwarmDHT(initial_peers=peers, start=True, host_maddrs=net.host_maddrs, record_validators=validators,
                     client_mode=False, ensure_bootstrap_success=False, startup_timeout=net.startup_timeout_s)
 

@@ -8,9 +8,10 @@ import pytest
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.auth import peer_id_of
 from swarm.errors import SwarmError
-from swarm.membership import (
+from swarm.net.auth import peer_id_of
+from swarm.net.membership import Membership, SwarmDHT, make_validators
+from swarm.net.records import (
     MAX_BANDWIDTH_BPS,
     MAX_COUNT,
     MAX_CREDENTIAL_BYTES,
@@ -19,10 +20,7 @@ from swarm.membership import (
     MAX_MADDRS,
     MAX_TFLOPS,
     MemberRecord,
-    Membership,
-    SwarmDHT,
     check_record,
-    make_validators,
     parse_record,
 )
 from swarm.refusals import short

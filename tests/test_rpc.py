@@ -16,9 +16,10 @@ from swarm.compression.policy import LinkPolicy
 from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import trace
 from swarm.models import load_model
+from swarm.net.streams import read_frame
 from swarm.runtime import StageWorker, make_optimizer
 from swarm.runtime.local import local_servers
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, read_frame, stream_caller, train_step
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, stage_caller, train_step
 from swarm.wire import Limits, pack, unpack
 
 
@@ -56,7 +57,7 @@ async def _scenario(schedule):
         limits = Limits(max_frame_bytes=64 << 20)
         hoods = [Neighbours(ids[0], first, (), mids), Neighbours(ids[1], mids, first, last),
                  Neighbours(ids[2], mids, first, last), Neighbours(ids[3], last, mids, ())]
-        servers = [StageServer(w, h, stream_caller(p, limits), limits, schedule=schedule)
+        servers = [StageServer(w, h, stage_caller(p, limits), limits, schedule=schedule)
                    for w, h, p in zip(workers, hoods, p2ps)]
         for p, server in zip(p2ps[1:], servers[1:]):
             await p.add_binary_stream_handler(PROTOCOL, server.handle)
@@ -86,7 +87,7 @@ async def _scenario(schedule):
             assert torch.equal(a, b)
 
         # hostile or confused callers: each gets an error reply (or a closed stream); nothing changes
-        call = stream_caller(p2ps[0], limits)
+        call = stage_caller(p2ps[0], limits)
         step = workers[1].step_id
         bad = [b"garbage", pack("forward", {"step": 99, "mb": 0}, {"x0": torch.zeros(1, 128, 128)})[0],
                pack("forward", {"step": step, "mb": 0}, {"x0": torch.zeros(3, 3)})[0],
@@ -97,10 +98,10 @@ async def _scenario(schedule):
         for frame in bad:
             reply = unpack(await call(ids[1], frame), limits)
             assert reply.kind == "error", reply.meta
-        stranger = unpack(await stream_caller(p2ps[3], limits)(ids[1], bad[2]), limits)   # stage 2 is downstream
+        stranger = unpack(await stage_caller(p2ps[3], limits)(ids[1], bad[2]), limits)   # stage 2 is downstream
         assert stranger.kind == "error" and "not a previous-stage replica" in stranger.meta["message"]
         wrong_part = pack("reduce", {"step": step, "part": 1 - mids.index(ids[1])}, {"g": torch.zeros(10)})[0]
-        assert unpack(await stream_caller(p2ps[2], limits)(ids[1], wrong_part), limits).kind == "error"
+        assert unpack(await stage_caller(p2ps[2], limits)(ids[1], wrong_part), limits).kind == "error"
         _, reader, writer = await p2ps[0].call_binary_stream_handler(p2ps[1].peer_id, PROTOCOL)
         writer.write((1 << 40).to_bytes(8, "big"))   # announces a 1 TiB frame: an error reply, the frame unread
         await writer.drain()

@@ -31,11 +31,13 @@ from collections import deque
 from collections.abc import Callable
 
 from swarm.config import NodeConfig
-from swarm.errors import SwarmError
-from swarm.membership import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord, MembershipView
+from swarm.errors import PeerUnavailable, Poisoned, RemoteProtocolError, SwarmError
+from swarm.messages import check_reply, error_frame
+from swarm.net.membership import MembershipView
+from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord
+from swarm.net.streams import Gate, close_stream, serve_one, stream_caller
 from swarm.refusals import Bans, Refusals, short
 from swarm.runtime.backup import SnapshotPusher, backups
-from swarm.runtime.rpc import Gate, Poisoned, Refused, Retry, check_reply, close_stream, error_frame, serve_one, stream_caller
 from swarm.runtime.state import OpState, check, op_tensors, read_checkpoint
 from swarm.scheduler import Plan
 from swarm.wire import Limits, decode, non_finite, pack, read_header, unpack
@@ -100,7 +102,7 @@ class PlanFollower:
         self.dag = traced.dag
         self.owned = op_tensors(self.dag, traced.gm)
         self.limits = state_limits(traced.gm, self.owned)
-        self.call = stream_caller(p2p, self.limits, 120.0, STATE_PROTOCOL)
+        self.call = stream_caller(p2p, self.limits.max_frame_bytes, 120.0, STATE_PROTOCOL)
         self.serve_timeout_s = 60.0   # deadline of every read and send of a state request
         self.gate = Gate(REQUESTS_PER_PEER, REQUESTS, max(4 * self.limits.max_frame_bytes, 32 << 20))
         self.fetches = Gate(FETCHES_PER_PEER, FETCHES, 0)   # places for a capture and its reply
@@ -145,9 +147,9 @@ class PlanFollower:
     def _refuse(self, peer: str) -> SwarmError | None:
         """Why a state request of ``peer`` is refused after its length prefix, unread (None: read it)."""
         if self.bans.banned(peer):
-            return Refused(f"peer {short(peer)} is banned for a while ({self.bans.until[peer][1]})")
+            return RemoteProtocolError(f"peer {short(peer)} is banned for a while ({self.bans.until[peer][1]})")
         if getattr(self.cfg.training, "serve_state", "plan") == "plan" and peer not in self._members():
-            return Refused(f"peer {short(peer)} is not a member of the plan this node follows (training.serve_state: plan)")
+            return RemoteProtocolError(f"peer {short(peer)} is not a member of the plan this node follows (training.serve_state: plan)")
         return None
 
     async def _answer(self, frame: bytes, peer: str):
@@ -158,15 +160,15 @@ class PlanFollower:
             try:
                 header = read_header(frame, self.limits)
             except SwarmError as e:
-                raise Refused(str(e)) from None
+                raise RemoteProtocolError(str(e)) from None
             op = header.meta.get("op")
             if header.kind not in ("fetch", "snapshot") or not isinstance(op, str):
-                raise Refused("expected a fetch or snapshot request naming an op")
+                raise RemoteProtocolError("expected a fetch or snapshot request naming an op")
             kind = header.kind
             if kind == "snapshot":
                 return self._keep(peer, op, header.meta.get("step"), frame, header)
             if header.entries:
-                raise Refused("a fetch request carries no tensors")
+                raise RemoteProtocolError("a fetch request carries no tensors")
             busy = self.fetches.enter(peer, 0)
             if busy is not None:
                 raise busy
@@ -181,8 +183,8 @@ class PlanFollower:
             self.served += 1
             return reply, lambda: self.fetches.leave(peer)
         except Exception as e:   # never raises: a capture that failed is the caller's error reply too
-            if isinstance(e, (Refused, Retry)):
-                self.refusals.note(peer, "busy" if isinstance(e, Retry) else kind, str(e))
+            if isinstance(e, (RemoteProtocolError, PeerUnavailable)):
+                self.refusals.note(peer, "busy" if isinstance(e, PeerUnavailable) else kind, str(e))
             elif not isinstance(e, SwarmError):
                 self.log(f"warning: serving a {kind} of {short(peer)} failed ({type(e).__name__}: {str(e)[:100]})")
             return error_frame(e)
@@ -202,20 +204,20 @@ class PlanFollower:
         """Keep ``peer``'s snapshot of ``op`` if this node backs that op up and the tensors are the op's
         (and finite: else ``peer`` is banned); checked on the header before anything is decoded."""
         if op not in self._backed_up(peer):
-            raise Refused(f"this node keeps no snapshot of '{op}' for {peer[-8:]}")
+            raise RemoteProtocolError(f"this node keeps no snapshot of '{op}' for {peer[-8:]}")
         if type(step) is not int or step < 0:
-            raise Refused("a snapshot names its step (an int >= 0)")
+            raise RemoteProtocolError("a snapshot names its step (an int >= 0)")
         if any(e["name"].startswith("g:") for e in header.entries):
-            raise Refused("a snapshot carries no gradient")
+            raise RemoteProtocolError("a snapshot carries no gradient")
         try:
             tensors = decode(frame, header, self.limits).tensors
         except SwarmError as e:
-            raise Refused(str(e)) from None
+            raise RemoteProtocolError(str(e)) from None
         state = OpState(step, self._finite(peer, "snapshot", tensors))
         try:
             check(self.traced.gm, self.owned, {op: state})
         except SwarmError as e:
-            raise Refused(str(e)) from None
+            raise RemoteProtocolError(str(e)) from None
         self.received.append((peer, op, state))   # into the store on the next heartbeat
         return pack("kept", {"op": op, "step": step}, {})[0]
 
@@ -230,7 +232,7 @@ class PlanFollower:
             what = str(e) if isinstance(e, SwarmError) else \
                 "the stream ended inside a frame" if isinstance(e, asyncio.IncompleteReadError) else \
                 "no frame, send or hang-up in time" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
-            self.refusals.note(peer, "busy" if isinstance(e, Retry) else "state stream", what)
+            self.refusals.note(peer, "busy" if isinstance(e, PeerUnavailable) else "state stream", what)
         finally:
             close_stream(writer)
 
@@ -246,9 +248,9 @@ class PlanFollower:
         try:
             header = read_header(frame, self.limits)
         except SwarmError as e:
-            raise Refused(str(e)) from None
+            raise RemoteProtocolError(str(e)) from None
         if header.kind == "error" and header.meta.get("retry"):
-            raise Retry(f"peer {peer[-8:]}: {header.meta.get('message')}")
+            raise PeerUnavailable(f"peer {peer[-8:]}: {header.meta.get('message')}")
         if header.kind != "state" or header.meta.get("op") != op or not isinstance(header.meta.get("step"), int):
             raise SwarmError(f"peer {peer[-8:]} answered no state of '{op}': {header.meta.get('message', header.kind)}")
         tensors = self._finite(peer, "state", decode(frame, header, self.limits).tensors)
@@ -269,14 +271,14 @@ class PlanFollower:
                     try:
                         async with places.setdefault(peer, asyncio.Semaphore(CONCURRENCY)):
                             return op, await self._fetch_one(peer, op), peer
-                    except Retry as e:
+                    except PeerUnavailable as e:
                         if "busy" in str(e) and asyncio.get_running_loop().time() + delay < deadline:
                             await asyncio.sleep(delay)   # back-off: the donor serves others first
                             delay = min(2 * delay, 2.0)
                             continue
                         self.log(f"warning: fetching '{op}' from {peer[-8:]} failed ({type(e).__name__}: {str(e)[:100]})")
                     except Exception as e:   # any donor failure: try the next one
-                        if isinstance(e, Refused):
+                        if isinstance(e, RemoteProtocolError):
                             self.refusals.note(peer, "state reply", str(e))
                         self.log(f"warning: fetching '{op}' from {peer[-8:]} failed ({type(e).__name__}: {str(e)[:100]})")
                     break
@@ -297,7 +299,7 @@ class PlanFollower:
                 try:
                     check_reply(reply, f"backup {peer[-8:]}")
                     return
-                except Retry as e:
+                except PeerUnavailable as e:
                     if "busy" not in str(e) or asyncio.get_running_loop().time() + delay > deadline:
                         raise
                 await asyncio.sleep(delay)   # back-off: the backup is serving others

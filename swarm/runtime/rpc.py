@@ -48,7 +48,9 @@ import torch
 
 from swarm.compression.adatopk import ChannelScale
 from swarm.compression.policy import LinkPolicy
-from swarm.errors import SwarmError
+from swarm.errors import PeerUnavailable, Poisoned, RemoteProtocolError, SwarmError
+from swarm.messages import check_reply, error_frame
+from swarm.net.streams import PREFIX_BYTES, Call, Gate, close_stream, serve_one, stream_caller
 from swarm.refusals import Bans, Refusals, short
 from swarm.runtime.allreduce import ReduceRound, parts
 from swarm.runtime.worker import StageWorker
@@ -56,185 +58,18 @@ from swarm.wire import NAMES, Header, Limits, Message, decode, non_finite, pack,
 
 PROTOCOL = "swarm.stage.v1"
 MAX_CACHED_REPLIES = 256    # per step: bounds the memory a confused or hostile upstream can make us hold
-_LEN = struct.Struct(">Q")
-Call = Callable[[str, bytes], Awaitable[bytes]]   # (peer id, request frame) -> reply frame
 
 
-class Retry(SwarmError):
-    """A failure another attempt (later, or on another replica) may not meet."""
-
-
-class Refused(SwarmError):
-    """Input no honest peer of this plan sends (a malformed or oversized frame, a stranger, a tensor that
-    is not the boundary's, a banned peer): refused, counted and logged (rate-limited)."""
-
-
-class Poisoned(Refused):
-    """Tensors with NaN or Inf: refused, and their sender banned for a while."""
-
-
-async def read_length(reader: asyncio.StreamReader, timeout_s: float) -> int:
-    return _LEN.unpack(await asyncio.wait_for(reader.readexactly(_LEN.size), timeout_s))[0]
-
-
-async def read_frame(reader: asyncio.StreamReader, limit: int, timeout_s: float) -> bytes:
-    n = await read_length(reader, timeout_s)
-    if n > limit:
-        raise Refused(f"frame of {n} bytes announced (limit {limit})")
-    return await asyncio.wait_for(reader.readexactly(n), timeout_s)
-
-
-def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
-    writer.write(_LEN.pack(len(frame)))
-    writer.write(frame)   # not concatenated: a large reply is not copied once more
-
-
-def error_frame(e: Exception) -> bytes:
-    if isinstance(e, SwarmError):
-        meta = {"message": str(e)[:500], "retry": isinstance(e, Retry)}
-    else:  # a pass that fails on odd input must not take the stage down
-        meta = {"message": f"stage failed: {type(e).__name__}: {str(e)[:300]}", "retry": False}
-    return pack("error", meta, {})[0]
-
-
-def check_reply(reply: Message, what: str) -> Message:
-    if reply.kind == "error":
-        cls = Retry if reply.meta.get("retry") else SwarmError
-        raise cls(f"{what}: {reply.meta.get('message')}")
-    return reply
-
-
-class Gate:
-    """Admission of one protocol's requests, decided from the sender and the announced length before the
-    frame body is read: at most ``per_peer`` requests of one peer and ``total`` in all in progress (from
-    the length prefix until the reply is sent), and at most ``read_bytes`` announced bytes being read at
-    once (one frame is always admitted when nothing else is being read)."""
-
-    def __init__(self, per_peer: int = 8, total: int = 64, read_bytes: int = 64 << 20):
-        self.per_peer, self.total, self.read_bytes = per_peer, total, read_bytes
-        self.active: dict[str, int] = {}   # requests in progress, by peer
-        self.reading = 0                   # announced bytes of the frames being read
-
-    @property
-    def in_progress(self) -> int:
-        return sum(self.active.values())
-
-    def enter(self, peer: str, n: int) -> Retry | None:
-        """Take a place for a request of ``n`` bytes from ``peer`` (None), or say why not."""
-        if self.active.get(peer, 0) >= self.per_peer:
-            return Retry(f"busy: {self.per_peer} requests of this peer in progress")
-        if self.in_progress >= self.total:
-            return Retry(f"busy: {self.total} requests in progress")
-        if self.reading and self.reading + n > self.read_bytes:
-            return Retry(f"busy: {self.reading} bytes being read (budget {self.read_bytes})")
-        self.active[peer] = self.active.get(peer, 0) + 1
-        self.reading += n
-        return None
-
-    def read(self, n: int) -> None:
-        """The frame of ``n`` bytes is read (or its reading failed)."""
-        self.reading -= n
-
-    def leave(self, peer: str) -> None:
-        self.active[peer] -= 1
-        if not self.active[peer]:
-            del self.active[peer]
-
-
-def close_stream(writer: asyncio.StreamWriter) -> None:
-    """Close a stream; one whose reply is still unsent (the caller does not read it) is aborted, so the
-    buffered bytes go now rather than when the peer reads them."""
-    transport = getattr(writer, "transport", None)
-    try:
-        if transport is not None and transport.get_write_buffer_size():
-            transport.abort()
-        else:
-            writer.close()
-    except Exception:   # a stream the daemon already dropped
-        pass
-
-
-Answer = Callable[[bytes], Awaitable["bytes | tuple[bytes, Callable[[], None]]"]]
-
-
-async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Answer, limit: int,
-                    timeout_s: float, gate: Gate | None = None, peer: str = "",
-                    refuse: Callable[[], SwarmError | None] | None = None) -> int:
-    """One request frame in, ``answer``'s reply out; returns the bytes written. After the 8-byte length
-    prefix and before the frame is read, a frame announced above ``limit``, a sender ``refuse()`` names a
-    reason for, or a request ``gate`` has no place for gets an error reply naming it, the frame unread,
-    and this raises. ``answer`` may return ``(reply, release)``: ``release()`` runs once the reply is sent
-    (or could not be). The reply's send has a deadline (``timeout_s``: a caller that does not read it
-    does not hold it longer); then this waits (as long) until the caller has read the reply and hung up:
-    closing first can cut the reply's tail in the daemons."""
-    async def send(reply: bytes) -> int:
-        write_frame(writer, reply)
-        await asyncio.wait_for(writer.drain(), timeout_s)
-        return len(reply) + _LEN.size
-
-    n = await read_length(reader, timeout_s)
-    error = Refused(f"frame of {n} bytes announced (limit {limit})") if n > limit else refuse() if refuse else None
-    if error is None and gate is not None:
-        error = gate.enter(peer, n)
-    if error is not None:   # only the length prefix was read: nothing allocated for the frame
-        try:
-            await send(error_frame(error))
-            await asyncio.wait_for(reader.read(1), timeout_s)
-        except (asyncio.TimeoutError, ConnectionError, OSError):
-            pass
-        raise error
-    release = None
-    try:
-        try:
-            frame = await asyncio.wait_for(reader.readexactly(n), timeout_s)
-        finally:
-            if gate is not None:
-                gate.read(n)
-        reply = await answer(frame)
-        del frame
-        if isinstance(reply, tuple):
-            reply, release = reply
-        sent = await send(reply)
-        del reply
-    finally:
-        if release is not None:
-            release()
-        if gate is not None:
-            gate.leave(peer)
-    await asyncio.wait_for(reader.read(1), timeout_s)
-    return sent
-
-
-def stream_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0, protocol: str = PROTOCOL) -> Call:
-    """``call(peer, frame) -> reply frame`` over a new libp2p stream per request; transport failures
-    (dial, reset, time-out) raise ``Retry``."""
-    from hivemind.p2p import PeerID
-
-    async def call(peer: str, frame: bytes) -> bytes:
-        async def exchange() -> bytes:
-            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
-            try:
-                write_frame(writer, frame)
-                await writer.drain()
-                return await read_frame(reader, limits.max_frame_bytes, timeout_s)
-            finally:
-                writer.close()
-        try:
-            return await asyncio.wait_for(exchange(), timeout_s)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, struct.error) as e:
-            raise Retry(f"peer {peer[-8:]} unreachable ({type(e).__name__})") from None
-        except SwarmError:
-            raise
-        except Exception as e:   # hivemind's daemon errors (failed to dial, ...)
-            raise Retry(f"peer {peer[-8:]} unreachable ({' '.join(str(e).split())[:120]})") from None
-    return call
+def stage_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0) -> Call:
+    """``call(peer, frame) -> reply frame`` of the stage protocol over libp2p (``swarm.net.streams``)."""
+    return stream_caller(p2p, limits.max_frame_bytes, timeout_s, PROTOCOL)
 
 
 def local_caller(me: str, servers: dict) -> Call:
     """``call`` between stage servers of one process (tests, benchmarks): the same frames, no daemon."""
     async def call(peer: str, frame: bytes) -> bytes:
         if peer not in servers:
-            raise Retry(f"peer {peer[-8:]} unreachable (not in this process)")
+            raise PeerUnavailable(f"peer {peer[-8:]} unreachable (not in this process)")
         return await servers[peer].answer(frame, me)
     return call
 
@@ -315,7 +150,7 @@ class Counters:
     act_wire: int = 0           # ... and as they crossed the wire (AdaTopK's achieved ratio: raw / wire)
     errors: int = 0
     retries: int = 0
-    refused: int = 0            # requests and replies refused as hostile or broken (Refused), of which ...
+    refused: int = 0            # requests and replies refused as hostile or broken (RemoteProtocolError), of which ...
     poisoned: int = 0           # ... carried NaN or Inf (their senders banned)
     skipped_steps: int = 0      # optimizer steps not applied: the update was not finite
     compute_s: float = 0.0      # forward + backward seconds, over ...
@@ -391,28 +226,29 @@ class StageServer:
             self.counters.sent(peer, sent, reduce=peer in self.peers.replicas)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, SwarmError, struct.error, OSError) as e:
             self.counters.errors += 1
-            if isinstance(e, Refused):
+            if isinstance(e, RemoteProtocolError):
                 self.counters.refused += 1
             what = str(e) if isinstance(e, SwarmError) else \
                 "the stream ended inside a frame" if isinstance(e, asyncio.IncompleteReadError) else \
                 "no frame or hang-up in time" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
-            self.refusals.note(peer, "busy" if isinstance(e, Retry) else "stream", what)
+            self.refusals.note(peer, "busy" if isinstance(e, PeerUnavailable) else "stream", what)
         finally:
             close_stream(writer)
 
     def _refuse_stream(self, peer: str) -> SwarmError | None:
         """Why a stream from ``peer`` is refused after its length prefix, the frame unread (None: read it)."""
         if self.bans.banned(peer):
-            return Refused(f"peer {short(peer)} is banned for a while ({self.bans.until[peer][1]})")
+            return RemoteProtocolError(f"peer {short(peer)} is banned for a while ({self.bans.until[peer][1]})")
         if peer not in self.allowed:
-            return Refused(f"peer {short(peer)} is not a previous-stage replica or a replica of stage {self.worker.stage.io.index}")
+            return RemoteProtocolError(f"peer {short(peer)} is not a previous-stage replica or a replica of stage "
+                                       f"{self.worker.stage.io.index}")
         return None
 
     async def answer(self, frame: bytes, sender: str) -> bytes:
         """The reply frame to a request frame from ``sender`` (authenticated peer id): never raises."""
         if self.slots <= 0:
             self.counters.errors += 1
-            return error_frame(Retry("stage busy: too many requests in progress"))
+            return error_frame(PeerUnavailable("stage busy: too many requests in progress"))
         self.slots -= 1
         kind = "frame"
         try:
@@ -421,14 +257,14 @@ class StageServer:
             try:
                 header = read_header(frame, self.limits)
             except SwarmError as e:
-                raise Refused(str(e)) from None
+                raise RemoteProtocolError(str(e)) from None
             kind = header.kind if header.kind in ("forward", "step", "reduce") else "request"
             if header.kind in ("forward", "step"):   # the first stage is driven by its own node
                 self._check_sender(sender, self.peers.upstream or (self.peers.me,), "a previous-stage replica")
             elif header.kind == "reduce":
                 self._check_sender(sender, tuple(p for p in self.peers.replicas if p != self.peers.me), "a replica")
             else:
-                raise Refused(f"unknown request kind '{header.kind}'")
+                raise RemoteProtocolError(f"unknown request kind '{header.kind}'")
             step = header.meta.get("step")
             if header.kind == "step" and type(step) is int and step == self.worker.step_id - 1:
                 return pack("stepped", {"step": step}, {})[0]   # a repeat whose first reply was lost
@@ -437,13 +273,13 @@ class StageServer:
             del frame
             await self._reach(step)
             if msg.kind == "forward" and self.draining and not self.replies:
-                raise Retry("stage leaving: it takes no new step")
+                raise PeerUnavailable("stage leaving: it takes no new step")
             if msg.kind == "forward":
                 return await self._forward(msg, msg.meta.get("mb"))
             return await (self._step(step, sender) if msg.kind == "step" else self._reduce(msg, sender))
         except Exception as e:
             self.counters.errors += 1
-            if isinstance(e, Refused):
+            if isinstance(e, RemoteProtocolError):
                 self.counters.refused += 1
                 self.refusals.note(sender, kind, str(e))
             elif not isinstance(e, SwarmError):   # a pass that failed on odd input
@@ -459,32 +295,32 @@ class StageServer:
         shapes = header.shapes()
         if header.kind == "step":
             if shapes:
-                raise Refused("a step request carries no tensors")
+                raise RemoteProtocolError("a step request carries no tensors")
         elif header.kind == "reduce":
             part = header.meta.get("part")
             if type(part) is not int or part != self.peers.replicas.index(self.peers.me):
-                raise Refused(f"part {part!r} is not owned by this replica")
+                raise RemoteProtocolError(f"part {part!r} is not owned by this replica")
             lo, hi = parts(self.flat_numel, len(self.peers.replicas))[part]
             if shapes != {"g": ([hi - lo], "float32", "raw")}:
-                raise Refused(f"a reduce request carries exactly one tensor 'g' (float32 [{hi - lo}], raw), "
+                raise RemoteProtocolError(f"a reduce request carries exactly one tensor 'g' (float32 [{hi - lo}], raw), "
                               f"not {str(shapes)[:120]}")
         else:
             inputs = sorted((k for k in shapes if k.startswith("x") and k[1:].isdigit()), key=lambda k: int(k[1:]))
             others = set(shapes) - set(inputs) - {"targets"}
             if others or inputs != [f"x{i}" for i in range(len(inputs))]:
-                raise Refused(f"a forward request carries inputs x0, x1, ... without gaps (and targets), "
+                raise RemoteProtocolError(f"a forward request carries inputs x0, x1, ... without gaps (and targets), "
                               f"not {sorted(shapes)[:8]}")
             try:
                 self.worker.check_inputs([(shapes[k][0], shapes[k][1]) for k in inputs])
             except SwarmError as e:
-                raise Refused(str(e)) from None
+                raise RemoteProtocolError(str(e)) from None
 
     def _decode(self, frame: bytes, header: Header, sender: str, masks: dict | None = None) -> Message:
         """``decode``, refusing tensors with NaN or Inf (their sender is banned for a while)."""
         try:
             msg = decode(frame, header, self.limits, masks)
         except SwarmError as e:
-            raise Refused(str(e)) from None
+            raise RemoteProtocolError(str(e)) from None
         bad = non_finite(msg.tensors)
         if bad is not None:
             self.bans.ban(sender, f"sent {header.kind} with NaN/Inf")
@@ -508,15 +344,15 @@ class StageServer:
                 try:
                     await asyncio.wait_for(self.advanced.wait_for(lambda: self.worker.step_id >= step), self.timeout_s)
                 except asyncio.TimeoutError:
-                    raise Retry(f"step {step} requested, but this stage is still at step {current}") from None
+                    raise PeerUnavailable(f"step {step} requested, but this stage is still at step {current}") from None
             current = self.worker.step_id
         if not isinstance(step, int) or step != current:
-            raise (Retry if isinstance(step, int) and step > current else SwarmError)(
+            raise (PeerUnavailable if isinstance(step, int) and step > current else SwarmError)(
                 f"step {step!r} is not the current step {current}")
 
     def _check_sender(self, sender: str, allowed: tuple[str, ...], what: str) -> None:
         if sender not in allowed:
-            raise Refused(f"peer {sender[-8:]} is not {what} of stage {self.worker.stage.io.index}")
+            raise RemoteProtocolError(f"peer {sender[-8:]} is not {what} of stage {self.worker.stage.io.index}")
 
     async def _run(self, backward: bool, fn, *args):
         """``fn(*args)`` on the compute thread (1F1B: backward work first)."""
@@ -613,7 +449,7 @@ class StageServer:
             sent_at = time.perf_counter()
             try:
                 reply_frame = await self.call(peer, frame)
-            except Retry as e:
+            except PeerUnavailable as e:
                 self.banned[peer], last_error = time.monotonic() + 10.0, e
                 self.counters.retries += 1
                 continue
@@ -622,7 +458,7 @@ class StageServer:
             started = time.perf_counter()
             try:
                 reply = self._reply(reply_frame, peer, "grads", expect, {f"g{k[1:]}": m for k, m in masks.items()})
-            except Refused as e:   # a broken or hostile replica: the micro-batch goes to the next one
+            except RemoteProtocolError as e:   # a broken or hostile replica: the micro-batch goes to the next one
                 last_error = e
                 if not isinstance(e, Poisoned):
                     self.banned[peer] = time.monotonic() + 10.0
@@ -633,11 +469,11 @@ class StageServer:
             if ratio > 1 and self.policy is not None:
                 self.policy.observe_codec(raw, encode_s + time.perf_counter() - started)
             sent, grads = sizes(frame), [k for k in reply.tensors if k.startswith("g")]
-            self.counters.sent(peer, len(frame) + _LEN.size)
+            self.counters.sent(peer, len(frame) + PREFIX_BYTES)
             self.counters.act_raw += raw + sum(reply.tensors[k].numel() * reply.tensors[k].element_size() for k in grads)
             self.counters.act_wire += sum(sent[k] for k in floats) + sum(reply.sizes[k] for k in grads)
             return reply
-        raise Retry(f"no replica of stage {self.worker.stage.io.index + 1} reachable ({last_error})")
+        raise PeerUnavailable(f"no replica of stage {self.worker.stage.io.index + 1} reachable ({last_error})")
 
     def _observe_delivered(self, peer: str, rtt: float, queued: int, reply: Message, nbytes: int) -> None:
         """The compute ``peer`` delivered on one call (``Counters.delivered``, TFLOP/s, smoothed): the next
@@ -663,14 +499,14 @@ class StageServer:
             try:
                 header = read_header(frame, self.limits)
             except SwarmError as e:
-                raise Refused(str(e)) from None
+                raise RemoteProtocolError(str(e)) from None
             if header.kind not in (kind, "error"):
-                raise Refused(f"a {header.kind!r} reply where {kind!r} was expected")
+                raise RemoteProtocolError(f"a {header.kind!r} reply where {kind!r} was expected")
             for name, (shape, dtype, _) in header.shapes().items():
                 if name not in expect or (shape, dtype) != tuple(expect[name]):
-                    raise Refused(f"{kind}: tensor '{name}' {dtype} {shape[:8]} is not one this stage expects")
+                    raise RemoteProtocolError(f"{kind}: tensor '{name}' {dtype} {shape[:8]} is not one this stage expects")
             return self._decode(frame, header, peer, masks)
-        except Refused as e:
+        except RemoteProtocolError as e:
             self.counters.refused += 1
             self.refusals.note(peer, f"{kind} reply", str(e))
             raise
@@ -685,7 +521,7 @@ class StageServer:
         try:   # the other previous-stage replicas may still be at work
             await asyncio.wait_for(all_in.wait(), self.timeout_s)
         except asyncio.TimeoutError:
-            raise Retry(f"step {step}: not every previous-stage replica finished in time") from None
+            raise PeerUnavailable(f"step {step}: not every previous-stage replica finished in time") from None
         await asyncio.wait_for(asyncio.shield(self.finishing[step]), self.timeout_s)
         if sender != self.peers.me:   # a previous stage hears once the step reached the end of the pipeline
             await asyncio.wait_for(self.settle(), self.timeout_s)
@@ -726,7 +562,7 @@ class StageServer:
                     check_reply(self._reply(await self.call(peer, pack("step", {"step": step}, {})[0]), peer, "stepped", {}),
                                 f"step at stage {self.worker.stage.io.index + 1}")
                     return
-                except Retry:
+                except PeerUnavailable:
                     if time.monotonic() + delay > deadline:
                         raise
                 await asyncio.sleep(delay)   # back-off: the peer may be restarting
@@ -756,11 +592,11 @@ class StageServer:
                 if j == mine:
                     return await asyncio.wait_for(asyncio.shield(self.rounds[step].done), self.timeout_s)
                 frame = pack("reduce", {"step": step, "part": j}, {"g": flat[slice(*bounds[j])]})[0]
-                self.counters.sent(replicas[j], len(frame) + _LEN.size, reduce=True)
+                self.counters.sent(replicas[j], len(frame) + PREFIX_BYTES, reduce=True)
                 size = bounds[j][1] - bounds[j][0]
                 try:
                     reply = self._reply(await self.call(replicas[j], frame), replicas[j], "reduced", {"g": ([size], "float32")})
-                except Refused as e:
+                except RemoteProtocolError as e:
                     raise SwarmError(f"all-reduce: replica {replicas[j][-8:]} sent a malformed sum ({e})") from None
                 total = check_reply(reply, "all-reduce").tensors.get("g")
                 if total is None:
@@ -829,7 +665,7 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
                     loss = float(check_reply(unpack(await first.answer(frame, me), first.limits), "pipeline").meta["loss"])
                     done[mb] = loss
                     return loss
-                except Retry:
+                except PeerUnavailable:
                     if time.monotonic() + delay > deadline:
                         raise
             await asyncio.sleep(delay)   # back-off before the next attempt (a peer restarting, a plan being adopted)

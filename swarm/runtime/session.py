@@ -26,7 +26,7 @@ from swarm.dag.trace import TracedModel
 from swarm.data import training_data
 from swarm.errors import SwarmError
 from swarm.refusals import Bans
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stream_caller, train_step
+from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stage_caller, train_step
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
@@ -89,7 +89,7 @@ class TrainingSession:
                                 codec_s_per_byte=1 / measure_codec_rate() if comp.mode == "auto" else None)
         self.policy = policy
         self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream, plan.micro_batches),
-                                  stream_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
+                                  stage_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
                                   self.training.timeout_s, self.training.schedule, admit=admit, log=log, bans=bans)
         if not last:   # what the next stage's holders deliver is measured on every call (planning checks claims with it)
             nxt, dag = plan.stages[self.index + 1], traced.dag

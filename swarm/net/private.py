@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm.auth import Credential, create_authority, issue_credential, load_authority, load_identity
 from swarm.errors import SwarmError
+from swarm.net.auth import Credential, create_authority, issue_credential, load_authority, load_identity
 
 
 @dataclass(frozen=True)

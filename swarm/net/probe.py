@@ -68,8 +68,10 @@ class LinkProber:
                 self.busy = False
             writer.close()
 
-    async def probe_once(self, peer: PeerID, n_bytes: int, timeout_s: float = 30.0) -> float:
-        """Seconds from the first byte sent to the callee's answer."""
+    async def probe_once(self, peer: PeerID | str, n_bytes: int, timeout_s: float = 30.0) -> float:
+        """Seconds from the first byte sent to the callee's answer (``peer``: a PeerID or its base58)."""
+        peer = PeerID.from_base58(peer) if isinstance(peer, str) else peer
+
         async def transfer() -> float:
             _, reader, writer = await self.p2p.call_binary_stream_handler(peer, PROBE)
             try:
@@ -91,12 +93,12 @@ class LinkProber:
 
         return await asyncio.wait_for(transfer(), timeout_s)
 
-    async def ping(self, peer: PeerID, timeout_s: float) -> float:
+    async def ping(self, peer: PeerID | str, timeout_s: float) -> float:
         """Seconds an empty probe took: the peer answers it even while it is in another probe (a
         liveness check: ``swarm.liveness``). Raises on no answer within ``timeout_s``."""
         return await self.probe_once(peer, 0, timeout_s)
 
-    async def measure(self, peer: PeerID, target_s: float = 1.0, first_bytes: int = 64 << 10) -> tuple[float, float]:
+    async def measure(self, peer: PeerID | str, target_s: float = 1.0, first_bytes: int = 64 << 10) -> tuple[float, float]:
         """(bandwidth_bps, rtt_s) to ``peer``: probes grow until one takes a tenth of ``target_s``; the
         last probe is then sized to take ``target_s`` (short probes read high: buffers absorb them)."""
         if self.busy:

@@ -1,0 +1,233 @@
+"""The messages of swarm's protocols, typed: the one place that knows message kinds and tensor names.
+
+Every message is one wire frame (``swarm.wire``, docs/wire.md: byte format unchanged) of a ``kind``,
+scalar ``meta`` and named tensors. Stage protocol ``swarm.stage.v1`` (docs/runtime.md):
+
+- ``Forward`` {step, mb, scale}: a micro-batch's activations ``x0, x1, ...`` and, for the stages
+  after the first, its ``targets``. Answered by ``Grads`` {step, mb, loss, wait_s}: the gradient
+  with respect to those inputs, ``g0, g1, ...`` (sent on the forward's AdaTopK masks).
+- ``Step`` {step}: every previous-stage replica is done with the step. Answered by ``Stepped``.
+- ``Reduce`` {step, part}: a replica's part ``g`` of the flat gradient, for the part's owner.
+  Answered by ``Reduced`` {step, part}: the sum ``g`` over all replicas.
+
+State protocol ``swarm.state.v1`` (docs/churn.md):
+
+- ``Fetch`` {op}: answered by ``State`` {op, step} with the op's tensors (``p:``, ``b:``, ``o:``,
+  ``g:`` prefixed names of ``swarm.runtime.state``).
+- ``Snapshot`` {op, step} with the op's tensors (no ``g:``): answered by ``Kept`` {op, step}.
+
+Any request may be answered by ``ErrorReply`` {message, retry}. ``retry`` tells the caller that
+another attempt (later, or on another replica) may succeed (``PeerUnavailable``); otherwise the
+request was refused (``RemoteProtocolError``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.compression.adatopk import ChannelScale
+from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
+from swarm.wire import Header, Message, pack
+
+FORWARD, GRADS, STEP, STEPPED = "forward", "grads", "step", "stepped"
+REDUCE, REDUCED, ERROR = "reduce", "reduced", "error"
+FETCH, STATE, SNAPSHOT, KEPT = "fetch", "state", "snapshot", "kept"
+STAGE_REQUESTS = (FORWARD, STEP, REDUCE)
+STATE_REQUESTS = (FETCH, SNAPSHOT)
+TARGETS = "targets"
+PART = "g"   # the one tensor of a reduce request and its reply
+
+
+def input_name(i: int) -> str:
+    return f"x{i}"
+
+
+def grad_name(i: int) -> str:
+    return f"g{i}"
+
+
+def input_names(header: Header) -> list[str] | None:
+    """The names of a forward request's inputs, in order, if they are ``x0, x1, ...`` without gaps
+    beside at most ``targets`` (None otherwise)."""
+    shapes = header.shapes()
+    inputs = sorted((k for k in shapes if k.startswith("x") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    if set(shapes) - set(inputs) - {TARGETS} or inputs != [input_name(i) for i in range(len(inputs))]:
+        return None
+    return inputs
+
+
+@dataclass
+class Forward:
+    step: int
+    mb: int
+    scale: float
+    inputs: list[torch.Tensor]
+    targets: torch.Tensor | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)   # AdaTopK kept positions, by input name
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {input_name(i): x for i, x in enumerate(self.inputs)}
+        if self.targets is not None:
+            out[TARGETS] = self.targets
+        return out
+
+    def to_frame(self, ratio: float = 1.0, scales: ChannelScale | None = None) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """(frame, masks used by name): floating-point tensors AdaTopK-compressed at ``ratio`` (> 1)."""
+        tensors = self.tensors()
+        ratios = {k: ratio for k, t in tensors.items() if t.is_floating_point()}
+        return pack(FORWARD, {"step": self.step, "mb": self.mb, "scale": self.scale}, tensors, ratios=ratios,
+                    scales=scales)
+
+    @classmethod
+    def from_message(cls, msg: Message) -> Forward:
+        n = len([k for k in msg.tensors if k.startswith("x")])
+        inputs = [msg.tensors.get(input_name(i)) for i in range(n)]
+        if any(t is None for t in inputs):
+            raise RemoteProtocolError("inputs must be named x0, x1, ... without gaps")
+        mb, scale = msg.meta.get("mb"), msg.meta.get("scale", 1.0)
+        if not isinstance(mb, int) or isinstance(mb, bool) or mb < 0:
+            raise RemoteProtocolError(f"bad micro-batch id {mb!r}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
+            raise RemoteProtocolError(f"bad loss scale {scale!r}")
+        masks = {k: m for k, m in msg.masks.items()}
+        return cls(msg.meta["step"], mb, float(scale), inputs, msg.tensors.get(TARGETS), masks)
+
+    def raw_bytes(self) -> int:
+        """Bytes of the floating-point tensors uncompressed (the activations a codec works on)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t.is_floating_point())
+
+
+@dataclass
+class Grads:
+    step: int
+    mb: int
+    loss: float | None
+    grads: list[torch.Tensor | None]
+    wait_s: float = 0.0   # seconds of the round trip this stage spent waiting on its next stage
+
+    def to_frame(self, forward_masks: dict[str, torch.Tensor] | None = None) -> bytes:
+        """The reply frame; each gradient goes back on its input's AdaTopK mask (no indices)."""
+        masks = forward_masks or {}
+        reuse = {grad_name(i): masks[input_name(i)] for i in range(len(self.grads)) if input_name(i) in masks}
+        meta = {"step": self.step, "mb": self.mb, "loss": self.loss, "wait_s": self.wait_s}
+        return pack(GRADS, meta, {grad_name(i): g for i, g in enumerate(self.grads) if g is not None}, reuse=reuse)[0]
+
+    @classmethod
+    def from_message(cls, msg: Message, n_inputs: int) -> Grads:
+        return cls(msg.meta.get("step"), msg.meta.get("mb"), msg.meta.get("loss"),
+                   [msg.tensors.get(grad_name(i)) for i in range(n_inputs)], msg.meta.get("wait_s", 0.0))
+
+    @staticmethod
+    def expected(outputs: list[torch.Tensor]) -> dict[str, tuple[list[int], str]]:
+        """name -> (shape, dtype name) of the gradients a reply to these outputs may carry."""
+        from swarm.wire import NAMES
+        return {grad_name(i): (list(o.shape), NAMES[o.dtype]) for i, o in enumerate(outputs) if o.dtype in NAMES}
+
+    @staticmethod
+    def masks_for(forward_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The masks a ``Grads`` reply is decoded with: the forward's, renamed to the gradients."""
+        return {grad_name(int(k[1:])): m for k, m in forward_masks.items() if k.startswith("x")}
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+
+    def to_frame(self) -> bytes:
+        return pack(STEP, {"step": self.step}, {})[0]
+
+
+@dataclass(frozen=True)
+class Stepped:
+    step: int
+
+    def to_frame(self) -> bytes:
+        return pack(STEPPED, {"step": self.step}, {})[0]
+
+
+@dataclass
+class Reduce:
+    step: int
+    part: int
+    g: torch.Tensor
+
+    def to_frame(self) -> bytes:
+        return pack(REDUCE, {"step": self.step, "part": self.part}, {PART: self.g})[0]
+
+
+@dataclass
+class Reduced:
+    step: int
+    part: int
+    g: torch.Tensor
+
+    def to_frame(self) -> bytes:
+        return pack(REDUCED, {"step": self.step, "part": self.part}, {PART: self.g})[0]
+
+
+@dataclass(frozen=True)
+class Fetch:
+    op: str
+
+    def to_frame(self) -> bytes:
+        return pack(FETCH, {"op": self.op}, {})[0]
+
+
+@dataclass
+class State:
+    op: str
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+    def to_frame(self) -> bytes:
+        return pack(STATE, {"op": self.op, "step": self.step}, self.tensors)[0]
+
+
+@dataclass
+class Snapshot:
+    op: str
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+    def to_frame(self) -> bytes:
+        return pack(SNAPSHOT, {"op": self.op, "step": self.step}, self.tensors)[0]
+
+
+@dataclass(frozen=True)
+class Kept:
+    op: str
+    step: int
+
+    def to_frame(self) -> bytes:
+        return pack(KEPT, {"op": self.op, "step": self.step}, {})[0]
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    message: str
+    retry: bool = False
+
+    def to_frame(self) -> bytes:
+        return pack(ERROR, {"message": self.message, "retry": self.retry}, {})[0]
+
+    @classmethod
+    def of(cls, e: BaseException) -> ErrorReply:
+        if isinstance(e, SwarmError):
+            return cls(str(e)[:500], isinstance(e, PeerUnavailable))
+        # a pass that fails on odd input must not take the stage down
+        return cls(f"stage failed: {type(e).__name__}: {str(e)[:300]}")
+
+
+def error_frame(e: BaseException) -> bytes:
+    """The ``error`` reply naming ``e`` (``retry`` set where another attempt may succeed)."""
+    return ErrorReply.of(e).to_frame()
+
+
+def check_reply(reply: Message, what: str) -> Message:
+    """``reply`` unless it is an error reply: then ``PeerUnavailable`` (retry set) or
+    ``RemoteProtocolError`` (the peer refused the request), naming ``what`` was asked."""
+    if reply.kind == ERROR:
+        cls = PeerUnavailable if reply.meta.get("retry") else RemoteProtocolError
+        raise cls(f"{what}: {reply.meta.get('message')}")
+    return reply
