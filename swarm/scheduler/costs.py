@@ -28,16 +28,25 @@ micro-batches (comparable between plans with different ``|R_0|``)::
 
 Each link then gets the *smallest* ratio that keeps it within the bottleneck (compress no harder
 than needed: fewer dropped values, better accuracy), and none if raw transfer already fits.
+
+``in_flight`` is what the runtime keeps (``in_flight``): all ``M`` under GPipe; under 1F1B as many as
+one micro-batch's ``trip`` lasts in bottleneck intervals, plus one, at least one per stage and at most
+``M``. Every formula above is written once, here, over numpy arrays: the exact model (``plan.evaluate``)
+calls it on one stage, the search (``opfence``) on every segment range at once.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from swarm.dag.graph import OpDAG
 from swarm.errors import SwarmError
-from swarm.estimator.workload import OPTIMIZER_STATES
+
+# Optimizer state in parameter-sized fp32 tensors: Adam keeps two moments, SGD (momentum) one.
+OPTIMIZER_STATES = {"adam": 2, "sgd": 1}
+SCHEDULES = ("gpipe", "1f1b")   # micro-batch orders the runtime runs (swarm.runtime.schedule)
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,9 @@ class PeerSpec:
 @dataclass(frozen=True)
 class PlanSettings:
     micro_batches: int = 8              # M: micro-batches per optimizer step and first-stage replica
-    in_flight: int = 4                  # micro-batches whose activations a stage holds at once
+    in_flight: int | None = None        # micro-batches whose activations a stage holds at once (None: what
+                                        # the runtime keeps under ``schedule``, see ``in_flight``)
+    schedule: str = "1f1b"              # the runtime's micro-batch order: gpipe | 1f1b
     optimizer: str = "adam"
     kernel_overhead_s: float = 10e-6    # per launched kernel (dominates small ops on CPU)
     max_ratio: float = 16.0             # AdaTopK's hardest compression
@@ -64,12 +75,38 @@ class PlanSettings:
     max_replicas: int = 0               # peers per stage at most (0: no limit; the rest become spares)
 
     def __post_init__(self) -> None:
-        if self.micro_batches < 1 or self.in_flight < 1 or self.max_stages < 1 or self.max_ratio < 1:
+        if self.micro_batches < 1 or (self.in_flight or 1) < 1 or self.max_stages < 1 or self.max_ratio < 1:
             raise SwarmError("plan settings: micro_batches, in_flight, max_stages and max_ratio must be >= 1")
         if self.stages < 0:
             raise SwarmError("plan settings: stages must be >= 0 (0: chosen by the scheduler)")
         if self.optimizer not in OPTIMIZER_STATES:
             raise SwarmError(f"plan settings: unknown optimizer '{self.optimizer}'")
+        if self.schedule not in SCHEDULES:
+            raise SwarmError(f"plan settings: unknown schedule '{self.schedule}' (choose {' or '.join(SCHEDULES)})")
+
+    def held(self, stages: int, trip_s: float, bottleneck_s: float, first_replicas: int = 1) -> int:
+        """Micro-batches a stage holds at once in a plan of this shape (``in_flight`` unless fixed)."""
+        return self.in_flight or in_flight(self.schedule, self.micro_batches, stages, trip_s, bottleneck_s,
+                                           first_replicas)
+
+    @property
+    def fewest_held(self) -> int:
+        """The fewest any plan holds: one stage whose round trip is its own compute (the search's
+        memory filter, which cannot know the plan's round trip; ``evaluate`` checks the real count)."""
+        return self.held(1, 1.0, 1.0)
+
+
+def in_flight(schedule: str, micro_batches: int, stages: int, trip_s: float, bottleneck_s: float,
+              first_replicas: int = 1) -> int:
+    """Micro-batches a first-stage replica keeps in flight, so the most a stage holds at once: all
+    ``micro_batches`` under GPipe; under 1F1B (Little's law) as many as one micro-batch's round trip
+    ``trip_s`` through every stage and link lasts in bottleneck intervals, plus one for the RPC latency
+    the model does not price, so the slowest resource never waits for work; at least one per stage, at
+    most all of them. The planner prices memory with it and the runtime drives with it."""
+    if schedule == "gpipe":
+        return micro_batches
+    need = math.ceil(trip_s / (bottleneck_s * first_replicas) - 1e-9) + 1 if bottleneck_s > 0 else stages
+    return max(stages, min(micro_batches, need))
 
 
 @dataclass(frozen=True)
@@ -129,11 +166,11 @@ class Workload:
         return Workload(self.names, stops, self.flops, self.kernels, self.param_bytes, self.buffer_bytes,
                         self.act_bytes, self.cut_bytes, self.model)
 
-    def memory(self, a, b, settings: PlanSettings):
-        """Bytes one replica of segments ``[a, b)`` needs (arrays broadcast)."""
+    def memory(self, a, b, settings: PlanSettings, held: int):
+        """Bytes one replica of segments ``[a, b)`` needs holding ``held`` micro-batches (arrays broadcast)."""
         params = self.param_bytes[b] - self.param_bytes[a]
         return ((2 + OPTIMIZER_STATES[settings.optimizer]) * params + self.buffer_bytes[b] - self.buffer_bytes[a]
-                + (self.act_bytes[b] - self.act_bytes[a]) * settings.in_flight)
+                + (self.act_bytes[b] - self.act_bytes[a]) * held)
 
 
 @dataclass(frozen=True)
@@ -169,30 +206,10 @@ class Swarm:
         return float(self.bandwidth[np.ix_(a, b)].min())
 
 
-@dataclass(frozen=True)
-class StageCosts:
-    compute_s: float
-    memory_bytes: float
-    allreduce_s: float
-
-
 def rpc_s(cores: list[float | None], settings: PlanSettings) -> float:
     """Seconds of a replica's time one pipeline call costs at one end: its CPU work at the CPU share
     of the slowest replica (a saturated node under a quota of ``c < 1`` cores pays ``1 / c`` of it)."""
     return settings.rpc_cpu_s / min([1.0] + [c for c in cores if c])
-
-
-def stage_costs(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list[int],
-                settings: PlanSettings) -> StageCosts:
-    a, b = segs
-    tflops = group_tflops([swarm.peers[p].tflops for p in replicas])
-    r = len(replicas)
-    calls = (a > 0) + (b < w.n)   # the request in from the previous stage, the one out to the next
-    compute = (w.flops[b] - w.flops[a]) / (tflops * 1e12) + (w.kernels[b] - w.kernels[a]) * settings.kernel_overhead_s / r \
-        + calls * rpc_s([swarm.peers[p].cpu_cores for p in replicas], settings) / r
-    params = w.param_bytes[b] - w.param_bytes[a]
-    allreduce = 2 * (r - 1) / r * params * 8 / swarm.min_bw(replicas, replicas) if r > 1 else 0.0
-    return StageCosts(float(compute), float(w.memory(a, b, settings)), float(allreduce))
 
 
 def group_tflops(tflops: list[float]) -> float:
@@ -200,17 +217,47 @@ def group_tflops(tflops: list[float]) -> float:
     return len(tflops) * min(tflops)
 
 
-def link_time(cut_bytes: float, bw_bps: float, flows: int, ratio: float, settings: PlanSettings) -> float:
-    """Seconds per micro-batch for activation + gradient over ``flows`` parallel pairs at ``ratio``."""
+def calls(w: Workload, a, b):
+    """Pipeline calls per micro-batch of segments ``[a, b)``: the request in from the previous stage,
+    the one out to the next (arrays broadcast)."""
+    return (np.asarray(a) > 0).astype(np.float64) + (np.asarray(b) < w.n)
+
+
+def compute_time(w: Workload, a, b, tflops: float, replicas: int, rpc: float, settings: PlanSettings):
+    """``compute_s`` of segments ``[a, b)`` on replicas achieving ``tflops`` together, with ``rpc``
+    seconds per pipeline call (arrays broadcast)."""
+    return ((w.flops[b] - w.flops[a]) / (tflops * 1e12) + (w.kernels[b] - w.kernels[a]) * settings.kernel_overhead_s
+            / replicas + calls(w, a, b) * rpc / replicas)
+
+
+def allreduce_time(param_bytes, replicas: int, inner_bw: float):
+    """Seconds of one ring all-reduce of ``param_bytes`` among ``replicas`` over ``inner_bw`` bits/s."""
+    return 2 * (replicas - 1) / replicas * param_bytes * 8 / inner_bw if replicas > 1 else 0.0 * param_bytes
+
+
+def stage_times(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list[int],
+                settings: PlanSettings) -> tuple[float, float]:
+    """(``compute_s``, ``allreduce_s``) of one stage: segments ``segs`` on peers ``replicas``."""
+    (a, b), r = segs, len(replicas)
+    compute = compute_time(w, a, b, group_tflops([swarm.peers[p].tflops for p in replicas]), r,
+                           rpc_s([swarm.peers[p].cpu_cores for p in replicas], settings), settings)
+    inner = swarm.min_bw(replicas, replicas) if r > 1 else 1.0
+    return float(compute), float(allreduce_time(w.param_bytes[b] - w.param_bytes[a], r, inner))
+
+
+def link_time(cut_bytes, bw_bps: float, flows: int, ratio: float, settings: PlanSettings):
+    """Seconds per micro-batch for activation + gradient over ``flows`` parallel pairs at ``ratio``
+    (``cut_bytes`` may be an array)."""
     raw = 2 * cut_bytes * 8 / (bw_bps * flows)
     if ratio <= 1.0:
         return raw
     return raw / ratio + 2 * cut_bytes / (settings.codec_bytes_per_s * flows)
 
 
-def best_link_time(cut_bytes: float, bw_bps: float, flows: int, settings: PlanSettings) -> float:
-    return min(link_time(cut_bytes, bw_bps, flows, 1.0, settings),
-               link_time(cut_bytes, bw_bps, flows, settings.max_ratio, settings))
+def best_link_time(cut_bytes, bw_bps: float, flows: int, settings: PlanSettings):
+    """The faster of raw transfer and the hardest compression (``cut_bytes`` may be an array)."""
+    return np.minimum(link_time(cut_bytes, bw_bps, flows, 1.0, settings),
+                      link_time(cut_bytes, bw_bps, flows, settings.max_ratio, settings))
 
 
 def ratio_for(cut_bytes: float, bw_bps: float, flows: int, target_s: float, settings: PlanSettings) -> float:

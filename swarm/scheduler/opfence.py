@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from swarm.scheduler.costs import PlanSettings, Swarm, Workload, group_tflops, rpc_s
+from swarm.scheduler.costs import PlanSettings, Swarm, Workload, allreduce_time, best_link_time, compute_time, group_tflops, rpc_s
 from swarm.scheduler.fences import chain_orders, fence_bandwidth, fence_levels
 from swarm.scheduler.plan import Plan, evaluate
 
@@ -61,32 +61,30 @@ class _Units:
 
 class _Ranges:
     """Proxy costs of every segment range ``[i, i')`` (an ``n x n+1`` matrix, inf where it does not
-    fit) and of every cut, for a replica group: the DP's and the re-cut's common arithmetic."""
+    fit) and of every cut, for a replica group: the DP's and the re-cut's common arithmetic, with the
+    cost model's own formulas (``costs``) over all ranges at once. Memory is filtered at the fewest
+    micro-batches any plan keeps in flight; ``evaluate`` prices the plan's real count."""
 
     def __init__(self, w: Workload, settings: PlanSettings):
         self.w, self.settings, n = w, settings, w.n
         self.lo, self.hi = np.triu_indices(n + 1, 1)
-        pick = lambda arr: arr[self.hi] - arr[self.lo]  # noqa: E731
-        self.flops, self.kernels, self.params = pick(w.flops), pick(w.kernels), pick(w.param_bytes)
-        self.memory = w.memory(self.lo, self.hi, settings)
+        self.params = w.param_bytes[self.hi] - w.param_bytes[self.lo]
+        self.memory = w.memory(self.lo, self.hi, settings, settings.fewest_held)
 
     def stage(self, tflops: float, replicas: int, inner_bw: float, memory: float, rpc: float) -> np.ndarray:
         """Compute (with ``rpc`` seconds per pipeline call) plus all-reduce amortised over the step's
         micro-batches, per range."""
         st = self.settings
-        calls = (self.lo > 0).astype(np.float64) + (self.hi < self.w.n)
-        comp = self.flops / (tflops * 1e12) + (self.kernels * st.kernel_overhead_s + calls * rpc) / replicas
+        comp = compute_time(self.w, self.lo, self.hi, tflops, replicas, rpc, st)
         if replicas > 1:
-            comp = comp + 2 * (replicas - 1) / replicas * self.params * 8 / inner_bw / st.micro_batches
+            comp = comp + allreduce_time(self.params, replicas, inner_bw) / st.micro_batches
         cost = np.full((self.w.n, self.w.n + 1), np.inf)
         cost[self.lo, self.hi] = np.where(self.memory <= memory, comp, np.inf)
         return cost
 
     def link(self, bw: float, flows: int) -> np.ndarray:
         """Best link time (raw or at the hardest ratio) after each segment."""
-        cut, st = self.w.cut_bytes, self.settings
-        raw = 2 * cut * 8 / (bw * flows)
-        return np.minimum(raw, raw / st.max_ratio + 2 * cut / (st.codec_bytes_per_s * flows))
+        return best_link_time(self.w.cut_bytes, bw, flows, self.settings)
 
 
 def _layouts(w: Workload, swarm: Swarm, units: _Units, settings: PlanSettings) -> dict[int, Layout]:

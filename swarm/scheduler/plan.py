@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from swarm.scheduler.costs import PlanSettings, Swarm, Workload, best_link_time, link_time, ratio_for, stage_costs
+from swarm.scheduler.costs import PlanSettings, Swarm, Workload, best_link_time, in_flight, link_time, ratio_for, stage_times
 
 
 def _round(x: float) -> float | None:
@@ -101,16 +101,13 @@ class Plan:
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"malformed plan: {e!r}") from None
 
-    def in_flight(self) -> int:
-        """Micro-batches a first-stage replica keeps in flight under 1F1B (Little's law): as many as one
-        micro-batch's round trip through every stage and link lasts in bottleneck intervals, plus one
-        for the RPC latency the model does not price, so the slowest resource never waits for work;
-        at least one per stage, at most all of them."""
-        s = len(self.stages)
+    def in_flight(self, schedule: str = "1f1b") -> int:
+        """Micro-batches a first-stage replica keeps in flight under ``schedule`` (``costs.in_flight``):
+        what the runtime drives with, and what ``evaluate`` priced each stage's memory at."""
         trip = round_trip([st.compute_s for st in self.stages], [len(st.peers) for st in self.stages],
                           [link.time_s for link in self.links])
-        need = math.ceil(trip / (self.bottleneck_s * len(self.stages[0].peers)) - 1e-9) + 1 if self.bottleneck_s > 0 else s
-        return max(s, min(self.micro_batches, need))
+        return in_flight(schedule, self.micro_batches, len(self.stages), trip, self.bottleneck_s,
+                         len(self.stages[0].peers))
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -144,9 +141,10 @@ def round_trip(compute_s: list[float], replicas: list[int], link_s: list[float])
 
 def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list[int]]], settings: PlanSettings,
              compress: bool = True) -> Plan:
-    """The exact cost model (see ``costs``) of stages given as ((first seg, stop seg), peer indices)."""
-    costs = [stage_costs(w, swarm, segs, peers, settings) for segs, peers in stages]
-    fits = all(c.memory_bytes <= min(swarm.peers[p].memory_bytes for p in peers) for c, (_, peers) in zip(costs, stages))
+    """The exact cost model (see ``costs``) of stages given as ((first seg, stop seg), peer indices);
+    each stage's memory is priced at the micro-batches the runtime will keep in flight in this plan."""
+    times = [stage_times(w, swarm, segs, peers, settings) for segs, peers in stages]
+    compute, allreduce = [c for c, _ in times], [a for _, a in times]
     raw_links = []
     for s in range(len(stages) - 1):
         (_, cut_seg), peers = stages[s]
@@ -154,18 +152,21 @@ def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list
         raw_links.append((float(w.cut_bytes[cut_seg - 1]), swarm.min_bw(peers, nxt), min(len(peers), len(nxt))))
     best = [best_link_time(c, bw, f, settings) if compress else link_time(c, bw, f, 1.0, settings)
             for c, bw, f in raw_links]
-    bottleneck = max([c.compute_s for c in costs] + best)
+    bottleneck = float(max(compute + best))
     ratios = [ratio_for(c, bw, f, bottleneck, settings) if compress else 1.0 for c, bw, f in raw_links]
     links = tuple(LinkPlan(s, s + 1, bw, c, r, link_time(c, bw, f, r, settings))
                   for s, ((c, bw, f), r) in enumerate(zip(raw_links, ratios)))
     r0 = len(stages[0][1])
-    trip = round_trip([c.compute_s for c in costs], [len(peers) for _, peers in stages], [link.time_s for link in links])
-    step = ((settings.micro_batches * r0 - 1) * bottleneck + trip + max(c.allreduce_s for c in costs)) / r0
+    trip = round_trip(compute, [len(peers) for _, peers in stages], [link.time_s for link in links])
+    step = ((settings.micro_batches * r0 - 1) * bottleneck + trip + max(allreduce)) / r0
+    held = settings.held(len(stages), trip, bottleneck, r0)
+    memory = [float(w.memory(a, b, settings, held)) for (a, b), _ in stages]
+    fits = all(m <= min(swarm.peers[p].memory_bytes for p in peers) for m, (_, peers) in zip(memory, stages))
     used = {p for _, peers in stages for p in peers}
     plan_stages = []
-    for s, (((a, b), peers), c) in enumerate(zip(stages, costs)):
+    for s, ((a, b), peers) in enumerate(stages):
         first, stop = w.op_range(a, b)
         plan_stages.append(StagePlan(s, first, stop, w.names[first:stop], tuple(sorted(swarm.peers[p].peer_id for p in peers)),
-                                     c.compute_s, c.memory_bytes, c.allreduce_s))
+                                     compute[s], memory[s], allreduce[s]))
     return Plan(w.model, tuple(plan_stages), links, tuple(p.peer_id for i, p in enumerate(swarm.peers) if i not in used),
                 bottleneck, step if fits else math.inf, settings.micro_batches)
