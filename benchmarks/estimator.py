@@ -1,6 +1,11 @@
 """Estimator accuracy: predicted vs measured forward+backward time of pipeline stages on this device.
 
     python -m benchmarks.estimator [--models gpt2-tiny gpt2-small] [--stages 4] [--json-out FILE]
+
+A stage's prediction is the sum of its ops' roofline times (``swarm.estimator.roofline.op_time_s``)
+on this device's profile. It lives here, not in the package: the planner prices compute as FLOPs
+over each peer's measured training rate (``swarm.scheduler.costs``), and the per-op roofline only
+calibrates device profiles.
 """
 from __future__ import annotations
 
@@ -8,16 +13,43 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from swarm.dag.graph import OpDAG, Partition
 from swarm.dag.stages import extract_stages
 from swarm.dag.trace import trace
-from swarm.estimator import TrainingSettings, estimate, load_or_measure
+from swarm.estimator import DeviceProfile, load_or_measure, op_time_s
 from swarm.models import load_model
 
 WARMUP = 2  # first runs pay for page faults and allocator growth
 CASES = {"gpt2-tiny": 8, "gpt2-small": 1}  # model -> micro-batch size
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """The roofline's prediction for one pipeline stage and one micro-batch."""
+
+    flops: int
+    forward_s: float
+    backward_s: float
+
+    @property
+    def compute_s(self) -> float:
+        """Forward plus backward time of one micro-batch."""
+        return self.forward_s + self.backward_s
+
+
+def estimate(dag: OpDAG, partition: Partition, profile: DeviceProfile, micro_batch_size: int) -> list[StageEstimate]:
+    """Every stage of ``partition`` on ``profile``, for micro-batches of ``micro_batch_size`` samples."""
+    scale = micro_batch_size / dag.batch_size
+    out = []
+    for ops in partition.ranges():
+        times = [op_time_s(dag.ops[i], profile, scale) for i in ops]
+        out.append(StageEstimate(int(sum(dag.ops[i].flops for i in ops) * scale), sum(f for f, _ in times),
+                                 sum(b for _, b in times)))
+    return out
 
 
 def stage_inputs(stages, inputs):
@@ -55,7 +87,7 @@ def run(models: list[str], n_stages: int, repeats: int) -> list[dict]:
         traced = trace(built.module, inputs, "coarse", name=name)
         partition = traced.dag.balanced_partition(n_stages)
         stages = extract_stages(traced, partition)
-        predicted = estimate(traced.dag, partition, [profile] * partition.n_stages, TrainingSettings(micro_batch))
+        predicted = estimate(traced.dag, partition, profile, micro_batch)
         for stage, args, cost in zip(stages, stage_inputs(stages, inputs), predicted):
             measured = measure_stage(stage, args, repeats)
             rows.append({"model": name, "micro_batch": micro_batch, "stage": stage.io.index,

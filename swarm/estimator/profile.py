@@ -24,7 +24,7 @@ import torch
 
 from swarm.errors import SwarmError
 from swarm.estimator.device import PROFILE_VERSION, DeviceProfile
-from swarm.estimator.workload import op_time_s
+from swarm.estimator.roofline import op_time_s
 
 MATMUL_SIZES = (64, 128, 256, 512, 1024, 2048)
 

@@ -10,7 +10,8 @@
       - {id: a100, tflops: 150, memory_gb: 80, site: eu}
       - {id: gamer, tflops: 30, memory_gb: 24, site: us, count: 4}   # gamer-0 .. gamer-3
       - {id: pi, tflops: 0.01, memory_gb: 4, cpu_cores: 0.5}          # optional: a CPU quota
-    settings: {micro_batches: 8, in_flight: 4, max_ratio: 16}       # optional PlanSettings
+    settings: {micro_batches: 8, schedule: 1f1b, max_ratio: 16}     # optional PlanSettings (in_flight: 4
+                                     # fixes the micro-batches a stage holds; default: what the runtime keeps)
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ class _Link(Strict):
 
 class _Settings(Strict):
     micro_batches: int = Field(default=PlanSettings.micro_batches, ge=1)
-    in_flight: int = Field(default=PlanSettings.in_flight, ge=1)
+    in_flight: int | None = Field(default=PlanSettings.in_flight, ge=1, description="None: what the runtime keeps")
+    schedule: str = PlanSettings.schedule
     optimizer: str = PlanSettings.optimizer
     max_ratio: float = Field(default=PlanSettings.max_ratio, ge=1)
     codec_bytes_per_s: float = Field(default=PlanSettings.codec_bytes_per_s, gt=0)
