@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.scheduler_cases import random_workload, sites_swarm
 from swarm.scheduler import baseline, schedule
-from tests.scheduler_cases import random_workload, sites_swarm
 
 CASES = [  # (peers per site, ops, weak peers)
     ([3, 3, 3], 24, 1),

@@ -1,4 +1,8 @@
-"""Typed configs loaded from YAML; every problem becomes a one-line ``SwarmError`` naming key and file."""
+"""Typed configs loaded from YAML; every problem becomes a one-line ``SwarmError`` naming key and file.
+
+Defaults the pure layers also need are written once, in their settings dataclasses (``PlanSettings``,
+``ElectionSettings``), and read from there by the fields below; ``plan_settings`` and
+``election_settings`` build those settings from a config (``LinkPolicy.from_config`` likewise)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +12,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from swarm.election.machine import ElectionSettings
 from swarm.errors import SwarmError
+from swarm.scheduler.costs import PlanSettings
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -99,15 +105,22 @@ class NetworkConfig(Strict):
 class ElectionConfig(Strict):
     """When the swarm re-plans (docs/election.md) and what a plan assumes."""
 
-    join_batch_s: float = Field(default=20.0, ge=0, le=MAX_WAIT_S, description="joins seen within this window share one epoch")
-    min_epoch_s: float = Field(default=60.0, ge=0, le=MAX_PERIOD_S, description="no join/drift re-plan sooner than this after a commit")
-    election_timeout_s: float = Field(default=30.0, gt=0, le=MAX_WAIT_S, description="retry one epoch higher after this")
+    join_batch_s: float = Field(default=ElectionSettings.join_batch_s, ge=0, le=MAX_WAIT_S,
+                                description="joins seen within this window share one epoch")
+    min_epoch_s: float = Field(default=ElectionSettings.min_epoch_s, ge=0, le=MAX_PERIOD_S,
+                               description="no join/drift re-plan sooner than this after a commit")
+    election_timeout_s: float = Field(default=ElectionSettings.election_timeout_s, gt=0, le=MAX_WAIT_S,
+                                      description="retry one epoch higher after this")
     drift_gain: float = Field(default=1.25, gt=1, le=100, description="re-plan when a new plan predicts this speed-up")
     drift_check_s: float = Field(default=60.0, gt=0, le=MAX_PERIOD_S)
-    micro_batches: PositiveInt = Field(default=8, le=MAX_MICRO_BATCHES, description="micro-batches per optimizer step")
-    stages: int = Field(default=0, ge=0, le=MAX_PEERS, description="pipeline stages of every plan (0: the scheduler chooses)")
-    min_members: PositiveInt = Field(default=1, le=MAX_PEERS, description="the first plan waits until this many members are live")
-    max_replicas: int = Field(default=0, ge=0, le=MAX_PEERS, description="peers per stage at most (0: no limit; others are spares)")
+    micro_batches: PositiveInt = Field(default=PlanSettings.micro_batches, le=MAX_MICRO_BATCHES,
+                                       description="micro-batches per optimizer step")
+    stages: int = Field(default=PlanSettings.stages, ge=0, le=MAX_PEERS,
+                        description="pipeline stages of every plan (0: the scheduler chooses)")
+    min_members: PositiveInt = Field(default=ElectionSettings.min_members, le=MAX_PEERS,
+                                     description="the first plan waits until this many members are live")
+    max_replicas: int = Field(default=PlanSettings.max_replicas, ge=0, le=MAX_PEERS,
+                              description="peers per stage at most (0: no limit; others are spares)")
     planner: Literal["opfence", "naive"] = Field(
         default="opfence", description="naive: one peer per stage in id order, equal op counts (benchmark baseline)")
 
@@ -118,7 +131,7 @@ class CompressionConfig(Strict):
     mode: Literal["auto", "off", "fixed"] = Field(
         default="auto", description="auto: per-link ratio from the plan and the live bandwidth; fixed: `ratio` on every link")
     ratio: float = Field(default=10.0, ge=1.0, le=MAX_RATIO, description="wire ratio (raw / sent bytes) in fixed mode")
-    max_ratio: float = Field(default=16.0, ge=1.0, le=MAX_RATIO, description="hardest compression auto mode may choose")
+    max_ratio: float = Field(default=PlanSettings.max_ratio, ge=1.0, le=MAX_RATIO, description="hardest compression auto mode may choose")
     warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="uncompressed optimizer steps at the start")
 
 
@@ -131,7 +144,7 @@ class TrainingConfig(Strict):
     lr: float = Field(default=1e-3, gt=0, le=MAX_LR)
     lr_warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(
-        default="1f1b", description="gpipe: all micro-batches in flight; 1f1b: as many as stages, backward first")
+        default=PlanSettings.schedule, description="gpipe: all micro-batches in flight; 1f1b: as many as stages, backward first")
     max_steps: int | None = Field(default=None, ge=0, le=MAX_STEPS, description="stop driving after this many steps (None: never)")
     save_dir: str | None = Field(default=None, description="write each stage's parameters here at max_steps")
     checkpoint_dir: str | None = Field(default=None, description="write ops' state here (and resume from it)")
@@ -163,11 +176,26 @@ class NodeConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     micro_batch_size: PositiveInt = Field(default=4, le=MAX_MICRO_BATCH_SIZE, description="samples per "
                                           "micro-batch (one micro-batch of the whole model must fit this node's memory)")
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd"] = PlanSettings.optimizer
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     election: ElectionConfig = Field(default_factory=ElectionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+
+
+def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.max_ratio,
+                  schedule: str = PlanSettings.schedule, optimizer: str = PlanSettings.optimizer) -> PlanSettings:
+    """The planner's settings from the election config (and, from a ``NodeConfig``,
+    ``compression.max_ratio``, ``training.schedule``, ``optimizer``): memory is then priced at the
+    micro-batches ``schedule`` keeps in flight."""
+    return PlanSettings(micro_batches=election.micro_batches, stages=election.stages, max_ratio=max_ratio,
+                        max_replicas=election.max_replicas, schedule=schedule, optimizer=optimizer)
+
+
+def election_settings(election: ElectionConfig, **rest: Any) -> ElectionSettings:
+    """The election state machine's settings from the config; ``rest``: ``leader``, ``epoch_window``."""
+    return ElectionSettings(election.join_batch_s, election.min_epoch_s, election.election_timeout_s,
+                            election.min_members, **rest)
 
 
 def config_dir() -> Path:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from swarm.config import CompressionConfig
 from swarm.scheduler.costs import PlanSettings, ratio_for
+from swarm.scheduler.plan import LinkPlan
 
 EMA = 0.2   # weight of a new measurement
 
@@ -55,11 +57,21 @@ class LinkPolicy:
     budget_s: float             # the plan's bottleneck per micro-batch
     flows: int                  # parallel replica pairs on this link
     planned_bps: float          # the plan's bandwidth for this link
-    fixed_ratio: float = 10.0
-    max_ratio: float = 16.0
+    fixed_ratio: float = CompressionConfig.model_fields["ratio"].default
+    max_ratio: float = PlanSettings.max_ratio
     warmup_steps: int = 0
     codec_s_per_byte: float | None = None   # measured encode + decode time per raw byte
     compute_s: float | None = None          # measured forward + backward per micro-batch of this stage
+
+    @classmethod
+    def from_config(cls, comp: CompressionConfig, link: LinkPlan, budget_s: float, flows: int,
+                    codec_s_per_byte: float | None = None) -> LinkPolicy:
+        """The policy of a planned ``link`` under the ``compression`` config; in auto mode the codec
+        time starts at this device's measured rate (``measure_codec_rate``) unless given."""
+        if comp.mode == "auto" and codec_s_per_byte is None:
+            codec_s_per_byte = 1 / measure_codec_rate()
+        return cls(comp.mode, link.bytes, budget_s, flows, link.bandwidth_bps, comp.ratio, comp.max_ratio,
+                   comp.warmup_steps, codec_s_per_byte=codec_s_per_byte if comp.mode == "auto" else None)
 
     def ratio(self, step: int, bandwidth_bps: float | None, cut_bytes: float | None = None) -> float:
         """The ratio for a micro-batch of ``cut_bytes`` (default: planned) at ``step`` to a peer
