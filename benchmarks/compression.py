@@ -20,8 +20,8 @@ from swarm.compression.adatopk import ChannelScale, Packet, decode
 from swarm.compression.policy import LinkPolicy
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import trace_model
+from swarm.pipeline import train_step
 from swarm.runtime.local import local_servers
-from swarm.runtime.rpc import train_step
 
 
 class ErrorFeedback(ChannelScale):
@@ -46,7 +46,7 @@ def train(ratio: float, steps: int, channel_scale: bool = True, micro_batches: i
     servers = local_servers(traced, 3, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio),
                             device=device)
     for s in servers:
-        s.channel_scale = ErrorFeedback() if error_feedback else s.channel_scale if channel_scale else None
+        s.link.channel_scale = ErrorFeedback() if error_feedback else s.link.channel_scale if channel_scale else None
     corpus = ByteCorpus(generated_corpus(), 128)
 
     async def run() -> list[float]:

@@ -20,8 +20,8 @@ from hivemind.p2p import P2P
 from swarm.dag.stages import extract_stages
 from swarm.dag.trace import trace
 from swarm.models import load_model
+from swarm.pipeline import PROTOCOL, Neighbours, StageServer, stage_caller, train_step
 from swarm.runtime import LocalPipeline, StageWorker
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stage_caller, train_step
 from swarm.wire import Limits
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A hostile member for tests/test_hostile_swarm.py: ``node.py`` as an attacker would run it, modified.
 
-The node refuses to send non-finite tensors of its own (``swarm.runtime.rpc`` checks its activations and
+The node refuses to send non-finite tensors of its own (``swarm.pipeline.service`` checks its activations and
 gradients with ``non_finite`` before sending); this launcher removes that check in its own process only,
 and the model (``tests.user_models:poisonable_gpt`` with ``SWARM_TEST_POISON`` set) makes its stage's
 outputs and input gradients NaN. Nothing in the product changes: the honest nodes run ``node.py``."""
@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import swarm.runtime.rpc as rpc  # noqa: E402
+import swarm.pipeline.service as service  # noqa: E402
 
-rpc.non_finite = lambda tensors: None   # send whatever the stage computed
+service.non_finite = lambda tensors: None   # send whatever the stage computed
 
 from swarm.cli import main  # noqa: E402
 

@@ -125,7 +125,7 @@ def test_the_compute_a_next_stage_peer_delivers_is_measured_on_pipeline_calls():
     import asyncio
 
     from swarm.dag.stages import input_specs
-    from swarm.runtime.rpc import Neighbours, StageServer, local_caller, train_step
+    from swarm.pipeline import Neighbours, StageServer, local_caller, train_step
     from swarm.runtime.worker import StageWorker
     from tests.test_hostile_frames import two_stage_gpt
     from tests.test_rpc import lm_loss

@@ -28,10 +28,10 @@ from swarm.data import lm_loss
 from swarm.errors import SwarmError
 from swarm.models import load_model
 from swarm.net.streams import Gate, stream_caller
+from swarm.pipeline import PROTOCOL, Neighbours, StageServer, local_caller, stage_caller, train_step
 from swarm.runtime import StageWorker
 from swarm.runtime.allreduce import parts
 from swarm.runtime.follow import FETCHES, FETCHES_PER_PEER, STATE_PROTOCOL, PlanFollower
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, stage_caller, train_step
 from swarm.runtime.state import OpState, capture
 from swarm.wire import Limits, pack, read_header, unpack
 
@@ -345,12 +345,12 @@ def test_nan_reduce_parts_snapshots_and_fetched_state_are_refused_and_their_send
     lines = []
     server = StageServer(worker, Neighbours("l", ("h", "l"), ("a",), ()), None, timeout_s=2.0, log=lines.append)
     part = server.peers.replicas.index("l")
-    lo, hi = parts(server.flat_numel, 2)[part]
+    lo, hi = parts(server.protocol.flat_numel, 2)[part]
     g = torch.zeros(hi - lo)
     g[7] = float("inf")
     reply = unpack(asyncio.run(server.answer(pack("reduce", {"step": 0, "part": part}, {"g": g})[0], "h")))
     assert reply.kind == "error" and "reduce: tensor 'g' has Inf" in reply.meta["message"] and server.bans.banned("h")
-    assert 0 not in server.rounds   # nothing of it was added to the sum
+    assert 0 not in server.protocol.rounds   # nothing of it was added to the sum
     assert lines == ["refused reduce from h: reduce: tensor 'g' has Inf; peer h banned for 300 s"]
 
     loop = Loop()
@@ -595,7 +595,7 @@ def test_200_half_sent_stage_frames_stay_within_the_read_budget_and_the_stage_se
             call = stage_caller(client_p2p, limits, 30.0)
             reply = unpack(await call(server_p2p.peer_id.to_base58(), forward(hidden, targets)), limits)
             assert reply.kind == "grads" and reply.meta["loss"] > 0
-            assert not (server.arrived or server.rounds or worker.saved) and server.gate.in_progress == 0
+            assert not (server.protocol.arrived or server.protocol.rounds or worker.saved) and server.gate.in_progress == 0
             server.close()
         finally:
             await client_p2p.shutdown()

@@ -17,9 +17,9 @@ from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import trace
 from swarm.models import load_model
 from swarm.net.streams import read_frame
+from swarm.pipeline import PROTOCOL, Neighbours, StageServer, local_caller, stage_caller, train_step
 from swarm.runtime import StageWorker, make_optimizer
 from swarm.runtime.local import local_servers
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, local_caller, stage_caller, train_step
 from swarm.wire import Limits, pack, unpack
 
 
@@ -109,7 +109,7 @@ async def _scenario(schedule):
         assert refused.kind == "error" and not refused.meta["retry"]
         assert f"frame of {1 << 40} bytes announced (limit {limits.max_frame_bytes})" in refused.meta["message"]
         writer.close()
-        assert servers[1].errors >= len(bad) + 2 and not workers[1].saved and not servers[1].rounds
+        assert servers[1].errors >= len(bad) + 2 and not workers[1].saved and not servers[1].protocol.rounds
         before = {n: p.clone() for w in workers for n, p in w.stage.module.named_parameters()}
         data = torch.randint(0, 256, (4, 129), generator=gen)
         await train_step(servers[0], data[:, :-1], data[:, 1:], micro_batches=2)   # still serving
@@ -287,15 +287,15 @@ def test_hostile_requests_leave_nothing_behind_and_memory_stays_bounded():
             assert peak < 4 << 20, peak   # 19 requests at once: never near the 64 MiB one announced
             assert held[-1] - held[0] < 16 << 10, held   # nothing accumulates request after request
             assert server.errors == 11 * len(hostile) and server.slots == 64 and worker.step_id == 0
-            assert not (server.replies or server.arrived or server.rounds or server.all_in or server.finishing
-                        or worker.saved or server.banned)
+            assert not (server.protocol.replies or server.protocol.arrived or server.protocol.rounds or server.steps.all_in
+                        or server.steps.finishing or worker.saved or server.protocol.failed)
 
             before = [p.clone() for p in worker.params]   # still serving: a real micro-batch and step
             done = await request("up", forward())
             assert done.kind == "grads" and done.meta["loss"] > 0
             assert (await request("up", framed("step", {"step": 0}, {}))).kind == "stepped"
             assert worker.step_id == 1 and any(not torch.equal(a, b) for a, b in zip(before, worker.params))
-            assert not (server.replies or server.arrived or worker.saved) and server.between_steps
+            assert not (server.protocol.replies or server.protocol.arrived or worker.saved) and server.between_steps
         finally:
             for listener in listeners.values():
                 listener.close()
@@ -312,7 +312,7 @@ def test_auto_compression_follows_the_live_bandwidth():
                         max_ratio=16.0, warmup_steps=1)
     first, last = local_servers(traced, 2, lm_loss, policy=lambda: policy)
     link = {"bps": 1e3}   # the newest measurement of the link, as the node's prober would report it
-    first.bandwidth = lambda peer: link["bps"]
+    first.link.bandwidth = lambda peer: link["bps"]
     gen = torch.Generator().manual_seed(0)
 
     async def run() -> list[tuple[float, float]]:

@@ -55,7 +55,7 @@ def local_servers(traced, n_stages: int, loss_fn, policy=None, lr: float = 1e-3,
     other in this process: the networked path (frames, AdaTopK, masks) without daemons. ``policy()``
     makes each outgoing link's ``LinkPolicy``. Returns the servers in stage order."""
     from swarm.dag.stages import extract_stages, input_specs
-    from swarm.runtime.rpc import Neighbours, StageServer, local_caller
+    from swarm.pipeline import Neighbours, StageServer, local_caller
 
     stages = extract_stages(traced, traced.dag.balanced_partition(n_stages))
     ids = [f"stage{i}" for i in range(n_stages)]

@@ -1,5 +1,5 @@
 """This node's part of a committed plan: it materialises its stage, serves it over libp2p
-(``swarm.runtime.rpc``) and, on a first-stage node, drives training steps on its shard of the data.
+(``swarm.pipeline``) and, on a first-stage node, drives training steps on its shard of the data.
 
 A session lives on the node's transport event loop; ``start``/``stop`` are the synchronous facade
 the node's heartbeat loop uses. A new plan means a new session: parameters live in the node's copy of
@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -25,8 +25,8 @@ from swarm.dag.stages import extract_stages, input_specs
 from swarm.dag.trace import TracedModel
 from swarm.data import training_data
 from swarm.errors import SwarmError
+from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller, train_step
 from swarm.refusals import Bans
-from swarm.runtime.rpc import PROTOCOL, Neighbours, StageServer, stage_caller, train_step
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
@@ -55,7 +55,8 @@ class TrainingSession:
     def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: asyncio.AbstractEventLoop,
                  bandwidth: Callable[[str], float | None] = lambda p: None, start_step: int = 0,
                  admit: Callable[[str], bool] | None = None, log: Callable[[str], None] = print, device: str = "cpu",
-                 states: dict[str, OpState] | None = None, bans: Bans | None = None):
+                 states: dict[str, OpState] | None = None, bans: Bans | None = None,
+                 before_apply: Callable[[int], Awaitable[None]] | None = None):
         role = plan.role(me)
         if role["stage"] is None:
             raise SwarmError("this node has no stage in the plan")
@@ -90,12 +91,12 @@ class TrainingSession:
         self.policy = policy
         self.server = StageServer(self.worker, Neighbours(me, replicas, upstream, downstream, plan.micro_batches),
                                   stage_caller(p2p, limits, self.training.timeout_s), limits, policy, bandwidth,
-                                  self.training.timeout_s, self.training.schedule, admit=admit, log=log, bans=bans)
+                                  self.training.timeout_s, self.training.schedule, admit=admit, log=log, bans=bans,
+                                  hooks=StepHooks(self._stepped, before_apply))
         if not last:   # what the next stage's holders deliver is measured on every call (planning checks claims with it)
             nxt, dag = plan.stages[self.index + 1], traced.dag
             flops = sum(op.flops for op in dag.ops[nxt.first_op:nxt.stop_op]) * mbs / dag.batch_size
-            self.server.next_stage = (float(flops), self.index + 1 == len(plan.stages) - 1)
-        self.server.stepped = self._stepped
+            self.server.link.next_stage = (float(flops), self.index + 1 == len(plan.stages) - 1)
         self.rank, self.world = (replicas.index(me), len(replicas)) if self.index == 0 else (0, 1)
         self.driver: asyncio.Task | None = None
         self.failed: str | None = None

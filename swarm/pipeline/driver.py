@@ -1,0 +1,77 @@
+"""One optimizer step as the first stage drives it, top to bottom (the order of a step in one place):
+
+1. cut the batch into ``micro_batches`` micro-batches;
+2. run each through the pipeline, at most ``in_flight`` at once (``StageServer.micro_batch``: this
+   stage's forward, the rest of the pipeline, this stage's backward), again after a transient
+   failure until ``deadline_s``;
+3. close the step here (``StageServer.close_step``: all-reduce with the replicas, optimizer step,
+   ``step`` passed downstream);
+4. with ``settle``, wait until every stage has stepped.
+
+The driver calls its own stage directly: no frame is built for itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from swarm.errors import SwarmError
+from swarm.messages import FORWARD, Forward
+from swarm.net.streams import with_backoff
+from swarm.pipeline.protocol import StepStatus
+from swarm.pipeline.service import LOCAL_REPLY, StageServer
+
+
+async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int,
+                     in_flight: int = 4, rank: int = 0, world: int = 1, deadline_s: float = 300.0,
+                     done: dict[int, float] | None = None, settle: bool = True) -> float:
+    """One optimizer step driven by a first-stage replica: its ``micro_batches`` go down the pipeline
+    concurrently (at most ``in_flight``), their gradients come back, then every stage steps. Losses
+    are scaled by ``1 / (micro_batches * world)``: the replicas' summed gradients are the global mean.
+    ``done`` (micro-batch id -> loss) carries what already went through over calls for the same step,
+    so a retried step never sends a finished micro-batch twice. With ``settle`` it returns once every
+    stage has stepped, else once this stage has (the next step may follow the step message down the
+    pipeline). Returns the mean loss of this replica's micro-batches."""
+    step = first.worker.step_id
+    done = {} if done is None else done
+    gate = asyncio.Semaphore(in_flight)
+    deadline = time.monotonic() + deadline_s
+    scale = 1 / (micro_batches * world)
+
+    async def one(m: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        mb = rank * micro_batches + m
+        if mb in done:
+            return done[mb]
+
+        async def attempt() -> float:
+            async with gate:
+                if first.protocol.step_status(FORWARD, step, first.worker.step_id) is not StepStatus.CURRENT:
+                    raise first.protocol.not_current(step, first.worker.step_id)
+                first.protocol.take_forward()
+                grads = await _own(first, first.micro_batch(Forward(step, mb, scale, [x], y)))
+                first.protocol.remember(step, mb, LOCAL_REPLY)
+                return float(grads.loss)
+        done[mb] = await with_backoff(attempt, deadline)
+        return done[mb]
+
+    chunks = zip(inputs.chunk(micro_batches), targets.chunk(micro_batches))
+    losses = await asyncio.gather(*(one(m, x, y) for m, (x, y) in enumerate(chunks)))
+    await _own(first, first.close_step(step))
+    if settle:
+        await first.settle()
+    return sum(losses) / len(losses)
+
+
+
+async def _own(first: StageServer, work):
+    """Await the first stage's own ``work``: a failure counts as the stage's error, and one that is
+    not a ``SwarmError`` (a pass that failed on odd input) becomes one naming it, as a peer's would."""
+    try:
+        return await work
+    except Exception as e:
+        first.counters.errors += 1
+        if isinstance(e, SwarmError):
+            raise
+        raise SwarmError(f"stage failed: {type(e).__name__}: {str(e)[:300]}") from e

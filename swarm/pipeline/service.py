@@ -1,0 +1,356 @@
+"""A stage of the committed plan served over libp2p (protocol ``swarm.stage.v1``): the adapter that
+runs ``StageProtocol``'s rules with streams, the compute thread and the next-stage link.
+
+One ``forward`` from the first stage runs the whole pipeline for one micro-batch: each stage runs
+its forward pass, sends the activations on (``NextStage``), runs the backward pass on the gradient
+that comes back and answers with the gradient of its own inputs: autodiff across machines with no
+shared Python object. ``step`` (from every previous-stage replica) closes a step here: the replicas
+sum their gradients (``reduce``), the optimizer steps, and ``step`` goes on downstream. Messages:
+``swarm.messages``; rules: ``swarm.pipeline.protocol``; hostile peers: docs/hostile.md, "Data plane".
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+
+from swarm.compression.policy import LinkPolicy
+from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
+from swarm.messages import FORWARD, REDUCED, STEP, Forward, Grads, Reduce, Reduced, Stepped, check_reply, error_frame
+from swarm.net.streams import PREFIX_BYTES, Call, Gate, describe, serve_stream, stream_caller
+from swarm.pipeline.compute import Counters, PriorityRunner, Timeline, Warnings
+from swarm.pipeline.frames import FrameChecker
+from swarm.pipeline.link import NextStage
+from swarm.pipeline.protocol import Neighbours, StageProtocol, StepStatus
+from swarm.refusals import Bans, CallableLogger, Refusals
+from swarm.runtime.worker import StageWorker
+from swarm.wire import Limits, Message, non_finite
+
+logger = logging.getLogger(__name__)
+PROTOCOL = "swarm.stage.v1"
+LOCAL_REPLY = b""   # what the reply cache holds for a micro-batch the first stage's own driver ran
+
+
+@dataclass
+class StepHooks:
+    """What the node wants to hear from a stage: ``before_apply(step)`` runs (awaited) before each
+    optimizer step (the backup gate), ``stepped(step)`` after it (metrics, checkpoints)."""
+
+    stepped: Callable[[int], None] = lambda step: None
+    before_apply: Callable[[int], Awaitable[None]] | None = None
+
+
+class _Steps:
+    """The asyncio side of the step barrier: who waits for a step to be all in, its finish, the next
+    step, the passing on downstream, and the sums of this replica's part."""
+
+    def __init__(self) -> None:
+        self.all_in: dict[int, asyncio.Event] = {}
+        self.finishing: dict[int, asyncio.Task] = {}
+        self.sums: dict[int, asyncio.Future] = {}
+        self.advanced = asyncio.Condition()          # notified after every optimizer step
+        self.passing: asyncio.Task | None = None     # passing the newest step on downstream
+        self.timeline = Timeline()
+
+    def sum_of(self, step: int) -> asyncio.Future:
+        if step not in self.sums:
+            self.sums[step] = asyncio.get_running_loop().create_future()
+        return self.sums[step]
+
+
+def stage_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0) -> Call:
+    """``call(peer, frame) -> reply frame`` of the stage protocol over libp2p."""
+    return stream_caller(p2p, limits.max_frame_bytes, timeout_s, PROTOCOL)
+
+
+def local_caller(me: str, servers: dict) -> Call:
+    """``call`` between stage servers of one process (tests, benchmarks): the same frames, no daemon."""
+    async def call(peer: str, frame: bytes) -> bytes:
+        if peer not in servers:
+            raise PeerUnavailable(f"peer {peer[-8:]} unreachable (not in this process)")
+        return await servers[peer].answer(frame, me)
+    return call
+
+
+class StageServer:
+    """Serves one stage of the committed plan (``peers``: its place in the plan; ``call`` reaches other
+    peers; ``policy`` chooses the outgoing link's ratio, None at the last stage)."""
+
+    def __init__(self, worker: StageWorker, peers: Neighbours, call: Call | None, limits: Limits = Limits(),
+                 policy: LinkPolicy | None = None, bandwidth: Callable[[str], float | None] = lambda p: None,
+                 timeout_s: float = 120.0, schedule: str = "1f1b", max_requests: int = 64,
+                 admit: Callable[[str], bool] | None = None, max_per_peer: int | None = None,
+                 read_budget: int | None = None, bans: Bans | None = None, hooks: StepHooks | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self.admit = admit
+        self.protocol = StageProtocol(peers, sum(p.numel() for p in worker.params), worker.check_inputs,
+                                      worker.stage.io.index, bans)
+        self.compute = PriorityRunner(backward_first=schedule == "1f1b")
+        self.counters = Counters()
+        self.warn = Warnings(CallableLogger(log) if log is not None else logger)   # (log: tests capture lines)
+        self.refusals = Refusals(log)
+        self.checker = FrameChecker(limits, self.protocol.bans, self.counters, self.refusals)
+        self.link = NextStage(worker.stage.io.index, call, self.protocol, self.checker, self.counters, policy,
+                              bandwidth, timeout_s)
+        self.slots = max_requests
+        # a peer never has more than its worker's micro-batches in flight, plus step and reduce requests
+        per_peer = max_per_peer or min(max_requests, worker.max_in_flight + 4)
+        self.gate = Gate(per_peer, max_requests, read_budget or max(4 * limits.max_frame_bytes, 32 << 20))
+        self.steps = _Steps()
+        self.hooks = hooks or StepHooks()
+
+    @property
+    def peers(self) -> Neighbours:
+        return self.protocol.hood
+
+    @property
+    def limits(self) -> Limits:
+        return self.checker.limits
+
+    @property
+    def errors(self) -> int:
+        return self.counters.errors
+
+    @property
+    def draining(self) -> bool:
+        return self.protocol.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.protocol.draining = value
+
+    # the network side
+    async def handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request per stream (the libp2p handler)."""
+        sent = await serve_stream(stream_info, reader, writer, answer=self.answer, limit=self.limits.max_frame_bytes,
+                                  timeout_s=self.timeout_s, gate=self.gate, refuse=self.protocol.refuse_stream,
+                                  admit=self.admit, failed=self._stream_failed)
+        if sent is not None:
+            peer = stream_info.peer_id.to_base58()
+            self.counters.sent(peer, sent, reduce=peer in self.peers.replicas)
+
+    def _stream_failed(self, peer: str, e: BaseException) -> None:
+        self.counters.errors += 1
+        if isinstance(e, RemoteProtocolError):
+            self.counters.refused += 1
+        self.refusals.note(peer, "busy" if isinstance(e, PeerUnavailable) else "stream", describe(e))
+
+    async def answer(self, frame: bytes, sender: str) -> bytes:
+        """The reply frame to a request frame from ``sender`` (authenticated peer id): never raises."""
+        if self.slots <= 0:
+            self.counters.errors += 1
+            return error_frame(PeerUnavailable("stage busy: too many requests in progress"))
+        self.slots -= 1
+        kind = "frame"
+        try:
+            if sender != self.peers.me and (refused := self.protocol.refuse_stream(sender)) is not None:
+                raise refused
+            header = self.checker.header(frame)
+            kind = header.kind if header.kind in (FORWARD, STEP, "reduce") else "request"
+            self.protocol.admit(sender, header)
+            step = header.meta.get("step")
+            if self.protocol.step_status(header.kind, step, self.worker.step_id) is StepStatus.REPEAT:
+                return Stepped(step).to_frame()   # a repeat whose first reply was lost
+            msg = self.checker.decode(frame, header, sender)
+            del frame
+            await self.reach(step)
+            if msg.kind == FORWARD:
+                return await self._remote_forward(Forward.from_message(msg))
+            return await (self._step(step, sender) if msg.kind == STEP else self._reduce(msg, sender))
+        except Exception as e:
+            self.counters.errors += 1
+            if isinstance(e, RemoteProtocolError):
+                self.counters.refused += 1
+                self.refusals.note(sender, kind, str(e))
+            elif not isinstance(e, SwarmError):   # a pass that failed on odd input
+                self.refusals.note(sender, kind, f"stage failed: {type(e).__name__}: {str(e)[:200]}")
+            return error_frame(e)
+        finally:
+            self.slots += 1
+
+    async def reach(self, step) -> None:
+        """Return once ``step`` is the current step: at once, or (for the next one) after this stage
+        has stepped; any other step id is an error."""
+        current = self.worker.step_id
+        if self.protocol.step_status(FORWARD, step, current) is StepStatus.NEXT:
+            async with self.steps.advanced:
+                try:
+                    await asyncio.wait_for(self.steps.advanced.wait_for(lambda: self.worker.step_id >= step), self.timeout_s)
+                except asyncio.TimeoutError:
+                    raise PeerUnavailable(f"step {step} requested, but this stage is still at step {current}") from None
+            current = self.worker.step_id
+        if self.protocol.step_status(FORWARD, step, current) is not StepStatus.CURRENT:
+            raise self.protocol.not_current(step, current)
+
+    async def _remote_forward(self, fwd: Forward) -> bytes:
+        self.protocol.take_forward()
+        cached = self.protocol.cached(self.worker.step_id, fwd.mb)
+        if cached is not None:   # a retry whose first reply was lost: the same answer, nothing accumulated twice
+            return cached
+        reply = (await self.micro_batch(fwd)).to_frame(fwd.masks)
+        self.protocol.remember(self.worker.step_id, fwd.mb, reply)
+        return reply
+
+    # one micro-batch at this stage
+    async def micro_batch(self, fwd: Forward) -> Grads:
+        """Forward ``fwd`` here, through the rest of the pipeline, and backward: the gradient of this
+        stage's inputs (and the loss, from the last stage)."""
+        step, index, last = self.worker.step_id, self.worker.stage.io.index, not self.peers.downstream
+        outputs, forward_s = await self._pass(False, self.worker.forward, fwd.mb, fwd.inputs, fwd.targets, fwd.scale)
+        wait_s = 0.0
+        if last:
+            loss = outputs[0].item()
+            if not math.isfinite(loss):   # nothing to learn from: no gradient, the driver sees the loss
+                await self.compute.work(True, self.worker.drop, fwd.mb)
+                self.warn.once("loss", f"stage {index}: loss {loss} on micro-batch {fwd.mb} of step {step}; "
+                                          "its gradient is not applied")
+                return Grads(step, fwd.mb, loss, [])
+            grads, backward_s = await self._pass(True, self.worker.backward, fwd.mb, None)
+        else:
+            try:
+                bad = non_finite({f"x{i}": o for i, o in enumerate(outputs)})
+                if bad is not None:   # never sent: the next stage would (rightly) ban this one
+                    self.warn.once("forward", f"stage {index} computed non-finite activations ({bad}) in step {step}; not sent")
+                    raise SwarmError(f"stage {index} computed non-finite activations ({bad})")
+                sent_at = time.perf_counter()
+                reply = await self.link.forward(Forward(step, fwd.mb, fwd.scale, outputs, fwd.targets))
+                wait_s = time.perf_counter() - sent_at   # told upstream: its share of the round trip is not ours
+            except BaseException:
+                await self.compute.work(True, self.worker.drop, fwd.mb)
+                raise
+            loss = reply.meta.get("loss")
+            down = Grads.from_message(reply, len(outputs))
+            grads, backward_s = await self._pass(True, self.worker.backward, fwd.mb, down.grads)
+        bad = non_finite({f"g{i}": g for i, g in enumerate(grads) if g is not None})
+        if bad is not None:   # accumulated here (this step will be skipped), never sent upstream
+            self.warn.once("backward", f"stage {index} computed non-finite input gradients ({bad}) in step {step}; not sent")
+            raise SwarmError(f"stage {index} computed non-finite gradients ({bad})")
+        self.counters.compute_s += forward_s + backward_s
+        self.counters.micro_batches += 1
+        if self.link.policy is not None:
+            self.link.policy.observe_compute(forward_s + backward_s)
+        return Grads(step, fwd.mb, loss, grads, wait_s)
+
+    async def _pass(self, backward: bool, fn, *args):
+        """(result, seconds) of a forward or backward pass on the compute thread, noted in the step's timeline."""
+        def timed():
+            started, cpu = time.perf_counter(), time.thread_time()
+            result = fn(*args)
+            ended = time.perf_counter()
+            self.counters.compute_cpu_s += time.thread_time() - cpu
+            self.steps.timeline.passed(started, ended)
+            return result, ended - started
+        return await self.compute.work(backward, timed)
+
+    # closing a step
+    async def _step(self, step: int, sender: str) -> bytes:
+        all_in = self.steps.all_in.setdefault(step, asyncio.Event())
+        if self.protocol.arrive(step, sender):
+            self.steps.finishing[step] = asyncio.ensure_future(self._finish(step))
+            all_in.set()
+        try:   # the other previous-stage replicas may still be at work
+            await asyncio.wait_for(all_in.wait(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"step {step}: not every previous-stage replica finished in time") from None
+        await asyncio.wait_for(asyncio.shield(self.steps.finishing[step]), self.timeout_s)
+        if sender != self.peers.me:   # a previous stage hears once the step reached the end of the pipeline
+            await asyncio.wait_for(self.settle(), self.timeout_s)
+        return Stepped(step).to_frame()
+
+    async def close_step(self, step: int) -> None:
+        """The first stage's own driver is done with ``step``: returns once this stage has stepped."""
+        await self._step(step, self.peers.me)
+
+    async def _finish(self, step: int) -> None:
+        """All micro-batches of ``step`` are done here: sum with the replicas, step, pass it on."""
+        try:
+            await self.settle()   # the previous step reached every downstream stage
+            self.steps.passing = asyncio.ensure_future(self.link.pass_on(step))   # the next stage sums and steps meanwhile
+            started = time.perf_counter()
+            await self._reduce_and_apply(step)
+            self.counters.reduce_s += time.perf_counter() - started
+        except BaseException:
+            self.protocol.abandon(step)
+            self.steps.finishing.pop(step, None)   # the previous stage may send ``step`` again
+            raise
+        finally:
+            self.steps.all_in.pop(step, None)
+            self.steps.sums.pop(step, None)
+        self.protocol.finished(step)
+        self.steps.timeline.stepped(self.counters)
+        for old in [s for s in self.steps.finishing if s < step]:   # (the current one: late waiters may still look)
+            del self.steps.finishing[old]
+        async with self.steps.advanced:
+            self.steps.advanced.notify_all()
+        self.hooks.stepped(step)
+
+    async def settle(self) -> None:
+        """Wait until the newest step has been passed on to every downstream stage (raises its failure;
+        a waiter that gives up does not cancel the passing)."""
+        if self.steps.passing is not None:
+            await asyncio.shield(self.steps.passing)
+
+    async def _reduce_and_apply(self, step: int) -> None:
+        replicas, index = self.peers.replicas, self.worker.stage.io.index
+        if len(replicas) > 1 and self.protocol.flat_numel:
+            flat = await self.compute.work(True, self.worker.flat_grads)
+            if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
+                self.warn.log.warning(f"stage {index}: own gradient of step {step} is not finite; this replica "
+                                      "contributes zeros to the all-reduce")
+                flat = torch.zeros_like(flat)
+            bounds, mine = self.protocol.bounds(), self.protocol.own_part
+            self._contribute(step, self.peers.me, flat[slice(*bounds[mine])].clone())
+            sums = await asyncio.gather(*(self._exchange(step, j, flat[slice(*bounds[j])]) for j in range(len(replicas))))
+            await self.compute.work(True, self.worker.set_flat_grads, torch.cat(sums))
+        if self.hooks.before_apply is not None:
+            await self.hooks.before_apply(step)
+        if not await self.compute.work(True, self.worker.step):
+            self.counters.skipped_steps += 1
+            self.warn.log.warning(f"stage {index} skipped step {step}: {self.worker.skipped}")
+
+    async def _exchange(self, step: int, j: int, part: torch.Tensor) -> torch.Tensor:
+        """The sum over all replicas of part ``j`` of the flat gradient (this replica's own: as the
+        others' contributions arrive; another's: from its owner)."""
+        if j == self.protocol.own_part:
+            return await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
+        owner = self.peers.replicas[j]
+        frame = Reduce(step, j, part).to_frame()
+        self.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
+        try:
+            reply = self.checker.reply(await self.link.call(owner, frame), owner, REDUCED, {"g": ([part.numel()], "float32")})
+        except RemoteProtocolError as e:
+            raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum ({e})") from None
+        total = check_reply(reply, "all-reduce").tensors.get("g")
+        if total is None:
+            raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum")
+        return total
+
+    def _contribute(self, step: int, peer: str, part: torch.Tensor) -> None:
+        total = self.protocol.contribute(step, peer, part)
+        future = self.steps.sum_of(step)
+        if total is not None and not future.done():
+            future.set_result(total)
+
+    async def _reduce(self, msg: Message, sender: str) -> bytes:
+        step, part = msg.meta["step"], msg.meta["part"]
+        self._contribute(step, sender, msg.tensors["g"])
+        total = await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
+        return Reduced(step, part, total).to_frame()
+
+    @property
+    def between_steps(self) -> bool:
+        """No micro-batch of an unfinished step has been answered or is in flight here."""
+        passing = self.steps.passing is not None and not self.steps.passing.done()
+        return self.protocol.between_steps(bool(self.worker.saved), passing)
+
+    def close(self) -> None:
+        if self.steps.passing is not None:
+            self.steps.passing.cancel()
+        self.compute.close()
