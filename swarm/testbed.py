@@ -12,6 +12,7 @@ in ``up`` for leftovers of a killed run) removes processes, namespaces, links an
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -22,8 +23,10 @@ from pathlib import Path
 
 from pydantic import Field, PositiveInt
 
+from swarm import logs
 from swarm.config import Strict, load
 from swarm.errors import SwarmError
+from swarm.procs import kill_group, poll_until
 
 PREFIX = "swtb"
 BRIDGE = f"{PREFIX}-br"
@@ -157,10 +160,7 @@ class Testbed:
 def down(procs: list[subprocess.Popen] = ()) -> None:
     """Remove everything a testbed made (also a killed one's leftovers); never raises."""
     for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(p, wait_s=None)
     pids = [int(p) for g in (CGROUP.glob("*/cgroup.procs") if CGROUP.exists() else [])
             for p in g.read_text().split()]
     for pid in pids:
@@ -185,18 +185,20 @@ def down(procs: list[subprocess.Popen] = ()) -> None:
         _sh("ip", "link", "del", link, check=False)
     if CGROUP.exists():
         deadline = time.monotonic() + 10
-        for group in sorted(CGROUP.iterdir()):
-            if group.is_dir():
-                while time.monotonic() < deadline:
-                    try:
-                        group.rmdir()
-                        break
-                    except OSError:   # its last processes are still exiting
-                        time.sleep(0.1)
-        try:
-            CGROUP.rmdir()
-        except OSError:
-            pass
+        for group in sorted(g for g in CGROUP.iterdir() if g.is_dir()):
+            try:   # a group goes once its last processes have exited
+                poll_until(lambda g=group: _removed(g), max(0.0, deadline - time.monotonic()), f"{group} removed", 0.1)
+            except TimeoutError:
+                pass
+        _removed(CGROUP)
+
+
+def _removed(directory: Path) -> bool:
+    try:
+        directory.rmdir()
+        return True
+    except OSError:
+        return False
 
 
 def _links() -> list[str]:
@@ -221,19 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("scenario")
     sub.add_parser("down", help="remove a testbed's leftovers")
     args = parser.parse_args(argv)
+    logs.setup()
     try:
         if args.command == "down":
             down()
             return 0
         scenario = load(Scenario, args.scenario)
-        stop = []
+        stop = []   # the handler only appends: nothing it does can block (an Event's lock could)
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         with Testbed(scenario) as bed:
             for i, (site, share) in enumerate(scenario.nodes()):
                 print(f"node {i}: site {site}, {bed.hosts[i]} in netns {bed.namespace(i)}, cpu {share:g} core", flush=True)
             print("testbed up; Ctrl-C or SIGTERM takes it down", flush=True)
-            while not stop:
-                time.sleep(0.2)   # holding the testbed until told to stop
+            poll_until(lambda: stop, math.inf, "Ctrl-C or SIGTERM")
         return 0
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)
