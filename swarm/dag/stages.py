@@ -89,3 +89,19 @@ def input_specs(dag, io: StageIO) -> list[tuple[list[int], str, bool]]:
     ops = [dag.ops[dag.index[name]] for name in io.inputs]
     return [(list(op.out_shapes[0]), op.out_dtypes[0].removeprefix("torch."),
              bool(op.out_shapes[0]) and op.out_shapes[0][0] == dag.batch_size) for op in ops]
+
+
+def model_io(traced: TracedModel) -> tuple[list[int], str, list[int]]:
+    """(input shape, input dtype, output shape) of the traced model (batch dimension first)."""
+    dag = traced.dag
+    first = next(op for op in dag.ops if op.op == "placeholder")
+    output = next(op for op in dag.ops if op.op == "output")
+    result = dag.ops[dag.index[output.inputs[0]]]
+    return list(first.out_shapes[0]), first.out_dtypes[0].removeprefix("torch."), list(result.out_shapes[0])
+
+
+def frame_limit(traced: TracedModel, max_batch: int, flat_numel: int) -> int:
+    """The largest frame a stage can legitimately receive: a boundary's activations (or gradients)
+    for ``max_batch`` samples, or a replica's share of the flat gradient, plus headroom."""
+    per_sample = max(traced.dag.cut_bytes()) / traced.dag.batch_size
+    return int(2 * per_sample * max_batch + 4 * flat_numel + (1 << 20))

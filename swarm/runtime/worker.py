@@ -3,6 +3,7 @@ an optimizer step per training step. Transport-agnostic: tensors in, tensors out
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,17 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
 
 
+@dataclass(frozen=True)
+class LrSchedule:
+    """The learning rate of each step: ``lr`` after a linear warm-up of ``warmup_steps``."""
+
+    lr: float
+    warmup_steps: int = 0
+
+    def at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.warmup_steps)
+
+
 class StageWorker:
     """Runs ``stage``; keeps what backward needs for at most ``max_in_flight`` micro-batches."""
 
@@ -35,7 +47,7 @@ class StageWorker:
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
         self.device = torch.device(device)
         stage.module.to(self.device)
-        self.lr, self.warmup_steps = lr, warmup_steps
+        self.lr_schedule = LrSchedule(lr, warmup_steps)
         self.input_specs, self.max_batch = input_specs, max_batch
         self.params = [p for p in stage.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(optimizer, self.params, lr) if self.params else None
@@ -162,7 +174,7 @@ class StageWorker:
             self.skipped_steps += 1
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step_id, self.lr, self.warmup_steps)
+                group["lr"] = self.lr_schedule.at(self.step_id)
             if not bad:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
