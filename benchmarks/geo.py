@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-import time
 from pathlib import Path
 
 from benchmarks.bound import per_step, step_bound
 from swarm.config import config_dir, load
 from swarm.errors import SwarmError
+from swarm.procs import kill_group, load_ready, poll_until, read_ready
 from swarm.runtime.metrics import newest_by_peer, read_metrics
 from swarm.runtime.metrics import summarise as summarise_metrics
 from swarm.testbed import Scenario, Testbed
@@ -57,32 +56,32 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, out: Path, run: argp
     metrics.unlink(missing_ok=True)
     n = len(scenario.nodes())
     procs, maddr = [], None
+
+    def alive() -> None:
+        dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if dead:
+            raise SwarmError(f"variant {key}: node {dead[0]} exited (log {work}/node{dead[0]}.log)")
+
     try:
         for i in range(n):
             cfg = work / f"node{i}.yaml"
             node_config(cfg, bed.hosts[i], n, planner, compression, metrics, run)
+            ready = ready_file(work, i)
+            ready.unlink(missing_ok=True)
             argv = [sys.executable, str(ROOT / "node.py"), "run", "--config", str(cfg), "--identity",
-                    str(work / f"node{i}.id"), "--initial-peers", *([maddr] if maddr else [])]
+                    str(work / f"node{i}.id"), "--ready-file", str(ready), "--initial-peers", *([maddr] if maddr else [])]
             # each node profiles its device under its own CPU quota (once; later variants reuse it)
             cache = out / "profiles" / f"node{i}"
             procs.append(bed.start(i, argv, work / f"node{i}.log", {"SWARM_CACHE_DIR": str(cache)}))
             if maddr is None:
-                maddr = _wait(lambda: re.search(r"listening on (/ip4/[\d.]+/tcp/\d+/p2p/\w+)",
-                                                (work / "node0.log").read_text()), 300, "node 0 to listen").group(1)
-        deadline = time.monotonic() + run.timeout_s
-        while len({r["step"] for r in read_metrics(metrics) if "loss" in r}) < run.steps:
-            if time.monotonic() > deadline:
-                raise SwarmError(f"variant {key}: {run.steps} steps not done within {run.timeout_s:.0f} s (logs in {work})")
-            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
-            if dead:
-                raise SwarmError(f"variant {key}: node {dead[0]} exited (log {work}/node{dead[0]}.log)")
-            time.sleep(1.0)   # polling the metrics file the nodes append to
+                maddrs = _waited(lambda: read_ready(ready_file(work, 0), 300, check=alive, what="node 0 to listen"))
+                maddr = next(a for a in maddrs["maddrs"] if a.startswith("/ip4/"))
+        _waited(lambda: poll_until(lambda: len({r["step"] for r in read_metrics(metrics) if "loss" in r}) >= run.steps,
+                                   run.timeout_s, f"variant {key}: {run.steps} steps (logs in {work})", 1.0, alive))
         return summarise(key, read_metrics(metrics), scenario, bed, work)
     finally:
         for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait(10)
+            kill_group(p)
 
 
 def run_torch(bed: Testbed, scenario: Scenario, out: Path, run: argparse.Namespace) -> dict:
@@ -98,17 +97,16 @@ def run_torch(bed: Testbed, scenario: Scenario, out: Path, run: argparse.Namespa
                            "--metrics", str(metrics)],
                        work / f"rank{i}.log", {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": bed.interface(i)})
              for i in range(n)]
-    try:
-        deadline = time.monotonic() + run.timeout_s
-        while len(read_metrics(metrics)) < run.steps:
-            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                raise SwarmError(f"variant e: {run.steps} steps not done (logs in {work})")
-            time.sleep(1.0)   # polling the metrics file the last rank appends to
+    def failed() -> None:
+        if any(p.poll() not in (None, 0) for p in procs):
+            raise SwarmError(f"variant e: {run.steps} steps not done (logs in {work})")
+
+    try:   # the last rank appends to the metrics file
+        _waited(lambda: poll_until(lambda: len(read_metrics(metrics)) >= run.steps, run.timeout_s,
+                                   f"variant e: {run.steps} steps (logs in {work})", 1.0, failed))
     finally:
         for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait(10)
+            kill_group(p)
     rows = sorted(read_metrics(metrics), key=lambda r: r["step"])
     timed = rows[2:] or rows
     span = timed[-1]["time"] - (timed[0]["time"] - timed[0]["step_s"])
@@ -124,8 +122,7 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
     """Throughput and loss over the steps after the first two, bytes per link, and the analytic bound."""
     summary = summarise_metrics(rows, skip_steps=2)
     last = newest_by_peer(rows)
-    logs = {i: (work / f"node{i}.log").read_text() for i in range(len(bed.hosts))}
-    ids = {re.search(r"peer (\w+) listening", text).group(1): i for i, text in logs.items()}
+    ids = {load_ready(ready_file(work, i))["peer_id"]: i for i in range(len(bed.hosts))}
     sites = [site for site, _ in scenario.nodes()]
     stages = sorted({r["stage"] for r in last.values()})
     holders = {s: sorted(ids[p] for p, r in last.items() if r["stage"] == s) for s in stages}
@@ -163,14 +160,17 @@ def step_timeline(first: dict, last: dict) -> dict[str, float]:
             "compute_cpu": per["compute_cpu_s"], "cpu": per["cpu_s"]}.items()}
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)   # polling a log file
-    raise SwarmError(f"timed out waiting for {what}")
+def ready_file(work: Path, i: int) -> Path:
+    """Node ``i``'s ready file (``node.py run --ready-file``): its peer id and multiaddrs."""
+    return work / f"node{i}.ready.json"
+
+
+def _waited(wait):
+    """``wait()``'s value; its ``TimeoutError`` as the benchmark's one-line error."""
+    try:
+        return wait()
+    except TimeoutError as e:
+        raise SwarmError(str(e)) from None
 
 
 def plot(results: list[dict], path: Path, scenario: str) -> None:

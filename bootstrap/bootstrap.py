@@ -1,19 +1,31 @@
 """A bootstrap peer: a DHT-only node that new nodes dial first.
 
     python -m bootstrap.bootstrap [--host-maddrs /ip4/0.0.0.0/tcp/31337] [--identity PATH] [--prefix swarm]
-        [--credentials FILE]
+        [--credentials FILE] [--ready-file PATH]
 
-Prints its multiaddrs (put them in a peer list, see peers.txt), serves until SIGINT/SIGTERM.
+Prints its multiaddrs (put them in a peer list, see peers.txt), serves until SIGINT/SIGTERM. A program
+that starts it reads them from ``--ready-file`` (JSON, as ``node.py run --ready-file`` writes: peer_id,
+maddrs, state, role "bootstrap", pid, updated_at).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
+from swarm import logs
 from swarm.config import NetworkConfig, validate
 from swarm.errors import SwarmError
 from swarm.net.membership import make_validators
 from swarm.node import check_maddrs, node_identity, private_swarm, start_dht, stop_on_signals
+from swarm.procs import write_ready
+
+
+def _ready(path: str, peer_id: str, maddrs: list[str], state: str) -> None:
+    write_ready(path, {"peer_id": peer_id, "maddrs": maddrs, "state": state, "role": "bootstrap", "stage": None,
+                       "step": None, "plan_hash": None, "ready": None, "pid": os.getpid(),
+                       "updated_at": time.time()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identity", default="~/.swarm/bootstrap.identity")
     parser.add_argument("--prefix", default="swarm")
     parser.add_argument("--credentials", help="private swarm: this peer's credential (see docs/private-swarm.md)")
+    parser.add_argument("--ready-file", metavar="PATH", help="JSON with the peer id and multiaddrs, once it listens")
     args = parser.parse_args(argv)
+    logs.setup()
     try:
         net = validate(NetworkConfig, {"host_maddrs": args.host_maddrs, "announce_maddrs": args.announce_maddrs,
                                        "initial_peers": args.initial_peers, "identity_path": args.identity,
@@ -38,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with stop_on_signals() as stop:
-            for addr in dht.get_visible_maddrs():
-                print(addr, flush=True)
+            maddrs = [str(a) for a in dht.get_visible_maddrs()]
+            for addr in maddrs:
+                print(addr, flush=True)   # the program's output: a peer list's lines
+            if args.ready_file:
+                _ready(args.ready_file, identity.peer_id, maddrs, "online")
             stop.wait()
+            if args.ready_file:
+                _ready(args.ready_file, identity.peer_id, maddrs, "offline")
             return 0
     finally:
         dht.shutdown()

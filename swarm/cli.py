@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
+import os
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from swarm.config import NetworkConfig, NodeConfig, config_dir, load, validate
 from swarm.errors import SwarmError
+from swarm.procs import write_ready
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+logger = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +97,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: a private swarm of node processes on loopback trains a model."""
+    from swarm import logs
     from swarm.demo import DemoSettings, run_demo
+
+    logs.setup()
 
     run_demo(DemoSettings(nodes=args.nodes, steps=args.steps, model=args.model, stages=args.stages,
                           compression=args.compression, micro_batches=args.micro_batches,
@@ -144,12 +153,53 @@ def check_local_dirs(cfg: NodeConfig) -> None:
             check_writable_dir(getattr(cfg.training, key), f"training.{key}")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from swarm.node import run_node
+class _InterimReadyFile:
+    """Until ``run_node`` writes the ready file itself (``run_node(..., ready_file=PATH)``, issue 14):
+    the node's own log messages, seen on their way out of this process, kept as the ready file's
+    fields. Nothing outside this process reads log text; delete this class once the node has landed."""
 
+    LISTENING = re.compile(r"^peer (\S+) listening on (.*)$")
+    COMMITTED = re.compile(r"^committed epoch \d+ plan (\w+) with \d+ members \(.*\): (.+)$")
+
+    def __init__(self, path: str, log: Callable[[str], None]):
+        self.path, self.log, self.info = path, log, None
+
+    def __call__(self, message: str) -> None:
+        self.log(message)
+        if m := self.LISTENING.match(message):
+            self.info = {"peer_id": m.group(1), "maddrs": m.group(2).split(), "state": "online", "role": None,
+                         "stage": None, "step": None, "plan_hash": None, "ready": None, "pid": os.getpid()}
+        elif self.info is None:
+            return
+        elif m := self.COMMITTED.match(message):
+            role = m.group(2) if m.group(2) != "role unknown" else None
+            stage = int(role.split()[1]) if role and re.fullmatch(r"stage \d+", role) else None
+            self.info.update(role=role, stage=stage, plan_hash=m.group(1))
+        elif message.startswith("leaving:"):
+            self.info["state"] = "leaving"
+        elif message.startswith("left the swarm"):
+            self.info["state"] = "offline"
+        else:
+            return
+        write_ready(self.path, {**self.info, "updated_at": time.time()})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from swarm import logs
+    from swarm.node import run_node
+    from swarm.refusals import lines_to
+
+    logs.setup()
     cfg, net = _network(args)
     check_local_dirs(cfg)
-    return run_node(cfg, net, log=lambda msg: print(msg, flush=True))
+    accepts = inspect.signature(run_node).parameters
+    node_log = lines_to(logging.getLogger("swarm.node"))   # the node's prefixed lines, at their level
+    kwargs: dict = {"log": node_log} if "log" in accepts else {}
+    if args.ready_file and "ready_file" in accepts:
+        kwargs["ready_file"] = args.ready_file
+    elif args.ready_file:
+        kwargs["log"] = _InterimReadyFile(args.ready_file, node_log)
+    return run_node(cfg, net, **kwargs)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -159,9 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     view = read_members(net)
     records = [view.members[p] for p in view.peers()]
     if args.json:
-        hidden = {"credential"}  # binary; members have already checked it
-        print(json.dumps([{**{k: v for k, v in r.to_wire().items() if k not in hidden}, "uptime_s": r.uptime_s}
-                          for r in records]))
+        print(json.dumps(member_json(records)))
         return 0
     print(f"{'peer':<14}{'device':<18}{'TFLOP/s':>9}{'mem GB':>8}{'bw to others':>22}{'state':>9}{'uptime':>9}"
           f"{'epoch':>7}{'plan':>18}  role")
@@ -187,6 +235,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"committed: epoch {epoch}, plan {plan} ({agree} of {len(records)} members run it)")
     print(f"{len(records)} members")
     return 0
+
+
+def member_json(records) -> list[dict]:
+    """``status --json``: every member's record as published (peer_id, maddrs, state, role, stage, step,
+    plan, ...; not its binary credential, which members have already checked), its uptime, and its
+    measured ``links``: peer id -> ``{"bandwidth_bps", "rtt_s"}`` (either may be missing)."""
+    out = []
+    for r in records:
+        wire = {k: v for k, v in r.to_wire().items() if k != "credential"}
+        links = {p: {"bandwidth_bps": b} for p, b in wire["bandwidth_bps"].items()}
+        for p, rtt in wire["rtt_s"].items():
+            links.setdefault(p, {})["rtt_s"] = rtt
+        out.append({**wire, "uptime_s": r.uptime_s, "links": links})
+    return out
 
 
 def trust_notes(view) -> list[str]:
@@ -296,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses others should dial")
     p.add_argument("--identity", metavar="PATH", help="identity file (same file, same peer id)")
     p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--ready-file", metavar="PATH", help="JSON the node keeps up to date for programs that start it: "
+                   "peer_id, maddrs, state, role, stage, step, plan_hash, pid, updated_at (written atomically)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="join as a client, print the member table and exit")

@@ -14,9 +14,8 @@ node), or when no step completes within ``stall_s``.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,11 +24,12 @@ from pathlib import Path
 
 from swarm.config import NodeConfig, read_yaml, validate
 from swarm.errors import SwarmError
+from swarm.procs import poll_until, read_ready, stop_groups
 from swarm.runtime.metrics import newest_by_peer, read_metrics
 from swarm.runtime.metrics import summarise as summarise_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-MADDR = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,34 +55,31 @@ class DemoSettings:
 
 class _Node:
     def __init__(self, index: int, config: Path, member, log: Path, initial_peer: str | None):
-        self.log = log
+        self.log, self.ready_file = log, log.with_suffix(".ready.json")
+        self.ready_file.unlink(missing_ok=True)
         peers = [initial_peer] if initial_peer else []
         self.popen = subprocess.Popen(
             [sys.executable, str(ROOT / "node.py"), "run", "--config", str(config), "--identity", member.identity_path,
-             "--credentials", member.credential_path, "--initial-peers", *peers],
+             "--credentials", member.credential_path, "--ready-file", str(self.ready_file), "--initial-peers", *peers],
             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
     def last_line(self) -> str:
-        return (self.text().strip().splitlines()[-1:] or ["(no output)"])[0]
+        """The node's last log line: shown to the user when the node died, never parsed."""
+        return (self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"])[0]
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
             raise SwarmError(f"node {self.log.stem} exited with code {self.popen.returncode}: {self.last_line()}")
 
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-
-    def kill(self) -> None:
+    def address(self, timeout_s: float) -> str:
+        """The loopback multiaddr other nodes dial (from the node's ready file)."""
         try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(10)
+            info = read_ready(self.ready_file, timeout_s, check=self.check_alive,
+                              what=f"node {self.log.stem} to listen")
+        except TimeoutError as e:
+            raise SwarmError(str(e)) from None
+        return next((a for a in info["maddrs"] if a.startswith("/ip4/127.0.0.1/")), info["maddrs"][0])
 
 
 def _compression(text: str) -> dict:
@@ -134,7 +131,7 @@ def summarise(rows: list[dict], s: DemoSettings, model: str, died: list[dict] | 
     return {**summarise_metrics(rows), "nodes": s.nodes, "model": model, "nodes_died": list(died or [])}
 
 
-def _deaths(nodes: list[_Node], died: list[dict], done: int, s: DemoSettings, say) -> None:
+def _deaths(nodes: list[_Node], died: list[dict], done: int, s: DemoSettings) -> None:
     """Report nodes that exited since the last look; raise when the swarm cannot go on without them."""
     for i, n in enumerate(nodes):
         if n.popen.poll() is None or any(d["node"] == i for d in died):
@@ -144,10 +141,41 @@ def _deaths(nodes: list[_Node], died: list[dict], done: int, s: DemoSettings, sa
                              f"(the first plan needs all {s.nodes} nodes): {n.last_line()}")
         died.append({"node": i, "exit_code": n.popen.returncode, "at_step": done})
         alive = sum(m.popen.poll() is None for m in nodes)
-        say(f"node {i} died (exit code {n.popen.returncode}) after {done} steps: {n.last_line()[:160]}; "
-            f"{alive} nodes left, the swarm re-plans without it")
+        logger.info(f"node {i} died (exit code {n.popen.returncode}) after {done} steps: {n.last_line()[:160]}; "
+                    f"{alive} nodes left, the swarm re-plans without it")
         if alive == 0:
             raise SwarmError(f"every node died; the swarm trained {done} of {s.steps} steps")
+
+
+def _follow(nodes: list[_Node], died: list[dict], metrics: Path, s: DemoSettings, bar, deadline: float) -> None:
+    """Follow the metrics rows the nodes append until ``s.steps`` steps are done (the bar shows them);
+    report nodes that died; raise when no step completes for ``s.stall_s`` or the deadline passes."""
+    progress = {"done": 0, "at": time.monotonic()}
+
+    def trained() -> bool:
+        rows = [r for r in read_metrics(metrics) if "loss" in r]
+        done = len({r["step"] for r in rows})
+        if done > bar.n:
+            r = rows[-1]
+            sent = sum(x["bytes_sent"] for x in newest_by_peer(read_metrics(metrics)).values())
+            bar.set_postfix(loss=f"{r['loss']:.3f}", samples_s=f"{r['samples_per_s']:.1f}", sent=f"{sent / 1e6:.0f}MB")
+            bar.update(done - bar.n)
+            progress["at"] = time.monotonic()
+        progress["done"] = done
+        return done >= s.steps
+
+    def check() -> None:
+        done = progress["done"]
+        _deaths(nodes, died, done, s)
+        if done and time.monotonic() - progress["at"] > s.stall_s:
+            after = f" (since node {died[-1]['node']} died)" if died else ""
+            raise SwarmError(f"no step completed for {s.stall_s:.0f} s after step {done - 1}{after}")
+
+    try:
+        poll_until(trained, deadline - time.monotonic(), f"{s.steps} steps", interval_s=0.5, check=check)
+    except TimeoutError:
+        raise SwarmError(f"the demo did not finish {s.steps} steps within {s.timeout_s:.0f} s") from None
+    _deaths(nodes, died, progress["done"], s)   # one that died during the last steps is reported too
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -168,9 +196,11 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(s: DemoSettings, log=print) -> dict:
-    """Start the swarm, train ``s.steps`` steps, stop everything; returns the metrics written."""
+def run_demo(s: DemoSettings) -> dict:
+    """Start the swarm, train ``s.steps`` steps, stop everything; returns the metrics written. Progress
+    is a bar on stderr; lines go to this module's logger (above the bar)."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from swarm.data import training_data
     from swarm.estimator.profile import load_or_measure
@@ -204,62 +234,27 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     deadline = time.monotonic() + s.timeout_s
     try:
         nodes.append(_Node(0, config, members[0], out / "node0.log", None))
-        maddr = _wait(lambda: MADDR.search(nodes[0].text()), nodes, 90, "node 0 to listen")
+        maddr = nodes[0].address(90)
         for i in range(1, s.nodes):
-            nodes.append(_Node(i, config, members[i], out / f"node{i}.log", maddr.group(1)))
-        log(f"{s.nodes} nodes started (private swarm, logs in {out}/); electing a plan ...")
-        with tqdm(total=s.steps, unit="step", dynamic_ncols=True) as bar:
-            say = bar.write if log is print else log   # a line above the progress bar
-            progressed = time.monotonic()
-            while True:
-                rows = [r for r in read_metrics(metrics) if "loss" in r]
-                done = len({r["step"] for r in rows})
-                if done > bar.n:
-                    r = rows[-1]
-                    sent = sum(x["bytes_sent"] for x in newest_by_peer(read_metrics(metrics)).values())
-                    bar.set_postfix(loss=f"{r['loss']:.3f}", samples_s=f"{r['samples_per_s']:.1f}", sent=f"{sent / 1e6:.0f}MB")
-                    bar.update(done - bar.n)
-                    progressed = time.monotonic()
-                if done >= s.steps:
-                    break
-                _deaths(nodes, died, done, s, say)
-                if done and time.monotonic() - progressed > s.stall_s:
-                    after = f" (since node {died[-1]['node']} died)" if died else ""
-                    raise SwarmError(f"no step completed for {s.stall_s:.0f} s after step {done - 1}{after}")
-                if time.monotonic() > deadline:
-                    raise SwarmError(f"the demo did not finish {s.steps} steps within {s.timeout_s:.0f} s")
-                time.sleep(0.5)   # polling the metrics file the nodes append to
-            _deaths(nodes, died, done, s, say)   # one that died during the last steps is reported too
+            nodes.append(_Node(i, config, members[i], out / f"node{i}.log", maddr))
+        logger.info(f"{s.nodes} nodes started (private swarm, logs in {out}/); electing a plan ...")
+        with tqdm(total=s.steps, unit="step", dynamic_ncols=True) as bar, \
+                logging_redirect_tqdm([logging.getLogger("swarm")]):   # lines above the progress bar
+            _follow(nodes, died, metrics, s, bar, deadline)
         summary = summarise(read_metrics(metrics), s, cfg.model, died)
     finally:
-        for n in nodes:
-            n.stop()
-        stop_by = time.monotonic() + 20
-        while any(n.popen.poll() is None for n in nodes) and time.monotonic() < stop_by:
-            time.sleep(0.2)
-        for n in nodes:
-            n.kill()
+        stop_groups([n.popen for n in nodes], grace_s=20)   # each node leaves; what is left after 20 s is killed
     json_out = Path(s.json_out or out / "metrics.json")
     json_out.write_text(json.dumps(summary, indent=1))
     png = Path(s.plot or out / "demo.png")
     plot(summary, png)
-    log(f"trained {summary['steps']} steps on {s.nodes} nodes ({summary['stages']} stages, plan {summary['plan_hash']}): "
-        f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, {summary['samples_per_s']:.1f} samples/s, "
-        f"{summary['bytes_sent'] / 1e6:.1f} MB sent (wire ratio {summary['wire_ratio']:.1f}x)")
+    logger.info(f"trained {summary['steps']} steps on {s.nodes} nodes ({summary['stages']} stages, "
+                f"plan {summary['plan_hash']}): loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
+                f"{summary['samples_per_s']:.1f} samples/s, "
+                f"{summary['bytes_sent'] / 1e6:.1f} MB sent (wire ratio {summary['wire_ratio']:.1f}x)")
     if died:
-        log(f"{len(died)} of {s.nodes} nodes died on the way (" + ", ".join(
+        logger.info(f"{len(died)} of {s.nodes} nodes died on the way (" + ", ".join(
             f"node {d['node']} after {d['at_step']} steps" for d in died) + "); the swarm trained on without them")
-    log(f"metrics: {json_out}  plot: {png}")
+    logger.info(f"metrics: {json_out}  plot: {png}")
     return summary
 
-
-def _wait(predicate, nodes: list[_Node], timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        for n in nodes:
-            n.check_alive()
-        time.sleep(0.2)   # polling a node's log for its address
-    raise SwarmError(f"timed out waiting for {what}")

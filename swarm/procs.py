@@ -76,8 +76,8 @@ def load_ready(path: str | Path) -> dict | None:
 def read_ready(path: str | Path, timeout_s: float = 90.0, check: Callable[[], None] | None = None,
                until: Callable[[dict], bool] = lambda info: True, what: str | None = None) -> dict:
     """A node's ready file (``node.py run --ready-file``) once it exists and ``until(info)`` holds:
-    ``peer_id``, ``maddrs``, ``state``, ``role``, ``stage``, ``step``, ``plan_hash``, ``pid``,
-    ``updated_at``. ``check`` as in ``poll_until``."""
+    ``peer_id``, ``maddrs``, ``state``, ``role``, ``stage``, ``step``, ``plan_hash`` (the committed plan),
+    ``ready`` (the plan whose stage runs there), ``pid``, ``updated_at``. ``check`` as in ``poll_until``."""
     def ready() -> dict | None:
         info = load_ready(path)
         return info if info is not None and until(info) else None
@@ -88,5 +88,8 @@ def write_ready(path: str | Path, info: dict) -> None:
     """Write a ready file atomically (a temporary name, then a rename): a reader never sees half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

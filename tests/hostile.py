@@ -25,8 +25,6 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ from hivemind.utils import get_dht_time
 
 from swarm.net.auth import Identity, load_identity
 from swarm.net.membership import make_validators
-from tests.swarmproc import ROOT, Proc
+from tests.swarmproc import Proc
 
 PREFIX = "swarm"
 STAGE, STATE = "swarm.stage.v1", "swarm.state.v1"
@@ -379,13 +377,8 @@ class RssWatch:
 class EnvProc(Proc):
     """``Proc`` with extra environment variables (a poisoning member: same code, same model, env set)."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
-        self.popen = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-        self.lines = []
-        self.new_line = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, ready_file: str | Path | None = None):
+        super().__init__(*args, env=env, ready_file=ready_file)
 
 
 def hijack_plan(traced, attacker: str, honest: list[str], micro_batches: int, model: str):

@@ -42,7 +42,7 @@ from tests.hostile import (
     reply_text,
     wait_for_time,
 )
-from tests.swarmproc import MADDR, Proc, wait_until
+from tests.swarmproc import Proc, wait_until
 
 TTL = 4.0
 RSS_BOUND_MIB = 512          # growth of a node's process tree allowed under a flood
@@ -91,12 +91,12 @@ class Swarm:
             ident = self.identities.get(name) or str(self.run_dir / f"{name}.id")
             args = (self.programs.get(name, "node.py"), "run", "--config", cfg, "--identity", ident,
                     "--initial-peers", *([maddr] if maddr else []))
-            proc = EnvProc(*args, env=self.envs.get(name))
+            proc = EnvProc(*args, env=self.envs.get(name), ready_file=self.run_dir / f"{name}.ready.json")
             self.procs.append(proc)
             self.nodes[name] = proc
-            maddr = maddr or proc.wait_for(MADDR, 90).group(1)
+            maddr = maddr or proc.maddr(90)
         self.maddr = maddr
-        self.ids = {n: p.wait_for(r"peer (\w+) listening on", 90).group(1) for n, p in self.nodes.items()}
+        self.ids = {n: p.peer_id(90) for n, p in self.nodes.items()}
 
     def restart(self) -> None:
         for p in self.nodes.values():
@@ -302,8 +302,7 @@ def test_hostile_records_and_ballots_neither_crash_stall_nor_hijack_the_swarm(tm
             g.close()   # the writer is gone
         print(f"[ghost] ghosts {[(p[-8:], ok) for p, ok in ghosts]} (first sorts before every honest id)")
         got = [f"ghost records: {f}" for f in swarm.keeps_training(2 * TTL, 1)]   # within 2 TTLs they must be gone
-        roles = {n: [m.group(1) for line in p.lines if (m := re.search(r"committed epoch .*\): (.+)$", line))][-1:]
-                 for n, p in swarm.nodes.items()}
+        roles = {n: [r] if (r := p.ready(5)["role"]) else [] for n, p in swarm.nodes.items()}   # from the ready files
         victim = next((n for n, r in roles.items() if r == ["stage 1"]), "c")
         swarm.nodes[victim].kill(signal.SIGKILL)
         survivors = [n for n in swarm.nodes if n != victim]

@@ -14,7 +14,7 @@ from swarm.net.membership import MemberRecord, Membership, make_validators
 from swarm.net.private import init_swarm
 from swarm.net.probe import LinkProber
 from tests.conftest import node_config, run_cli
-from tests.swarmproc import MADDR, Proc, wait_until
+from tests.swarmproc import Proc, wait_until
 
 
 def test_credentials_bind_peer_authority_and_expiry(tmp_path):
@@ -44,19 +44,21 @@ def test_private_swarm_admits_members_and_refuses_an_outsider(tmp_path, swarm_pr
     files = init_swarm(str(tmp_path / "lab"), "lab", n_members=3)
     boot_m, a_m, b_m = files.members
     boot = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                "--identity", boot_m.identity_path, "--credentials", boot_m.credential_path)
+                "--identity", boot_m.identity_path, "--credentials", boot_m.credential_path,
+                ready_file=tmp_path / "boot.ready.json")
     swarm_procs.append(boot)
-    bootstrap = boot.wait_for(MADDR, 30).group(1)
+    bootstrap = boot.maddr(30)
     assert bootstrap.endswith(boot_m.peer_id)  # the identity's peer id is the one p2pd uses
 
     cfg = node_config(tmp_path, probe_interval_s=1.0)
     nodes = []
     for m in (a_m, b_m):
         nodes.append(Proc("node.py", "run", "--config", cfg, "--initial-peers", bootstrap,
-                          "--identity", m.identity_path, "--credentials", m.credential_path))
+                          "--identity", m.identity_path, "--credentials", m.credential_path,
+                          ready_file=tmp_path / f"{m.peer_id[-8:]}.ready.json"))
         swarm_procs.append(nodes[-1])
-    a_maddr = nodes[0].wait_for(r"listening on (\S+)", 60).group(1)
-    nodes[1].wait_for("listening on", 60)
+    a_maddr = nodes[0].maddr(60)
+    nodes[1].ready(60)
 
     def members_status(*extra):
         return run_cli("status", "--config", cfg, "--initial-peers", bootstrap, "--json", *extra, timeout=60)

@@ -10,7 +10,7 @@ from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import load_model
 from swarm.runtime import lr_at, make_optimizer
 from tests.conftest import ROOT, run_cli
-from tests.swarmproc import MADDR, Proc, p2pd_pids, wait_until
+from tests.swarmproc import Proc, p2pd_pids, wait_until
 
 STEPS, MICRO_BATCHES, MICRO_BATCH_SIZE = 3, 4, 2
 
@@ -28,9 +28,10 @@ def write_config(tmp_path: Path, **sections) -> str:
 
 
 def start_swarm(procs, tmp_path: Path, config: str, n: int) -> None:
-    first = Proc("node.py", "run", "--config", config, "--identity", str(tmp_path / "0.id"), "--initial-peers")
+    first = Proc("node.py", "run", "--config", config, "--identity", str(tmp_path / "0.id"), "--initial-peers",
+                 ready_file=tmp_path / "0.ready.json")
     procs.append(first)
-    maddr = first.wait_for(MADDR, 90).group(1)
+    maddr = first.maddr(90)
     for i in range(1, n):
         procs.append(Proc("node.py", "run", "--config", config, "--identity", str(tmp_path / f"{i}.id"),
                           "--initial-peers", maddr))
@@ -50,6 +51,11 @@ def reference_parameters(steps: int) -> dict[str, torch.Tensor]:
         opt.param_groups[0]["lr"] = lr_at(step, 1e-3, 20)   # the default linear warm-up
         opt.step()
     return dict(model.named_parameters())
+
+
+def left_the_swarm(out: Path, node: int = 0) -> bool:
+    """The demo's node left gracefully: its ready file's last state (the demo passes ``--ready-file``)."""
+    return json.loads((out / f"node{node}.ready.json").read_text())["state"] == "offline"
 
 
 def test_three_node_processes_train_exactly_like_one_process(tmp_path, swarm_procs):
@@ -84,7 +90,7 @@ def test_demo_trains_a_private_swarm_and_leaves_nothing_running(tmp_path):
     assert metrics["loss_last"] < metrics["loss_first"] and metrics["samples_per_s"] > 0 and metrics["bytes_sent"] > 0
     assert metrics["wire_ratio"] >= 8   # every pipeline link at the fixed ratio (the gradients go back harder)
     assert (out / "demo.png").stat().st_size > 10_000
-    assert not p2pd_pids() - before and "left the swarm" in (out / "node0.log").read_text()
+    assert not p2pd_pids() - before and left_the_swarm(out)
 
 
 def test_demo_trains_resnet18_on_synthetic_images_from_its_config_file(tmp_path):
@@ -100,7 +106,7 @@ def test_demo_trains_resnet18_on_synthetic_images_from_its_config_file(tmp_path)
     nodes = json.loads((out / "node.yaml").read_text())   # the file's values, the flags over them
     assert nodes["training"]["data"] == "synthetic-images" and nodes["election"]["stages"] == 2
     assert nodes["micro_batch_size"] == nodes["election"]["micro_batches"] == 2
-    assert not p2pd_pids() - before and "left the swarm" in (out / "node0.log").read_text()
+    assert not p2pd_pids() - before and left_the_swarm(out)
 
 
 def test_demo_rejects_bad_input_in_one_line(tmp_path):
