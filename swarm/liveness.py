@@ -12,15 +12,18 @@ of the view the election and the pipeline see. It is pinged on, and comes back t
 The failure count keeps a stalled prober (this node's own heartbeat held up for longer than a TTL)
 from declaring everyone gone at once: silence is only believed when pings went out and failed.
 
-Pure: the caller sends the pings and reports what came back (``node._ProbeSchedule``); times are the
-caller's clock (monotonic seconds); no I/O but the ``log`` callable.
+Pure: the caller sends the pings and reports what came back (``swarm.node.probes.ProbeSchedule``); times are the
+caller's clock (monotonic seconds); no I/O but logging.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable
+import logging
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from swarm.refusals import short
+
+logger = logging.getLogger(__name__)
 
 PINGS_PER_TTL = 3     # a member is pinged every ttl_s / 3, and each ping waits at most ttl_s / 3
 MIN_FAILURES = 2      # unanswered pings before silence counts (the ping timeouts must have run out)
@@ -34,7 +37,6 @@ class Liveness:
 
     ttl_s: float
     me: str = ""
-    log: Callable[[str], None] = lambda line: None
     first_seen: dict[str, float] = field(default_factory=dict)
     in_view_at: dict[str, float] = field(default_factory=dict)
     pinged_at: dict[str, float] = field(default_factory=dict)
@@ -78,7 +80,7 @@ class Liveness:
         self.failures[peer] = 0
         if peer in self.reported:
             self.reported.discard(peer)
-            self.log(f"member {short(peer)} answers probes again")
+            logger.info(f"member {short(peer)} answers probes again")
 
     def failed(self, peer: str, now: float) -> None:
         """A ping to the peer got no answer in time (or its stream failed)."""
@@ -98,5 +100,5 @@ class Liveness:
         gone = {p for p in peers if self.gone(p, now)}
         for peer in sorted(gone - self.reported):
             self.reported.add(peer)
-            self.log(f"member {short(peer)} answers no probe for {self.silent_s(peer, now):.0f} s: treated as gone")
+            logger.info(f"member {short(peer)} answers no probe for {self.silent_s(peer, now):.0f} s: treated as gone")
         return gone

@@ -10,18 +10,20 @@ self-reported compute enters planning capped at ``CLAIM_SPREAD`` times the membe
 (``rated_tflops``), so one liar cannot draw every op to itself (docs/hostile.md)."""
 from __future__ import annotations
 
+import enum
 import json
+import logging
 import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from swarm.config import ElectionConfig
 from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, Ignored, PeerState, Publish
 from swarm.errors import SwarmError
-from swarm.net.membership import MemberRecord, Membership, MembershipView
-from swarm.refusals import Refusals, short
+from swarm.net.membership import Membership, MembershipView
+from swarm.refusals import CallableLogger, Refusals, short
 from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
 
 EPOCH_WINDOW = 64        # epochs claimed further above the swarm's committed one are not believed
@@ -96,12 +98,53 @@ def layout_of(plan: Plan, w: Workload, swarm: Swarm) -> list[tuple[tuple[int, in
     return [((seg[s.first_op], seg[s.stop_op]), [index[p] for p in s.peers]) for s in plan.stages]
 
 
+logger = logging.getLogger(__name__)
+
+
+class RoleKind(enum.StrEnum):
+    STAGE = "stage"
+    SPARE = "spare"
+    OUTSIDE = "outside the plan"
+
+
+@dataclass(frozen=True)
+class Role:
+    """This node's part in a committed plan; ``str`` is the record's ``role`` ("stage 2", "spare",
+    "outside the plan")."""
+
+    kind: RoleKind
+    stage: int | None = None
+
+    @classmethod
+    def of(cls, plan: Plan, me: str) -> Role:
+        role = plan.role(me)
+        if role["stage"] is not None:
+            return cls(RoleKind.STAGE, role["stage"])
+        return cls(RoleKind.SPARE if role.get("spare") else RoleKind.OUTSIDE)
+
+    def __str__(self) -> str:
+        return f"stage {self.stage}" if self.kind is RoleKind.STAGE else self.kind.value
+
+
+@dataclass(frozen=True)
+class ElectionAdvert:
+    """What the election puts in this node's member record: its vote, the plan it committed, and its
+    role there (``role`` and ``stage`` None while no readable plan is committed)."""
+
+    vote_epoch: int | None = None
+    vote_hash: str | None = None
+    committed_epoch: int | None = None
+    committed_hash: str | None = None
+    role: str | None = None
+    stage: int | None = None
+
+
 def _pair(epoch: int | None, value: str | None) -> tuple[int, str] | None:
     return (epoch, value) if epoch is not None and value else None
 
 
 class Elector:
-    """One node's election loop; ``step`` once per heartbeat, before the record is published."""
+    """One node's election loop; ``step`` once per heartbeat returns what the record advertises."""
 
     def electorate(self, view: MembershipView) -> MembershipView:
         """The members that take part in elections: not those leaving, nor those in a dispute
@@ -113,21 +156,24 @@ class Elector:
         return MembershipView({p: r for p, r in view.members.items() if p not in out}, view.taken_at) if out else view
 
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
-                 log: Callable[[str], None] = print, max_ratio: float = PlanSettings.max_ratio):
-        self.me, self.membership, self.workload, self.log = me, membership, workload, log
+                 log: Callable[[str], None] | None = None, max_ratio: float = PlanSettings.max_ratio):
+        self.me, self.membership, self.workload = me, membership, workload
+        self.log = CallableLogger(log) if log is not None else logger
         self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages, max_ratio=max_ratio,
                                      max_replicas=cfg.max_replicas)
         self.cfg = cfg
         self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
                                                       cfg.min_members, leader="rotating", epoch_window=EPOCH_WINDOW))
-        self.refusals = Refusals(log)
+        self.refusals = Refusals(log) if log is not None else Refusals()
         self.verdicts: dict[tuple[str, tuple[str, ...]], str] = {}   # (plan hash, members) -> "" (good) or why not
         self.naive = cfg.planner == "naive"
         self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified
         self.plan: Plan | None = None       # the committed one
         self.drift_checked_at = 0.0
+        self.advert = ElectionAdvert()
 
-    def step(self, view: MembershipView, record: MemberRecord) -> None:
+    def step(self, view: MembershipView) -> ElectionAdvert:
+        """One heartbeat of the election over ``view``; returns the record fields it sets."""
         now = time.time()
         ballots = self._believed(view, self.membership.ballots())
         peers = {}
@@ -138,10 +184,11 @@ class Elector:
         try:
             self._check_drift(view, now)
         except (SwarmError, ValueError, KeyError) as e:
-            self.log(f"warning: cannot re-price the committed plan ({e})")
-        self._run(self.election.observe(now, peers), view, ballots, record)
+            self.log.warning(f"cannot re-price the committed plan ({e})")
+        self._run(self.election.observe(now, peers), view, ballots)
+        return self.advert
 
-    def _run(self, commands: list, view: MembershipView, ballots: dict, record: MemberRecord) -> None:
+    def _run(self, commands: list, view: MembershipView, ballots: dict) -> None:
         for c in commands:
             if isinstance(c, Ignored):
                 self.refusals.note(c.peer, "election state", c.what)
@@ -149,43 +196,43 @@ class Elector:
                 try:
                     plan = self._own_plan(view, c.members)
                 except (SwarmError, ValueError, KeyError) as e:   # the members' records cannot be planned on
-                    self.log(f"warning: cannot plan epoch {c.epoch} for {len(c.members)} members ({e}); "
-                             "the next proposer takes over after the election time-out")
+                    self.log.warning(f"cannot plan epoch {c.epoch} for {len(c.members)} members ({e}); "
+                                     "the next proposer takes over after the election time-out")
                     continue
                 ballot = Ballot(c.epoch, plan.hash, self.me, c.members)
                 try:
                     self.membership.publish_ballot(c.epoch, plan.hash, self.me, list(c.members), json.dumps(plan.compact()))
                 except SwarmError as e:
-                    self.log(f"warning: ballot of epoch {c.epoch} not published ({e})")
+                    self.log.warning(f"ballot of epoch {c.epoch} not published ({e})")
                     continue
-                self.log(f"proposed epoch {c.epoch} plan {plan.hash} for {len(c.members)} members "
-                         f"({self.election.reason}), predicted step {plan.predicted_step_s:.3f} s")
-                self._run(self.election.proposed(ballot), view, ballots, record)
+                self.log.info(f"proposed epoch {c.epoch} plan {plan.hash} for {len(c.members)} members "
+                              f"({self.election.reason}), predicted step {plan.predicted_step_s:.3f} s")
+                self._run(self.election.proposed(ballot), view, ballots)
             elif isinstance(c, Publish):
-                record.vote_epoch, record.vote_hash = c.state.vote if c.state.vote else (None, None)
-                record.committed_epoch, record.committed_hash = c.state.committed if c.state.committed else (None, None)
+                vote_epoch, vote_hash = c.state.vote if c.state.vote else (None, None)
+                committed_epoch, committed_hash = c.state.committed if c.state.committed else (None, None)
+                self.advert = replace(self.advert, vote_epoch=vote_epoch, vote_hash=vote_hash,
+                                      committed_epoch=committed_epoch, committed_hash=committed_hash)
             elif isinstance(c, Commit):
-                self._adopt(c, ballots, record)
+                self._adopt(c, ballots)
 
-    def _adopt(self, c: Commit, ballots: dict, record: MemberRecord) -> None:
+    def _adopt(self, c: Commit, ballots: dict) -> None:
         plan = self.plans.get(c.ballot.plan_hash)
         if plan is None and c.ballot.proposer in ballots:
             try:
                 plan = Plan.from_compact(json.loads(ballots[c.ballot.proposer]["plan"]), self.workload.names)
             except ValueError as e:
-                self.log(f"warning: committed plan {c.ballot.plan_hash} is unreadable ({e})")
+                self.log.warning(f"committed plan {c.ballot.plan_hash} is unreadable ({e})")
         if plan is not None and (plan.hash != c.ballot.plan_hash or plan.members != c.ballot.members):
-            self.log(f"warning: committed plan {c.ballot.plan_hash} does not match this node's model/OP-DAG")
+            self.log.warning(f"committed plan {c.ballot.plan_hash} does not match this node's model/OP-DAG")
             plan = None
         self.plan = plan
-        role = plan.role(self.me) if plan else {"stage": None}
-        record.stage = role["stage"]
-        record.role = (f"stage {role['stage']}" if role["stage"] is not None else "spare" if role.get("spare")
-                       else "outside the plan" if plan else None)
-        self.log(f"committed epoch {c.ballot.epoch} plan {c.ballot.plan_hash} with {len(c.ballot.members)} members "
-                 f"({c.reason}): {record.role or 'role unknown'}")
+        role = Role.of(plan, self.me) if plan is not None else None
+        self.advert = replace(self.advert, stage=role.stage if role else None, role=str(role) if role else None)
+        self.log.info(f"committed epoch {c.ballot.epoch} plan {c.ballot.plan_hash} with {len(c.ballot.members)} members "
+                      f"({c.reason}): {self.advert.role or 'role unknown'}")
         if plan is not None:
-            self.log(f"plan {plan.hash}: {plan.summary()}")
+            self.log.info(f"plan {plan.hash}: {plan.summary()}")
 
     def _own_plan(self, view: MembershipView, members) -> Plan:
         """The plan this node makes for ``members`` (kept by hash, so a commit of it needs no parsing)."""
@@ -257,6 +304,6 @@ class Elector:
         current = evaluate(self.workload, swarm, layout_of(self.plan, self.workload, swarm), settings)
         fresh = schedule(self.workload, swarm, settings)
         if current.predicted_step_s > self.cfg.drift_gain * fresh.predicted_step_s:
-            self.log(f"drift: committed plan now predicts {current.predicted_step_s:.3f} s, a new one "
-                     f"{fresh.predicted_step_s:.3f} s")
+            self.log.info(f"drift: committed plan now predicts {current.predicted_step_s:.3f} s, a new one "
+                          f"{fresh.predicted_step_s:.3f} s")
             self.election.report_drift()

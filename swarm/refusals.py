@@ -3,16 +3,50 @@
 Every defence against a hostile or broken peer (a bad frame, record, ballot, tensor) refuses the input
 and goes on; ``Refusals`` names it in one log line per (peer, kind of refusal) and interval, and counts
 the repeats, so a flood of bad input cannot flood the log either. ``Bans`` remembers peers that sent
-something no honest peer sends (non-finite tensors) for a while. Pure: no I/O but the ``log`` callable.
+something no honest peer sends (non-finite tensors) for a while. Pure: no I/O but logging (the
+``swarm.refusals`` logger, or a ``log`` callable a caller hands in).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 LOG_INTERVAL_S = 60.0     # one line per (peer, kind) per minute at most
 BAN_S = 300.0             # how long a peer that sent poison is refused
+
+
+logger = logging.getLogger(__name__)
+
+
+class CallableLogger:
+    """A logger's ``info``/``warning``/``error`` as lines to a ``log`` callable, in the text
+    ``swarm.logs`` prints (``warning: ...``, ``error: ...``): for callers that still hand one in."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+
+    def info(self, message: str) -> None:
+        self.log(message)
+
+    def warning(self, message: str) -> None:
+        self.log(f"warning: {message}")
+
+    def error(self, message: str) -> None:
+        self.log(f"error: {message}")
+
+
+def lines_to(log: logging.Logger) -> Callable[[str], None]:
+    """A ``log`` callable for code that still takes one: ``warning: `` / ``error: `` prefixed lines go
+    to ``log`` at that level (without the prefix, which ``swarm.logs`` prints again), the rest at INFO."""
+    def line(message: str) -> None:
+        for prefix, level in (("warning: ", logging.WARNING), ("error: ", logging.ERROR)):
+            if message.startswith(prefix):
+                log.log(level, message[len(prefix):])
+                return
+        log.info(message)
+    return line
 
 
 def short(peer: str) -> str:
@@ -25,7 +59,7 @@ class Refusals:
     """``note(peer, kind, detail)``: log ``refused <kind> from <peer>: <detail>`` at most once per
     ``interval_s`` per (peer, kind); ``counts`` keeps every refusal."""
 
-    log: Callable[[str], None] = lambda line: None
+    log: Callable[[str], None] | None = None   # None: the ``swarm.refusals`` logger (INFO)
     interval_s: float = LOG_INTERVAL_S
     clock: Callable[[], float] = time.monotonic
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -43,7 +77,7 @@ class Refusals:
             self._logged_at.clear()
         more = f" ({n - last[1] - 1} more since the last line)" if last is not None and n - last[1] > 1 else ""
         self._logged_at[key] = (now, n)
-        self.log(f"refused {kind} from {short(peer)}: {detail}{more}")
+        (self.log or logger.info)(f"refused {kind} from {short(peer)}: {detail}{more}")
         return True
 
     def total(self, kind: str | None = None) -> int:

@@ -10,14 +10,19 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarm.liveness import MIN_FAILURES, Liveness
 from swarm.net.auth import peer_id_of
 from swarm.net.membership import MemberRecord, MembershipView, SwarmDHT, make_validators
-from swarm.node import _ProbeSchedule
+from swarm.node import NodeLoop, ProbeSchedule
 from swarm.refusals import short
+from tests.loglines import swarm_lines
 from tests.swarmproc import wait_until
 
 
-def test_a_peer_that_never_answers_is_gone_a_ttl_after_it_was_first_seen():
-    lines: list[str] = []
-    live = Liveness(ttl_s=9.0, me="me", log=lines.append)
+@pytest.fixture
+def log_lines(caplog):
+    return swarm_lines(caplog)
+
+def test_a_peer_that_never_answers_is_gone_a_ttl_after_it_was_first_seen(log_lines):
+    lines = log_lines
+    live = Liveness(ttl_s=9.0, me="me")
     live.observe(["me", "ghost", "honest"], now=100.0)
     assert live.due(["me", "ghost", "honest"], 100.0) == ["ghost", "honest"]   # never me
     for t in (100.0, 103.0, 106.0):
@@ -76,11 +81,14 @@ def two_nodes():
     first = SwarmDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=validators[0])
     second = SwarmDHT(initial_peers=[str(a) for a in first.get_visible_maddrs()], start=True,
                       host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=validators[1])
-    lines: list[str] = []
-    probes = [_ProbeSchedule(first, 600.0, log=lines.append), _ProbeSchedule(second, 600.0)]
-    yield probes, [p.p2p.peer_id.to_base58() for p in probes], lines
-    for p in probes:
+    loops = [NodeLoop(), NodeLoop()]
+    p2ps = [loop.call_sync(dht.replicate_p2p()) for loop, dht in zip(loops, (first, second), strict=True)]
+    probes = [ProbeSchedule(loop, p2p, 600.0) for loop, p2p in zip(loops, p2ps, strict=True)]
+    yield probes, [p.p2p.peer_id.to_base58() for p in probes], None
+    for p, loop in zip(probes, loops, strict=True):
         p.close()
+        loop.call_sync(p.p2p.shutdown(), 5)
+        loop.close()
     first.shutdown()
     second.shutdown()
 
@@ -89,17 +97,18 @@ def test_a_busy_node_answers_a_zero_byte_probe_and_stays_busy(two_nodes):
     (a, b), (_, b_id), _ = two_nodes
     b.links.busy = True   # as during a bandwidth probe, in either role
     try:
-        elapsed = a._run(a.links.ping(PeerID.from_base58(b_id), 5.0))
+        elapsed = a.loop.call_sync(a.links.ping(PeerID.from_base58(b_id), 5.0))
         assert 0 < elapsed < 5.0
         assert b.links.busy                  # an empty probe must not end the other probe's hold
         with pytest.raises(Exception):  # noqa: B017 # a sized probe is still turned away while busy
-            a._run(a.links.probe_once(PeerID.from_base58(b_id), 1024, 5.0))
+            a.loop.call_sync(a.links.probe_once(PeerID.from_base58(b_id), 1024, 5.0))
     finally:
         b.links.busy = False
 
 
-def test_a_fresh_record_whose_peer_answers_no_probe_is_gone_within_two_ttls(two_nodes):
-    (a, b), (a_id, b_id), lines = two_nodes
+def test_a_fresh_record_whose_peer_answers_no_probe_is_gone_within_two_ttls(two_nodes, log_lines):
+    (a, b), (a_id, b_id), _ = two_nodes
+    lines = log_lines
     ttl = 3.0
     ghost = peer_id_of(RSAPrivateKey().get_public_key())   # a valid peer id nobody serves
     b.links.busy = True                                    # the answering peer is busy the whole time

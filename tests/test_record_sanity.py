@@ -24,7 +24,12 @@ from swarm.net.records import (
     parse_record,
 )
 from swarm.refusals import short
+from tests.loglines import swarm_lines
 
+
+@pytest.fixture
+def log_lines(caplog):
+    return swarm_lines(caplog)
 
 def record(peer: str = "A", **kw) -> MemberRecord:
     now = get_dht_time()
@@ -121,10 +126,10 @@ def store(dht, signer, key: str, value, expiration: float) -> bool:
     return dht.store(key, value, expiration, subkey=signer.local_public_key)
 
 
-def test_a_bad_record_is_ignored_and_named_in_one_log_line(dhts):
+def test_a_bad_record_is_ignored_and_named_in_one_log_line(dhts, log_lines):
     (first, second), signers, ids = dhts
-    lines: list[str] = []
-    reader = Membership(first, signers[0], "s", ttl_s=30.0, log=lines.append)
+    lines = log_lines
+    reader = Membership(first, signers[0], "s", ttl_s=30.0)
     assert Membership(first, signers[0], "s", ttl_s=30.0).publish(record(ids[0]))
     assert store(second, signers[1], "s_members", record(ids[1], tflops=INF).to_wire() | {"tflops": INF}, get_dht_time() + 30)
     for _ in range(3):
@@ -134,18 +139,18 @@ def test_a_bad_record_is_ignored_and_named_in_one_log_line(dhts):
     assert reader.refusals.total("record") == 3          # every refusal is counted, one is logged
     # the liar's bandwidth claim to every member: ignored the same way (it ended every node before)
     lines.clear()
-    reader = Membership(first, signers[0], "s", ttl_s=30.0, log=lines.append)
+    reader = Membership(first, signers[0], "s", ttl_s=30.0)
     assert store(second, signers[1], "s_members", record(ids[1]).to_wire() | {"bandwidth_bps": {ids[0]: -1.0}},
                  get_dht_time() + 30)
     assert set(reader.view().members) == {ids[0]}
     assert lines == [f"refused record from {short(ids[1])}: bandwidth_bps -1 out of range"]
 
 
-def test_liveness_is_capped_at_the_ttl_from_updated_at_whatever_the_dht_expiration(dhts):
+def test_liveness_is_capped_at_the_ttl_from_updated_at_whatever_the_dht_expiration(dhts, log_lines):
     (first, second), signers, ids = dhts
-    lines: list[str] = []
+    lines = log_lines
     ttl = 5.0
-    reader = Membership(first, signers[0], "s", ttl_s=ttl, log=lines.append)
+    reader = Membership(first, signers[0], "s", ttl_s=ttl)
     year = get_dht_time() + 365 * 86400
     # stored once with a one-year expiration, updated_at a TTL and a bit ago: its writer is gone
     assert store(second, signers[1], "s_members", record(ids[1], updated_at=get_dht_time() - ttl - 1).to_wire(), year)
@@ -161,10 +166,10 @@ def test_liveness_is_capped_at_the_ttl_from_updated_at_whatever_the_dht_expirati
     assert ids[1] in reader.view().members
 
 
-def test_ballots_out_of_schema_bounds_are_ignored_and_logged(dhts):
+def test_ballots_out_of_schema_bounds_are_ignored_and_logged(dhts, log_lines):
     (first, second), signers, ids = dhts
-    lines: list[str] = []
-    reader = Membership(first, signers[0], "s", log=lines.append)
+    lines = log_lines
+    reader = Membership(first, signers[0], "s")
     reader.refusals.interval_s = 0.0
     good = {"epoch": 4, "plan_hash": "ab" * 8, "proposer": ids[1], "members": sorted(ids), "plan": "{}"}
     expires = get_dht_time() + 60

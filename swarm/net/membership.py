@@ -11,13 +11,13 @@ record simply expires after ``ttl_s``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from swarm.net.records import (
     DEFAULT_BANDWIDTH_BPS,
     MAX_PLAN_CHARS,
     MemberRecord,
+    MemberState,
     _BallotV1,
     _SwarmSchema,
     check_ballot,
@@ -77,7 +78,7 @@ class MembershipView:
 
     def electorate(self) -> MembershipView:
         """The members that take part in elections (not those leaving)."""
-        return MembershipView({p: r for p, r in self.members.items() if r.state != "leaving"}, self.taken_at)
+        return MembershipView({p: r for p, r in self.members.items() if r.state != MemberState.LEAVING}, self.taken_at)
 
     def bandwidth(self, a: str, b: str) -> float:
         """Bits/s between two members: the smaller of the two measured directions; for an edge
@@ -109,16 +110,17 @@ class Membership:
     ``checker`` (private swarms) makes the view keep only records carrying a valid credential."""
 
     def __init__(self, dht: DHT, signer: RSASignatureValidator, prefix: str = "swarm", ttl_s: float = 30.0,
-                 checker: CredentialChecker | None = None, log: Callable[[str], None] = lambda line: None):
+                 checker: CredentialChecker | None = None):
         self.dht, self.signer, self.key, self.ttl_s = dht, signer, f"{prefix}_members", ttl_s
         self.ballot_key = f"{prefix}_ballots"
         self.checker = checker
-        self.refusals = Refusals(log)   # bad records and ballots: one line per peer and minute
+        self.refusals = Refusals()   # bad records and ballots: one line per peer and minute (swarm.refusals)
 
     def publish(self, record: MemberRecord, timeout_s: float = 10.0) -> bool:
-        """Store (refresh) this node's record; False if no DHT peer accepted it in time. A record the
-        readers would refuse (only a bug of this node: measurements are clamped) is a ``SwarmError``."""
-        record.updated_at = get_dht_time()
+        """Store (refresh) this node's record, stamped ``updated_at`` now (``record`` itself is left as it
+        is); False if no DHT peer accepted it in time. A record the readers would refuse (only a bug of
+        this node: measurements are clamped) is a ``SwarmError``."""
+        record = dataclasses.replace(record, updated_at=get_dht_time())
         wire = record.to_wire()
         reason = check_record(MemberRecord(**wire))
         if reason is not None:
@@ -185,7 +187,7 @@ class Membership:
                 continue   # an honest record's end: expiration = updated_at + ttl_s
             signer = owner_peer_id(subkey) or "?"
             record, reason = parse_record(getattr(entry, "value", None))
-            if record is not None and record.state == "offline":
+            if record is not None and record.state == MemberState.OFFLINE:
                 continue
             reason = reason or check_record(record, now, self.ttl_s)
             if reason is None and not self.accepts(subkey, record):

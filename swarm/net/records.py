@@ -4,6 +4,7 @@ be believed (``check_record``, ``parse_record``, ``check_ballot``; docs/hostile.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,18 @@ from hivemind.dht.schema import BytesWithPublicKey
 
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
-STATES = ("joining", "online", "leaving", "offline")   # leaving: handing its state over, out of elections
+
+
+class MemberState(enum.StrEnum):
+    """A member's ``state`` (the same strings on the wire). ``LEAVING``: handing its state over, out of
+    elections; ``OFFLINE``: gone (readers drop the record). No node ever set the old ``"joining"``."""
+
+    ONLINE = "online"
+    LEAVING = "leaving"
+    OFFLINE = "offline"
+
+
+STATES = tuple(s.value for s in MemberState)
 MAX_HOLDS = 16                     # op ranges a record advertises
 MAX_PLAN_CHARS = 12_000            # a ballot's plan JSON (without op names): ~150 peers
 
@@ -111,7 +123,7 @@ class MemberRecord:
     versions: dict[str, str]
     started_at: float
     updated_at: float = 0.0
-    state: str = "online"
+    state: MemberState = MemberState.ONLINE
     bandwidth_bps: dict[str, float] = field(default_factory=dict)  # measured, to other peer ids
     rtt_s: dict[str, float] = field(default_factory=dict)
     stage: int | None = None
@@ -133,6 +145,15 @@ class MemberRecord:
     @property
     def uptime_s(self) -> float:
         return max(0.0, self.updated_at - self.started_at)
+
+    def merged(self, *adverts: Any) -> MemberRecord:
+        """A copy with the fields of each advert (a dataclass whose field names are record fields, e.g.
+        ``ElectionAdvert``, ``HoldingAdvert``, ``LinkAdvert``) set; later adverts win."""
+        changes = {f.name: getattr(a, f.name) for a in adverts if a is not None for f in dataclasses.fields(a)}
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"not member record fields: {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
 
     def to_wire(self) -> dict[str, Any]:
         """The wire form; measurements are clamped into the bounds readers check (a probe that read
@@ -255,6 +276,8 @@ def parse_record(value: Any) -> tuple[MemberRecord | None, str | None]:
         return None, "malformed: not a record"
     record = MemberRecord(**parsed.dict())
     reason = check_record(record)
+    if reason is None:
+        record.state = MemberState(record.state)
     return (None, reason) if reason else (record, None)
 
 

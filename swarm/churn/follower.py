@@ -1,0 +1,310 @@
+"""The node's side of plan adoption: runs ``PlanAdoption``'s commands (stop and start sessions, fetch
+state over ``StateService``), backs up single-holder stages (``swarm.churn.backup``) and says what the
+node holds (``HoldingAdvert``). The rules are in ``swarm.churn.adoption``; the protocol in
+``swarm.churn.state_service``; docs/churn.md has the whole story.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from swarm.churn.adoption import (
+    ADOPT_WAIT_TTLS,
+    Adopted,
+    Fetch,
+    PlanAdoption,
+    StartSession,
+    StopSession,
+    Wait,
+    Warn,
+    donor_order,
+)
+from swarm.churn.backup import SnapshotPusher, backups
+from swarm.churn.state_service import (
+    BUSY_WAIT_S,
+    CONCURRENCY,
+    FETCHES,
+    FETCHES_PER_PEER,
+    REQUESTS,
+    REQUESTS_PER_PEER,
+    STATE_PROTOCOL,
+    StateService,
+    state_limits,
+)
+from swarm.config import NodeConfig
+from swarm.errors import SwarmError
+from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord, MemberState
+from swarm.node.loop import NodeLoop
+from swarm.refusals import CallableLogger, lines_to
+from swarm.runtime.state import OpState, read_checkpoint
+from swarm.scheduler import Plan
+
+logger = logging.getLogger(__name__)
+
+OBSERVED_KEEP_S = 1800.0   # how long what a peer delivered is remembered
+
+__all__ = ["ADOPT_WAIT_TTLS", "BUSY_WAIT_S", "CONCURRENCY", "FETCHES", "FETCHES_PER_PEER", "OBSERVED_KEEP_S",
+           "REQUESTS", "REQUESTS_PER_PEER", "STATE_PROTOCOL", "CodecAdvert", "HoldingAdvert", "PlanFollower",
+           "donor_order", "holds_ranges", "state_limits"]
+
+
+@dataclass(frozen=True)
+class HoldingAdvert:
+    """What the plan follower puts in the member record: the plan it is ready in, its step, the op
+    states it can hand over, what it saw next-stage peers deliver, and whom it banned for poison."""
+
+    ready: str | None
+    step: int
+    holds: list[list[int]] | None
+    observed_tflops: dict[str, float] | None
+    distrusts: list[str] | None
+
+
+@dataclass(frozen=True)
+class CodecAdvert:
+    """The running stage's own measurement of its codec (raw bytes/s)."""
+
+    codec_bps: float
+
+
+def holds_ranges(index: dict[str, int], steps: dict[str, int]) -> list[list[int]]:
+    """Compact ``[first op, stop op, step]`` ranges of the ops in ``steps`` (at most ``MAX_HOLDS``:
+    the newest ranges are kept)."""
+    out: list[list[int]] = []
+    for i, op in sorted((index[op], op) for op in steps):
+        if out and out[-1][1] == i and out[-1][2] == steps[op]:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1, steps[op]])
+    return sorted(out, key=lambda h: -h[2])[:MAX_HOLDS]
+
+
+# read on the state service (what the tests and the node's status look at)
+_SERVICE = frozenset({"limits", "owned", "received", "bans", "refusals", "served", "gate", "fetches", "fetch",
+                      "_answer", "_refuse", "_finite", "_keep", "_fetch_one", "send_snapshot"})
+
+
+class PlanFollower:
+    """Everything between the committed plan and this node's running stage. ``follow`` once per
+    heartbeat; ``loop``: the node's ``NodeLoop`` (or a running asyncio loop)."""
+
+    def __init__(self, me: str, traced, cfg: NodeConfig, p2p, loop: NodeLoop | asyncio.AbstractEventLoop,
+                 bandwidth: Callable[[str], float | None], admit: Callable[[str], bool] | None,
+                 log: Callable[[str], None] | None = None, device: str = "cpu"):
+        self.traced, self.cfg, self.p2p, self.loop = traced, cfg, p2p, NodeLoop.wrap(loop)
+        self.log = CallableLogger(log) if log is not None else logger
+        self.session_args = {"bandwidth": bandwidth, "admit": admit, "device": device,
+                             "log": log if log is not None else lines_to(logging.getLogger("swarm.runtime.session"))}
+        self.service = StateService(traced.gm, traced.dag, p2p, self, admit, log=log)
+        self.adoption = PlanAdoption(me, traced.dag.index, set(self.service.owned), ADOPT_WAIT_TTLS * cfg.network.ttl_s)
+        self.store: dict[str, OpState] = {}
+        self.observed: dict[str, tuple[float, float]] = {}   # next-stage peer -> (TFLOP/s it delivered, when seen)
+        self.stopped_at = 0   # the step of the last session stopped (a stage without state has no other record)
+        self.session = None
+        self.pusher: SnapshotPusher | None = None
+        self.fetching = None   # the future of the Fetch in flight
+        if cfg.training.checkpoint_dir:
+            checkpoint_log = log if log is not None else lines_to(logger)
+            self.store.update(read_checkpoint(cfg.training.checkpoint_dir, sorted(self.service.owned), log=checkpoint_log))
+            if self.store:
+                self.log.info(f"checkpoint: state of {len(self.store)} ops at step {self.step} from {cfg.training.checkpoint_dir}")
+        self.loop.call_sync(self.p2p.add_binary_stream_handler(STATE_PROTOCOL, lambda *a: self._serve(*a)))
+
+    # --- compatibility: the adoption's and the service's state, read and set where they live -----
+
+    def __getattr__(self, name: str):
+        if name in _SERVICE and "service" in self.__dict__:
+            return getattr(self.__dict__["service"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    async def _serve(self, stream_info, reader, writer) -> None:
+        await self.service.serve(stream_info, reader, writer)
+
+    me = property(lambda self: self.adoption.me)
+    plan = property(lambda self: self.adoption.plan, lambda self, v: setattr(self.adoption, "plan", v))
+    pending = property(lambda self: self.adoption.pending, lambda self, v: setattr(self.adoption, "pending", v))
+    pending_since = property(lambda self: self.adoption.pending_since,
+                             lambda self, v: setattr(self.adoption, "pending_since", v))
+    start_step = property(lambda self: self.adoption.start_step)
+    call = property(lambda self: self.service.call, lambda self, v: setattr(self.service, "call", v))
+    serve_timeout_s = property(lambda self: self.service.serve_timeout_s,
+                               lambda self, v: setattr(self.service, "serve_timeout_s", v))
+
+    @property
+    def step(self) -> int:
+        live = self.session.step if self.session is not None else 0
+        return max([live, self.stopped_at, *(s.step for s in self.store.values())])
+
+    # --- the StateHost of the state service -------------------------------------------------------
+
+    def serves_to(self) -> set[str] | None:
+        return self.adoption.members() if getattr(self.cfg.training, "serve_state", "plan") == "plan" else None
+
+    def backed_up(self, peer: str) -> dict[str, int]:
+        return self._backed_up(peer)
+
+    def _backed_up(self, peer: str) -> dict[str, int]:
+        """The ops (-> stage) of the single-holder stages ``peer`` holds and this node backs up, in the
+        plan it runs or the one it is adopting."""
+        out = {}
+        for plan in (self.plan, self.pending):
+            copies = self.cfg.training.backup_copies
+            for stage, keepers in (backups(plan, copies).items() if plan is not None else ()):
+                if self.me in keepers and plan.stages[stage].peers == (peer,):
+                    out.update({op: stage for op in plan.stages[stage].ops if op in self.service.owned})
+        return out
+
+    async def state_of(self, op: str) -> OpState | None:
+        session = self.session
+        if session is not None and op in session.ops:
+            return (await session.capture([op]))[op]
+        return self.store.get(op)
+
+    # --- following plans --------------------------------------------------------------------------
+
+    def follow(self, plan: Plan | None, view, record: MemberRecord | None = None) -> HoldingAdvert:
+        """One heartbeat: adopt a newly committed plan step by step; back up single-holder stages.
+        Returns what the record advertises (a ``record`` passed in gets it written in, for old callers)."""
+        self._run(self.adoption.committed(plan, time.monotonic()), record)
+        if self.fetching is not None and self.fetching.done():
+            future, self.fetching = self.fetching, None
+            self._run(self.adoption.fetched(future.result() if future.exception() is None else {}), record)
+        self._adopt(plan, view, record)
+        self._take_snapshots()
+        advert = self.advert()
+        if record is not None:
+            for a in (advert, self.codec()):
+                for f in fields(a) if a is not None else ():
+                    setattr(record, f.name, getattr(a, f.name))
+        return advert
+
+    def _adopt(self, plan: Plan | None, view, record: MemberRecord | None = None) -> None:
+        self._run(self.adoption.observe(view.members, self.step, self.store, time.monotonic()), record)
+
+    def _run(self, commands: list, record: MemberRecord | None = None) -> None:
+        for c in commands:
+            if isinstance(c, StopSession):
+                self.fetching = None   # a fetch for the plan given up: its result is not waited for
+                self._stop_session()
+            elif isinstance(c, Warn):
+                self.log.warning(c.message)
+            elif isinstance(c, Fetch):
+                self.fetching = self.loop.submit(self.service.fetch(c.donors))
+            elif isinstance(c, StartSession):
+                self._start(c.plan, c.stage, c.states, record)
+            elif not isinstance(c, (Wait, Adopted)):
+                raise TypeError(f"unknown adoption command {c!r}")
+
+    def advert(self) -> HoldingAdvert:
+        """What this node holds and saw (see ``HoldingAdvert``): the compute each next-stage peer
+        delivered is kept ``OBSERVED_KEEP_S`` across plans, so a liar moved off the pipeline stays
+        down-rated; the peers it banned for NaN/Inf are a dispute (``swarm.planning.disputed``)."""
+        steps = {op: s.step for op, s in self.store.items()}
+        if self.session is not None:
+            steps.update({op: self.session.step for op in self.session.ops})
+        now = time.monotonic()
+        if self.session is not None:
+            for peer, rate in self.session.server.counters.delivered.items():
+                self.observed[peer] = (rate, now)
+        self.observed = {p: (r, t) for p, (r, t) in self.observed.items() if now - t < OBSERVED_KEEP_S}
+        newest = sorted(self.observed, key=lambda p: self.observed[p][1])[-MAX_LINKS:]
+        return HoldingAdvert(ready=self.adoption.ready, step=self.step,
+                             holds=holds_ranges(self.traced.dag.index, steps) or None,
+                             observed_tflops={p: self.observed[p][0] for p in newest} or None,
+                             distrusts=sorted(self.service.bans.active())[:MAX_DISTRUSTS] or None)
+
+    def codec(self) -> CodecAdvert | None:
+        """The running stage's codec throughput, once it has measured it (else None: keep the start's)."""
+        policy = self.session.policy if self.session is not None else None
+        return CodecAdvert(policy.codec_bytes_per_s) if policy is not None and policy.codec_s_per_byte else None
+
+    def _start(self, plan: Plan, stage: int, states: dict[str, OpState], record: MemberRecord | None = None) -> None:
+        from swarm.runtime.session import TrainingSession
+
+        start_step, local, donors = self.adoption.start_step, len(self.adoption.local), self.adoption.donors
+        missing = [op for op in plan.stages[stage].ops if op in self.service.owned and op not in states]
+        if missing and self.step:
+            self.log.warning(f"no state of {len(missing)} ops anywhere ({', '.join(missing[:3])}...): initial weights")
+        keepers = backups(plan, self.cfg.training.backup_copies).get(stage)
+        holder: dict = {}
+        pusher = None
+        if keepers and self.cfg.training.backup_every_steps:
+            pusher = SnapshotPusher(lambda: holder["session"].capture(holder["session"].ops), self.service.send_snapshot,
+                                    keepers, self.cfg.training.backup_every_steps,
+                                    self.log.log if isinstance(self.log, CallableLogger) else None)
+        params = inspect.signature(TrainingSession).parameters
+        kwargs = {k: v for k, v in self.session_args.items() if k in params}
+        hooked = pusher is not None and "before_apply" in params
+        if hooked:
+            kwargs["before_apply"] = pusher.before_apply
+        try:
+            session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop.loop,
+                                      start_step=start_step, states=states, bans=self.service.bans, **kwargs)
+            holder["session"] = session
+            if pusher is not None and not hooked:   # a stage server without the constructor hook
+                server = session.server
+                (server.hooks if hasattr(server, "hooks") else server).before_apply = pusher.before_apply
+            self.session, self.pusher = session, pusher
+            session.start()
+        except SwarmError as e:
+            self.session, self.pusher = None, None
+            self.log.error(f"cannot run stage {stage} of plan {plan.hash}: {e}")
+            return
+        for op in session.ops:
+            self.store.pop(op, None)   # live now: served from the session
+        if session.completed:
+            self.log.info(f"completed step {start_step - 1} on {len(session.completed)} ops with the gradient "
+                          "the previous plan left (the rest of the swarm had applied it)")
+        behind = {op: start_step - s.step for op, s in states.items()
+                  if s.step < start_step and op in session.ops and op not in session.completed}
+        if behind:
+            self.log.info(f"restored {len(behind)} ops from older state: up to {max(behind.values())} steps of them lost")
+        self.adoption.started(plan)
+        self.log.info(f"training: stage {stage} of {len(plan.stages)} from step {start_step} "
+                      f"({len(states)} ops of state, {len(states) - local} fetched"
+                      + (f" from {', '.join(p[-8:] for p in donors)})" if donors else ")")
+                      + (f"; snapshots to {', '.join(p[-8:] for p in keepers)}" if pusher else ""))
+
+    def _take_snapshots(self) -> None:
+        """Move the snapshots received as a backup into the store (newest per op)."""
+        got: dict[tuple[str, int], int] = {}
+        received = self.service.received
+        while received:
+            peer, op, state = received.popleft()
+            if op not in self.store or self.store[op].step < state.step:
+                self.store[op] = state
+                got[peer, state.step] = got.get((peer, state.step), 0) + 1
+        for (peer, step), n in sorted(got.items(), key=lambda kv: kv[0][1]):
+            self.log.info(f"backup: snapshot of {n} ops at step {step} from {peer[-8:]}")
+
+    def _stop_session(self) -> None:
+        if self.pusher is not None:
+            self.loop.call_soon(self.pusher.close)
+            self.pusher = None
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.stop()
+            self.store.update(session.final_state(pending=True))
+            self.stopped_at = max(self.stopped_at, session.step)
+
+    def drain(self):
+        """Leaving: let the running stage finish its step in progress and take no new one; a future
+        done when it has (None without a session). ``stop`` afterwards keeps the state served."""
+        return self.session.drain(self.cfg.training.timeout_s) if self.session is not None else None
+
+    def stop(self) -> None:
+        self._stop_session()
+
+    def close(self) -> None:
+        self.loop.call_sync(self.p2p.remove_binary_stream_handler(STATE_PROTOCOL))
+
+    def handed_over(self, view, old_plan: str | None) -> bool:
+        """Leaving: every other member runs one new plan (not ``old_plan``, which had this node), its
+        state in place; or this node ran no plan, or there is nobody to hand over to."""
+        others = [r for p, r in view.members.items() if p != self.me and r.state != MemberState.LEAVING]
+        hashes = {r.ready for r in others}
+        return old_plan is None or not others or (len(hashes) == 1 and None not in hashes and old_plan not in hashes)
