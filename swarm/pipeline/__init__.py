@@ -4,7 +4,7 @@
   routing, draining): ``StageProtocol``, ``Neighbours``;
 - ``service``: the libp2p adapter that runs them (``StageServer``, ``PROTOCOL``, callers);
 - ``link``: the link to the next stage (``NextStage``); ``frames``: checking what peers send;
-- ``compute``: the compute thread and the counters; ``driver``: the first stage's ``train_step``.
+- ``driver``: the first stage's loop and ``train_step`` (the compute thread and counters: ``swarm.runtime.worker``).
 
 Messages: ``swarm.messages``; streams: ``swarm.net.streams``.
 """

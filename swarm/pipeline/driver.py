@@ -1,4 +1,5 @@
-"""One optimizer step as the first stage drives it, top to bottom (the order of a step in one place):
+"""The first stage's training loop (``Drive``), and one optimizer step as it drives it (``train_step``),
+top to bottom (the order of a step in one place):
 
 1. cut the batch into ``micro_batches`` micro-batches;
 2. run each through the pipeline, at most ``in_flight`` at once (``StageServer.micro_batch``: this
@@ -13,11 +14,15 @@ The driver calls its own stage directly: no frame is built for itself.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from swarm.errors import SwarmError
+from swarm.errors import ConfigError, SwarmError
 from swarm.messages import FORWARD, Forward
 from swarm.net.streams import with_backoff
 from swarm.pipeline.protocol import StepStatus
@@ -75,3 +80,56 @@ async def _own(first: StageServer, work):
         if isinstance(e, SwarmError):
             raise
         raise SwarmError(f"stage failed: {type(e).__name__}: {str(e)[:300]}") from e
+
+
+@dataclass
+class Drive:
+    """The first stage's loop: one optimizer step per iteration on this replica's shard (``batch(step)``
+    gives its inputs and targets), ``record(step, seconds, loss)`` after each, until ``finished()``
+    or the stage drains. A step that fails because of a peer (gone, busy, refusing) is tried again
+    until a new plan replaces this one; a configuration error or a non-finite loss ends training
+    (``failed`` says why, as long as the newest step has not succeeded)."""
+
+    first: StageServer
+    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    micro_batches: int
+    in_flight: int
+    shard: tuple[int, int]          # (rank, world) among the first stage's replicas
+    deadline_s: float               # per step attempt
+    finished: Callable[[], bool]
+    record: Callable[[int, float, float], None]
+    log: logging.Logger | object = field(default_factory=lambda: logging.getLogger(__name__))
+    failed: str | None = None
+
+    async def run(self) -> None:
+        first, (rank, world) = self.first, self.shard
+        failures, done, started = 0, {}, time.perf_counter()
+        while not self.finished() and not first.draining:
+            step = first.worker.step_id
+            x, y = self.batch(step)
+            try:
+                loss = await train_step(first, x, y, self.micro_batches, self.in_flight, rank, world,
+                                        deadline_s=self.deadline_s, done=done, settle=False)
+            except ConfigError as e:
+                self.failed = str(e)
+                self.log.error(f"training stopped: {e}")
+                return
+            except SwarmError as e:   # a peer died, fell behind or refused: retry until a new plan replaces us
+                self.failed, failures = str(e), failures + 1
+                if failures == 1:
+                    self.log.warning(f"step {step} failed ({e}); retrying until the swarm re-plans")
+                await asyncio.sleep(min(1.0 * failures, 5.0))   # back-off between attempts
+                continue
+            if not math.isfinite(loss):
+                self.failed = f"loss became {loss} at step {step}"
+                self.log.error(f"training stopped: {self.failed}")
+                return
+            failures, self.failed, done = 0, None, {}
+            self.record(step, time.perf_counter() - started, loss)
+            started = time.perf_counter()
+        if self.finished():
+            try:
+                await first.settle()   # the last step reached every stage
+            except SwarmError as e:
+                self.log.warning(f"the last step did not reach every stage ({e})")
+            self.log.info(f"training finished at step {first.worker.step_id} (max_steps)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from swarm.errors import Poisoned, RemoteProtocolError, SwarmError
 from swarm.messages import ERROR
-from swarm.pipeline.compute import Counters
 from swarm.refusals import Bans, Refusals, short
+from swarm.runtime.worker import Counters
 from swarm.wire import Header, Limits, Message, decode, non_finite, read_header
 
 

@@ -14,9 +14,9 @@ from swarm.compression.policy import LinkPolicy
 from swarm.errors import PeerUnavailable, Poisoned, RemoteProtocolError
 from swarm.messages import GRADS, STEPPED, Forward, Grads, Step, check_reply
 from swarm.net.streams import PREFIX_BYTES, Call, with_backoff
-from swarm.pipeline.compute import Counters
 from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.protocol import StageProtocol
+from swarm.runtime.worker import Counters
 from swarm.wire import Message
 
 

@@ -23,12 +23,11 @@ from swarm.compression.policy import LinkPolicy
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.messages import FORWARD, REDUCED, STEP, Forward, Grads, Reduce, Reduced, Stepped, check_reply, error_frame
 from swarm.net.streams import PREFIX_BYTES, Call, Gate, describe, serve_stream, stream_caller
-from swarm.pipeline.compute import Counters, PriorityRunner, Timeline, Warnings
 from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.link import NextStage
 from swarm.pipeline.protocol import Neighbours, StageProtocol, StepStatus
 from swarm.refusals import Bans, CallableLogger, Refusals
-from swarm.runtime.worker import StageWorker
+from swarm.runtime.worker import Counters, PriorityRunner, StageWorker, Timeline, Warnings
 from swarm.wire import Limits, Message, non_finite
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -25,8 +24,9 @@ from swarm.dag.graph import Partition
 from swarm.dag.stages import extract_stages, frame_limit, input_specs, model_io
 from swarm.dag.trace import TracedModel
 from swarm.data import training_data
-from swarm.errors import ConfigError, SwarmError
-from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller, train_step
+from swarm.errors import SwarmError
+from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller
+from swarm.pipeline.driver import Drive
 from swarm.refusals import Bans, CallableLogger
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
 from swarm.runtime.worker import StageWorker
@@ -111,13 +111,17 @@ class TrainingSession:
             self.server.link.next_stage = (float(flops), self.index + 1 == len(plan.stages) - 1)
         self.shard = (hood.replicas.index(me), len(hood.replicas)) if self.index == 0 else (0, 1)   # (rank, world)
         self.driver: asyncio.Task | None = None
-        self.failed: str | None = None
+        self.drive: Drive | None = None     # the first stage's loop (says why training failed, if it did)
         self.checkpoints = _Checkpoints(self.log)
 
     @property
     def ops(self) -> list[str]:
         """This stage's ops that hold tensors (what is captured, handed over, backed up)."""
         return [op for op in self.worker.stage.io.ops if op in self.owned]
+
+    @property
+    def failed(self) -> str | None:
+        return self.drive.failed if self.drive is not None else None
 
     @property
     def me(self) -> str:
@@ -147,7 +151,12 @@ class TrainingSession:
     async def _start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle)
         if self.index == 0 and not self.done:
-            self.driver = asyncio.ensure_future(self._drive())
+            m, mbs = self.plan.micro_batches, self.cfg.micro_batch_size
+            rank, world = self.shard
+            self.drive = Drive(self.server, lambda step: self.data.batch(step, m * mbs, rank, world), m,
+                               self.plan.in_flight(self.cfg.training.schedule), self.shard, self.cfg.training.timeout_s * 2,
+                               lambda: self.done, lambda step, s, loss: self._record(step, s, loss, m * mbs * world), self.log)
+            self.driver = asyncio.ensure_future(self.drive.run())
 
     def drain(self, timeout_s: float):
         """Finish the step in progress and take no new one (a graceful leave: no step half-applied).
@@ -170,44 +179,6 @@ class TrainingSession:
         self.server.close()
         # the pass running now finishes before the stage's state is read (a step is applied whole or not at all)
         await asyncio.get_running_loop().run_in_executor(None, self.server.compute.thread.join, 20.0)
-
-    async def _drive(self) -> None:
-        """The first stage's training loop: one optimizer step per iteration on this replica's shard.
-        A step that fails because of a peer (gone, busy, refusing) is tried again until a new plan
-        replaces this one; a configuration error ends training."""
-        training, (rank, world) = self.cfg.training, self.shard
-        m, mbs = self.plan.micro_batches, self.cfg.micro_batch_size
-        in_flight = self.plan.in_flight(training.schedule)
-        failures, done, started = 0, {}, time.perf_counter()
-        while not self.done and not self.server.draining:
-            step = self.step
-            x, y = self.data.batch(step, m * mbs, rank, world)
-            try:
-                loss = await train_step(self.server, x, y, m, in_flight, rank, world,
-                                        deadline_s=training.timeout_s * 2, done=done, settle=False)
-            except ConfigError as e:
-                self.failed = str(e)
-                self.log.error(f"training stopped: {e}")
-                return
-            except SwarmError as e:   # a peer died, fell behind or refused: retry until a new plan replaces us
-                self.failed, failures = str(e), failures + 1
-                if failures == 1:
-                    self.log.warning(f"step {step} failed ({e}); retrying until the swarm re-plans")
-                await asyncio.sleep(min(1.0 * failures, 5.0))   # back-off between attempts
-                continue
-            if not math.isfinite(loss):
-                self.failed = f"loss became {loss} at step {step}"
-                self.log.error(f"training stopped: {self.failed}")
-                return
-            failures, self.failed, done = 0, None, {}
-            self._record(step, time.perf_counter() - started, loss=loss, samples=m * mbs * world)
-            started = time.perf_counter()
-        if self.done:
-            try:
-                await self.server.settle()   # the last step reached every stage
-            except SwarmError as e:
-                self.log.warning(f"the last step did not reach every stage ({e})")
-            self.log.info(f"training finished at step {self.step} (max_steps)")
 
     async def capture(self, ops: list[str]) -> dict[str, OpState]:
         """The state of ``ops`` as it is between two passes (on the compute thread)."""
