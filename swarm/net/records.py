@@ -274,10 +274,11 @@ def parse_record(value: Any) -> tuple[MemberRecord | None, str | None]:
         return None, f"malformed: {where[:40]}: {error['msg'][:60]}"
     except TypeError:
         return None, "malformed: not a record"
-    record = MemberRecord(**parsed.dict())
+    values = parsed.dict()
+    if values["state"] in STATES:
+        values["state"] = MemberState(values["state"])
+    record = MemberRecord(**values)
     reason = check_record(record)
-    if reason is None:
-        record.state = MemberState(record.state)
     return (None, reason) if reason else (record, None)
 
 
