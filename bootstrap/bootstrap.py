@@ -19,7 +19,7 @@ from swarm.config import NetworkConfig, validate
 from swarm.errors import SwarmError
 from swarm.net.membership import make_validators
 from swarm.node import check_maddrs, node_identity, private_swarm, start_dht, stop_on_signals
-from swarm.procs import write_ready
+from swarm.node.ready import write_ready
 
 
 def _ready(path: str, peer_id: str, maddrs: list[str], state: str) -> None:

@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
-import os
-import re
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from swarm.config import NetworkConfig, NodeConfig, config_dir, load, validate
 from swarm.errors import SwarmError
-from swarm.procs import write_ready
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 logger = logging.getLogger(__name__)
@@ -153,53 +148,14 @@ def check_local_dirs(cfg: NodeConfig) -> None:
             check_writable_dir(getattr(cfg.training, key), f"training.{key}")
 
 
-class _InterimReadyFile:
-    """Until ``run_node`` writes the ready file itself (``run_node(..., ready_file=PATH)``, issue 14):
-    the node's own log messages, seen on their way out of this process, kept as the ready file's
-    fields. Nothing outside this process reads log text; delete this class once the node has landed."""
-
-    LISTENING = re.compile(r"^peer (\S+) listening on (.*)$")
-    COMMITTED = re.compile(r"^committed epoch \d+ plan (\w+) with \d+ members \(.*\): (.+)$")
-
-    def __init__(self, path: str, log: Callable[[str], None]):
-        self.path, self.log, self.info = path, log, None
-
-    def __call__(self, message: str) -> None:
-        self.log(message)
-        if m := self.LISTENING.match(message):
-            self.info = {"peer_id": m.group(1), "maddrs": m.group(2).split(), "state": "online", "role": None,
-                         "stage": None, "step": None, "plan_hash": None, "ready": None, "pid": os.getpid()}
-        elif self.info is None:
-            return
-        elif m := self.COMMITTED.match(message):
-            role = m.group(2) if m.group(2) != "role unknown" else None
-            stage = int(role.split()[1]) if role and re.fullmatch(r"stage \d+", role) else None
-            self.info.update(role=role, stage=stage, plan_hash=m.group(1))
-        elif message.startswith("leaving:"):
-            self.info["state"] = "leaving"
-        elif message.startswith("left the swarm"):
-            self.info["state"] = "offline"
-        else:
-            return
-        write_ready(self.path, {**self.info, "updated_at": time.time()})
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from swarm import logs
     from swarm.node import run_node
-    from swarm.refusals import lines_to
 
     logs.setup()
     cfg, net = _network(args)
     check_local_dirs(cfg)
-    accepts = inspect.signature(run_node).parameters
-    node_log = lines_to(logging.getLogger("swarm.node"))   # the node's prefixed lines, at their level
-    kwargs: dict = {"log": node_log} if "log" in accepts else {}
-    if args.ready_file and "ready_file" in accepts:
-        kwargs["ready_file"] = args.ready_file
-    elif args.ready_file:
-        kwargs["log"] = _InterimReadyFile(args.ready_file, node_log)
-    return run_node(cfg, net, **kwargs)
+    return run_node(cfg, net, ready_file=args.ready_file)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 data; progress, a metrics JSON and a loss/throughput plot come out, and nothing is left running.
 
 Every node is a real ``node.py run`` (its own DHT, p2p daemon, election, stage server); the demo
-only creates the swarm's keys and config, starts the nodes, follows the metrics they append to one
-JSON-lines file, and stops them. The nodes' config is the demo's defaults, overridden by a node config
-file (``--config``), overridden by the demo's flags that were given.
+only creates the swarm's keys and config, starts the nodes (the first one's address comes from its
+ready file, ``node.py run --ready-file``), follows the metrics rows they append to one JSON-lines
+file, and stops them. Their logs are for the user to read; nothing here parses them. The nodes'
+config is the demo's defaults, overridden by a node config file (``--config``), overridden by the
+demo's flags that were given.
 
 A node that dies once training has begun is churn, which the demo is meant to show: it is reported
 (a line, and ``nodes_died`` in the metrics JSON) and the swarm re-plans without it. The demo fails

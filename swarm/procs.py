@@ -1,5 +1,5 @@
 """Node processes seen from outside (the demo, the benchmarks, the tests): wait for a condition with
-a deadline, stop a process group, read a node's ready file.
+a deadline, stop a process group, read a node's ready file (``swarm.node.ready`` writes it).
 
 A program that starts ``node.py run`` learns the node's address and part from its ready file
 (``--ready-file PATH``), never from its log lines; what training did is in the metrics rows
@@ -83,13 +83,3 @@ def read_ready(path: str | Path, timeout_s: float = 90.0, check: Callable[[], No
         return info if info is not None and until(info) else None
     return poll_until(ready, timeout_s, what or f"the node's ready file {path}", check=check)
 
-
-def write_ready(path: str | Path, info: dict) -> None:
-    """Write a ready file atomically (a temporary name, then a rename): a reader never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

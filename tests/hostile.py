@@ -26,7 +26,6 @@ import os
 import re
 import struct
 import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -36,6 +35,7 @@ from hivemind.utils import get_dht_time
 
 from swarm.net.auth import Identity, load_identity
 from swarm.net.membership import make_validators
+from swarm.procs import poll_until
 from tests.swarmproc import Proc
 
 PREFIX = "swarm"
@@ -400,9 +400,8 @@ def ballot_of(plan, epoch: int, proposer: str) -> dict:
 
 def wait_for_time(seconds: float, still: callable = lambda: True, interval_s: float = 0.25) -> bool:
     """Let an attack run for ``seconds`` while checking ``still()`` (False ends it early); True if it held."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not still():
-            return False
-        time.sleep(interval_s)   # an attack's duration, observed, not a synchronisation
-    return True
+    try:
+        poll_until(lambda: not still(), seconds, "the attack's time to pass", interval_s)
+        return False
+    except TimeoutError:
+        return True

@@ -119,29 +119,3 @@ def test_run_passes_its_ready_file_to_the_node(tmp_path, monkeypatch):
     monkeypatch.setattr(swarm.node, "run_node", run_node)
     path = str(tmp_path / "ready.json")
     assert swarm.cli.main(["run", "--initial-peers", "--ready-file", path]) == 0 and got == {"ready_file": path}
-
-
-def test_run_writes_the_ready_file_for_a_node_that_cannot_yet(tmp_path, monkeypatch):
-    """Until ``run_node`` takes ``ready_file``: the CLI keeps it from the node's own messages."""
-    import swarm.cli
-    import swarm.node
-    from swarm.procs import read_ready
-
-    path = tmp_path / "ready.json"
-    seen = []
-
-    def run_node(cfg, net, log=print):
-        log("peer QmA listening on /ip4/127.0.0.1/tcp/5/p2p/QmA /ip4/10.0.0.2/tcp/5/p2p/QmA")
-        seen.append(read_ready(path, 1))
-        log("committed epoch 3 plan 0123456789abcdef with 4 members (first plan): stage 2")
-        seen.append(read_ready(path, 1))
-        log("left the swarm (3 op states handed over)")
-        seen.append(read_ready(path, 1))
-        return 0
-
-    monkeypatch.setattr(swarm.node, "run_node", run_node)
-    assert swarm.cli.main(["run", "--initial-peers", "--ready-file", str(path)]) == 0
-    assert seen[0]["peer_id"] == "QmA" and seen[0]["maddrs"][0] == "/ip4/127.0.0.1/tcp/5/p2p/QmA"
-    assert seen[0]["state"] == "online" and seen[0]["role"] is None and seen[0]["pid"] > 0
-    assert (seen[1]["role"], seen[1]["stage"], seen[1]["plan_hash"]) == ("stage 2", 2, "0123456789abcdef")
-    assert seen[2]["state"] == "offline"

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from swarm.procs import kill_group, load_ready, poll_until, read_ready, stop_groups, write_ready
+from swarm.node.ready import write_ready
+from swarm.procs import kill_group, load_ready, poll_until, read_ready, stop_groups
 
 
 def test_poll_until_returns_the_first_true_value_or_names_what_it_waited_for():
