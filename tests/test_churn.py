@@ -11,9 +11,10 @@ from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import load_model
 from swarm.runtime import lr_at, make_optimizer
 from tests.conftest import run_cli
-from tests.swarmproc import MADDR, Proc, wait_until
+from tests.swarmproc import Proc, wait_until
 
 MB, SIZE, K = 4, 2, 5   # K: training.backup_every_steps, the most steps a crash may cost
+# where a new session's state came from is only in its log line (no metrics row or ready file carries it)
 TRAINING = r"training: stage (\d) of 3 from step (\d+) \((\d+) ops of state, (\d+) fetched(?: from ([\w, ]+))?\)"
 LOST = r"up to (\d+) steps of them lost"
 
@@ -36,10 +37,10 @@ def start(procs, tmp_path, cfg: str, names: list[str], maddr: str | None = None)
     nodes = {}
     for name in names:
         proc = Proc("node.py", "run", "--config", cfg, "--identity", str(tmp_path / f"{name}.id"),
-                    "--initial-peers", *([maddr] if maddr else []))
+                    "--initial-peers", *([maddr] if maddr else []), ready_file=tmp_path / f"{name}.ready.json")
         procs.append(proc)
         nodes[name] = proc
-        maddr = maddr or proc.wait_for(MADDR, 60).group(1)
+        maddr = maddr or proc.maddr(60)
     return nodes, maddr
 
 
@@ -57,12 +58,25 @@ def reached(tmp_path: Path, step: int) -> bool:
 
 
 def role(proc: Proc) -> str:
-    """The node's part in the newest plan it committed ("stage 1", "spare", ...)."""
-    return [m.group(1) for line in proc.lines if (m := re.search(r"committed epoch .*\): (.+)$", line))][-1]
+    """The node's part in the newest plan it committed ("stage 1", "spare", ...), from its ready file."""
+    return proc.ready(5, until=lambda info: info["role"] is not None)["role"]
 
 
 def peer_tail(proc: Proc) -> str:
-    return proc.wait_for(r"peer (\w+) listening on", 5).group(1)[-8:]
+    return proc.peer_id(5)[-8:]
+
+
+def training_since(tmp_path: Path, plans: set[str]) -> dict[str, dict]:
+    """Peer id -> its first metrics row under a plan not in ``plans``: the stage it trains, the step it began at."""
+    first: dict[str, dict] = {}
+    for r in steps(tmp_path):
+        if r["plan_hash"] not in plans:
+            first.setdefault(r["peer"], r)
+    return first
+
+
+def plans(tmp_path: Path) -> set[str]:
+    return {r["plan_hash"] for r in steps(tmp_path)}
 
 
 def newest(nodes: dict, pattern: str, since: dict | None = None) -> list[tuple[str, re.Match]]:
@@ -119,15 +133,23 @@ def test_a_killed_middle_stage_holder_is_replaced_by_the_spare_from_its_snapshot
     roles = {n: role(p) for n, p in nodes.items()}
     middle, spare = (next(n for n, r in roles.items() if r == want) for want in ("stage 1", "spare"))
     tail = {n: peer_tail(p) for n, p in nodes.items()}
-    nodes[spare].wait_for(rf"backup: snapshot of \d+ ops at step \d+ from {tail[middle]}", 30)
-    status = run_cli("status", "--config", cfg, "--initial-peers", maddr, timeout=60)
+    ids = {n: p.peer_id(5) for n, p in nodes.items()}
+    backed_up = rf"stage 1: held by {tail[middle]} at step \d+; snapshots: .*{tail[spare]} \(\d+ steps old\)"
+
+    def status_with_backup():   # the spare's snapshot of the middle stage, as status shows it (one call, usually)
+        res = run_cli("status", "--config", cfg, "--initial-peers", maddr, timeout=60)
+        return re.search(backed_up, res.stdout) and res
+
+    status = wait_until(status_with_backup, 60, interval_s=0.5, what="status showing the spare's snapshot of stage 1")
     assert re.search(rf"stage 1: held by {tail[middle]} at step \d+; snapshots: .*{tail[spare]} \(\d+ steps old\)",
                      status.stdout) and f"spares: {tail[spare]}" in status.stdout, status.stdout + status.stderr
     nodes[middle].kill(signal.SIGKILL)
     alive = {n: p for n, p in nodes.items() if n != middle}
-    since = {n: len(p.lines) for n, p in alive.items()}
-    nodes[spare].wait_for(TRAINING, 90)     # the spare gets work in the plan without the dead node
-    wait_until(lambda: len(newest(alive, TRAINING, since)) == 3, 30, what="every survivor training")
+    since, before = {n: len(p.lines) for n, p in alive.items()}, plans(tmp_path)
+    # the spare gets work in the plan without the dead node
+    wait_until(lambda: ids[spare] in training_since(tmp_path, before), 90, what="the spare training")
+    wait_until(lambda: {ids[n] for n in alive} <= set(training_since(tmp_path, before)), 30,
+               what="every survivor training")
     # the dead holder's ops came from the spare's snapshot: its own store, or fetched from it
     assert any(n == spare and int(m.group(4)) < int(m.group(3)) or tail[spare] in (m.group(5) or "")
                for n, m in newest(alive, TRAINING, since)), [m.group(0) for _, m in newest(alive, TRAINING, since)]
@@ -149,23 +171,25 @@ def test_a_joining_node_gets_work_and_state_and_a_leaver_hands_its_state_over(tm
     joined_at = max(driven(tmp_path))
     joiner, _ = start(swarm_procs, tmp_path, config(tmp_path, "late.yaml", max_steps=total, max_replicas=0), ["e"], maddr)
     nodes.update(joiner)
-    got = joiner["e"].wait_for(TRAINING, 120)   # work, and the state of its ops from the others
-    assert int(got.group(2)) >= joined_at and got.group(4) == got.group(3), got.group(0)
+    e = joiner["e"].peer_id(60)
+    first = wait_until(lambda: training_since(tmp_path, set()).get(e), 120, what="the joiner training")   # work
+    got = joiner["e"].wait_for(TRAINING, 5)   # and the state of its ops from the others
+    assert first["step"] >= joined_at and got.group(4) == got.group(3), (first, got.group(0))
     assert got.group(3) == "0" or got.group(5), got.group(0)
-    wait_until(lambda: max(driven(tmp_path)) >= int(got.group(2)) + 3, 60, what="the 5-node plan training")
+    wait_until(lambda: max(driven(tmp_path)) >= first["step"] + 3, 60, what="the 5-node plan training")
 
     roles = {n: role(p) for n, p in nodes.items()}
     assert "spare" not in roles.values(), roles
     leaver = next(n for n, r in roles.items() if list(roles.values()).count(r) == 1)   # a sole holder
-    since = {n: len(p.lines) for n, p in nodes.items()}
+    since, before = {n: len(p.lines) for n, p in nodes.items()}, plans(tmp_path)
     nodes[leaver].kill(signal.SIGTERM)   # graceful: it finishes its step, hands its state over, no step lost
-    left = nodes[leaver].wait_for(r"left the swarm \(\d+ op states handed over\)", 60)
+    left = nodes[leaver].ready(60, until=lambda info: info["state"] == "offline", what="the leaver to have left")
     assert not any("did not take" in line for line in nodes[leaver].lines)
     mark = max(driven(tmp_path))
     wait_until(lambda: reached(tmp_path, mark + 5), 120, what="training resumed without the leaver")
     rest = {n: p for n, p in nodes.items() if n != leaver}
-    assert newest(rest, TRAINING, since) and not newest(rest, LOST, since) and not newest(rest, "initial weights", since)
-    print(f"joiner: {got.group(0)}; leaver ({roles[leaver]}): {left.group(0)}")
+    assert training_since(tmp_path, before) and not newest(rest, LOST, since) and not newest(rest, "initial weights", since)
+    print(f"joiner: {got.group(0)}; leaver ({roles[leaver]}): {left}")
     wait_until(lambda: reached(tmp_path, total - 1), 180, what=f"{total} steps trained")
     monotonic(tmp_path)
 
