@@ -16,14 +16,13 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from swarm.config import ElectionConfig
 from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, Ignored, PeerState, Publish
 from swarm.errors import SwarmError
 from swarm.net.membership import Membership, MembershipView
-from swarm.refusals import CallableLogger, Refusals, short
+from swarm.refusals import Refusals, short
 from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
 
 EPOCH_WINDOW = 64        # epochs claimed further above the swarm's committed one are not believed
@@ -156,15 +155,15 @@ class Elector:
         return MembershipView({p: r for p, r in view.members.items() if p not in out}, view.taken_at) if out else view
 
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
-                 log: Callable[[str], None] | None = None, max_ratio: float = PlanSettings.max_ratio):
+                 max_ratio: float = PlanSettings.max_ratio):
         self.me, self.membership, self.workload = me, membership, workload
-        self.log = CallableLogger(log) if log is not None else logger
+        self.log = logger
         self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages, max_ratio=max_ratio,
                                      max_replicas=cfg.max_replicas)
         self.cfg = cfg
         self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
                                                       cfg.min_members, leader="rotating", epoch_window=EPOCH_WINDOW))
-        self.refusals = Refusals(log) if log is not None else Refusals()
+        self.refusals = Refusals()
         self.verdicts: dict[tuple[str, tuple[str, ...]], str] = {}   # (plan hash, members) -> "" (good) or why not
         self.naive = cfg.planner == "naive"
         self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified

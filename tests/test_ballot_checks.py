@@ -11,6 +11,7 @@ from swarm.models import trace_model
 from swarm.net.membership import MemberRecord, MembershipView
 from swarm.planning import CLAIM_SPREAD, OBSERVED_SLACK, Elector, disputed, rated_tflops, ratings, swarm_of
 from swarm.scheduler import PlanSettings, Workload, evaluate, schedule
+from tests.loglines import swarm_lines
 from tests.test_planning import Ballots
 
 
@@ -35,11 +36,11 @@ def all_on(workload: Workload, view: MembershipView, members: list[str], peer: s
     return evaluate(workload, swarm, [((0, len(workload.seg_stop)), [members.index(peer)])], PlanSettings())
 
 
-def test_a_plan_far_slower_than_the_voters_own_or_over_memory_is_refused_and_named(workload):
+def test_a_plan_far_slower_than_the_voters_own_or_over_memory_is_refused_and_named(workload, caplog):
     view = MembershipView({"A": member("A"), "B": member("B"), "C": member("C", tflops=0.001)}, time.time())
-    logged: list[str] = []
+    logged = swarm_lines(caplog)
     ballots = Ballots()
-    elector = Elector("A", ballots, workload, ElectionConfig(join_batch_s=0, min_members=3), log=logged.append)
+    elector = Elector("A", ballots, workload, ElectionConfig(join_batch_s=0, min_members=3))
 
     slow = all_on(workload, view, ["A", "B", "C"], "C")   # every op on the slowest member
     verdict = elector.check_ballot(ballot_for(slow, "C"), view)
@@ -109,9 +110,9 @@ def test_disputes_take_out_the_member_accused_by_two_neighbours_or_both_sides_of
     assert disputed(accusing({"A": ["P"], "P": [], "C": []}), None) == {}
 
 
-def test_the_electorate_leaves_disputed_members_out_and_names_them_once(workload):
-    logged: list[str] = []
-    elector = Elector("A", Ballots(), workload, ElectionConfig(), log=logged.append)
+def test_the_electorate_leaves_disputed_members_out_and_names_them_once(workload, caplog):
+    logged = swarm_lines(caplog)
+    elector = Elector("A", Ballots(), workload, ElectionConfig())
     elector.plan = stages_plan(["A"], ["P"], ["C"])
     view = accusing({"A": ["P"], "P": [], "C": ["P"]})
     for _ in range(3):

@@ -45,7 +45,7 @@ def propose(workload: Workload, codecs: dict[str, float | None]) -> Plan:
     """The plan member A proposes for the members A, B, C of ``codecs``."""
     ballots = Ballots()
     view = MembershipView({p: member(p, c) for p, c in codecs.items()}, time.time())
-    elector = Elector("A", ballots, workload, ElectionConfig(join_batch_s=0, min_members=3, stages=2), log=lambda m: None)
+    elector = Elector("A", ballots, workload, ElectionConfig(join_batch_s=0, min_members=3, stages=2))
     elector.step(view)
     return Plan.from_compact(json.loads(ballots.stored["A"]["plan"]), workload.names)
 
