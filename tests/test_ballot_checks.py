@@ -146,7 +146,7 @@ def test_the_compute_a_next_stage_peer_delivers_is_measured_on_pipeline_calls():
     slow.forward = slow_forward
     dag = traced.dag
     flops = sum(dag.ops[dag.index[name]].flops for name in stages[1].io.ops) * 2 / dag.batch_size
-    servers["s0"].next_stage = (float(flops), True)
+    servers["s0"].link.next_stage = (float(flops), True)
     data = torch.randint(0, 256, (4, 129))
     asyncio.run(asyncio.wait_for(train_step(servers["s0"], data[:, :-1], data[:, 1:], micro_batches=2, in_flight=1), 60))
     delivered = servers["s0"].counters.delivered["s1"]

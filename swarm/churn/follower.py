@@ -37,8 +37,8 @@ from swarm.churn.state_service import (
 )
 from swarm.config import NodeConfig
 from swarm.errors import SwarmError
+from swarm.loop import NodeLoop
 from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord, MemberState
-from swarm.node.loop import NodeLoop
 from swarm.refusals import CallableLogger, lines_to
 from swarm.runtime.state import OpState, read_checkpoint
 from swarm.scheduler import Plan
@@ -242,7 +242,7 @@ class PlanFollower:
         if hooked:
             kwargs["before_apply"] = pusher.before_apply
         try:
-            session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop.loop,
+            session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop,
                                       start_step=start_step, states=states, bans=self.service.bans, **kwargs)
             holder["session"] = session
             if pusher is not None and not hooked:   # a stage server without the constructor hook

@@ -14,9 +14,9 @@ from dataclasses import replace
 from swarm import __version__, logs
 from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
+from swarm.loop import NodeLoop
 from swarm.net.membership import Membership, MembershipView, make_validators
 from swarm.net.records import MemberRecord, MemberState
-from swarm.node.loop import NodeLoop
 from swarm.node.probes import ProbeSchedule
 from swarm.node.ready import ready_info, write_ready
 from swarm.node.setup import check_ports, initial_peers, node_identity, private_swarm, start_dht

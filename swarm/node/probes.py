@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from swarm.liveness import MAX_PINGS, Liveness
+from swarm.loop import NodeLoop
 from swarm.net.membership import MembershipView
 from swarm.net.probe import PROBE, LinkProber
-from swarm.node.loop import NodeLoop
 
 logger = logging.getLogger(__name__)
 

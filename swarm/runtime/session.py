@@ -25,6 +25,7 @@ from swarm.dag.stages import extract_stages, frame_limit, input_specs, model_io
 from swarm.dag.trace import TracedModel
 from swarm.data import training_data
 from swarm.errors import SwarmError
+from swarm.loop import NodeLoop
 from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller
 from swarm.pipeline.driver import Drive
 from swarm.refusals import Bans, CallableLogger
@@ -80,7 +81,7 @@ class TrainingSession:
     """Runs ``plan``'s stage for peer ``me`` (a node outside the plan's stages gets no session).
     ``before_apply(step)`` is awaited before every optimizer step (the backup gate)."""
 
-    def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: asyncio.AbstractEventLoop,
+    def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: NodeLoop | asyncio.AbstractEventLoop,
                  bandwidth: Callable[[str], float | None] = lambda p: None, start_step: int = 0,
                  admit: Callable[[str], bool] | None = None, log: Callable[[str], None] | None = None,
                  device: str = "cpu", states: dict[str, OpState] | None = None, bans: Bans | None = None,
@@ -88,7 +89,7 @@ class TrainingSession:
         self.index = plan.role(me)["stage"]
         if self.index is None:
             raise SwarmError("this node has no stage in the plan")
-        self.plan, self.cfg, self.p2p, self.loop = plan, cfg, p2p, loop
+        self.plan, self.cfg, self.p2p, self.loop = plan, cfg, p2p, NodeLoop.wrap(loop)
         self.log = CallableLogger(log) if log is not None else logger
         training, last = cfg.training, self.index == len(plan.stages) - 1
         stage = extract_stages(traced, Partition(tuple(s.first_op for s in plan.stages), len(traced.dag.ops)))[self.index]
@@ -139,14 +140,11 @@ class TrainingSession:
     def done(self) -> bool:
         return self.cfg.training.max_steps is not None and self.step >= self.cfg.training.max_steps
 
-    def _sync(self, coro, timeout_s: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
     def start(self) -> None:
-        self._sync(self._start())
+        self.loop.call_sync(self._start())
 
     def stop(self) -> None:
-        self._sync(self._stop())
+        self.loop.call_sync(self._stop())
 
     async def _start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL, self.server.handle)
@@ -161,7 +159,7 @@ class TrainingSession:
     def drain(self, timeout_s: float):
         """Finish the step in progress and take no new one (a graceful leave: no step half-applied).
         Returns a future that is done once the stage is between steps (or after ``timeout_s``)."""
-        return asyncio.run_coroutine_threadsafe(self._drain(timeout_s), self.loop)
+        return self.loop.submit(self._drain(timeout_s))
 
     async def _drain(self, timeout_s: float) -> None:
         self.server.draining = True
@@ -204,7 +202,7 @@ class TrainingSession:
             self.save(Path(training.save_dir))
         if training.checkpoint_dir and self.server.peers.replicas[0] == self.me and (step + 1) % training.checkpoint_every_steps == 0:
             # between steps: nothing runs on this stage now
-            self.checkpoints.write(self.loop, training.checkpoint_dir, self.final_state(), self.index, self.worker.step_id)
+            self.checkpoints.write(self.loop.loop, training.checkpoint_dir, self.final_state(), self.index, self.worker.step_id)
 
     def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0) -> None:
         c = self.server.counters

@@ -1,4 +1,5 @@
-"""The node's one asyncio event loop, on its own thread, and the one bridge to it from sync code.
+"""The node's one asyncio event loop, on its own thread, and the one bridge to it from sync code
+(a utility below every layer that uses it: the node, plan adoption, a stage's session).
 
 Everything that speaks libp2p (the probes, the state service, the stage server) runs on this loop;
 the heartbeat (the main thread) hands it coroutines with ``call_sync`` (wait for the result, with a
