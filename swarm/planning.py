@@ -18,8 +18,8 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
-from swarm.config import ElectionConfig
-from swarm.election import Ballot, Commit, ComputePlan, Election, ElectionSettings, Ignored, PeerState, Publish
+from swarm.config import ElectionConfig, election_settings, plan_settings
+from swarm.election import Ballot, Commit, ComputePlan, Election, Ignored, PeerState, Publish
 from swarm.errors import SwarmError
 from swarm.net.membership import Membership, MembershipView
 from swarm.refusals import Refusals, short
@@ -155,14 +155,12 @@ class Elector:
         return MembershipView({p: r for p, r in view.members.items() if p not in out}, view.taken_at) if out else view
 
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
-                 max_ratio: float = PlanSettings.max_ratio):
+                 max_ratio: float = PlanSettings.max_ratio, schedule: str = PlanSettings.schedule):
         self.me, self.membership, self.workload = me, membership, workload
         self.log = logger
-        self.settings = PlanSettings(micro_batches=cfg.micro_batches, stages=cfg.stages, max_ratio=max_ratio,
-                                     max_replicas=cfg.max_replicas)
+        self.settings = plan_settings(cfg, max_ratio=max_ratio, schedule=schedule)   # memory at the real in-flight count
         self.cfg = cfg
-        self.election = Election(me, ElectionSettings(cfg.join_batch_s, cfg.min_epoch_s, cfg.election_timeout_s,
-                                                      cfg.min_members, leader="rotating", epoch_window=EPOCH_WINDOW))
+        self.election = Election(me, election_settings(cfg, leader="rotating", epoch_window=EPOCH_WINDOW))
         self.refusals = Refusals()
         self.verdicts: dict[tuple[str, tuple[str, ...]], str] = {}   # (plan hash, members) -> "" (good) or why not
         self.naive = cfg.planner == "naive"
