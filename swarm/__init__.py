@@ -1,15 +1,20 @@
 """swarm: train deep networks together on pooled consumer GPUs, peer to peer.
 
-Layers (dependencies point one way: pure logic <- torch execution <- networking <- node):
+Folders are layers; dependencies point one way (docs/architecture.md, checked by tests/test_layers.py):
 
-- ``config``     typed, validated YAML configs (pydantic)
-- ``errors``     the user-facing error type (one line, exit code 2)
-- ``models``     model zoo (GPT, ResNet) and user models by import path
-- ``dag``        the OP-DAG (FusionLLM): ``graph`` (pure data), ``trace`` (torch.fx),
-                 ``stages`` (cut a traced model into executable pipeline stages)
-- ``estimator``  the per-operator workload estimator: ``workload`` (pure cost model),
-                 ``profile`` (measures the local device)
-- ``cli``        ``node.py`` sub-commands
+- pure logic: ``config`` (typed YAML, the only defaults), ``errors`` (whose fault), ``logs``, ``loop``
+  (the node's asyncio thread), ``dag.graph`` (the OP-DAG as data), ``scheduler`` (OP-Fence planner,
+  one cost model), ``election`` (the plan election state machine), ``estimator.roofline``,
+  ``churn.adoption`` (plan adoption state machine), ``refusals``, ``procs``
+- torch, no network: ``models``, ``dag.trace`` / ``dag.stages``, ``data``, ``estimator.profile``,
+  ``compression`` (AdaTopK), ``wire`` (frames), ``messages`` (typed messages), ``runtime`` (the stage
+  worker and its compute thread, op state, schedules, all-reduce parts, a stage's session),
+  ``pipeline.protocol`` (the stage protocol's rules, sans-I/O)
+- network: ``net`` (everything that imports hivemind: records, DHT membership, identities, probes,
+  streams), ``pipeline`` (the stage server, the next-stage link, stage 0's driver), ``churn`` (state
+  service, plan follower, backups), ``planning`` (the election's driver), ``liveness``
+- composition: ``node`` (``Node``: start / tick / leave), ``cli`` (``node.py`` sub-commands), ``demo``,
+  ``testbed``
 """
 
 __version__ = "0.1.0"

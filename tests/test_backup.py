@@ -3,8 +3,8 @@ on acknowledged snapshots (the K-step bound), that a dead backup does not stall 
 new owner spreads its fetches over donors (the checks on a received snapshot: tests/test_state.py)."""
 import asyncio
 
-from swarm.runtime.backup import SnapshotPusher, backups
-from swarm.runtime.follow import donor_order
+from swarm.churn.adoption import donor_order
+from swarm.churn.backup import SnapshotPusher, backups
 from swarm.runtime.state import OpState
 from swarm.scheduler.plan import Plan, StagePlan
 

@@ -20,6 +20,8 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 
+from swarm.churn.follower import PlanFollower
+from swarm.churn.state_service import FETCHES, FETCHES_PER_PEER, STATE_PROTOCOL
 from swarm.compression import adatopk
 from swarm.config import NodeConfig
 from swarm.dag.stages import extract_stages, input_specs
@@ -31,7 +33,6 @@ from swarm.net.streams import Gate, stream_caller
 from swarm.pipeline import PROTOCOL, Neighbours, StageServer, local_caller, stage_caller, train_step
 from swarm.runtime import StageWorker
 from swarm.runtime.allreduce import parts
-from swarm.runtime.follow import FETCHES, FETCHES_PER_PEER, STATE_PROTOCOL, PlanFollower
 from swarm.runtime.state import OpState, capture
 from swarm.wire import Limits, pack, read_header, unpack
 
@@ -193,8 +194,8 @@ def test_bombs_on_the_stage_protocol_are_refused_before_decoding_and_a_strangers
     (shape, _, _), = input_specs(two_stage_gpt()[0].dag, server.worker.stage.io)
     zeros = SpyZeros(monkeypatch)
     decoded = []
-    real_decode = server._decode
-    monkeypatch.setattr(server, "_decode", lambda *a, **k: decoded.append(a[2]) or real_decode(*a, **k))
+    real_decode = server.checker.decode
+    monkeypatch.setattr(server.checker, "decode", lambda *a, **k: decoded.append(a[2]) or real_decode(*a, **k))
 
     async def scenario():
         return [unpack(await server.answer(f, sender)) for f, sender in (
@@ -223,10 +224,10 @@ def test_bombs_on_the_state_protocol_are_refused_and_its_limits_fit_what_it_serv
         f = follower(loop, log=lines.append)
         f._backed_up = lambda peer: {"op": 0}   # as if this node backed up peer's op
         bomb = bomb_frame("snapshot", {"op": "op", "step": 1}, [f"p:{i}" for i in range(8)], numel=1 << 20)
-        reply = unpack(loop.run(f._answer(bomb, "up"), 10))
+        reply = unpack(loop.run(f.service._answer(bomb, "up"), 10))
         assert reply.kind == "error" and "codec 'adatopk'" in reply.meta["message"]   # raw only: nothing expands
         with_tensor = pack("fetch", {"op": "op"}, {"x": torch.zeros(4)})[0]
-        assert "carries no tensors" in unpack(loop.run(f._answer(with_tensor, "up"), 10)).meta["message"]
+        assert "carries no tensors" in unpack(loop.run(f.service._answer(with_tensor, "up"), 10)).meta["message"]
         assert any(line.startswith("refused state request from up: wire: tensor 'p:0' uses codec 'adatopk'") for line in lines)
         # every op's real state (parameters, gradients, Adam's moments and step) fits the limits, one tensor more does not
         worker = StageWorker(extract_stages(f.traced, f.traced.dag.balanced_partition(1))[0], loss_fn=lm_loss)
@@ -234,15 +235,15 @@ def test_bombs_on_the_state_protocol_are_refused_and_its_limits_fit_what_it_serv
         worker.forward(0, [x[:, :-1]], x[:, 1:])
         worker.backward(0)
         worker.optimizer.step()   # Adam's moments and step, and the gradients still there
-        states = capture(worker.stage.module, worker.optimizer, f.owned, list(f.owned), 1, grads=True)
+        states = capture(worker.stage.module, worker.optimizer, f.service.owned, list(f.service.owned), 1, grads=True)
         biggest = max(states.values(), key=lambda s: sum(t.numel() for t in s.tensors.values()))
         frame = pack("state", {"op": "x", "step": 1}, biggest.tensors)[0]
-        assert len(unpack(frame, f.limits).tensors) == len(biggest.tensors)
-        assert len(frame) < f.limits.max_frame_bytes < 8 * len(frame)   # sized to the largest op, not the model
+        assert len(unpack(frame, f.service.limits).tensors) == len(biggest.tensors)
+        assert len(frame) < f.service.limits.max_frame_bytes < 8 * len(frame)   # sized to the largest op, not the model
         widest = max(states.values(), key=lambda s: len(s.tensors))
-        extra = {**widest.tensors, **{f"p:extra{i}": torch.zeros(1) for i in range(f.limits.max_tensors)}}
+        extra = {**widest.tensors, **{f"p:extra{i}": torch.zeros(1) for i in range(f.service.limits.max_tensors)}}
         with pytest.raises(SwarmError, match="tensors \\(limit"):
-            unpack(pack("state", {}, extra)[0], f.limits)
+            unpack(pack("state", {}, extra)[0], f.service.limits)
     finally:
         loop.close()
 
@@ -357,24 +358,24 @@ def test_nan_reduce_parts_snapshots_and_fetched_state_are_refused_and_their_send
     try:
         log = []
         f = follower(loop, log=log.append, members=("me", "up", "bad", "good"))
-        op = next(op for op, names in f.owned.items() if names and names[0][0] == "p")
-        name = f.owned[op][0][1]
+        op = next(op for op, names in f.service.owned.items() if names and names[0][0] == "p")
+        name = f.service.owned[op][0][1]
         p = dict(f.traced.gm.named_parameters())[name].detach().clone()
         f._backed_up = lambda peer: {op: 0}
         poisoned = p.clone()
         poisoned.view(-1)[0] = float("nan")
-        reply = unpack(loop.run(f._answer(pack("snapshot", {"op": op, "step": 3}, {f"p:{name}": poisoned})[0], "up"), 10))
-        assert reply.kind == "error" and "has NaN" in reply.meta["message"] and f.bans.banned("up") and not f.received
-        banned = f._refuse("up")
+        reply = unpack(loop.run(f.service._answer(pack("snapshot", {"op": op, "step": 3}, {f"p:{name}": poisoned})[0], "up"), 10))
+        assert reply.kind == "error" and "has NaN" in reply.meta["message"] and f.service.bans.banned("up") and not f.service.received
+        banned = f.service._refuse("up")
         assert banned is not None and "banned" in str(banned)
-        good = unpack(loop.run(f._answer(pack("snapshot", {"op": op, "step": 3}, {f"p:{name}": p})[0], "good"), 10))
-        assert good.kind == "kept" and len(f.received) == 1
+        good = unpack(loop.run(f.service._answer(pack("snapshot", {"op": op, "step": 3}, {f"p:{name}": p})[0], "good"), 10))
+        assert good.kind == "kept" and len(f.service.received) == 1
 
         async def call(peer: str, frame: bytes) -> bytes:   # two donors: one answers NaN
             return pack("state", {"op": op, "step": 5}, {f"p:{name}": poisoned if peer == "bad" else p})[0]
-        f.call = call
-        got = loop.run(f.fetch({op: ["bad", "good"]}), 30)
-        assert got[op][1] == "good" and torch.equal(got[op][0].tensors[f"p:{name}"], p) and f.bans.banned("bad")
+        f.service.call = call
+        got = loop.run(f.service.fetch({op: ["bad", "good"]}), 30)
+        assert got[op][1] == "good" and torch.equal(got[op][0].tensors[f"p:{name}"], p) and f.service.bans.banned("bad")
         assert any("refused state reply from bad: state: tensor" in line and "has NaN" in line for line in log)
     finally:
         loop.close()
@@ -442,11 +443,11 @@ def test_state_is_served_to_members_of_the_plan_only_unless_configured_otherwise
     loop = Loop()
     try:
         plan_only, anyone = follower(loop), follower(loop, serve_state="anyone")
-        refused = plan_only._refuse("stranger")
+        refused = plan_only.service._refuse("stranger")
         assert refused is not None and "not a member of the plan" in str(refused)
-        assert plan_only._refuse("up") is None and anyone._refuse("stranger") is None
+        assert plan_only.service._refuse("up") is None and anyone.service._refuse("stranger") is None
         plan_only.plan, plan_only.pending = None, SimpleNamespace(members=("me", "joiner"), stages=[], spares=())
-        assert plan_only._refuse("joiner") is None   # a joining node fetches for the plan it is a member of
+        assert plan_only.service._refuse("joiner") is None   # a joining node fetches for the plan it is a member of
     finally:
         loop.close()
 
@@ -474,17 +475,17 @@ def test_a_flood_of_unread_fetches_stays_bounded_and_the_node_serves_again(monke
         me, them = server_p2p.peer_id.to_base58(), client_p2p.peer_id.to_base58()
         lines = []
         f = follower(loop, server_p2p, me=me, members=(me, them), log=lines.append)
-        f.serve_timeout_s = 3.0
+        f.service.serve_timeout_s = 3.0
         f.store["big"] = OpState(4, {"p:w": torch.randn(2_375_000)})   # 9.5 MB
-        small = next(op for op, names in f.owned.items() if names)
+        small = next(op for op, names in f.service.owned.items() if names)
         f.store[small] = OpState(4, {"p:x": torch.randn(1000)})
-        places, enter = [], f.fetches.enter
+        places, enter = [], f.service.fetches.enter
 
         def counted(peer, n):
             refused = enter(peer, n)
-            places.append(sum(f.fetches.active.values()))
+            places.append(sum(f.service.fetches.active.values()))
             return refused
-        f.fetches.enter = counted
+        f.service.fetches.enter = counted
         request = pack("fetch", {"op": "big"}, {})[0]
         assert len(request) < 64
         framed = len(request).to_bytes(8, "big") + request
@@ -515,18 +516,18 @@ def test_a_flood_of_unread_fetches_stays_bounded_and_the_node_serves_again(monke
             traced_peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        print(f"fetch flood: {handled['in']} streams handled, {f.served} served, traced peak {traced_peak / MiB:.1f} MiB, "
+        print(f"fetch flood: {handled['in']} streams handled, {f.service.served} served, traced peak {traced_peak / MiB:.1f} MiB, "
               f"RSS +{rss.peak / 1024:.1f} MiB")
         assert traced_peak < 64 * MiB, traced_peak
         assert rss.peak < 150 << 10, rss.peak
-        assert max(places) <= FETCHES_PER_PEER <= FETCHES and f.served >= 1
-        assert f.refusals.total("busy") + f.served >= handled["in"] - 8   # all but what the request gate let in
-        assert f.gate.active == {} and f.gate.reading == 0 and f.fetches.active == {}
+        assert max(places) <= FETCHES_PER_PEER <= FETCHES and f.service.served >= 1
+        assert f.service.refusals.total("busy") + f.service.served >= handled["in"] - 8   # all but what the request gate let in
+        assert f.service.gate.active == {} and f.service.gate.reading == 0 and f.service.fetches.active == {}
         assert any(line.startswith(f"refused busy from {them[-8:]}: busy:") for line in lines), lines[:5]
         assert len(lines) < 10   # rate-limited: one line per (peer, kind) and minute
 
-        call = stream_caller(client_p2p, f.limits.max_frame_bytes, 30.0, STATE_PROTOCOL)
-        reply = unpack(loop.run(call(me, pack("fetch", {"op": small}, {})[0]), 60), f.limits)
+        call = stream_caller(client_p2p, f.service.limits.max_frame_bytes, 30.0, STATE_PROTOCOL)
+        reply = unpack(loop.run(call(me, pack("fetch", {"op": small}, {})[0]), 60), f.service.limits)
         assert reply.kind == "state" and reply.meta["step"] == 4 and torch.equal(reply.tensors["p:x"], f.store[small].tensors["p:x"])
         loop.run(client_p2p.shutdown(), 30)
         loop.run(server_p2p.shutdown(), 30)

@@ -2,8 +2,8 @@
 
 - only ``swarm.net`` imports hivemind (every import statement, at any depth, is checked);
 - the planner (``swarm.scheduler``), the election and the codec (``swarm.compression``, ``swarm.wire``,
-  ``swarm.messages``) load no hivemind, and the scheduler and election load no torch either (checked
-  in a fresh interpreter, so what they import transitively counts);
+  ``swarm.messages``) load no hivemind, and the scheduler, the election, plan adoption and the config
+  load no torch either (checked in a fresh interpreter, so what they import transitively counts);
 - no module under swarm/ is over 400 lines, and no class with behaviour keeps over 15 attributes.
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ def test_only_swarm_net_imports_hivemind():
 @pytest.mark.parametrize("module, banned", [
     ("swarm.scheduler", ("torch", "hivemind")),
     ("swarm.election", ("torch", "hivemind")),
+    ("swarm.churn.adoption", ("torch", "hivemind")),
+    ("swarm.config", ("torch", "hivemind")),
     ("swarm.compression", ("hivemind",)),
     ("swarm.wire", ("hivemind",)),
     ("swarm.messages", ("hivemind",)),

@@ -84,10 +84,6 @@ def holds_ranges(index: dict[str, int], steps: dict[str, int]) -> list[list[int]
 
 
 # read on the state service (what the tests and the node's status look at)
-_SERVICE = frozenset({"limits", "owned", "received", "bans", "refusals", "served", "gate", "fetches", "fetch",
-                      "_answer", "_refuse", "_finite", "_keep", "_fetch_one", "send_snapshot"})
-
-
 class PlanFollower:
     """Everything between the committed plan and this node's running stage. ``follow`` once per
     heartbeat; ``loop``: the node's ``NodeLoop`` (or a running asyncio loop)."""
@@ -114,12 +110,7 @@ class PlanFollower:
                 self.log.info(f"checkpoint: state of {len(self.store)} ops at step {self.step} from {cfg.training.checkpoint_dir}")
         self.loop.call_sync(self.p2p.add_binary_stream_handler(STATE_PROTOCOL, lambda *a: self._serve(*a)))
 
-    # --- compatibility: the adoption's and the service's state, read and set where they live -----
-
-    def __getattr__(self, name: str):
-        if name in _SERVICE and "service" in self.__dict__:
-            return getattr(self.__dict__["service"], name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # --- the adoption's state, read where it lives ---------------------------------------------------
 
     async def _serve(self, stream_info, reader, writer) -> None:
         await self.service.serve(stream_info, reader, writer)
@@ -130,9 +121,6 @@ class PlanFollower:
     pending_since = property(lambda self: self.adoption.pending_since,
                              lambda self, v: setattr(self.adoption, "pending_since", v))
     start_step = property(lambda self: self.adoption.start_step)
-    call = property(lambda self: self.service.call, lambda self, v: setattr(self.service, "call", v))
-    serve_timeout_s = property(lambda self: self.service.serve_timeout_s,
-                               lambda self, v: setattr(self.service, "serve_timeout_s", v))
 
     @property
     def step(self) -> int:

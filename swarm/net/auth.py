@@ -96,16 +96,22 @@ def create_authority(path: str) -> RSAPrivateKey:
     key = RSAPrivateKey()
     pem = key._private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
+    write_new(path, pem, 0o400, f"authority key {path}")
+    return key
+
+
+def write_new(path: str | os.PathLike, data: bytes, mode: int, what: str) -> None:
+    """Create ``path`` (and its folder) holding ``data``, with ``mode``; never overwrites a file: a
+    one-line error naming ``what`` instead."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise SwarmError(f"authority key {path} already exists (refusing to overwrite it)") from None
+        raise SwarmError(f"{what} already exists (refusing to overwrite it)") from None
     except OSError as e:
-        raise SwarmError(f"cannot create authority key {path}: {e.strerror}") from None
+        raise SwarmError(f"cannot create {what}: {e.strerror}") from None
     with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    return key
+        f.write(data)
 
 
 def load_authority(path: str) -> RSAPrivateKey:

@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.errors import SwarmError
-from swarm.net.auth import Credential, create_authority, issue_credential, load_authority, load_identity
+from swarm.net.auth import Credential, create_authority, issue_credential, load_authority, load_identity, write_new
 
 
 @dataclass(frozen=True)
@@ -30,15 +29,7 @@ class SwarmFiles:
 
 
 def _write_new(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SwarmError(f"{path} already exists (refusing to overwrite it)") from None
-    except OSError as e:
-        raise SwarmError(f"cannot write {path}: {e.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    write_new(path, text.encode(), 0o600, str(path))
 
 
 def init_swarm(directory: str, name: str, n_members: int = 0, valid_days: float = 365.0) -> SwarmFiles:

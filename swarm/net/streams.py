@@ -149,7 +149,7 @@ def describe(e: BaseException) -> str:
     if isinstance(e, asyncio.IncompleteReadError):
         return "the stream ended inside a frame"
     if isinstance(e, asyncio.TimeoutError):
-        return "no frame, send or hang-up in time"
+        return "no frame or hang-up in time"
     return type(e).__name__
 
 

@@ -209,7 +209,7 @@ class Node:
         self.probes.close()
         self.record = replace(self.record, state=MemberState.OFFLINE)
         self._advertise(timeout_s=5)
-        logger.info(f"left the swarm ({follower.served} op states handed over)")
+        logger.info(f"left the swarm ({follower.service.served} op states handed over)")
 
     def close(self) -> None:
         """Let go of the p2p replica, the loop and the DHT (whatever ``start`` got to)."""

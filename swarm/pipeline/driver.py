@@ -55,7 +55,7 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
                 if first.protocol.step_status(FORWARD, step, first.worker.step_id) is not StepStatus.CURRENT:
                     raise first.protocol.not_current(step, first.worker.step_id)
                 first.protocol.take_forward()
-                grads = await _own(first, first.micro_batch(Forward(step, mb, scale, [x], y)))
+                grads = await first.own(first.micro_batch(Forward(step, mb, scale, [x], y)))
                 first.protocol.remember(step, mb, LOCAL_REPLY)
                 return float(grads.loss)
         done[mb] = await with_backoff(attempt, deadline)
@@ -63,23 +63,11 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
 
     chunks = zip(inputs.chunk(micro_batches), targets.chunk(micro_batches))
     losses = await asyncio.gather(*(one(m, x, y) for m, (x, y) in enumerate(chunks)))
-    await _own(first, first.close_step(step))
+    await first.own(first.close_step(step))
     if settle:
         await first.settle()
     return sum(losses) / len(losses)
 
-
-
-async def _own(first: StageServer, work):
-    """Await the first stage's own ``work``: a failure counts as the stage's error, and one that is
-    not a ``SwarmError`` (a pass that failed on odd input) becomes one naming it, as a peer's would."""
-    try:
-        return await work
-    except Exception as e:
-        first.counters.errors += 1
-        if isinstance(e, SwarmError):
-            raise
-        raise SwarmError(f"stage failed: {type(e).__name__}: {str(e)[:300]}") from e
 
 
 @dataclass

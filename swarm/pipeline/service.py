@@ -110,6 +110,10 @@ class StageServer:
         return self.protocol.hood
 
     @property
+    def bans(self) -> Bans:
+        return self.protocol.bans
+
+    @property
     def limits(self) -> Limits:
         return self.checker.limits
 
@@ -171,6 +175,25 @@ class StageServer:
             elif not isinstance(e, SwarmError):   # a pass that failed on odd input
                 self.refusals.note(sender, kind, f"stage failed: {type(e).__name__}: {str(e)[:200]}")
             return error_frame(e)
+        finally:
+            self.slots += 1
+
+    async def own(self, work):
+        """Await the first stage's own ``work`` (a micro-batch, closing a step) as a request of its own:
+        it holds a slot while it runs, a failure counts as this stage's error, and one that is not a
+        ``SwarmError`` (a pass that failed on odd input) becomes one naming it, as a peer's would."""
+        if self.slots <= 0:
+            work.close()
+            self.counters.errors += 1
+            raise PeerUnavailable("stage busy: too many requests in progress")
+        self.slots -= 1
+        try:
+            return await work
+        except Exception as e:
+            self.counters.errors += 1
+            if isinstance(e, SwarmError):
+                raise
+            raise SwarmError(f"stage failed: {type(e).__name__}: {str(e)[:300]}") from e
         finally:
             self.slots += 1
 

@@ -3,9 +3,8 @@
 - ``schedule``: micro-batch orders (GPipe, 1F1B) as data; ``worker``: one stage's passes and steps;
   ``local``: all stages in one process (the reference, and in-process stage servers);
 - the stage server and the first stage's step: ``swarm.pipeline``; ``allreduce``: replicas' gradient sums;
-- ``state``: op-keyed state, checkpoints; ``session``: this node's stage of a plan;
-  ``follow``, ``backup``: moved to ``swarm.churn`` (plan adoption, hand-over, backups); the old
-  names stay importable from here.
+- ``state``: op-keyed state, checkpoints; ``session``: this node's stage of a plan (plan adoption,
+  hand-over and backups: ``swarm.churn``).
 """
 from swarm.runtime.local import LocalPipeline
 from swarm.runtime.schedule import SCHEDULES, in_flight
