@@ -15,7 +15,8 @@ import torch
 
 from swarm.config import MAX_MICRO_BATCH_SIZE, MAX_MICRO_BATCHES, NodeConfig, TrainingConfig, load
 from swarm.errors import SwarmError
-from swarm.runtime.session import TrainingSession
+from swarm.refusals import CallableLogger
+from swarm.runtime.session import TrainingSession, _Checkpoints
 from swarm.runtime.state import OpState, check_writable_dir, read_checkpoint, write_checkpoint
 from tests.conftest import ROOT, run_cli
 from tests.swarmproc import Proc, wait_until
@@ -215,10 +216,11 @@ def test_a_failing_checkpoint_is_warned_once_not_at_every_checkpoint(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the directory should be")
     lines: list[str] = []
-    session = SimpleNamespace(index=1, me="me", training=TrainingConfig(checkpoint_dir=str(blocker / "ckpt"),
-                                                                        checkpoint_every_steps=1),
-                              server=SimpleNamespace(peers=SimpleNamespace(replicas=("me",))), loop=Loop(),
-                              worker=SimpleNamespace(step_id=0), final_state=lambda: {}, log=lines.append,
+    training = TrainingConfig(checkpoint_dir=str(blocker / "ckpt"), checkpoint_every_steps=1)
+    session = SimpleNamespace(index=1, me="me", cfg=SimpleNamespace(training=training),
+                              server=SimpleNamespace(peers=SimpleNamespace(replicas=("me",))),
+                              loop=SimpleNamespace(loop=Loop()), worker=SimpleNamespace(step_id=0),
+                              final_state=lambda: {}, checkpoints=_Checkpoints(CallableLogger(lines.append)),
                               _record=lambda *a, **k: None)
     for step in range(4):
         session.worker.step_id = step + 1
