@@ -2,6 +2,7 @@
 swarms that get connected."""
 import json
 
+import pytest
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.config import NetworkConfig
@@ -76,6 +77,8 @@ def test_eight_staggered_nodes_commit_one_plan_and_replace_a_killed_one(tmp_path
         observer.close()
 
 
+@pytest.mark.scenario   # minutes of node processes: run by `python -m benchmarks.scenarios` (the suite keeps
+# tests/test_election.py::test_two_groups_that_meet_converge_to_one_plan, in process)
 def test_two_swarms_that_get_connected_converge_to_one_plan(tmp_path, swarm_procs):
     load_or_measure("cpu")
     boot_a, boot_b = bootstrap(swarm_procs, tmp_path, "a.id"), bootstrap(swarm_procs, tmp_path, "b.id")
