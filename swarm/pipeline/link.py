@@ -83,7 +83,7 @@ class NextStage:
         from swarm.wire import sizes
         sent = sizes(frame)
         floats = [k for k, t in fwd.tensors().items() if t.is_floating_point()]
-        grads = [k for k in reply.tensors if k.startswith("g")]
+        grads = list(reply.tensors)   # a grads reply carries the gradients only
         self.counters.sent(peer, len(frame) + PREFIX_BYTES)
         self.counters.act_raw += raw + sum(reply.tensors[k].numel() * reply.tensors[k].element_size() for k in grads)
         self.counters.act_wire += sum(sent[k] for k in floats) + sum(reply.sizes[k] for k in grads)

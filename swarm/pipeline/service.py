@@ -21,7 +21,22 @@ import torch
 
 from swarm.compression.policy import LinkPolicy
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
-from swarm.messages import FORWARD, REDUCED, STEP, Forward, Grads, Reduce, Reduced, Stepped, check_reply, error_frame
+from swarm.messages import (
+    FORWARD,
+    PART,
+    REDUCED,
+    STAGE_REQUESTS,
+    STEP,
+    Forward,
+    Grads,
+    Reduce,
+    Reduced,
+    Stepped,
+    check_reply,
+    error_frame,
+    grad_name,
+    input_name,
+)
 from swarm.net.streams import PREFIX_BYTES, Call, Gate, describe, serve_stream, stream_caller
 from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.link import NextStage
@@ -156,7 +171,7 @@ class StageServer:
             if sender != self.peers.me and (refused := self.protocol.refuse_stream(sender)) is not None:
                 raise refused
             header = self.checker.header(frame)
-            kind = header.kind if header.kind in (FORWARD, STEP, "reduce") else "request"
+            kind = header.kind if header.kind in STAGE_REQUESTS else "request"
             self.protocol.admit(sender, header)
             step = header.meta.get("step")
             if self.protocol.step_status(header.kind, step, self.worker.step_id) is StepStatus.REPEAT:
@@ -237,7 +252,7 @@ class StageServer:
             grads, backward_s = await self._pass(True, self.worker.backward, fwd.mb, None)
         else:
             try:
-                bad = non_finite({f"x{i}": o for i, o in enumerate(outputs)})
+                bad = non_finite({input_name(i): o for i, o in enumerate(outputs)})
                 if bad is not None:   # never sent: the next stage would (rightly) ban this one
                     self.warn.once("forward", f"stage {index} computed non-finite activations ({bad}) in step {step}; not sent")
                     raise SwarmError(f"stage {index} computed non-finite activations ({bad})")
@@ -250,7 +265,7 @@ class StageServer:
             loss = reply.meta.get("loss")
             down = Grads.from_message(reply, len(outputs))
             grads, backward_s = await self._pass(True, self.worker.backward, fwd.mb, down.grads)
-        bad = non_finite({f"g{i}": g for i, g in enumerate(grads) if g is not None})
+        bad = non_finite({grad_name(i): g for i, g in enumerate(grads) if g is not None})
         if bad is not None:   # accumulated here (this step will be skipped), never sent upstream
             self.warn.once("backward", f"stage {index} computed non-finite input gradients ({bad}) in step {step}; not sent")
             raise SwarmError(f"stage {index} computed non-finite gradients ({bad})")
@@ -346,10 +361,10 @@ class StageServer:
         frame = Reduce(step, j, part).to_frame()
         self.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
         try:
-            reply = self.checker.reply(await self.link.call(owner, frame), owner, REDUCED, {"g": ([part.numel()], "float32")})
+            reply = self.checker.reply(await self.link.call(owner, frame), owner, REDUCED, {PART: ([part.numel()], "float32")})
         except RemoteProtocolError as e:
             raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum ({e})") from None
-        total = check_reply(reply, "all-reduce").tensors.get("g")
+        total = check_reply(reply, "all-reduce").tensors.get(PART)
         if total is None:
             raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum")
         return total
@@ -362,7 +377,7 @@ class StageServer:
 
     async def _reduce(self, msg: Message, sender: str) -> bytes:
         step, part = msg.meta["step"], msg.meta["part"]
-        self._contribute(step, sender, msg.tensors["g"])
+        self._contribute(step, sender, msg.tensors[PART])
         total = await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
         return Reduced(step, part, total).to_frame()
 
