@@ -9,7 +9,7 @@ from swarm.config import NetworkConfig
 from swarm.estimator.profile import load_or_measure
 from swarm.net.membership import Membership, make_validators
 from swarm.node import start_dht
-from tests.swarmproc import MADDR, Proc, wait_until
+from tests.swarmproc import Proc, wait_until
 
 ELECTION = {"join_batch_s": 3, "min_epoch_s": 3, "election_timeout_s": 10, "drift_check_s": 600}
 
@@ -24,16 +24,17 @@ def config(tmp_path) -> str:
 
 
 def bootstrap(procs, tmp_path, name):
-    proc = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", str(tmp_path / name))
+    proc = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", str(tmp_path / name),
+                ready_file=tmp_path / f"{name}.ready.json")
     procs.append(proc)
-    return proc.wait_for(MADDR, 30).group(1)
+    return proc.maddr(30)
 
 
 def node(procs, tmp_path, name, *peers) -> str:
     proc = Proc("node.py", "run", "--config", config(tmp_path), "--identity", str(tmp_path / f"{name}.id"),
-                "--initial-peers", *peers)
+                "--initial-peers", *peers, ready_file=tmp_path / f"{name}.ready.json")
     procs.append(proc)
-    return proc.wait_for(r"peer (\w+) listening", 90).group(1)
+    return proc.peer_id(90)
 
 
 class Observer:

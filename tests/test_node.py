@@ -10,26 +10,28 @@ from swarm.config import NetworkConfig
 from swarm.estimator.profile import load_or_measure
 from swarm.net.membership import Membership, make_validators
 from swarm.node import start_dht
+from swarm.procs import load_ready
 from tests.conftest import node_config, run_cli
-from tests.swarmproc import MADDR, Proc, p2pd_pids, wait_until
+from tests.swarmproc import Proc, p2pd_pids, wait_until
 
 
 def start_node(procs, tmp_path, name, bootstrap):
     proc = Proc("node.py", "run", "--config", node_config(tmp_path), "--initial-peers", bootstrap,
-                "--identity", str(tmp_path / f"{name}.id"))
+                "--identity", str(tmp_path / f"{name}.id"), ready_file=tmp_path / f"{name}.ready.json")
     procs.append(proc)
     return proc
 
 
 def test_six_nodes_membership_ttl_and_identity(tmp_path, swarm_procs):
     load_or_measure("cpu")  # measured once here; nodes read the cache
-    boot = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", str(tmp_path / "boot.id"))
+    boot = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", str(tmp_path / "boot.id"),
+                ready_file=tmp_path / "boot.ready.json")
     swarm_procs.append(boot)
-    bootstrap = boot.wait_for(MADDR, 30).group(1)
+    bootstrap = boot.maddr(30)
     names = [f"n{i}" for i in range(6)]
     random.Random(7).shuffle(names)
     nodes = {name: start_node(swarm_procs, tmp_path, name, bootstrap) for name in names}
-    peer_ids = {name: p.wait_for(r"peer (\w+) listening", 60).group(1) for name, p in nodes.items()}
+    peer_ids = {name: p.peer_id(60) for name, p in nodes.items()}
 
     net = NetworkConfig(initial_peers=[bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     from hivemind.utils.crypto import RSAPrivateKey
@@ -51,13 +53,13 @@ def test_six_nodes_membership_ttl_and_identity(tmp_path, swarm_procs):
         assert len(membership.view().members) == 5
 
         again = start_node(swarm_procs, tmp_path, victim, bootstrap)
-        assert again.wait_for(r"peer (\w+) listening", 60).group(1) == peer_ids[victim]
+        assert again.peer_id(60) == peer_ids[victim]
         wait_until(lambda: peer_ids[victim] in membership.view().members, 30, what="restarted node visible")
 
         leaver = names[4]
         nodes[leaver].kill(signal.SIGTERM)
         assert nodes[leaver].popen.wait(timeout=60) == 0   # network.leave_timeout_s: the hand-over's bound
-        nodes[leaver].wait_for("left the swarm", 5)
+        assert load_ready(nodes[leaver].ready_file)["state"] == "offline"   # its last word, before it exited
         wait_until(lambda: peer_ids[leaver] not in membership.view().members, 10, what="leaver gone before its TTL")
     finally:
         observer.shutdown()
@@ -113,12 +115,14 @@ def test_unreadable_identity_file_as_non_root(tmp_path):
 def test_bandwidth_is_measured_over_the_swarm_transport(tmp_path, swarm_procs):
     load_or_measure("cpu")
     cfg = node_config(tmp_path, probe_interval_s=1.0)
-    first = Proc("node.py", "run", "--config", cfg, "--initial-peers", "--identity", str(tmp_path / "a.id"))
+    first = Proc("node.py", "run", "--config", cfg, "--initial-peers", "--identity", str(tmp_path / "a.id"),
+                 ready_file=tmp_path / "a.ready.json")
     swarm_procs.append(first)
-    addr = first.wait_for(MADDR, 60).group(1)
-    second = Proc("node.py", "run", "--config", cfg, "--initial-peers", addr, "--identity", str(tmp_path / "b.id"))
+    addr = first.maddr(60)
+    second = Proc("node.py", "run", "--config", cfg, "--initial-peers", addr, "--identity", str(tmp_path / "b.id"),
+                  ready_file=tmp_path / "b.ready.json")
     swarm_procs.append(second)
-    second.wait_for("listening", 60)
+    second.ready(60)
 
     def both_measured():
         res = run_cli("status", "--initial-peers", addr, "--json", timeout=60)

@@ -221,9 +221,9 @@ def test_a_second_node_on_a_taken_port_fails_and_the_ready_file_tells_a_nodes_li
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     boot = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}",
-                "--identity", str(tmp_path / "boot.id"))
+                "--identity", str(tmp_path / "boot.id"), ready_file=tmp_path / "boot.ready.json")
     swarm_procs.append(boot)
-    bootstrap = boot.wait_for(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)", 30).group(1)
+    bootstrap = boot.maddr(30)
     res = run_cli("run", "--config", node_config(tmp_path), "--initial-peers", bootstrap,
                   "--identity", str(tmp_path / "n.id"), "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
