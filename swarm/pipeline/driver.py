@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.errors import ConfigError, SwarmError
-from swarm.messages import FORWARD, Forward
+from swarm.messages import Forward
 from swarm.net.streams import with_backoff
-from swarm.pipeline.protocol import StepStatus
 from swarm.pipeline.service import LOCAL_REPLY, StageServer
 
 
@@ -52,8 +51,7 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
 
         async def attempt() -> float:
             async with gate:
-                if first.protocol.step_status(FORWARD, step, first.worker.step_id) is not StepStatus.CURRENT:
-                    raise first.protocol.not_current(step, first.worker.step_id)
+                await first.reach(step)   # (a re-plan may have moved the stage on)
                 first.protocol.take_forward()
                 grads = await first.own(first.micro_batch(Forward(step, mb, scale, [x], y)))
                 first.protocol.remember(step, mb, LOCAL_REPLY)
@@ -67,7 +65,6 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
     if settle:
         await first.settle()
     return sum(losses) / len(losses)
-
 
 
 @dataclass

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from swarm.messages import (
     REDUCED,
     STAGE_REQUESTS,
     STEP,
+    ErrorReply,
     Forward,
     Grads,
     Reduce,
@@ -162,26 +164,23 @@ class StageServer:
 
     async def answer(self, frame: bytes, sender: str) -> bytes:
         """The reply frame to a request frame from ``sender`` (authenticated peer id): never raises."""
-        if self.slots <= 0:
-            self.counters.errors += 1
-            return error_frame(PeerUnavailable("stage busy: too many requests in progress"))
-        self.slots -= 1
         kind = "frame"
         try:
-            if sender != self.peers.me and (refused := self.protocol.refuse_stream(sender)) is not None:
-                raise refused
-            header = self.checker.header(frame)
-            kind = header.kind if header.kind in STAGE_REQUESTS else "request"
-            self.protocol.admit(sender, header)
-            step = header.meta.get("step")
-            if self.protocol.step_status(header.kind, step, self.worker.step_id) is StepStatus.REPEAT:
-                return Stepped(step).to_frame()   # a repeat whose first reply was lost
-            msg = self.checker.decode(frame, header, sender)
-            del frame
-            await self.reach(step)
-            if msg.kind == FORWARD:
-                return await self._remote_forward(Forward.from_message(msg))
-            return await (self._step(step, sender) if msg.kind == STEP else self._reduce(msg, sender))
+            with self._slot():
+                if sender != self.peers.me and (refused := self.protocol.refuse_stream(sender)) is not None:
+                    raise refused
+                header = self.checker.header(frame)
+                kind = header.kind if header.kind in STAGE_REQUESTS else "request"
+                self.protocol.admit(sender, header)
+                step = header.meta.get("step")
+                if self.protocol.step_status(header.kind, step, self.worker.step_id) is StepStatus.REPEAT:
+                    return Stepped(step).to_frame()   # a repeat whose first reply was lost
+                msg = self.checker.decode(frame, header, sender)
+                del frame
+                await self.reach(step)
+                if msg.kind == FORWARD:
+                    return await self._remote_forward(Forward.from_message(msg))
+                return await (self._step(step, sender) if msg.kind == STEP else self._reduce(msg, sender))
         except Exception as e:
             self.counters.errors += 1
             if isinstance(e, RemoteProtocolError):
@@ -190,6 +189,16 @@ class StageServer:
             elif not isinstance(e, SwarmError):   # a pass that failed on odd input
                 self.refusals.note(sender, kind, f"stage failed: {type(e).__name__}: {str(e)[:200]}")
             return error_frame(e)
+
+    @contextmanager
+    def _slot(self):
+        """One of the ``max_requests`` places for requests this stage serves at once (the first stage's
+        own work takes one too); none free: ``PeerUnavailable``."""
+        if self.slots <= 0:
+            raise PeerUnavailable("stage busy: too many requests in progress")
+        self.slots -= 1
+        try:
+            yield
         finally:
             self.slots += 1
 
@@ -197,20 +206,16 @@ class StageServer:
         """Await the first stage's own ``work`` (a micro-batch, closing a step) as a request of its own:
         it holds a slot while it runs, a failure counts as this stage's error, and one that is not a
         ``SwarmError`` (a pass that failed on odd input) becomes one naming it, as a peer's would."""
-        if self.slots <= 0:
-            work.close()
-            self.counters.errors += 1
-            raise PeerUnavailable("stage busy: too many requests in progress")
-        self.slots -= 1
         try:
-            return await work
+            with self._slot():
+                return await work
         except Exception as e:
             self.counters.errors += 1
             if isinstance(e, SwarmError):
                 raise
-            raise SwarmError(f"stage failed: {type(e).__name__}: {str(e)[:300]}") from e
+            raise SwarmError(ErrorReply.of(e).message) from e
         finally:
-            self.slots += 1
+            work.close()   # (not awaited when no slot was free)
 
     async def reach(self, step) -> None:
         """Return once ``step`` is the current step: at once, or (for the next one) after this stage
