@@ -25,11 +25,12 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from swarm import messages
-from swarm.errors import PeerUnavailable, Poisoned, RemoteProtocolError, SwarmError
+from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.net.streams import Gate, describe, serve_stream, stream_caller, with_backoff
+from swarm.pipeline.frames import refuse_non_finite
 from swarm.refusals import Bans, CallableLogger, Refusals, short
 from swarm.runtime.state import OpState, check, op_tensors
-from swarm.wire import Limits, decode, non_finite, read_header, unpack
+from swarm.wire import Limits, decode, read_header, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -167,20 +168,13 @@ class StateService:
             tensors = decode(frame, header, self.limits).tensors
         except SwarmError as e:
             raise RemoteProtocolError(str(e)) from None
-        state = OpState(step, self._finite(peer, "snapshot", tensors))
+        state = OpState(step, refuse_non_finite(self.bans, peer, messages.SNAPSHOT, tensors))
         try:
             check(self.module, self.owned, {op: state})
         except SwarmError as e:
             raise RemoteProtocolError(str(e)) from None
         self.received.append((peer, op, state))   # into the store on the next heartbeat
         return messages.Kept(op, step).to_frame()
-
-    def _finite(self, peer: str, what: str, tensors: dict) -> dict:
-        bad = non_finite(tensors)
-        if bad is not None:
-            self.bans.ban(peer, f"sent a {what} with NaN/Inf")
-            raise Poisoned(f"{what}: {bad}; peer {short(peer)} banned for {self.bans.ban_s:.0f} s")
-        return tensors
 
     # --- fetching and pushing ---------------------------------------------------------------------
 
@@ -194,7 +188,7 @@ class StateService:
             raise PeerUnavailable(f"peer {peer[-8:]}: {header.meta.get('message')}")
         if header.kind != messages.STATE or header.meta.get("op") != op or not isinstance(header.meta.get("step"), int):
             raise SwarmError(f"peer {peer[-8:]} answered no state of '{op}': {header.meta.get('message', header.kind)}")
-        tensors = self._finite(peer, "state", decode(frame, header, self.limits).tensors)
+        tensors = refuse_non_finite(self.bans, peer, messages.STATE, decode(frame, header, self.limits).tensors)
         return OpState(header.meta["step"], tensors)
 
     async def fetch(self, donors: dict[str, list[str]]) -> dict[str, tuple[OpState, str]]:

@@ -10,6 +10,16 @@ from swarm.runtime.worker import Counters
 from swarm.wire import Header, Limits, Message, decode, non_finite, read_header
 
 
+def refuse_non_finite(bans: Bans, sender: str, kind: str, tensors: dict) -> dict:
+    """``tensors`` if they are all finite; else ``sender`` is banned for a while and this raises
+    ``Poisoned`` naming the first bad tensor (every protocol's NaN/Inf rule, docs/hostile.md)."""
+    bad = non_finite(tensors)
+    if bad is not None:
+        bans.ban(sender, f"sent {kind} with NaN/Inf")
+        raise Poisoned(f"{kind}: {bad}; peer {short(sender)} banned for {bans.ban_s:.0f} s")
+    return tensors
+
+
 class FrameChecker:
     """Reads frames for one stage: ``limits`` bound every header, ``bans`` is the node's table of
     poisoners, refusals land in ``counters`` and ``refusals``."""
@@ -32,11 +42,11 @@ class FrameChecker:
             msg = decode(frame, header, self.limits, masks)
         except SwarmError as e:
             raise RemoteProtocolError(str(e)) from None
-        bad = non_finite(msg.tensors)
-        if bad is not None:
-            self.bans.ban(sender, f"sent {header.kind} with NaN/Inf")
+        try:
+            refuse_non_finite(self.bans, sender, header.kind, msg.tensors)
+        except Poisoned:
             self.counters.poisoned += 1
-            raise Poisoned(f"{header.kind}: {bad}; peer {short(sender)} banned for {self.bans.ban_s:.0f} s")
+            raise
         return msg
 
     def reply(self, frame: bytes, peer: str, kind: str, expect: dict[str, tuple[list[int], str]],
