@@ -27,10 +27,10 @@ from typing import Protocol
 from swarm import messages
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.net.streams import Gate, describe, serve_stream, stream_caller, with_backoff
-from swarm.pipeline.frames import refuse_non_finite
+from swarm.pipeline.frames import peer_header, refuse_non_finite
 from swarm.refusals import Bans, CallableLogger, Refusals, short
 from swarm.runtime.state import OpState, check, op_tensors
-from swarm.wire import Limits, decode, read_header, unpack
+from swarm.wire import Limits, decode, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +123,7 @@ class StateService:
         comes with the release of its place (``serve_one`` calls it once the reply is sent)."""
         kind = "state request"
         try:
-            try:
-                header = read_header(frame, self.limits)
-            except SwarmError as e:
-                raise RemoteProtocolError(str(e)) from None
+            header = peer_header(frame, self.limits)
             op = header.meta.get("op")
             if header.kind not in messages.STATE_REQUESTS or not isinstance(op, str):
                 raise RemoteProtocolError("expected a fetch or snapshot request naming an op")
@@ -180,10 +177,7 @@ class StateService:
 
     async def _fetch_one(self, peer: str, op: str) -> OpState:
         frame = await self.call(peer, messages.Fetch(op).to_frame())
-        try:
-            header = read_header(frame, self.limits)
-        except SwarmError as e:
-            raise RemoteProtocolError(str(e)) from None
+        header = peer_header(frame, self.limits)
         if header.kind == messages.ERROR and header.meta.get("retry"):
             raise PeerUnavailable(f"peer {peer[-8:]}: {header.meta.get('message')}")
         if header.kind != messages.STATE or header.meta.get("op") != op or not isinstance(header.meta.get("step"), int):

@@ -10,6 +10,14 @@ from swarm.runtime.worker import Counters
 from swarm.wire import Header, Limits, Message, decode, non_finite, read_header
 
 
+def peer_header(frame: bytes, limits: Limits) -> Header:
+    """``read_header`` of a peer's frame: a malformed one is the peer's fault (``RemoteProtocolError``)."""
+    try:
+        return read_header(frame, limits)
+    except SwarmError as e:
+        raise RemoteProtocolError(str(e)) from None
+
+
 def refuse_non_finite(bans: Bans, sender: str, kind: str, tensors: dict) -> dict:
     """``tensors`` if they are all finite; else ``sender`` is banned for a while and this raises
     ``Poisoned`` naming the first bad tensor (every protocol's NaN/Inf rule, docs/hostile.md)."""
@@ -31,10 +39,7 @@ class FrameChecker:
         self.refusals = refusals
 
     def header(self, frame: bytes) -> Header:
-        try:
-            return read_header(frame, self.limits)
-        except SwarmError as e:
-            raise RemoteProtocolError(str(e)) from None
+        return peer_header(frame, self.limits)
 
     def decode(self, frame: bytes, header: Header, sender: str, masks: dict | None = None) -> Message:
         """``decode``, refusing tensors with NaN or Inf (their sender is banned for a while)."""
