@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from swarm.config import ElectionConfig, election_settings, plan_settings
 from swarm.election import Ballot, Commit, ComputePlan, Election, Ignored, PeerState, Publish
 from swarm.errors import SwarmError
+from swarm.events import COMMIT, NO_EVENTS, Events
 from swarm.net.membership import Membership, MembershipView
 from swarm.refusals import Refusals, short
 from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
@@ -155,13 +156,15 @@ class Elector:
         return MembershipView({p: r for p, r in view.members.items() if p not in out}, view.taken_at) if out else view
 
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
-                 max_ratio: float = PlanSettings.max_ratio, schedule: str = PlanSettings.schedule):
+                 max_ratio: float = PlanSettings.max_ratio, schedule: str = PlanSettings.schedule,
+                 events: Events = NO_EVENTS):
         self.me, self.membership, self.workload = me, membership, workload
+        self.events = events   # a ``commit`` row per commit
         self.log = logger
         self.settings = plan_settings(cfg, max_ratio=max_ratio, schedule=schedule)   # memory at the real in-flight count
         self.cfg = cfg
         self.election = Election(me, election_settings(cfg, leader="rotating", epoch_window=EPOCH_WINDOW))
-        self.refusals = Refusals()
+        self.refusals = Refusals(events=events)
         self.verdicts: dict[tuple[str, tuple[str, ...]], str] = {}   # (plan hash, members) -> "" (good) or why not
         self.naive = cfg.planner == "naive"
         self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified
@@ -230,6 +233,9 @@ class Elector:
                       f"({c.reason}): {self.advert.role or 'role unknown'}")
         if plan is not None:
             self.log.info(f"plan {plan.hash}: {plan.summary()}")
+        self.events.emit(COMMIT, epoch=c.ballot.epoch, plan_hash=c.ballot.plan_hash, members=len(c.ballot.members),
+                         reason=c.reason, role=self.advert.role,
+                         stages=[list(s.peers) for s in plan.stages] if plan is not None else [])
 
     def _own_plan(self, view: MembershipView, members) -> Plan:
         """The plan this node makes for ``members`` (kept by hash, so a commit of it needs no parsing)."""

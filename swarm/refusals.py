@@ -3,8 +3,8 @@
 Every defence against a hostile or broken peer (a bad frame, record, ballot, tensor) refuses the input
 and goes on; ``Refusals`` names it in one log line per (peer, kind of refusal) and interval, and counts
 the repeats, so a flood of bad input cannot flood the log either. ``Bans`` remembers peers that sent
-something no honest peer sends (non-finite tensors) for a while. Pure: no I/O but logging (the
-``swarm.refusals`` logger, or a ``log`` callable a caller hands in).
+something no honest peer sends (non-finite tensors) for a while. No I/O but logging (the
+``swarm.refusals`` logger, or a ``log`` callable a caller hands in) and the event rows (``swarm.events``).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from swarm.events import NO_EVENTS, REFUSED, Events
 
 LOG_INTERVAL_S = 60.0     # one line per (peer, kind) per minute at most
 BAN_S = 300.0             # how long a peer that sent poison is refused
@@ -57,9 +59,11 @@ def short(peer: str) -> str:
 @dataclass
 class Refusals:
     """``note(peer, kind, detail)``: log ``refused <kind> from <peer>: <detail>`` at most once per
-    ``interval_s`` per (peer, kind); ``counts`` keeps every refusal."""
+    ``interval_s`` per (peer, kind), with a ``refused`` event row for each line (``events``);
+    ``counts`` keeps every refusal."""
 
     log: Callable[[str], None] | None = None   # None: the ``swarm.refusals`` logger (INFO)
+    events: Events = NO_EVENTS
     interval_s: float = LOG_INTERVAL_S
     clock: Callable[[], float] = time.monotonic
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -78,6 +82,7 @@ class Refusals:
         more = f" ({n - last[1] - 1} more since the last line)" if last is not None and n - last[1] > 1 else ""
         self._logged_at[key] = (now, n)
         (self.log or logger.info)(f"refused {kind} from {short(peer)}: {detail}{more}")
+        self.events.emit(REFUSED, **{"from": peer, "kind": kind, "detail": detail})
         return True
 
     def total(self, kind: str | None = None) -> int:

@@ -5,18 +5,17 @@ backwards."""
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import load_model
 from swarm.runtime import lr_at, make_optimizer
+from swarm.runtime.metrics import read_events, read_metrics
 from tests.conftest import run_cli
 from tests.swarmproc import Proc, wait_until
 
 MB, SIZE, K = 4, 2, 5   # K: training.backup_every_steps, the most steps a crash may cost
-# where a new session's state came from is only in its log line (no metrics row or ready file carries it)
-TRAINING = r"training: stage (\d) of 3 from step (\d+) \((\d+) ops of state, (\d+) fetched(?: from ([\w, ]+))?\)"
-LOST = r"up to (\d+) steps of them lost"
 
 
 def config(tmp_path: Path, name: str = "node.yaml", min_members: int = 4, max_replicas: int = 1, **training) -> str:
@@ -45,8 +44,12 @@ def start(procs, tmp_path, cfg: str, names: list[str], maddr: str | None = None)
 
 
 def steps(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(tmp_path / "metrics.jsonl")
+
+
+def started(tmp_path: Path, since: float = 0.0, peers: set[str] | None = None) -> list[dict]:
+    """The ``training`` event rows (a session started: its stage, step, and where its state came from)."""
+    return [e for e in read_events(tmp_path / "metrics.jsonl", "training", since) if peers is None or e["peer"] in peers]
 
 
 def driven(tmp_path: Path) -> list[int]:
@@ -77,12 +80,6 @@ def training_since(tmp_path: Path, plans: set[str]) -> dict[str, dict]:
 
 def plans(tmp_path: Path) -> set[str]:
     return {r["plan_hash"] for r in steps(tmp_path)}
-
-
-def newest(nodes: dict, pattern: str, since: dict | None = None) -> list[tuple[str, re.Match]]:
-    """(node, match) of every line matching ``pattern`` (after line ``since[node]``)."""
-    return [(n, m) for n, p in nodes.items() for line in p.lines[(since or {}).get(n, 0):]
-            if (m := re.search(pattern, line))]
 
 
 def reference_losses(n_steps: int) -> list[float]:
@@ -145,17 +142,17 @@ def test_a_killed_middle_stage_holder_is_replaced_by_the_spare_from_its_snapshot
                      status.stdout) and f"spares: {tail[spare]}" in status.stdout, status.stdout + status.stderr
     nodes[middle].kill(signal.SIGKILL)
     alive = {n: p for n, p in nodes.items() if n != middle}
-    since, before = {n: len(p.lines) for n, p in alive.items()}, plans(tmp_path)
+    since, before, survivors = time.time(), plans(tmp_path), {ids[n] for n in nodes if n != middle}
     # the spare gets work in the plan without the dead node
     wait_until(lambda: ids[spare] in training_since(tmp_path, before), 90, what="the spare training")
     wait_until(lambda: {ids[n] for n in alive} <= set(training_since(tmp_path, before)), 30,
                what="every survivor training")
     # the dead holder's ops came from the spare's snapshot: its own store, or fetched from it
-    assert any(n == spare and int(m.group(4)) < int(m.group(3)) or tail[spare] in (m.group(5) or "")
-               for n, m in newest(alive, TRAINING, since)), [m.group(0) for _, m in newest(alive, TRAINING, since)]
-    lost = [int(m.group(1)) for _, m in newest(alive, LOST)]
+    sessions = started(tmp_path, since, survivors)
+    assert any(e["peer"] == ids[spare] and e["fetched"] < e["ops"] or ids[spare] in e["donors"] for e in sessions), sessions
+    lost = [e["lost_steps"] for e in started(tmp_path, peers=survivors)]
     assert max(lost, default=0) <= K, lost   # (none lost when the newest snapshot is of the step it died at)
-    assert not newest(alive, "initial weights")
+    assert not any(e["initial"] for e in started(tmp_path, peers=survivors)), started(tmp_path, peers=survivors)
     wait_until(lambda: reached(tmp_path, total - 1), 180, what=f"{total} steps trained")
     monotonic(tmp_path)
     by_step = {r["step"]: r["loss"] for r in steps(tmp_path) if "loss" in r}
@@ -173,23 +170,26 @@ def test_a_joining_node_gets_work_and_state_and_a_leaver_hands_its_state_over(tm
     nodes.update(joiner)
     e = joiner["e"].peer_id(60)
     first = wait_until(lambda: training_since(tmp_path, set()).get(e), 120, what="the joiner training")   # work
-    got = joiner["e"].wait_for(TRAINING, 5)   # and the state of its ops from the others
-    assert first["step"] >= joined_at and got.group(4) == got.group(3), (first, got.group(0))
-    assert got.group(3) == "0" or got.group(5), got.group(0)
+    got = wait_until(lambda: started(tmp_path, peers={e}), 5, what="the joiner's training event")[0]
+    assert first["step"] >= joined_at and got["fetched"] == got["ops"], (first, got)   # the state of its ops from the others
+    assert got["ops"] == 0 or got["donors"], got
     wait_until(lambda: max(driven(tmp_path)) >= first["step"] + 3, 60, what="the 5-node plan training")
 
     roles = {n: role(p) for n, p in nodes.items()}
     assert "spare" not in roles.values(), roles
     leaver = next(n for n, r in roles.items() if list(roles.values()).count(r) == 1)   # a sole holder
-    since, before = {n: len(p.lines) for n, p in nodes.items()}, plans(tmp_path)
+    since, before = time.time(), plans(tmp_path)
     nodes[leaver].kill(signal.SIGTERM)   # graceful: it finishes its step, hands its state over, no step lost
     left = nodes[leaver].ready(60, until=lambda info: info["state"] == "offline", what="the leaver to have left")
-    assert not any("did not take" in line for line in nodes[leaver].lines)
+    leaver_id = nodes[leaver].peer_id(5)
+    (gone,) = wait_until(lambda: read_events(tmp_path / "metrics.jsonl", "left"), 10, what="the leaver's left event")
+    assert gone["peer"] == leaver_id and gone["handed_over"], gone
     mark = max(driven(tmp_path))
     wait_until(lambda: reached(tmp_path, mark + 5), 120, what="training resumed without the leaver")
-    rest = {n: p for n, p in nodes.items() if n != leaver}
-    assert training_since(tmp_path, before) and not newest(rest, LOST, since) and not newest(rest, "initial weights", since)
-    print(f"joiner: {got.group(0)}; leaver ({roles[leaver]}): {left}")
+    rest = {p.peer_id(5) for n, p in nodes.items() if n != leaver}
+    resumed = started(tmp_path, since, rest)
+    assert training_since(tmp_path, before) and resumed and not any(e["lost_steps"] or e["initial"] for e in resumed), resumed
+    print(f"joiner: {got}; leaver ({roles[leaver]}): {left}")
     wait_until(lambda: reached(tmp_path, total - 1), 180, what=f"{total} steps trained")
     monotonic(tmp_path)
 

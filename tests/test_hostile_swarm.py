@@ -25,7 +25,7 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from swarm.runtime.metrics import read_metrics
+from swarm.runtime.metrics import read_events, read_metrics
 from tests.hostile import (
     LEN,
     STAGE,
@@ -46,7 +46,6 @@ from tests.swarmproc import Proc, wait_until
 
 TTL = 4.0
 RSS_BOUND_MIB = 512          # growth of a node's process tree allowed under a flood
-NAMED = r"(?i)(refus|reject|ignor|drop|bann|invalid|insane|non-finite|nan\b|out of (range|bounds))"
 MAX_LINES = 6                # lines naming one attacker per node and attack: "one line", give or take its kinds
 ROWS = os.environ.get("HOSTILE_ROWS", "")   # developer knob: run only the rows named here (comma-separated)
 
@@ -122,11 +121,14 @@ class Swarm:
                 out.append(f"node {n} ({self.ids[n][-8:]}) exited with {code}: {last or self.nodes[n].lines[-1:]}")
         return out
 
-    def marks(self) -> dict[str, int]:
-        return {n: len(p.lines) for n, p in self.nodes.items()}
+    def marks(self) -> float:
+        """Now (unix s): event rows stamped after it are what happened since."""
+        return time.time()
 
-    def lines(self, since: dict[str, int], names=None) -> dict[str, list[str]]:
-        return {n: self.nodes[n].lines[since.get(n, 0):] for n in names or self.nodes}
+    def events(self, kind: str, since: float, names=None) -> dict[str, list[dict]]:
+        """Node name -> its event rows of ``kind`` (``swarm.events``) since ``since``."""
+        rows = read_events(self.metrics, kind, since)
+        return {n: [r for r in rows if r["peer"] == self.ids[n]] for n in names or self.nodes}
 
     def training(self, steps: int = 2, timeout_s: float = 240) -> None:
         wait_until(lambda: self.top() >= steps or self.exited(), timeout_s, what=f"{steps} steps trained")
@@ -160,24 +162,24 @@ class Swarm:
             time.sleep(0.5)   # polling the metrics file
 
 
-def named(swarm: Swarm, since: dict, tail: str, names=None) -> dict[str, list[str]]:
-    """Lines naming peer ``tail`` (its last 8 characters) as refused/ignored, per honest node."""
-    return {n: [line.strip() for line in lines if tail in line and re.search(NAMED, line)]
-            for n, lines in swarm.lines(since, names).items()}
+def named(swarm: Swarm, since: float, tail: str, names=None) -> dict[str, list[str]]:
+    """Per honest node, its refusals of peer ``tail`` (its last 8 characters) since ``since``, one per
+    refusal line it logged (``refused`` event rows)."""
+    return {n: [f"refused {r['kind']} from {tail}: {r['detail']}" for r in rows if r["from"].endswith(tail)]
+            for n, rows in swarm.events("refused", since, names).items()}
 
 
-def stage_holders(swarm: Swarm, since: dict, names=None) -> set[str]:
+def commits(swarm: Swarm, since: float, names=None) -> list[dict]:
+    """The ``commit`` event rows of honest nodes since ``since``."""
+    return [r for rows in swarm.events("commit", since, names).values() for r in rows]
+
+
+def stage_holders(swarm: Swarm, since: float, names=None) -> set[str]:
     """Id tails (6 characters) holding a stage in every plan an honest node committed since ``since``."""
-    out = set()
-    for lines in swarm.lines(since, names).values():
-        for line in lines:
-            if m := re.search(r"plan \w+: (.*); \d+ micro-batches", line):
-                for group in re.findall(r"\[([^\]]*)\]", m.group(1)):
-                    out.update(group.split())
-    return out
+    return {peer[-6:] for c in commits(swarm, since, names) for replicas in c["stages"] for peer in replicas}
 
 
-def verdict(row: str, swarm: Swarm, since: dict, attackers: list[Attacker], seconds: float, steps: int = 3,
+def verdict(row: str, swarm: Swarm, since: float, attackers: list[Attacker], seconds: float, steps: int = 3,
             names=None, must_name: bool = True) -> list[str]:
     """The checks after one attack: training goes on, nobody exits, no attacker gets a stage, each
     attacker is named (refused) on some honest node, in a few lines at most."""
@@ -282,8 +284,7 @@ def test_hostile_records_and_ballots_neither_crash_stall_nor_hijack_the_swarm(tm
         finally:
             a.go_offline()
             a.close()
-        committed = [line.strip() for lines in swarm.lines(since).values() for line in lines
-                     if f"committed epoch {epoch}" in line]
+        committed = [c for c in commits(swarm, since) if c["epoch"] == epoch]
         if committed:
             got.append(f"hijack ballot at epoch 10^12: committed by honest nodes: {committed[:3]}")
         failures += got
@@ -309,10 +310,9 @@ def test_hostile_records_and_ballots_neither_crash_stall_nor_hijack_the_swarm(tm
         killed = swarm.marks()
         print(f"[ghost] SIGKILLed node {victim} ({roles[victim]}) at step {swarm.top()}")
         got += [f"ghost records, then a member SIGKILLed: {f}" for f in swarm.keeps_training(0, 3, survivors, limit_s=120)]
-        commits = [line.strip() for lines in swarm.lines(killed, survivors).values() for line in lines
-                   if re.search(r"committed epoch \d+ plan \w+ with \d+ members", line)]
-        if not any("with 2 members" in line for line in commits):
-            got.append(f"ghost records: no plan of the 2 survivors committed after the kill ({commits[-2:]})")
+        after = commits(swarm, killed, survivors)
+        if not any(c["members"] == 2 for c in after):
+            got.append(f"ghost records: no plan of the 2 survivors committed after the kill ({after[-2:]})")
         for peer, _ in ghosts:
             lines = named(swarm, since, peer[-8:], survivors)
             if not any(lines.values()):
@@ -345,8 +345,7 @@ def test_data_plane_floods_are_refused_in_bounded_memory_while_training_goes_on(
         joined = swarm.marks()
         a.keep(a.clone_record(records[swarm.ids["a"]], tflops=1e-3, model_tflops=1e-3, memory_bytes=1 << 20), vote=True)
         try:
-            wait_until(lambda: any("with 4 members" in line for lines in swarm.lines(joined).values() for line in lines
-                                   if "committed epoch" in line), 60, what="a plan with the flooder as a spare")
+            wait_until(lambda: any(c["members"] == 4 for c in commits(swarm, joined)), 60, what="a plan with the flooder as a spare")
             print(f"[flood] attacker {a.tail} is a member (a spare) of the plan")
         except AssertionError:
             print(f"[flood] attacker {a.tail} was not let into a plan: it floods as a stranger")

@@ -16,6 +16,7 @@ import torch
 from swarm.config import MAX_MICRO_BATCH_SIZE, MAX_MICRO_BATCHES, NodeConfig, TrainingConfig, load
 from swarm.errors import SwarmError
 from swarm.refusals import CallableLogger
+from swarm.runtime.metrics import read_metrics
 from swarm.runtime.session import TrainingSession, _Checkpoints
 from swarm.runtime.state import OpState, check_writable_dir, read_checkpoint, write_checkpoint
 from tests.conftest import ROOT, run_cli
@@ -60,7 +61,7 @@ def run_node_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
 
 
-def run_config(tmp_path, values: dict, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_config(tmp_path, values: dict, *extra: str, timeout: float = 120, ready_file: Path | None = None) -> subprocess.CompletedProcess:
     """``node.py run`` with ``values`` over a loopback, CPU-only node config (a new swarm of its own)."""
     base = {"device": "cpu", "network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 5.0}}
     for key, value in values.items():
@@ -70,7 +71,8 @@ def run_config(tmp_path, values: dict, *extra: str, timeout: float = 120) -> sub
             base[key] = value
     path = tmp_path / "node.yaml"
     path.write_text(json.dumps(base))
-    return run_node_cli("run", "--config", str(path), "--identity", str(tmp_path / "identity"), "--initial-peers",
+    ready = ("--ready-file", str(ready_file)) if ready_file else ()
+    return run_node_cli("run", "--config", str(path), "--identity", str(tmp_path / "identity"), *ready, "--initial-peers",
                         *extra, timeout=timeout)
 
 
@@ -253,9 +255,10 @@ def test_a_node_restarted_on_unusable_checkpoints_stops_in_one_line(tmp_path):
     ckpt = tmp_path / "ckpt"
     (ckpt / "step-000000050").mkdir(parents=True)
     (ckpt / "step-000000050" / "done-0").touch()   # a step whose op files never made it
-    res = run_config(tmp_path, {"training": {"checkpoint_dir": str(ckpt)}}, timeout=240)   # its p2pd is gone too
+    ready = tmp_path / "ready.json"
+    res = run_config(tmp_path, {"training": {"checkpoint_dir": str(ckpt)}}, timeout=240, ready_file=ready)   # its p2pd is gone too
     one_line_error(res, f"checkpoint directory {ckpt} has 1 step directories but none is usable (step-000000050 lacks")
-    assert (ckpt / "step-000000050" / "done-0").exists() and "listening on" in res.stdout   # it had started
+    assert (ckpt / "step-000000050" / "done-0").exists() and json.loads(ready.read_text())["maddrs"]   # it had started
 
 
 # --- row 3: a node dies under the demo -------------------------------------------------------------
@@ -286,8 +289,7 @@ def test_the_demo_reports_a_dead_node_and_trains_on(tmp_path):
     pids: dict[int, int] = {}
     try:
         def trained(n: int) -> bool:
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-                if (out / "metrics.jsonl").exists() else []
+            rows = read_metrics(out / "metrics.jsonl")
             assert demo.popen.poll() is None, "".join(demo.lines)[-2000:]
             return len({r["step"] for r in rows if "loss" in r}) >= n
         wait_until(lambda: trained(2), 300, what="two steps trained")

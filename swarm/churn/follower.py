@@ -6,7 +6,6 @@ node holds (``HoldingAdvert``). The rules are in ``swarm.churn.adoption``; the p
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from swarm.churn.state_service import (
 )
 from swarm.config import NodeConfig
 from swarm.errors import SwarmError
+from swarm.events import TRAINING, Events
 from swarm.loop import NodeLoop
 from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord, MemberState
 from swarm.refusals import CallableLogger, lines_to
@@ -95,7 +95,8 @@ class PlanFollower:
         self.log = CallableLogger(log) if log is not None else logger
         self.session_args = {"bandwidth": bandwidth, "admit": admit, "device": device,
                              "log": log if log is not None else lines_to(logging.getLogger("swarm.runtime.session"))}
-        self.service = StateService(traced.gm, traced.dag, p2p, self, admit, log=log)
+        self.events = Events(cfg.training.metrics_path, me)   # a ``training`` row per session started
+        self.service = StateService(traced.gm, traced.dag, p2p, self, admit, log=log, events=self.events)
         self.adoption = PlanAdoption(me, traced.dag.index, set(self.service.owned), ADOPT_WAIT_TTLS * cfg.network.ttl_s)
         self.store: dict[str, OpState] = {}
         self.observed: dict[str, tuple[float, float]] = {}   # next-stage peer -> (TFLOP/s it delivered, when seen)
@@ -224,18 +225,11 @@ class PlanFollower:
             pusher = SnapshotPusher(lambda: holder["session"].capture(holder["session"].ops), self.service.send_snapshot,
                                     keepers, self.cfg.training.backup_every_steps,
                                     self.log.log if isinstance(self.log, CallableLogger) else None)
-        params = inspect.signature(TrainingSession).parameters
-        kwargs = {k: v for k, v in self.session_args.items() if k in params}
-        hooked = pusher is not None and "before_apply" in params
-        if hooked:
-            kwargs["before_apply"] = pusher.before_apply
         try:
-            session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop,
-                                      start_step=start_step, states=states, bans=self.service.bans, **kwargs)
+            session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop, start_step=start_step,
+                                      states=states, bans=self.service.bans,
+                                      before_apply=pusher.before_apply if pusher is not None else None, **self.session_args)
             holder["session"] = session
-            if pusher is not None and not hooked:   # a stage server without the constructor hook
-                server = session.server
-                (server.hooks if hasattr(server, "hooks") else server).before_apply = pusher.before_apply
             self.session, self.pusher = session, pusher
             session.start()
         except SwarmError as e:
@@ -252,6 +246,9 @@ class PlanFollower:
         if behind:
             self.log.info(f"restored {len(behind)} ops from older state: up to {max(behind.values())} steps of them lost")
         self.adoption.started(plan)
+        self.events.emit(TRAINING, stage=stage, stages=len(plan.stages), step=start_step, ops=len(states),
+                         fetched=len(states) - local, donors=list(donors), initial=len(missing) if self.step else 0,
+                         lost_steps=max(behind.values(), default=0))
         self.log.info(f"training: stage {stage} of {len(plan.stages)} from step {start_step} "
                       f"({len(states)} ops of state, {len(states) - local} fetched"
                       + (f" from {', '.join(p[-8:] for p in donors)})" if donors else ")")

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from swarm import messages
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
+from swarm.events import NO_EVENTS, Events
 from swarm.net.streams import Gate, describe, serve_stream, stream_caller, with_backoff
 from swarm.pipeline.frames import peer_header, refuse_non_finite
 from swarm.refusals import Bans, CallableLogger, Refusals, short
@@ -81,7 +82,7 @@ class StateService:
     ``StateHost``; ``admit``: private swarms, the peers whose streams are read at all."""
 
     def __init__(self, module, dag, p2p, host: StateHost, admit: Callable[[str], bool] | None = None,
-                 bans: Bans | None = None, log: Callable[[str], None] | None = None):
+                 bans: Bans | None = None, log: Callable[[str], None] | None = None, events: Events = NO_EVENTS):
         self.module, self.p2p, self.host, self.admit = module, p2p, host, admit
         self.log = CallableLogger(log) if log is not None else logger
         self.owned = op_tensors(dag, module)
@@ -90,7 +91,7 @@ class StateService:
         self.serve_timeout_s = 60.0   # deadline of every read and send of a state request
         self.gate = Gate(REQUESTS_PER_PEER, REQUESTS, max(4 * self.limits.max_frame_bytes, 32 << 20))
         self.fetches = Gate(FETCHES_PER_PEER, FETCHES, 0)   # places for a capture and its reply
-        self.refusals = Refusals(log) if log is not None else Refusals()
+        self.refusals = Refusals(log, events=events)
         self.bans = bans if bans is not None else Bans()    # one table of bans for the node, sessions included
         self.received: deque[tuple[str, str, OpState]] = deque()   # (holder, op, snapshot) kept as a backup
         self.served = 0

@@ -29,6 +29,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from swarm.errors import SwarmError
+from swarm.events import NO_EVENTS, Events
 from swarm.net.auth import CredentialChecker, peer_id_of
 from swarm.net.records import (
     DEFAULT_BANDWIDTH_BPS,
@@ -110,11 +111,11 @@ class Membership:
     ``checker`` (private swarms) makes the view keep only records carrying a valid credential."""
 
     def __init__(self, dht: DHT, signer: RSASignatureValidator, prefix: str = "swarm", ttl_s: float = 30.0,
-                 checker: CredentialChecker | None = None):
+                 checker: CredentialChecker | None = None, events: Events = NO_EVENTS):
         self.dht, self.signer, self.key, self.ttl_s = dht, signer, f"{prefix}_members", ttl_s
         self.ballot_key = f"{prefix}_ballots"
         self.checker = checker
-        self.refusals = Refusals()   # bad records and ballots: one line per peer and minute (swarm.refusals)
+        self.refusals = Refusals(events=events)   # bad records and ballots: one line per peer and minute (swarm.refusals)
 
     def publish(self, record: MemberRecord, timeout_s: float = 10.0) -> bool:
         """Store (refresh) this node's record, stamped ``updated_at`` now (``record`` itself is left as it

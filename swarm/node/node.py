@@ -14,6 +14,7 @@ from dataclasses import replace
 from swarm import __version__, logs
 from swarm.config import NetworkConfig, NodeConfig
 from swarm.errors import SwarmError
+from swarm.events import LEFT, Events
 from swarm.loop import NodeLoop
 from swarm.net.membership import Membership, MembershipView, make_validators
 from swarm.net.records import MemberRecord, MemberState
@@ -102,7 +103,9 @@ class Node:
         workload = Workload.from_dag(traced.dag)
         validators = make_validators(net.prefix, identity.key)
         self.dht = start_dht(net, peers, validators, identity.path, authorizer=authorizer)
-        self.membership = Membership(self.dht, validators[0], net.prefix, net.ttl_s, authorizer.checker if authorizer else None)
+        events = Events(cfg.training.metrics_path, identity.peer_id)
+        self.membership = Membership(self.dht, validators[0], net.prefix, net.ttl_s, authorizer.checker if authorizer else None,
+                                     events)
         maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         self.record = MemberRecord(
             peer_id=identity.peer_id, maddrs=maddrs, device=profile.device, device_name=profile.name,
@@ -122,7 +125,7 @@ class Node:
         self.probes = ProbeSchedule(self.loop, self.p2p, net.probe_interval_s, admit=admit)
         max_ratio = cfg.compression.max_ratio if cfg.compression.mode != "off" else 1.0   # plan what will run
         self.elector = Elector(identity.peer_id, self.membership, workload, cfg.election, max_ratio=max_ratio,
-                              schedule=cfg.training.schedule)
+                              schedule=cfg.training.schedule, events=events)
         self.follower = PlanFollower(identity.peer_id, traced, cfg, self.p2p, self.loop, self._bandwidth, admit,
                                      device=profile.device)
 
@@ -198,9 +201,10 @@ class Node:
         old_plan = self.record.ready
         self.record = replace(self.record, state=MemberState.LEAVING)
         holding = follower.follow(None, self.view)
+        handed_over = False
         while time.monotonic() < deadline:
             self._advertise(self.probes.advert(), holding)
-            if follower.handed_over(self._read_view(), old_plan):
+            if handed_over := follower.handed_over(self._read_view(), old_plan):
                 break
             time.sleep(min(net.heartbeat_s, 1.0))   # the others re-plan and fetch at their own pace
         else:
@@ -210,6 +214,7 @@ class Node:
         self.record = replace(self.record, state=MemberState.OFFLINE)
         self._advertise(timeout_s=5)
         logger.info(f"left the swarm ({follower.service.served} op states handed over)")
+        follower.events.emit(LEFT, handed_over=handed_over, served=follower.service.served)
 
     def close(self) -> None:
         """Let go of the p2p replica, the loop and the DHT (whatever ``start`` got to)."""

@@ -22,6 +22,7 @@ import torch
 
 from swarm.compression.policy import LinkPolicy
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
+from swarm.events import NO_EVENTS, Events
 from swarm.messages import (
     FORWARD,
     PART,
@@ -102,7 +103,7 @@ class StageServer:
                  timeout_s: float = 120.0, schedule: str = "1f1b", max_requests: int = 64,
                  admit: Callable[[str], bool] | None = None, max_per_peer: int | None = None,
                  read_budget: int | None = None, bans: Bans | None = None, hooks: StepHooks | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, events: Events = NO_EVENTS):
         self.worker = worker
         self.timeout_s = timeout_s
         self.admit = admit
@@ -111,7 +112,7 @@ class StageServer:
         self.compute = PriorityRunner(backward_first=schedule == "1f1b")
         self.counters = Counters()
         self.warn = Warnings(CallableLogger(log) if log is not None else logger)   # (log: tests capture lines)
-        self.refusals = Refusals(log)
+        self.refusals = Refusals(log, events=events)
         self.checker = FrameChecker(limits, self.protocol.bans, self.counters, self.refusals)
         self.link = NextStage(worker.stage.io.index, call, self.protocol, self.checker, self.counters, policy,
                               bandwidth, timeout_s)

@@ -1,7 +1,8 @@
 """The metrics file every stage appends to (``training.metrics_path``): reading it and summing it up.
 
 Each line is one stage's row after one step: running counters, and on first-stage replicas the loss
-of their shard and the step's samples (the whole step's, over all replicas) and seconds.
+of their shard and the step's samples (the whole step's, over all replicas) and seconds. Lines with an
+``event`` field are event rows (``swarm.events``): ``read_events`` reads those, ``read_metrics`` the rest.
 """
 from __future__ import annotations
 
@@ -11,17 +12,28 @@ from pathlib import Path
 from swarm.errors import SwarmError
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows sessions appended; a line being written right now is skipped."""
+def _rows(path: str | Path) -> list[dict]:
     path, rows = Path(path), []
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
-        except ValueError:
+            row = json.loads(line)
+        except ValueError:   # a line being written right now
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The step rows sessions appended (event rows left out); a line being written right now is skipped."""
+    return [r for r in _rows(path) if "event" not in r]
+
+
+def read_events(path: str | Path, kind: str | None = None, since: float = 0.0) -> list[dict]:
+    """The event rows (of ``kind``, if given) stamped at or after ``since`` (unix seconds), in file order."""
+    return [r for r in _rows(path) if "event" in r and (kind is None or r["event"] == kind) and r.get("time", 0) >= since]
 
 
 def newest_by_peer(rows: list[dict]) -> dict[str, dict]:

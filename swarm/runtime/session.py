@@ -8,7 +8,6 @@ values, and moved ops are handed over by op (``swarm.churn``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from swarm.dag.stages import extract_stages, frame_limit, input_specs, model_io
 from swarm.dag.trace import TracedModel
 from swarm.data import training_data
 from swarm.errors import SwarmError
+from swarm.events import Events, append_row
 from swarm.loop import NodeLoop
 from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller
 from swarm.pipeline.driver import Drive
@@ -105,7 +105,7 @@ class TrainingSession:
                                                           min(len(hood.replicas), len(hood.downstream)))
         self.server = StageServer(self.worker, hood, stage_caller(p2p, limits, training.timeout_s), limits, policy,
                                   bandwidth, training.timeout_s, training.schedule, admit=admit, log=log, bans=bans,
-                                  hooks=StepHooks(self._stepped, before_apply))
+                                  hooks=StepHooks(self._stepped, before_apply), events=Events(training.metrics_path, me))
         if not last:   # what the next stage's holders deliver is measured on every call (planning checks claims with it)
             nxt, dag = plan.stages[self.index + 1], traced.dag
             flops = sum(op.flops for op in dag.ops[nxt.first_op:nxt.stop_op]) * cfg.micro_batch_size / dag.batch_size
@@ -217,8 +217,7 @@ class TrainingSession:
                 self.log.info(f"step {step} loss {loss:.4f} {row['samples_per_s']:.1f} samples/s, sent "
                               f"{c.bytes_sent / 1e6:.1f} MB, link ratio {row['ratio']:g}")
         if self.cfg.training.metrics_path:
-            with open(self.cfg.training.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(self.cfg.training.metrics_path, row)
 
     def save(self, directory: Path) -> Path:
         """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``, written to a
