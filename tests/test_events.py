@@ -58,7 +58,8 @@ def test_a_flood_of_refusals_is_one_event_row_per_peer_kind_and_interval(tmp_pat
 def test_a_commit_is_an_event_row_with_the_plan_s_stage_holders(tmp_path):
     workload = Workload.from_dag(trace_model("gpt2-tiny", "coarse", 4).dag)
     path = tmp_path / "m.jsonl"
-    electors = {p: Elector(p, ballots := Ballots() if p == "A" else ballots, workload,
+    ballots = Ballots()   # one shared ballot store: the DHT's
+    electors = {p: Elector(p, ballots, workload,
                            ElectionConfig(join_batch_s=0, min_members=3, stages=2, min_epoch_s=0),
                            events=Events(str(path), p)) for p in "ABC"}
     records = {p: member(p, None) for p in "ABC"}

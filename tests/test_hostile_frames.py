@@ -148,7 +148,7 @@ def follower(loop: Loop, p2p=None, me: str = "me", members=("me", "up"), serve_s
     traced = copy.deepcopy(traced_gpt(1))
     cfg = NodeConfig.model_validate({"training": {"serve_state": serve_state}})
     f = PlanFollower(me, traced, cfg, p2p or NoP2P(), loop.loop, lambda p: None, None, log or (lambda line: None))
-    f.plan = SimpleNamespace(members=tuple(members), stages=[], spares=(), hash="test")
+    f.adoption.plan = SimpleNamespace(members=tuple(members), stages=[], spares=(), hash="test")
     return f
 
 
@@ -446,7 +446,7 @@ def test_state_is_served_to_members_of_the_plan_only_unless_configured_otherwise
         refused = plan_only.service._refuse("stranger")
         assert refused is not None and "not a member of the plan" in str(refused)
         assert plan_only.service._refuse("up") is None and anyone.service._refuse("stranger") is None
-        plan_only.plan, plan_only.pending = None, SimpleNamespace(members=("me", "joiner"), stages=[], spares=())
+        plan_only.adoption.plan, plan_only.adoption.pending = None, SimpleNamespace(members=("me", "joiner"), stages=[], spares=())
         assert plan_only.service._refuse("joiner") is None   # a joining node fetches for the plan it is a member of
     finally:
         loop.close()
@@ -618,12 +618,11 @@ def test_a_member_that_never_commits_holds_the_adoption_of_a_plan_up_for_two_ttl
         plan = SimpleNamespace(members=("me", "x"), stages=[], spares=(), hash="new", feasible=True,
                                role=lambda peer: {"stage": None, "spare": True})
         view = MembershipView({"me": record("me", "new"), "x": record("x", "old")}, time.time())
-        mine = view.members["me"]
-        f.follow(plan, view, mine)
-        assert mine.ready is None and f.pending is plan   # x may still be handing its state over
-        f.pending_since -= 2 * f.cfg.network.ttl_s       # ... but not for longer than two TTLs
-        f.follow(plan, view, mine)
-        assert mine.ready == "new" and f.pending is None
+        advert = f.follow(plan, view)
+        assert advert.ready is None and f.adoption.pending is plan   # x may still be handing its state over
+        f.adoption.pending_since -= 2 * f.cfg.network.ttl_s          # ... but not for longer than two TTLs
+        advert = f.follow(plan, view)
+        assert advert.ready == "new" and f.adoption.pending is None
         assert [line for line in logged if "adopting plan new without x" in line]
     finally:
         loop.close()
@@ -641,18 +640,15 @@ def test_the_step_never_goes_back_when_the_only_holder_dies_before_any_snapshot(
     loop = Loop()
     try:
         f = follower(loop, members=("me", "holder"))
-        f.plan.role = lambda peer: {"stage": None, "spare": True}
-        mine = record("me", "test", 0)
-        f.follow(f.plan, MembershipView({"me": mine, "holder": record("holder", "test", 2)}, time.time()), mine)
-        new = SimpleNamespace(members=("me",), stages=[], spares=(), hash="after", feasible=True,
+        old = f.adoption.plan
+        old.role = lambda peer: {"stage": None, "spare": True}
+        f.follow(old, MembershipView({"me": record("me", "test", 0), "holder": record("holder", "test", 2)}, time.time()))
+        new = SimpleNamespace(members=("me",), stages=[SimpleNamespace(ops=())], spares=(), hash="after", feasible=True,
                               role=lambda peer: {"stage": 0})
-        f.pending, f.pending_since = new, time.monotonic()
         alone = MembershipView({"me": record("me", "after", 0)}, time.time())   # the holder is gone
         started = []
-        f._start = lambda plan, stage, states, rec: started.append(f.start_step)
-        f._sources = lambda view, ops: {}
-        new.stages = [SimpleNamespace(ops=())]
-        f._adopt(new, alone, alone.members["me"])
+        f._start = lambda plan, stage, states: started.append(f.adoption.start_step)
+        f.follow(new, alone)
         assert started == [2]
     finally:
         loop.close()

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from swarm.churn.adoption import (
     ADOPT_WAIT_TTLS,
@@ -38,7 +38,7 @@ from swarm.config import NodeConfig
 from swarm.errors import SwarmError
 from swarm.events import TRAINING, Events
 from swarm.loop import NodeLoop
-from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberRecord, MemberState
+from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberState
 from swarm.refusals import CallableLogger, lines_to
 from swarm.runtime.state import OpState, read_checkpoint
 from swarm.scheduler import Plan
@@ -117,11 +117,6 @@ class PlanFollower:
         await self.service.serve(stream_info, reader, writer)
 
     me = property(lambda self: self.adoption.me)
-    plan = property(lambda self: self.adoption.plan, lambda self, v: setattr(self.adoption, "plan", v))
-    pending = property(lambda self: self.adoption.pending, lambda self, v: setattr(self.adoption, "pending", v))
-    pending_since = property(lambda self: self.adoption.pending_since,
-                             lambda self, v: setattr(self.adoption, "pending_since", v))
-    start_step = property(lambda self: self.adoption.start_step)
 
     @property
     def step(self) -> int:
@@ -131,7 +126,7 @@ class PlanFollower:
     # --- the StateHost of the state service -------------------------------------------------------
 
     def serves_to(self) -> set[str] | None:
-        return self.adoption.members() if getattr(self.cfg.training, "serve_state", "plan") == "plan" else None
+        return self.adoption.members() if self.cfg.training.serve_state == "plan" else None
 
     def backed_up(self, peer: str) -> dict[str, int]:
         return self._backed_up(peer)
@@ -140,7 +135,7 @@ class PlanFollower:
         """The ops (-> stage) of the single-holder stages ``peer`` holds and this node backs up, in the
         plan it runs or the one it is adopting."""
         out = {}
-        for plan in (self.plan, self.pending):
+        for plan in (self.adoption.plan, self.adoption.pending):
             copies = self.cfg.training.backup_copies
             for stage, keepers in (backups(plan, copies).items() if plan is not None else ()):
                 if self.me in keepers and plan.stages[stage].peers == (peer,):
@@ -155,26 +150,18 @@ class PlanFollower:
 
     # --- following plans --------------------------------------------------------------------------
 
-    def follow(self, plan: Plan | None, view, record: MemberRecord | None = None) -> HoldingAdvert:
+    def follow(self, plan: Plan | None, view) -> HoldingAdvert:
         """One heartbeat: adopt a newly committed plan step by step; back up single-holder stages.
-        Returns what the record advertises (a ``record`` passed in gets it written in, for old callers)."""
-        self._run(self.adoption.committed(plan, time.monotonic()), record)
+        Returns what the record advertises."""
+        self._run(self.adoption.committed(plan, time.monotonic()))
         if self.fetching is not None and self.fetching.done():
             future, self.fetching = self.fetching, None
-            self._run(self.adoption.fetched(future.result() if future.exception() is None else {}), record)
-        self._adopt(plan, view, record)
+            self._run(self.adoption.fetched(future.result() if future.exception() is None else {}))
+        self._run(self.adoption.observe(view.members, self.step, self.store, time.monotonic()))
         self._take_snapshots()
-        advert = self.advert()
-        if record is not None:
-            for a in (advert, self.codec()):
-                for f in fields(a) if a is not None else ():
-                    setattr(record, f.name, getattr(a, f.name))
-        return advert
+        return self.advert()
 
-    def _adopt(self, plan: Plan | None, view, record: MemberRecord | None = None) -> None:
-        self._run(self.adoption.observe(view.members, self.step, self.store, time.monotonic()), record)
-
-    def _run(self, commands: list, record: MemberRecord | None = None) -> None:
+    def _run(self, commands: list) -> None:
         for c in commands:
             if isinstance(c, StopSession):
                 self.fetching = None   # a fetch for the plan given up: its result is not waited for
@@ -184,7 +171,7 @@ class PlanFollower:
             elif isinstance(c, Fetch):
                 self.fetching = self.loop.submit(self.service.fetch(c.donors))
             elif isinstance(c, StartSession):
-                self._start(c.plan, c.stage, c.states, record)
+                self._start(c.plan, c.stage, c.states)
             elif not isinstance(c, (Wait, Adopted)):
                 raise TypeError(f"unknown adoption command {c!r}")
 
@@ -211,7 +198,7 @@ class PlanFollower:
         policy = self.session.policy if self.session is not None else None
         return CodecAdvert(policy.codec_bytes_per_s) if policy is not None and policy.codec_s_per_byte else None
 
-    def _start(self, plan: Plan, stage: int, states: dict[str, OpState], record: MemberRecord | None = None) -> None:
+    def _start(self, plan: Plan, stage: int, states: dict[str, OpState]) -> None:
         from swarm.runtime.session import TrainingSession
 
         start_step, local, donors = self.adoption.start_step, len(self.adoption.local), self.adoption.donors
