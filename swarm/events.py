@@ -10,7 +10,8 @@ benchmarks read these instead of the human log. Kinds and their fields (docs/run
   ``fetched`` (ops fetched from peers), ``donors`` (their ids);
   ``initial`` (ops starting from initial weights, no state of them anywhere), ``lost_steps`` (the most
   steps of its ops' training lost, restored from an older snapshot);
-- ``left``: ``handed_over`` (the others took this node's state over in time), ``served`` (op states sent);
+- ``left``: ``handed_over`` (the others took this node's state over in time), ``served`` (op states sent),
+  ``finished`` (true: it left because the swarm reached ``training.max_steps``);
 - ``refused``: ``from`` (the refused peer), ``kind``, ``detail``: one per logged refusal (rate-limited
   as the log line is, so a flood cannot fill the file).
 

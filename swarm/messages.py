@@ -6,6 +6,10 @@ scalar ``meta`` and named tensors. Stage protocol ``swarm.stage.v1`` (docs/runti
 - ``Forward`` {step, mb, scale}: a micro-batch's activations ``x0, x1, ...`` and, for the stages
   after the first, its ``targets``. Answered by ``Grads`` {step, mb, loss, wait_s}: the gradient
   with respect to those inputs, ``g0, g1, ...`` (sent on the forward's AdaTopK masks).
+- ``Evaluate`` {step, mb}: a validation micro-batch, as ``Forward`` carries it (inputs, and targets
+  after the first stage), run forward only: no gradient, nothing kept, the module in eval mode.
+  Answered by ``Evaluated`` {step, mb, loss, correct, count}: the last stage's mean loss over the
+  micro-batch, and for classifiers how many of its ``count`` samples were right (else null).
 - ``Step`` {step}: every previous-stage replica is done with the step. Answered by ``Stepped``.
 - ``Reduce`` {step, part}: a replica's part ``g`` of the flat gradient, for the part's owner.
   Answered by ``Reduced`` {step, part}: the sum ``g`` over all replicas.
@@ -31,9 +35,11 @@ from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.wire import Header, Message, pack
 
 FORWARD, GRADS, STEP, STEPPED = "forward", "grads", "step", "stepped"
+EVALUATE, EVALUATED = "evaluate", "evaluated"
 REDUCE, REDUCED, ERROR = "reduce", "reduced", "error"
 FETCH, STATE, SNAPSHOT, KEPT = "fetch", "state", "snapshot", "kept"
-STAGE_REQUESTS = (FORWARD, STEP, REDUCE)
+STAGE_REQUESTS = (FORWARD, EVALUATE, STEP, REDUCE)
+CARRIES_INPUTS = (FORWARD, EVALUATE)   # requests with a micro-batch's inputs (x0, x1, ..., targets)
 STATE_REQUESTS = (FETCH, SNAPSHOT)
 TARGETS = "targets"
 PART = "g"   # the one tensor of a reduce request and its reply
@@ -59,6 +65,7 @@ def input_names(header: Header) -> list[str] | None:
 
 @dataclass
 class Forward:
+    KIND = FORWARD
     step: int
     mb: int
     scale: float
@@ -76,7 +83,7 @@ class Forward:
         """(frame, masks used by name): floating-point tensors AdaTopK-compressed at ``ratio`` (> 1)."""
         tensors = self.tensors()
         ratios = {k: ratio for k, t in tensors.items() if t.is_floating_point()}
-        return pack(FORWARD, {"step": self.step, "mb": self.mb, "scale": self.scale}, tensors, ratios=ratios,
+        return pack(self.KIND, {"step": self.step, "mb": self.mb, "scale": self.scale}, tensors, ratios=ratios,
                     scales=scales)
 
     @classmethod
@@ -96,6 +103,34 @@ class Forward:
     def raw_bytes(self) -> int:
         """Bytes of the floating-point tensors uncompressed (the activations a codec works on)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values() if t.is_floating_point())
+
+
+class Evaluate(Forward):
+    """A validation micro-batch (``Forward``'s layout; ``scale`` unused, 1)."""
+
+    KIND = EVALUATE
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    step: int
+    mb: int
+    loss: float
+    correct: int | None = None   # classifiers: samples whose top class is the target
+    count: int = 0               # samples in the micro-batch
+
+    def to_frame(self) -> bytes:
+        return pack(EVALUATED, {"step": self.step, "mb": self.mb, "loss": self.loss, "correct": self.correct,
+                                "count": self.count}, {})[0]
+
+    @classmethod
+    def from_message(cls, msg: Message) -> Evaluated:
+        loss, correct, count = msg.meta.get("loss"), msg.meta.get("correct"), msg.meta.get("count")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+            raise RemoteProtocolError(f"evaluated: bad loss {loss!r}")
+        if type(count) is not int or count < 0 or (correct is not None and (type(correct) is not int or not 0 <= correct <= count)):
+            raise RemoteProtocolError(f"evaluated: bad counts {correct!r} of {count!r}")
+        return cls(msg.meta.get("step"), msg.meta.get("mb"), float(loss), correct, count)
 
 
 @dataclass

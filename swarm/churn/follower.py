@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from swarm.churn.adoption import (
     ADOPT_WAIT_TTLS,
@@ -40,7 +41,7 @@ from swarm.events import TRAINING, Events
 from swarm.loop import NodeLoop
 from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberState
 from swarm.refusals import CallableLogger, lines_to
-from swarm.runtime.state import OpState, read_checkpoint
+from swarm.runtime.state import OpState, read_checkpoint, write_checkpoint
 from swarm.scheduler import Plan
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class HoldingAdvert:
     holds: list[list[int]] | None
     observed_tflops: dict[str, float] | None
     distrusts: list[str] | None
+    val_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class PlanFollower:
         self.adoption = PlanAdoption(me, traced.dag.index, set(self.service.owned), ADOPT_WAIT_TTLS * cfg.network.ttl_s)
         self.store: dict[str, OpState] = {}
         self.observed: dict[str, tuple[float, float]] = {}   # next-stage peer -> (TFLOP/s it delivered, when seen)
-        self.stopped_at = 0   # the step of the last session stopped (a stage without state has no other record)
+        self.stopped = None   # the last session stopped (what ``persist`` writes; a stage without state has no other record of its step)
         self.session = None
         self.pusher: SnapshotPusher | None = None
         self.fetching = None   # the future of the Fetch in flight
@@ -121,7 +123,8 @@ class PlanFollower:
     @property
     def step(self) -> int:
         live = self.session.step if self.session is not None else 0
-        return max([live, self.stopped_at, *(s.step for s in self.store.values())])
+        stopped = self.stopped.step if self.stopped is not None else 0
+        return max([live, stopped, *(s.step for s in self.store.values())])
 
     # --- the StateHost of the state service -------------------------------------------------------
 
@@ -191,7 +194,8 @@ class PlanFollower:
         return HoldingAdvert(ready=self.adoption.ready, step=self.step,
                              holds=holds_ranges(self.traced.dag.index, steps) or None,
                              observed_tflops={p: self.observed[p][0] for p in newest} or None,
-                             distrusts=sorted(self.service.bans.active())[:MAX_DISTRUSTS] or None)
+                             distrusts=sorted(self.service.bans.active())[:MAX_DISTRUSTS] or None,
+                             val_loss=self.session.val_loss if self.session is not None else None)
 
     def codec(self) -> CodecAdvert | None:
         """The running stage's codec throughput, once it has measured it (else None: keep the start's)."""
@@ -261,7 +265,26 @@ class PlanFollower:
             session, self.session = self.session, None
             session.stop()
             self.store.update(session.final_state(pending=True))
-            self.stopped_at = max(self.stopped_at, session.step)
+            self.stopped = session
+
+    def persist(self) -> None:
+        """Leaving or finished: the stage this node trained last, written where the config says
+        (``training.save_dir``: its parameters; ``training.checkpoint_dir``: its ops' state, the
+        gradient of a step in progress included). A write that fails is a warning: the state is still
+        served to whoever takes it over."""
+        session, training = self.stopped, self.cfg.training
+        if session is None:
+            return
+        states = {op: self.store[op] for op in session.ops if op in self.store}
+        try:
+            if training.save_dir:
+                self.log.info(f"saved stage {session.index} at step {session.step} to {session.save(Path(training.save_dir))}")
+            if training.checkpoint_dir and states:
+                step = min(st.step for st in states.values())
+                write_checkpoint(training.checkpoint_dir, states, session.index, step, training.keep_checkpoints)
+                self.log.info(f"checkpoint of stage {session.index} at step {step} written to {training.checkpoint_dir}")
+        except (OSError, SwarmError) as e:
+            self.log.warning(f"stage {session.index} not written on the way out: {e}")
 
     def drain(self):
         """Leaving: let the running stage finish its step in progress and take no new one; a future

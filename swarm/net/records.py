@@ -38,6 +38,7 @@ MAX_BANDWIDTH_BPS = 4e12           # bandwidth_bps values: (0, 4 Tbit/s]
 MAX_RTT_S = 300.0                  # rtt_s values: (0, 300 s]
 MAX_CODEC_BPS = 1e13               # codec_bps: (0, 10 TB/s]
 MAX_CPU_CORES = 4096.0             # cpu_cores: (0, 4096]
+MAX_LOSS = 1e6                     # val_loss: [0, 1e6] (nats per sample)
 MAX_COUNT = 1 << 53                # steps, epochs, op indices: [0, 2**53), exact as a float and within msgpack
 MAX_STAGES = 4096                  # stage: [0, 4096)
 MAX_ID_CHARS = 64                  # peer ids (46 for RSA keys), plan hashes (16), dictionary keys
@@ -81,6 +82,7 @@ class _RecordV1(pv1.BaseModel):
     ready: pv1.StrictStr | None = None
     observed_tflops: dict[pv1.StrictStr, pv1.StrictFloat] | None = None
     distrusts: list[pv1.StrictStr] | None = None
+    val_loss: pv1.StrictFloat | None = None
 
 
 def check_ballot(ballot: dict) -> str | None:
@@ -141,6 +143,7 @@ class MemberRecord:
     ready: str | None = None          # hash of the plan whose stage this node runs (state loaded)
     observed_tflops: dict[str, float] | None = None   # TFLOP/s this node saw next-stage peers deliver
     distrusts: list[str] | None = None   # peers this node banned for sending NaN/Inf (a dispute: docs/hostile.md)
+    val_loss: float | None = None     # first-stage replicas: the newest validation loss measured (its share)
 
     @property
     def uptime_s(self) -> float:
@@ -180,6 +183,8 @@ class MemberRecord:
                                     if math.isfinite(v) and v > 0} or None
         if d["distrusts"] is not None:
             d["distrusts"] = [str(p) for p in d["distrusts"]][:MAX_DISTRUSTS] or None
+        if d["val_loss"] is not None:
+            d["val_loss"] = min(float(d["val_loss"]), MAX_LOSS) if math.isfinite(d["val_loss"]) and d["val_loss"] >= 0 else None
         return d
 
     @classmethod
@@ -225,6 +230,7 @@ def _record_faults(r: MemberRecord, now: float | None, ttl_s: float | None):
     yield _number("memory_bytes", r.memory_bytes, 0, MAX_MEMORY_BYTES, low_open=False)
     yield _number("codec_bps", r.codec_bps, 0, MAX_CODEC_BPS)
     yield _number("cpu_cores", r.cpu_cores, 0, MAX_CPU_CORES)
+    yield _number("val_loss", r.val_loss, 0, MAX_LOSS, low_open=False)
     yield _number("started_at", r.started_at, 0, math.inf, low_open=False)
     yield _number("updated_at", r.updated_at, 0, math.inf, low_open=False)
     yield _number("stage", r.stage, 0, MAX_STAGES, low_open=False, high_open=True)

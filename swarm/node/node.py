@@ -198,6 +198,7 @@ class Node:
             self._read_view()
             time.sleep(min(net.heartbeat_s, 0.2))   # the pipeline finishes the step at its own pace
         follower.stop()
+        follower.persist()   # (before handing over: what the swarm does not take is still on disk)
         old_plan = self.record.ready
         self.record = replace(self.record, state=MemberState.LEAVING)
         holding = follower.follow(None, self.view)
@@ -214,7 +215,29 @@ class Node:
         self.record = replace(self.record, state=MemberState.OFFLINE)
         self._advertise(timeout_s=5)
         logger.info(f"left the swarm ({follower.service.served} op states handed over)")
-        follower.events.emit(LEFT, handed_over=handed_over, served=follower.service.served)
+        follower.events.emit(LEFT, handed_over=handed_over, served=follower.service.served, finished=False)
+
+    def finished(self) -> bool:
+        """``training.max_steps`` is set and every stage holder of the committed plan advertises it
+        reached it (this node's own record as the view last read it)."""
+        max_steps, plan = self.cfg.training.max_steps, self.elector.plan if self.elector else None
+        if max_steps is None or plan is None or not plan.stages:
+            return False
+        holders = {p for s in plan.stages for p in s.peers}
+        steps = [self.view.members[p].step if p in self.view.members else None for p in holders]
+        return all(step is not None and step >= max_steps for step in steps)
+
+    def finish(self) -> None:
+        """The swarm reached ``training.max_steps``: write this node's stage (``save_dir``,
+        ``checkpoint_dir``) and go offline; nobody needs the state handed over."""
+        logger.info(f"the swarm reached max_steps {self.cfg.training.max_steps}: leaving")
+        self.follower.stop()
+        self.follower.persist()
+        self.follower.close()
+        self.probes.close()
+        self.record = replace(self.record, state=MemberState.OFFLINE)
+        self._advertise(timeout_s=5)
+        self.follower.events.emit(LEFT, handed_over=True, served=self.follower.service.served, finished=True)
 
     def close(self) -> None:
         """Let go of the p2p replica, the loop and the DHT (whatever ``start`` got to)."""
@@ -244,6 +267,9 @@ def run_node(cfg: NodeConfig, net: NetworkConfig, log=None, ready_file: str | No
             stop = stop or signalled
             while not stop.is_set():
                 stop.wait(node.tick())
+                if node.finished():
+                    node.finish()
+                    return 0
             node.leave()
             return 0
     finally:

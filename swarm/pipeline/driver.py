@@ -9,7 +9,8 @@ top to bottom (the order of a step in one place):
    ``step`` passed downstream);
 4. with ``settle``, wait until every stage has stepped.
 
-The driver calls its own stage directly: no frame is built for itself.
+The driver calls its own stage directly: no frame is built for itself. Between steps it may measure
+the model on validation data (``evaluate``): forward only, through the live pipeline.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.errors import ConfigError, SwarmError
-from swarm.messages import Forward
+from swarm.messages import Evaluate, Forward
 from swarm.net.streams import with_backoff
-from swarm.pipeline.service import LOCAL_REPLY, StageServer
+from swarm.pipeline.calls import LOCAL_REPLY
+from swarm.pipeline.service import StageServer
 
 
 async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Tensor, micro_batches: int,
@@ -67,11 +69,45 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
     return sum(losses) / len(losses)
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What one evaluation measured on this replica's share of the validation samples."""
+
+    loss: float                  # mean over samples
+    samples: int
+    accuracy: float | None       # classifiers: top-1
+    seconds: float
+
+
+async def evaluate(first: StageServer, batches: list[tuple[torch.Tensor, torch.Tensor]], in_flight: int = 4,
+                   deadline_s: float = 300.0) -> Validation:
+    """Run ``batches`` (inputs, targets) forward through the pipeline at the current step (each again
+    after a transient failure until ``deadline_s``): no gradient, no optimizer state, no step."""
+    step, started = first.worker.step_id, time.perf_counter()
+    gate, deadline = asyncio.Semaphore(in_flight), time.monotonic() + deadline_s
+
+    async def one(i: int, x: torch.Tensor, y: torch.Tensor):
+        async def attempt():
+            async with gate:
+                await first.reach(step)
+                return await first.own(first.evaluate(Evaluate(step, i, 1.0, [x], y)))
+        return await with_backoff(attempt, deadline)
+
+    results = await asyncio.gather(*(one(i, x, y) for i, (x, y) in enumerate(batches)))
+    samples = sum(r.count for r in results)
+    loss = sum(r.loss * r.count for r in results) / max(samples, 1)
+    hits = [r.correct for r in results]
+    accuracy = sum(hits) / max(samples, 1) if hits and all(h is not None for h in hits) else None
+    return Validation(loss, samples, accuracy, time.perf_counter() - started)
+
+
 @dataclass
 class Drive:
     """The first stage's loop: one optimizer step per iteration on this replica's shard (``batch(step)``
     gives its inputs and targets), ``record(step, seconds, loss)`` after each, until ``finished()``
-    or the stage drains. A step that fails because of a peer (gone, busy, refusing) is tried again
+    or the stage drains; with ``validation`` (this replica's validation batches), after step 0, every
+    ``eval_every`` steps and after the last one it measures the model (``evaluate``) and hands the
+    ``Validation`` to ``record``. A step that fails because of a peer (gone, busy, refusing) is tried again
     until a new plan replaces this one; a configuration error or a non-finite loss ends training
     (``failed`` says why, as long as the newest step has not succeeded)."""
 
@@ -82,9 +118,30 @@ class Drive:
     shard: tuple[int, int]          # (rank, world) among the first stage's replicas
     deadline_s: float               # per step attempt
     finished: Callable[[], bool]
-    record: Callable[[int, float, float], None]
+    record: Callable[[int, float, float, Validation | None], None]
     log: logging.Logger | object = field(default_factory=lambda: logging.getLogger(__name__))
     failed: str | None = None
+    validation: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    eval_every: int = 0
+    last_step: int | None = None     # max_steps - 1: evaluated too
+    validated: Validation | None = None   # the newest evaluation
+    task: asyncio.Task | None = None      # ``run`` as it runs (its owner cancels it)
+
+    def due(self, step: int) -> bool:
+        """Is the model measured after ``step``?"""
+        if not self.validation or not self.eval_every:
+            return False
+        return step == 0 or (step + 1) % self.eval_every == 0 or step == self.last_step
+
+    async def validate(self, step: int) -> Validation | None:
+        """The evaluation after ``step`` (once every stage has applied it); None if it failed (said once)."""
+        try:
+            await self.first.settle()
+            self.validated = await evaluate(self.first, self.validation, self.in_flight, self.deadline_s)
+            return self.validated
+        except SwarmError as e:   # measuring is not training: the next evaluation tries again
+            self.log.warning(f"validation after step {step} failed ({e})")
+            return None
 
     async def run(self) -> None:
         first, (rank, world) = self.first, self.shard
@@ -110,7 +167,8 @@ class Drive:
                 self.log.error(f"training stopped: {self.failed}")
                 return
             failures, self.failed, done = 0, None, {}
-            self.record(step, time.perf_counter() - started, loss)
+            seconds = time.perf_counter() - started
+            self.record(step, seconds, loss, await self.validate(step) if self.due(step) else None)
             started = time.perf_counter()
         if self.finished():
             try:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from swarm.compression.adatopk import ChannelScale
 from swarm.compression.policy import LinkPolicy
 from swarm.errors import PeerUnavailable, Poisoned, RemoteProtocolError
-from swarm.messages import GRADS, STEPPED, Forward, Grads, Step, check_reply
+from swarm.messages import EVALUATED, GRADS, STEPPED, Evaluate, Evaluated, Forward, Grads, Step, check_reply
 from swarm.net.streams import PREFIX_BYTES, Call, with_backoff
 from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.protocol import StageProtocol
@@ -78,6 +78,29 @@ class NextStage:
             self._count(peer, fwd, frame, reply, raw)
             return reply
         raise PeerUnavailable(f"no replica of stage {self.index + 1} reachable ({last_error})")
+
+    async def evaluate(self, ev: Evaluate) -> Evaluated:
+        """Send a validation micro-batch on (at the link's current ratio) to a next-stage replica,
+        falling back to the others; the last stage's ``Evaluated``. Counted as bytes sent, not as
+        activations of training (nor as compute the peer delivered)."""
+        last_error = None
+        for peer in self.protocol.route(ev.mb, time.monotonic()):
+            ratio = self.policy.ratio(ev.step, self.bandwidth(peer), ev.raw_bytes()) if self.policy else 1.0
+            frame, _ = ev.to_frame(ratio, self.channel_scale)
+            try:
+                reply = self.checker.reply(await self.call(peer, frame), peer, EVALUATED, {})
+            except PeerUnavailable as e:
+                self.protocol.unreachable(peer, time.monotonic())
+                last_error = e
+                continue
+            except RemoteProtocolError as e:
+                last_error = e
+                if not isinstance(e, Poisoned):
+                    self.protocol.unreachable(peer, time.monotonic())
+                continue
+            self.counters.sent(peer, len(frame) + PREFIX_BYTES)
+            return Evaluated.from_message(check_reply(reply, f"validation at stage {self.index + 1}"))
+        raise PeerUnavailable(f"no replica of stage {self.index + 1} reachable for validation ({last_error})")
 
     def _count(self, peer: str, fwd: Forward, frame: bytes, reply: Message, raw: int) -> None:
         from swarm.wire import sizes

@@ -6,7 +6,7 @@ awaits, sends, or reads a clock: times come in as arguments. The messages are ``
 Rules (docs/runtime.md):
 
 - **Admission** (``admit``): a request's sender must be a pipeline neighbour for its kind: a
-  previous-stage replica (or, at the first stage, the node itself) for ``forward`` and ``step``,
+  previous-stage replica (or, at the first stage, the node itself) for ``forward``, ``evaluate`` and ``step``,
   another replica of this stage for ``reduce``; a banned peer or a stranger is refused before the
   frame is read (``refuse_stream``). The tensors a request announces must be the ones its kind
   carries here, checked on the header before anything is decoded.
@@ -34,7 +34,7 @@ from enum import Enum
 import torch
 
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
-from swarm.messages import FORWARD, PART, REDUCE, STAGE_REQUESTS, STEP, input_names
+from swarm.messages import CARRIES_INPUTS, PART, REDUCE, STAGE_REQUESTS, STEP, input_names
 from swarm.refusals import Bans, short
 from swarm.runtime.allreduce import parts
 from swarm.wire import Header
@@ -144,7 +144,7 @@ class StageProtocol:
             raise refused   # a stranger or a banned peer: not even the header is parsed
         if header.kind not in STAGE_REQUESTS:
             raise RemoteProtocolError(f"unknown request kind '{header.kind}'")
-        if header.kind in (FORWARD, STEP):
+        if header.kind in (*CARRIES_INPUTS, STEP):
             allowed, what = self.hood.senders, "a previous-stage replica"
         else:
             allowed, what = self.hood.others, "a replica"

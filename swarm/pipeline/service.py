@@ -14,9 +14,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
@@ -24,12 +23,15 @@ from swarm.compression.policy import LinkPolicy
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.events import NO_EVENTS, Events
 from swarm.messages import (
+    EVALUATE,
     FORWARD,
     PART,
     REDUCED,
     STAGE_REQUESTS,
     STEP,
     ErrorReply,
+    Evaluate,
+    Evaluated,
     Forward,
     Grads,
     Reduce,
@@ -40,7 +42,8 @@ from swarm.messages import (
     grad_name,
     input_name,
 )
-from swarm.net.streams import PREFIX_BYTES, Call, Gate, describe, serve_stream, stream_caller
+from swarm.net.streams import PREFIX_BYTES, Call, Gate, describe, serve_stream
+from swarm.pipeline.calls import StepHooks
 from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.link import NextStage
 from swarm.pipeline.protocol import Neighbours, StageProtocol, StepStatus
@@ -49,20 +52,9 @@ from swarm.runtime.worker import Counters, PriorityRunner, StageWorker, Timeline
 from swarm.wire import Limits, Message, non_finite
 
 logger = logging.getLogger(__name__)
-PROTOCOL = "swarm.stage.v1"
-LOCAL_REPLY = b""   # what the reply cache holds for a micro-batch the first stage's own driver ran
 
 
-@dataclass
-class StepHooks:
-    """What the node wants to hear from a stage: ``before_apply(step)`` runs (awaited) before each
-    optimizer step (the backup gate), ``stepped(step)`` after it (metrics, checkpoints)."""
-
-    stepped: Callable[[int], None] = lambda step: None
-    before_apply: Callable[[int], Awaitable[None]] | None = None
-
-
-class _Steps:
+class StepWaits:
     """The asyncio side of the step barrier: who waits for a step to be all in, its finish, the next
     step, the passing on downstream, and the sums of this replica's part."""
 
@@ -78,20 +70,6 @@ class _Steps:
         if step not in self.sums:
             self.sums[step] = asyncio.get_running_loop().create_future()
         return self.sums[step]
-
-
-def stage_caller(p2p, limits: Limits = Limits(), timeout_s: float = 120.0) -> Call:
-    """``call(peer, frame) -> reply frame`` of the stage protocol over libp2p."""
-    return stream_caller(p2p, limits.max_frame_bytes, timeout_s, PROTOCOL)
-
-
-def local_caller(me: str, servers: dict) -> Call:
-    """``call`` between stage servers of one process (tests, benchmarks): the same frames, no daemon."""
-    async def call(peer: str, frame: bytes) -> bytes:
-        if peer not in servers:
-            raise PeerUnavailable(f"peer {peer[-8:]} unreachable (not in this process)")
-        return await servers[peer].answer(frame, me)
-    return call
 
 
 class StageServer:
@@ -120,7 +98,7 @@ class StageServer:
         # a peer never has more than its worker's micro-batches in flight, plus step and reduce requests
         per_peer = max_per_peer or min(max_requests, worker.max_in_flight + 4)
         self.gate = Gate(per_peer, max_requests, read_budget or max(4 * limits.max_frame_bytes, 32 << 20))
-        self.steps = _Steps()
+        self.steps = StepWaits()
         self.hooks = hooks or StepHooks()
 
     @property
@@ -181,6 +159,9 @@ class StageServer:
                 await self.reach(step)
                 if msg.kind == FORWARD:
                     return await self._remote_forward(Forward.from_message(msg))
+                if msg.kind == EVALUATE:
+                    self.protocol.take_forward()
+                    return (await self.evaluate(Evaluate.from_message(msg))).to_frame()
                 return await (self._step(step, sender) if msg.kind == STEP else self._reduce(msg, sender))
         except Exception as e:
             self.counters.errors += 1
@@ -281,6 +262,20 @@ class StageServer:
             self.link.policy.observe_compute(forward_s + backward_s)
         return Grads(step, fwd.mb, loss, grads, wait_s)
 
+    async def evaluate(self, ev: Evaluate) -> Evaluated:
+        """A validation micro-batch forward here and through the rest of the pipeline: the last stage's
+        loss (and top-1 hits). No gradient, no optimizer state, no step counted."""
+        step, last = self.worker.step_id, not self.peers.downstream
+        count = int(ev.inputs[0].shape[0]) if ev.inputs and ev.inputs[0].dim() else 0
+        out = await self.compute.work(False, self.worker.evaluate, ev.inputs, ev.targets)
+        if last:
+            loss, correct = out
+            return Evaluated(step, ev.mb, loss, correct, count)
+        bad = non_finite({input_name(i): o for i, o in enumerate(out)})
+        if bad is not None:
+            raise SwarmError(f"stage {self.worker.stage.io.index} computed non-finite activations ({bad}) on validation data")
+        return await self.link.evaluate(Evaluate(step, ev.mb, 1.0, out, ev.targets))
+
     async def _pass(self, backward: bool, fn, *args):
         """(result, seconds) of a forward or backward pass on the compute thread, noted in the step's timeline."""
         def timed():
@@ -332,7 +327,8 @@ class StageServer:
             del self.steps.finishing[old]
         async with self.steps.advanced:
             self.steps.advanced.notify_all()
-        self.hooks.stepped(step)
+        if self.hooks.stepped is not None:
+            self.hooks.stepped(step)
 
     async def settle(self) -> None:
         """Wait until the newest step has been passed on to every downstream stage (raises its failure;

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from swarm.data import bits_per_byte, perplexity
 from swarm.errors import SwarmError
 
 
@@ -36,6 +37,36 @@ def read_events(path: str | Path, kind: str | None = None, since: float = 0.0) -
     return [r for r in _rows(path) if "event" in r and (kind is None or r["event"] == kind) and r.get("time", 0) >= since]
 
 
+def validation_row(val, text: bool) -> dict:
+    """A ``Validation``'s fields of a step row: ``val_loss`` (mean over ``val_samples``), ``val_s``, and
+    ``val_accuracy`` (classifiers) or, for byte-level text, ``val_perplexity`` and ``val_bits_per_byte``."""
+    row = {"val_loss": val.loss, "val_samples": val.samples, "val_s": val.seconds}
+    if val.accuracy is not None:
+        row["val_accuracy"] = val.accuracy
+    if text:
+        row.update(val_perplexity=perplexity(val.loss), val_bits_per_byte=bits_per_byte(val.loss))
+    return row
+
+
+def validation_curve(rows: list[dict]) -> list[dict]:
+    """Per evaluated step: the sample-weighted mean of the first-stage replicas' validation fields."""
+    by_step: dict[int, list[dict]] = {}
+    for r in rows:
+        if "val_loss" in r:
+            by_step.setdefault(r["step"], []).append(r)
+    out = []
+    for step in sorted(by_step):
+        part, total = by_step[step], sum(r["val_samples"] for r in by_step[step]) or 1
+        point = {"step": step, "samples": total}
+        for key in ("val_loss", "val_accuracy", "val_perplexity", "val_bits_per_byte"):
+            if all(key in r for r in part):
+                point[key] = sum(r[key] * r["val_samples"] for r in part) / total
+        if "val_loss" in point and "val_perplexity" in point:
+            point["val_perplexity"] = perplexity(point["val_loss"])   # of the mean loss
+        out.append(point)
+    return out
+
+
 def newest_by_peer(rows: list[dict]) -> dict[str, dict]:
     """Each peer's newest row: its running counters as they stand."""
     return {r["peer"]: r for r in rows}
@@ -55,11 +86,15 @@ def summarise(rows: list[dict], skip_steps: int = 0) -> dict:
     loss = [sum(r["loss"] for r in by_step[k]) / len(by_step[k]) for k in steps]
     rate = [by_step[k][0]["samples"] / max(r["step_s"] for r in by_step[k]) for k in steps]
     last = newest_by_peer(rows)
-    span = max(r["time"] for r in by_step[timed[-1]]) - min(r["time"] - r["step_s"] for r in by_step[timed[0]])
+    # a row is written after the step's evaluation, if any (``val_s``): evaluations are not training time
+    start = min(r["time"] - r["step_s"] - r.get("val_s", 0.0) for r in by_step[timed[0]])
+    span = max(r["time"] for r in by_step[timed[-1]]) - start - sum(max(r.get("val_s", 0.0) for r in by_step[k]) for k in timed)
+    curve = validation_curve(rows)
     samples = sum(by_step[k][0]["samples"] for k in timed)
     act_raw, act_wire = sum(r["act_raw"] for r in last.values()), sum(r["act_wire"] for r in last.values())
     return {"steps": len(steps), "loss_first": loss[0], "loss_last": loss[-1], "samples_per_s": samples / span,
             "bytes_sent": sum(r["bytes_sent"] for r in last.values()), "plan_hash": rows[-1]["plan_hash"],
             "stages": 1 + max(r["stage"] for r in rows), "samples_per_step": by_step[steps[-1]][0]["samples"],
             "timed_from_step": timed[0], "wire_ratio": act_raw / act_wire if act_wire else 1.0,   # 1.0: no pipeline link
-            "elapsed_s": span, "loss": loss, "step_samples_per_s": rate}
+            "elapsed_s": span, "loss": loss, "step_samples_per_s": rate, "validation": curve,
+            "val_loss_first": curve[0]["val_loss"] if curve else None, "val_loss_last": curve[-1]["val_loss"] if curve else None}

@@ -22,13 +22,14 @@ from swarm.config import NodeConfig
 from swarm.dag.graph import Partition
 from swarm.dag.stages import extract_stages, frame_limit, input_specs, model_io
 from swarm.dag.trace import TracedModel
-from swarm.data import training_data
+from swarm.data import ByteCorpus, training_data, validation_data
 from swarm.errors import SwarmError
 from swarm.events import Events, append_row
 from swarm.loop import NodeLoop
 from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller
-from swarm.pipeline.driver import Drive
+from swarm.pipeline.driver import Drive, Validation
 from swarm.refusals import Bans, CallableLogger
+from swarm.runtime.metrics import validation_row
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
@@ -63,8 +64,8 @@ class _Checkpoints:
         self.failing = False
 
     def write(self, loop: asyncio.AbstractEventLoop, directory: str, states: dict[str, OpState], stage: int,
-              step: int) -> None:
-        written = loop.run_in_executor(None, write_checkpoint, directory, states, stage, step)
+              step: int, keep: int) -> None:
+        written = loop.run_in_executor(None, write_checkpoint, directory, states, stage, step, keep)
 
         def report(f) -> None:
             if f.cancelled():
@@ -93,7 +94,10 @@ class TrainingSession:
         self.log = CallableLogger(log) if log is not None else logger
         training, last = cfg.training, self.index == len(plan.stages) - 1
         stage = extract_stages(traced, Partition(tuple(s.first_op for s in plan.stages), len(traced.dag.ops)))[self.index]
-        self.data, loss_fn = training_data(training.data, *model_io(traced))
+        io = model_io(traced)
+        self.data, loss_fn = training_data(training.data, *io)
+        self.validation = validation_data(training.data, *io, batches=-(-training.eval_samples // cfg.micro_batch_size),
+                                          batch_size=cfg.micro_batch_size) if self.index == 0 and training.eval_every_steps else None
         self.worker = StageWorker(stage, cfg.optimizer, training.lr, max_in_flight=4 * plan.micro_batches,
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
                                   max_batch=cfg.micro_batch_size, warmup_steps=training.lr_warmup_steps, device=device)
@@ -111,7 +115,6 @@ class TrainingSession:
             flops = sum(op.flops for op in dag.ops[nxt.first_op:nxt.stop_op]) * cfg.micro_batch_size / dag.batch_size
             self.server.link.next_stage = (float(flops), self.index + 1 == len(plan.stages) - 1)
         self.shard = (hood.replicas.index(me), len(hood.replicas)) if self.index == 0 else (0, 1)   # (rank, world)
-        self.driver: asyncio.Task | None = None
         self.drive: Drive | None = None     # the first stage's loop (says why training failed, if it did)
         self.checkpoints = _Checkpoints(self.log)
 
@@ -127,6 +130,11 @@ class TrainingSession:
     @property
     def me(self) -> str:
         return self.server.peers.me
+
+    @property
+    def val_loss(self) -> float | None:
+        """The newest validation loss this (first-stage) replica measured, if any."""
+        return self.drive.validated.loss if self.drive is not None and self.drive.validated is not None else None
 
     @property
     def policy(self) -> LinkPolicy | None:
@@ -151,10 +159,13 @@ class TrainingSession:
         if self.index == 0 and not self.done:
             m, mbs = self.plan.micro_batches, self.cfg.micro_batch_size
             rank, world = self.shard
+            training = self.cfg.training
             self.drive = Drive(self.server, lambda step: self.data.batch(step, m * mbs, rank, world), m,
-                               self.plan.in_flight(self.cfg.training.schedule), self.shard, self.cfg.training.timeout_s * 2,
-                               lambda: self.done, lambda step, s, loss: self._record(step, s, loss, m * mbs * world), self.log)
-            self.driver = asyncio.ensure_future(self.drive.run())
+                               self.plan.in_flight(training.schedule), self.shard, training.timeout_s * 2,
+                               lambda: self.done, lambda step, s, loss, val: self._record(step, s, loss, m * mbs * world, val),
+                               self.log, validation=(self.validation or [])[rank::world], eval_every=training.eval_every_steps,
+                               last_step=training.max_steps - 1 if training.max_steps else None)
+            self.drive.task = asyncio.ensure_future(self.drive.run())
 
     def drain(self, timeout_s: float):
         """Finish the step in progress and take no new one (a graceful leave: no step half-applied).
@@ -166,12 +177,12 @@ class TrainingSession:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self.server.between_steps:
             await asyncio.sleep(0.05)   # the step in progress completes at the pace of the whole pipeline
-        if self.driver is not None:
-            self.driver.cancel()
+        if self.drive is not None and self.drive.task is not None:
+            self.drive.task.cancel()
 
     async def _stop(self) -> None:
-        if self.driver is not None:
-            self.driver.cancel()
+        if self.drive is not None and self.drive.task is not None:
+            self.drive.task.cancel()
             await asyncio.gather(self.driver, return_exceptions=True)
         await self.p2p.remove_binary_stream_handler(PROTOCOL)
         self.server.close()
@@ -202,9 +213,11 @@ class TrainingSession:
             self.save(Path(training.save_dir))
         if training.checkpoint_dir and self.server.peers.replicas[0] == self.me and (step + 1) % training.checkpoint_every_steps == 0:
             # between steps: nothing runs on this stage now
-            self.checkpoints.write(self.loop.loop, training.checkpoint_dir, self.final_state(), self.index, self.worker.step_id)
+            self.checkpoints.write(self.loop.loop, training.checkpoint_dir, self.final_state(), self.index, self.worker.step_id,
+                                   training.keep_checkpoints)
 
-    def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0) -> None:
+    def _record(self, step: int, seconds: float | None, loss: float | None = None, samples: int = 0,
+                val: Validation | None = None) -> None:
         c = self.server.counters
         row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
                "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
@@ -213,8 +226,11 @@ class TrainingSession:
                "ratio": max(c.ratios.values(), default=1.0), "sent_to": dict(c.sent_to), "reduce_to": dict(c.reduce_to)}
         if loss is not None:
             row.update(loss=loss, samples=samples, step_s=seconds, samples_per_s=samples / seconds if seconds else None)
-            if step % 10 == 0 or step + 1 == self.cfg.training.max_steps:
-                self.log.info(f"step {step} loss {loss:.4f} {row['samples_per_s']:.1f} samples/s, sent "
+            if val is not None:
+                row.update(validation_row(val, text=isinstance(self.data, ByteCorpus)))
+            if step % 10 == 0 or step + 1 == self.cfg.training.max_steps or val is not None:
+                measured = f", validation loss {val.loss:.4f}" if val is not None else ""
+                self.log.info(f"step {step} loss {loss:.4f}{measured} {row['samples_per_s']:.1f} samples/s, sent "
                               f"{c.bytes_sent / 1e6:.1f} MB, link ratio {row['ratio']:g}")
         if self.cfg.training.metrics_path:
             append_row(self.cfg.training.metrics_path, row)

@@ -89,6 +89,28 @@ class StageWorker:
         self.saved[mb] = (leaves, outputs)
         return [o.detach() for o in outputs]
 
+    def evaluate(self, inputs: list[torch.Tensor], targets: torch.Tensor | None = None):
+        """A validation micro-batch: no gradient, nothing kept, the module in eval mode for the pass (no
+        dropout; BatchNorm uses, and does not update, its running statistics). The outputs, or at the
+        last stage (mean loss, correct): ``correct`` counts top-1 hits for a classifier ([batch, classes]
+        logits, [batch] targets), else None."""
+        self._check(inputs)
+        module, training = self.stage.module, self.stage.module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                outputs = list(module(*[t.to(self.device) for t in inputs]))
+        finally:
+            module.train(training)
+        if not self.is_last:
+            return outputs
+        if targets is None:
+            raise SwarmError("the last stage needs targets")
+        logits, targets = outputs[0], targets.to(self.device)
+        loss = float(self.loss_fn(logits, targets))
+        classes = logits.dim() == 2 and targets.dim() == 1
+        return loss, int((logits.argmax(-1) == targets).sum()) if classes else None
+
     def _check(self, inputs: list[torch.Tensor]) -> None:
         """Inputs must look like the traced boundary (any batch size up to ``max_batch``): a peer
         cannot make this stage allocate for shapes it was never planned for."""
