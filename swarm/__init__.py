@@ -14,7 +14,16 @@ Folders are layers; dependencies point one way (docs/architecture.md, checked by
   streams), ``pipeline`` (the stage server, the next-stage link, stage 0's driver), ``churn`` (state
   service, plan follower, backups), ``planning`` (the election's driver), ``liveness``
 - composition: ``node`` (``Node``: start / tick / leave), ``cli`` (``node.py`` sub-commands), ``demo``,
-  ``testbed``
+  ``testbed``; ``export`` (a trained model as one safetensors file; ``swarm.load_exported(FILE)``, imported
+  on first use so that ``import swarm`` stays light)
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "load_exported":   # torch loads with it, not with the package
+        from swarm.export import load_exported
+
+        return load_exported
+    raise AttributeError(f"module 'swarm' has no attribute {name!r}")

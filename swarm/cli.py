@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from swarm.config import NetworkConfig, NodeConfig, config_dir, load, validate
 from swarm.errors import SwarmError
+from swarm.export import add_commands
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 logger = logging.getLogger(__name__)
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", metavar="FILE", help="metrics JSON (default: OUT_DIR/metrics.json)")
     p.add_argument("--plot", metavar="FILE", help="loss/throughput PNG (default: OUT_DIR/demo.png)")
     p.set_defaults(func=cmd_demo)
+    add_commands(sub, _at_least)   # export, generate, eval
     return parser
 
 

@@ -78,6 +78,17 @@ def test_three_node_processes_train_exactly_like_one_process(tmp_path, swarm_pro
     driven = [r for r in rows if "loss" in r]
     assert [r["step"] for r in driven] == list(range(STEPS)) and len({r["plan_hash"] for r in rows}) == 1
     assert all(r["ratio"] == 1.0 and r["bytes_sent"] > 0 for r in rows)
+    # the swarm's model, taken away in one file
+    from swarm.export import SPEC_FILE, export, load_exported, write_spec
+
+    if not (save / SPEC_FILE).exists():
+        write_spec(save, "gpt2-tiny")
+    exported = export(save, tmp_path / "gpt2-tiny.safetensors")
+    one_process = load_model("gpt2-tiny").module.eval()
+    one_process.load_state_dict(reference)
+    x, _ = ByteCorpus(generated_corpus(), 128).batch(STEPS, 4)
+    with torch.no_grad():
+        assert exported.step == STEPS and (load_exported(exported.path)(x) - one_process(x)).abs().max() <= 1e-5
 
 
 def test_demo_trains_a_private_swarm_and_leaves_nothing_running(tmp_path):
