@@ -1,10 +1,13 @@
-"""The main job: a private swarm of N node processes on loopback elects a plan and trains on bundled
-data; progress, a metrics JSON and a loss/throughput plot come out, and nothing is left running.
+"""The main job: a private swarm of N node processes on loopback elects a plan and trains on real text
+(Shakespeare's works, fetched at set-up) or a config's data; progress, a metrics JSON with the
+validation loss, a loss/throughput plot and an exported model come out, and nothing is left running.
 
 Every node is a real ``node.py run`` (its own DHT, p2p daemon, election, stage server); the demo
 only creates the swarm's keys and config, starts the nodes (the first one's address comes from its
 ready file, ``node.py run --ready-file``), follows the metrics rows they append to one JSON-lines
-file, and stops them. Their logs are for the user to read; nothing here parses them. The nodes'
+file, and waits for them to leave once they reached ``max_steps`` (they save their stages to
+``<out_dir>/model``, which is then exported to ``<out_dir>/model.safetensors``). Their logs are for the
+user to read; nothing here parses them. The nodes'
 config is the demo's defaults, overridden by a node config file (``--config``), overridden by the
 demo's flags that were given.
 
@@ -31,6 +34,8 @@ from swarm.runtime.metrics import newest_by_peer, read_metrics
 from swarm.runtime.metrics import summarise as summarise_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
+TEXT = "shakespeare"    # the demo's data for token models, unless the config names some
+LEAVE_S = 120.0         # how long the nodes may take to save and leave after the last step
 logger = logging.getLogger(__name__)
 
 
@@ -108,7 +113,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _config(s: DemoSettings, metrics: Path) -> dict:
+def _config(s: DemoSettings, metrics: Path, saved: Path) -> dict:
     """The nodes' config: the demo's defaults, then the ``config`` file, then the flags given, then what
     the demo itself needs (loopback, ``nodes`` members, ``steps`` steps, its metrics file)."""
     threads = max(1, (os.cpu_count() or 1) // s.nodes)
@@ -123,7 +128,7 @@ def _config(s: DemoSettings, metrics: Path) -> dict:
              "compression": {**(_compression(s.compression) if s.compression is not None else {}),
                              "warmup_steps": s.warmup_steps}}
     needs = {"network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"]}, "election": {"min_members": s.nodes},
-             "training": {"max_steps": s.steps, "metrics_path": str(metrics)}}
+             "training": {"max_steps": s.steps, "metrics_path": str(metrics), "save_dir": str(saved)}}
     return _merge(_merge(_merge(defaults, read_yaml(s.config) if s.config else {}), flags), needs)
 
 
@@ -187,8 +192,12 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = range(len(summary["loss"]))
-    a.plot(steps, summary["loss"])
-    a.set(xlabel="step", ylabel="training loss", title=f"{summary['model']}: {summary['nodes']} nodes, "
+    a.plot(steps, summary["loss"], label="training (its micro-batches)")
+    curve = summary.get("validation") or []
+    if curve:
+        a.plot([p["step"] for p in curve], [p["val_loss"] for p in curve], "o-", label="validation (held-out)")
+    a.legend()
+    a.set(xlabel="step", ylabel="loss", title=f"{summary['model']}: {summary['nodes']} nodes, "
           f"{summary['stages']} stages")
     b.plot(steps, summary["step_samples_per_s"])
     b.set(xlabel="step", ylabel="samples/s", title=f"wire ratio {summary['wire_ratio']:.1f}x, "
@@ -214,17 +223,22 @@ def run_demo(s: DemoSettings) -> dict:
         raise SwarmError("--nodes and --steps must be at least 1")
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
+    metrics, saved = out / "metrics.jsonl", out / "model"
     metrics.unlink(missing_ok=True)
-    values = _config(s, metrics)
+    for old in saved.glob("stage*.pt") if saved.is_dir() else ():   # an earlier run's stages (other peers)
+        old.unlink()
+    values = _config(s, metrics, saved)
     cfg = validate(NodeConfig, values, s.config or "demo settings")   # a bad value fails here, in one line
     from swarm.cli import check_local_dirs
     check_local_dirs(cfg)                                                # and so does a directory nodes cannot write
-    config = out / "node.yaml"
-    config.write_text(json.dumps(values, indent=1))
     traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size,   # a bad model name fails here, in one line,
                          cfg.election.micro_batches)                        # and so does a step too big for memory
-    training_data(cfg.training.data, *model_io(traced))   # and so does a bad data source
+    if model_io(traced)[1] == "int64" and "data" not in (read_yaml(s.config) if s.config else {}).get("training", {}):
+        values["training"]["data"] = TEXT   # a language model learns real text
+        cfg = validate(NodeConfig, values, s.config or "demo settings")
+    training_data(cfg.training.data, *model_io(traced))   # and so does a bad data source (or a corpus not fetched)
+    config = out / "node.yaml"
+    config.write_text(json.dumps(values, indent=1))
     load_or_measure(cfg.device)                             # profile once; the nodes read the cache
     keys = out / "keys"
     if keys.exists():
@@ -243,20 +257,41 @@ def run_demo(s: DemoSettings) -> dict:
         with tqdm(total=s.steps, unit="step", dynamic_ncols=True) as bar, \
                 logging_redirect_tqdm([logging.getLogger("swarm")]):   # lines above the progress bar
             _follow(nodes, died, metrics, s, bar, deadline)
+        try:   # at max_steps every node saves its stage and leaves by itself
+            poll_until(lambda: all(n.popen.poll() is not None for n in nodes), LEAVE_S, "the nodes to save and leave")
+        except TimeoutError:
+            logger.warning(f"not every node left within {LEAVE_S:.0f} s of the last step: stopping them")
         summary = summarise(read_metrics(metrics), s, cfg.model, died)
     finally:
         stop_groups([n.popen for n in nodes], grace_s=20)   # each node leaves; what is left after 20 s is killed
+    summary["exit_codes"] = [n.popen.returncode for n in nodes]
+    summary["model_file"] = _export(saved, out / "model.safetensors")
     json_out = Path(s.json_out or out / "metrics.json")
     json_out.write_text(json.dumps(summary, indent=1))
     png = Path(s.plot or out / "demo.png")
     plot(summary, png)
+    val = (f", validation loss {summary['val_loss_first']:.3f} -> {summary['val_loss_last']:.3f}"
+           if summary["val_loss_first"] is not None else "")
     logger.info(f"trained {summary['steps']} steps on {s.nodes} nodes ({summary['stages']} stages, "
-                f"plan {summary['plan_hash']}): loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
+                f"plan {summary['plan_hash']}): loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}{val}, "
                 f"{summary['samples_per_s']:.1f} samples/s, "
                 f"{summary['bytes_sent'] / 1e6:.1f} MB sent (wire ratio {summary['wire_ratio']:.1f}x)")
     if died:
         logger.info(f"{len(died)} of {s.nodes} nodes died on the way (" + ", ".join(
             f"node {d['node']} after {d['at_step']} steps" for d in died) + "); the swarm trained on without them")
     logger.info(f"metrics: {json_out}  plot: {png}")
+    if summary["model_file"]:
+        logger.info(f"model: {summary['model_file']}  (try: node.py generate --model {summary['model_file']} --prompt 'ROMEO:')")
     return summary
+
+
+def _export(saved: Path, out_file: Path) -> str | None:
+    """The nodes' saved stages as one model file (its path), or None with a warning saying why not."""
+    from swarm.export import export
+
+    try:
+        return str(export(saved, out_file).path)
+    except SwarmError as e:
+        logger.warning(f"no model exported: {e}")
+        return None
 

@@ -41,7 +41,7 @@ from swarm.events import TRAINING, Events
 from swarm.loop import NodeLoop
 from swarm.net.records import MAX_DISTRUSTS, MAX_HOLDS, MAX_LINKS, MemberState
 from swarm.refusals import CallableLogger, lines_to
-from swarm.runtime.state import OpState, read_checkpoint, write_checkpoint
+from swarm.runtime.state import OpState, read_checkpoint
 from swarm.scheduler import Plan
 
 logger = logging.getLogger(__name__)
@@ -272,6 +272,8 @@ class PlanFollower:
         (``training.save_dir``: its parameters; ``training.checkpoint_dir``: its ops' state, the
         gradient of a step in progress included). A write that fails is a warning: the state is still
         served to whoever takes it over."""
+        from swarm.runtime.session import checkpoint
+
         session, training = self.stopped, self.cfg.training
         if session is None:
             return
@@ -281,7 +283,8 @@ class PlanFollower:
                 self.log.info(f"saved stage {session.index} at step {session.step} to {session.save(Path(training.save_dir))}")
             if training.checkpoint_dir and states:
                 step = min(st.step for st in states.values())
-                write_checkpoint(training.checkpoint_dir, states, session.index, step, training.keep_checkpoints)
+                checkpoint(training.checkpoint_dir, states, session.index, step, training.keep_checkpoints,
+                           (self.cfg.model, self.cfg.granularity))
                 self.log.info(f"checkpoint of stage {session.index} at step {step} written to {training.checkpoint_dir}")
         except (OSError, SwarmError) as e:
             self.log.warning(f"stage {session.index} not written on the way out: {e}")

@@ -171,6 +171,8 @@ async def serve_stream(stream_info, reader: asyncio.StreamReader, writer: asynci
     except (*STREAM_ERRORS, SwarmError) as e:
         failed(peer, e)
         return None
+    except asyncio.CancelledError:   # the service is shutting down: end the handler's task quietly
+        return None                  # (the daemon bindings read a cancelled task's exception in a callback)
     finally:
         close_stream(writer)
 

@@ -25,6 +25,7 @@ from swarm.dag.trace import TracedModel
 from swarm.data import ByteCorpus, training_data, validation_data
 from swarm.errors import SwarmError
 from swarm.events import Events, append_row
+from swarm.export import write_spec
 from swarm.loop import NodeLoop
 from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller
 from swarm.pipeline.driver import Drive, Validation
@@ -55,17 +56,24 @@ def _neighbours(plan: Plan, me: str, index: int) -> Neighbours:
                       () if last else tuple(sorted(plan.stages[index + 1].peers)), plan.micro_batches)
 
 
+def checkpoint(directory: str, states: dict[str, OpState], stage: int, step: int, keep: int, model: tuple[str, str]) -> Path:
+    """``write_checkpoint``, with the model's spec (``model.json``) beside it for ``node.py export``."""
+    path = write_checkpoint(directory, states, stage, step, keep)
+    write_spec(directory, *model)
+    return path
+
+
 class _Checkpoints:
     """Writes the stage's checkpoint every ``checkpoint_every_steps`` (first replica only), off the
     event loop; one warning while writes keep failing."""
 
-    def __init__(self, log) -> None:
-        self.log = log
+    def __init__(self, log, model: tuple[str, str]) -> None:
+        self.log, self.model = log, model   # (model, granularity): the spec written beside the state
         self.failing = False
 
     def write(self, loop: asyncio.AbstractEventLoop, directory: str, states: dict[str, OpState], stage: int,
               step: int, keep: int) -> None:
-        written = loop.run_in_executor(None, write_checkpoint, directory, states, stage, step, keep)
+        written = loop.run_in_executor(None, checkpoint, directory, states, stage, step, keep, self.model)
 
         def report(f) -> None:
             if f.cancelled():
@@ -116,7 +124,7 @@ class TrainingSession:
             self.server.link.next_stage = (float(flops), self.index + 1 == len(plan.stages) - 1)
         self.shard = (hood.replicas.index(me), len(hood.replicas)) if self.index == 0 else (0, 1)   # (rank, world)
         self.drive: Drive | None = None     # the first stage's loop (says why training failed, if it did)
-        self.checkpoints = _Checkpoints(self.log)
+        self.checkpoints = _Checkpoints(self.log, (cfg.model, cfg.granularity))
 
     @property
     def ops(self) -> list[str]:
@@ -183,7 +191,7 @@ class TrainingSession:
     async def _stop(self) -> None:
         if self.drive is not None and self.drive.task is not None:
             self.drive.task.cancel()
-            await asyncio.gather(self.driver, return_exceptions=True)
+            await asyncio.gather(self.drive.task, return_exceptions=True)
         await self.p2p.remove_binary_stream_handler(PROTOCOL)
         self.server.close()
         # the pass running now finishes before the stage's state is read (a step is applied whole or not at all)
@@ -237,8 +245,10 @@ class TrainingSession:
 
     def save(self, directory: Path) -> Path:
         """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``, written to a
-        temporary name and renamed: a reader never sees a half-written file."""
+        temporary name and renamed: a reader never sees a half-written file; and the model's spec
+        (``model.json``: what ``node.py export`` rebuilds the module from)."""
         directory.mkdir(parents=True, exist_ok=True)
+        write_spec(directory, self.cfg.model, self.cfg.granularity)
         path = directory / f"stage{self.index}-{self.me[-8:]}.pt"
         tmp = path.with_name(path.name + ".tmp")
         try:
