@@ -163,10 +163,13 @@ def test_a_killed_middle_stage_holder_is_replaced_by_the_spare_from_its_snapshot
 
 def test_a_joining_node_gets_work_and_state_and_a_leaver_hands_its_state_over(tmp_path, swarm_procs):
     total = 72   # a joiner needs ~25 s to train on 2 busy cores, while the swarm trains ~1.4 steps/s
-    nodes, maddr = start(swarm_procs, tmp_path, config(tmp_path, max_steps=total, max_replicas=0), list("abcd"))
+    ckpt = tmp_path / "ckpt"   # written on the way out only (the period is longer than the run)
+    nodes, maddr = start(swarm_procs, tmp_path, config(tmp_path, max_steps=total, max_replicas=0, checkpoint_dir=str(ckpt),
+                                                       checkpoint_every_steps=1000), list("abcd"))
     wait_until(lambda: reached(tmp_path, 8), 120, what="8 steps trained")
     joined_at = max(driven(tmp_path))
-    joiner, _ = start(swarm_procs, tmp_path, config(tmp_path, "late.yaml", max_steps=total, max_replicas=0), ["e"], maddr)
+    joiner, _ = start(swarm_procs, tmp_path, config(tmp_path, "late.yaml", max_steps=total, max_replicas=0, checkpoint_dir=str(ckpt),
+                                                    checkpoint_every_steps=1000), ["e"], maddr)
     nodes.update(joiner)
     e = joiner["e"].peer_id(60)
     first = wait_until(lambda: training_since(tmp_path, set()).get(e), 120, what="the joiner training")   # work
@@ -183,7 +186,9 @@ def test_a_joining_node_gets_work_and_state_and_a_leaver_hands_its_state_over(tm
     left = nodes[leaver].ready(60, until=lambda info: info["state"] == "offline", what="the leaver to have left")
     leaver_id = nodes[leaver].peer_id(5)
     (gone,) = wait_until(lambda: read_events(tmp_path / "metrics.jsonl", "left"), 10, what="the leaver's left event")
-    assert gone["peer"] == leaver_id and gone["handed_over"], gone
+    assert gone["peer"] == leaver_id and gone["handed_over"] and not gone["finished"], gone
+    stage = int(roles[leaver].split()[1])   # SIGTERM wrote the leaver's checkpoint before it handed over
+    assert list(ckpt.glob(f"step-*/done-{stage}")) and (ckpt / "model.json").exists(), sorted(p.name for p in ckpt.rglob("*"))
     mark = max(driven(tmp_path))
     wait_until(lambda: reached(tmp_path, mark + 5), 120, what="training resumed without the leaver")
     rest = {p.peer_id(5) for n, p in nodes.items() if n != leaver}
