@@ -180,6 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         backups = ", ".join(f"{b[-8:]} ({age} steps old)" for b, age in row["backups"]) or "none"
         print(f"stage {row['stage']}: held by {', '.join(h[-8:] for h in row['holders'])} at step {row['step']}; "
               f"snapshots: {backups}")
+    measured = [r for r in records if r.val_loss is not None]
+    if measured:
+        print("validation loss: " + ", ".join(f"{r.val_loss:.4f} ({r.peer_id[-8:]}, step {r.step})" for r in measured))
     spares = [r.peer_id[-8:] for r in records if r.role == "spare"]
     if spares:
         print(f"spares: {', '.join(spares)}")
