@@ -111,3 +111,18 @@ def test_a_step_the_rest_of_the_swarm_applied_is_completed_by_the_next_holder_of
         assert torch.equal(p, q), name           # as if the step had never been cut
     _, late = pipeline()                        # the swarm moved on two steps: the gradient is stale, dropped
     assert late[1].resume(states, 4) == [] and late[1].step_id == 4 and all(p.grad is None for p in late[1].params)
+
+
+def test_checkpoint_retention_is_the_keep_checkpoints_setting_and_the_model_spec_goes_beside_it(tmp_path):
+    import json
+
+    from swarm.config import NodeConfig
+    from swarm.runtime.session import checkpoint
+
+    keep = NodeConfig.model_validate({"training": {"keep_checkpoints": 3}}).training.keep_checkpoints
+    assert NodeConfig().training.keep_checkpoints == 2 and keep == 3
+    for step in (5, 10, 15, 20, 25):
+        checkpoint(str(tmp_path), {"a": OpState(step, {"p:w": torch.full((2,), float(step))})}, 0, step, keep, ("gpt2-tiny", "coarse"))
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000015", "step-000000020", "step-000000025"]
+    assert json.loads((tmp_path / "model.json").read_text())["model"] == "gpt2-tiny"
+    assert read_checkpoint(tmp_path, ["a"])["a"].step == 25
