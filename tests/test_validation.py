@@ -43,14 +43,19 @@ def test_validation_through_three_stages_equals_the_model_and_touches_no_trainin
         assert all(s.worker.step_id == 1 for s in servers)                 # no step counted
         return got
 
-    try:
-        got = asyncio.run(asyncio.wait_for(run(), 120))
-    finally:
-        for s in servers:
-            s.close()
+    got = run_on(servers, run)
     want, _ = reference_from(servers, val, lm_loss)   # the same weights, one process
     assert got.samples == 6 and got.accuracy is None
     assert got.loss == pytest.approx(want, abs=1e-5)
+
+
+def run_on(servers, scenario):
+    """``scenario()`` on a fresh event loop (bounded), the servers closed after it whatever happens."""
+    try:
+        return asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        for s in servers:
+            s.close()
 
 
 def reference_from(servers, pairs, loss_fn):
@@ -83,11 +88,7 @@ def test_a_classifier_s_validation_accuracy_uses_batchnorm_statistics_without_up
         assert all(s.worker.stage.module.training for s in servers)   # back in training mode
         return got
 
-    try:
-        got = asyncio.run(asyncio.wait_for(run(), 120))
-    finally:
-        for s in servers:
-            s.close()
+    got = run_on(servers, run)
     loss, accuracy = reference_from(servers, val, F.cross_entropy)
     assert got.samples == 4 and got.loss == pytest.approx(loss, abs=1e-5) and got.accuracy == pytest.approx(accuracy)
 
