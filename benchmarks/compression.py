@@ -1,27 +1,61 @@
-"""AdaTopK's cost in accuracy: gpt2-tiny trained through a 3-stage pipeline (the stage servers' real
-path, in one process) uncompressed and at fixed wire ratios; final loss and achieved ratio.
-Also: the same ratio without the channel scale (plain per-token magnitude), and with error feedback
-(what compression dropped from one micro-batch's activations added to the next one's before
-selection: the experiment behind docs/adatopk.md's "error feedback is not applied"). Prints a table
-and writes JSON.
+"""AdaTopK's cost in accuracy, as validation loss on real held-out text.
 
-    python -m benchmarks.compression [--steps 80] [--device cpu|cuda] [--json-out benchmarks/results/compression.json]
+gpt2-tiny trained on Shakespeare's training plays (``training.data: shakespeare``, docs/data.md) for the
+same number of steps, for every seed (model initialisation and data order both taken from it):
+
+- ``single``: one process, the plain model, the same micro-batching, Adam, learning rate and warm-up
+  (the reference of tests/test_training.py);
+- ``off``: a 3-stage pipeline (the stage servers' real path: frames, AdaTopK, masks, in one process),
+  uncompressed: it must equal ``single`` to float noise (the table says by how much it does not);
+- ``4x``, ``10x``, ``16x``, ``32x``: the same pipeline at fixed wire ratios (activations and their
+  gradients), from the first step;
+- ``10x-plain``: the same ratio selecting by plain per-token magnitude (no channel scale);
+- ``10x-ef``, ``32x-ef``: with error feedback (what compression dropped from one micro-batch's
+  activations added to the next one's before selection: the experiment behind docs/adatopk.md's
+  "error feedback is not applied").
+
+After training (and at a few steps on the way) the model is measured on a fixed set of validation
+sequences from the held-out plays, forward through the pipeline as the swarm measures it (``evaluate``:
+on a compressed pipeline the validation activations are compressed too; ``uncompressed`` evaluates the
+same parameters with every link raw). Evaluating leaves nothing behind: the links' channel scales (and
+error-feedback residuals) are put back as they were. Prints mean +- standard deviation over the seeds
+(and min..max), the paired difference from ``single`` in percent, and the achieved wire ratio; writes
+JSON with every seed's values.
+
+    python -m benchmarks.compression [--steps 150] [--seeds 0,1,2] [--rows single,off,4x,10x,16x]
+        [--device cpu|cuda] [--threads 1] [--json-out benchmarks/results/compression.json]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from swarm.compression.adatopk import ChannelScale, Packet, decode
 from swarm.compression.policy import LinkPolicy
-from swarm.data import ByteCorpus, generated_corpus, lm_loss
-from swarm.models import trace_model
+from swarm.dag.trace import trace
+from swarm.data import ByteCorpus, bits_per_byte, generated_corpus, lm_loss, training_data, validation_data
+from swarm.models import load_model, trace_model
 from swarm.pipeline import train_step
+from swarm.pipeline.driver import evaluate
+from swarm.runtime import lr_at, make_optimizer
 from swarm.runtime.local import local_servers
+from swarm.runtime.worker import LrSchedule
+
+MODEL, DATA, STAGES = "gpt2-tiny", "shakespeare", 3
+MICRO_BATCHES, MICRO_BATCH_SIZE = 4, 4          # 16 sequences of 128 bytes per step
+LR, LR_WARMUP = 1e-3, 20                        # training.lr and training.lr_warmup_steps defaults
+VALIDATION_BATCHES = 16                         # of MICRO_BATCH_SIZE: 64 held-out sequences
 
 
 class ErrorFeedback(ChannelScale):
@@ -39,11 +73,178 @@ class ErrorFeedback(ChannelScale):
         return packet
 
 
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    ratio: float = 1.0
+    selection: str = "channel"   # channel (per token, on the channel scale) | plain (per token, |x|) | feedback
+    pipeline: bool = True
+
+    @property
+    def label(self) -> str:
+        if not self.pipeline:
+            return "single process"
+        if self.ratio == 1:
+            return "3 stages, off"
+        return {"channel": "per token / channel", "plain": "per token, plain |x|",
+                "feedback": "+ error feedback"}[self.selection]
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("single", pipeline=False), Variant("off"), Variant("4x", 4), Variant("10x", 10), Variant("16x", 16),
+    Variant("32x", 32), Variant("10x-plain", 10, "plain"), Variant("10x-ef", 10, "feedback"),
+    Variant("32x-ef", 32, "feedback")]}
+DEFAULT_ROWS = "single,off,4x,10x,16x"
+
+
+# ---- what every run shares (benchmarks/churn_accuracy.py uses these too) ----
+
+def text(seed: int) -> ByteCorpus:
+    """The training plays, batches drawn with ``seed`` (``ByteCorpus.batch``'s stream)."""
+    corpus = _training_text()
+    seeded = copy.copy(corpus)
+    seeded.seed = seed
+    return seeded
+
+
+_CORPUS: list[ByteCorpus] = []
+
+
+def _training_text() -> ByteCorpus:
+    if not _CORPUS:
+        corpus, loss = training_data(DATA, [MICRO_BATCH_SIZE, 128], "int64", [MICRO_BATCH_SIZE, 128, 256])
+        assert loss is lm_loss
+        _CORPUS.append(corpus)
+    return _CORPUS[0]
+
+
+def validation() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation batches: windows evenly spread over the held-out plays."""
+    return validation_data(DATA, [MICRO_BATCH_SIZE, 128], "int64", [MICRO_BATCH_SIZE, 128, 256],
+                           batches=VALIDATION_BATCHES, batch_size=MICRO_BATCH_SIZE)
+
+
+def plain_model(seed: int) -> torch.nn.Module:
+    """gpt2-tiny with the initial weights of ``seed`` (what ``pipeline(seed, ...)`` starts from)."""
+    torch.manual_seed(seed)
+    return load_model(MODEL).module
+
+
+def pipeline(seed: int, variant: Variant, device: str = "cpu") -> tuple:
+    """(traced model, stage servers) of a 3-stage pipeline of gpt2-tiny initialised from ``seed``, with
+    the learning-rate warm-up a node uses and ``variant``'s compression on every link."""
+    torch.manual_seed(seed)
+    built = load_model(MODEL)
+    traced = trace(built.module, built.example_inputs(MICRO_BATCH_SIZE), "coarse", built.sequential_modules, built.name)
+    mode = "fixed" if variant.ratio > 1 else "off"
+    servers = local_servers(traced, STAGES, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=variant.ratio),
+                            lr=LR, device=device)
+    for s in servers:
+        s.worker.lr_schedule = LrSchedule(LR, LR_WARMUP)
+        s.link.channel_scale = ErrorFeedback() if variant.selection == "feedback" else \
+            None if variant.selection == "plain" else s.link.channel_scale
+    return traced, servers
+
+
+async def measure(servers: list, batches, uncompressed: bool = False) -> float:
+    """Validation loss through the pipeline; the links' state (channel scales, residuals) left as it was."""
+    kept = [(s.link.policy, copy.deepcopy(s.link.channel_scale)) for s in servers]
+    try:
+        if uncompressed:
+            for s in servers:
+                s.link.policy = None
+        return (await evaluate(servers[0], batches)).loss
+    finally:
+        for s, (policy, scale) in zip(servers, kept):
+            s.link.policy, s.link.channel_scale = policy, scale
+
+
+def measure_model(model: torch.nn.Module, batches) -> float:
+    """Validation loss of a plain model (mean over samples, as ``evaluate`` weighs it)."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = [(float(lm_loss(model(x), y)), len(x)) for x, y in batches]
+    finally:
+        model.train()
+    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+
+
+def parameters(servers: list) -> dict[str, torch.Tensor]:
+    return {name: t for s in servers for name, t in s.worker.state().items()}
+
+
+def checkpoints(steps: int, every: int) -> set[int]:
+    """The step counts after which the model is measured: every ``every`` and the last."""
+    return {n for n in range(every, steps, every)} | {steps} if every else {steps}
+
+
+def train_pipeline(servers: list, corpus: ByteCorpus, steps: int, batches, at: set[int],
+                   hook: Callable[[int, list], None] | None = None) -> dict:
+    """``steps`` optimizer steps; ``hook(done, servers)`` after each (``done`` steps applied, between
+    two steps); validation loss after the step counts in ``at``."""
+    async def run() -> tuple[list[float], list[tuple[int, float]]]:
+        losses, curve = [], []
+        for step in range(steps):
+            x, y = corpus.batch(step, MICRO_BATCHES * MICRO_BATCH_SIZE)
+            losses.append(await train_step(servers[0], x, y, MICRO_BATCHES, 3))
+            if hook is not None:
+                hook(step + 1, servers)
+            if step + 1 in at:
+                curve.append((step + 1, await measure(servers, batches)))
+        return losses, curve
+
+    losses, curve = asyncio.run(run())
+    out = {"train_loss_last5": sum(losses[-5:]) / len(losses[-5:]), "curve": curve, "val_loss": curve[-1][1]}
+    raw, wire = sum(s.counters.act_raw for s in servers), sum(s.counters.act_wire for s in servers)
+    out["achieved_ratio"] = raw / wire if wire else 1.0
+    return out
+
+
+def train_single(seed: int, corpus: ByteCorpus, steps: int, batches, at: set[int], device: str = "cpu") -> tuple[dict, dict]:
+    """The single-process reference: (result, final parameters)."""
+    model = plain_model(seed).to(device)
+    opt = make_optimizer("adam", model.parameters(), LR)
+    losses, curve = [], []
+    for step in range(steps):
+        x, y = corpus.batch(step, MICRO_BATCHES * MICRO_BATCH_SIZE)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for xm, ym in zip(x.chunk(MICRO_BATCHES), y.chunk(MICRO_BATCHES)):
+            loss = lm_loss(model(xm.to(device)), ym.to(device))
+            (loss / MICRO_BATCHES).backward()
+            total += float(loss.detach())
+        opt.param_groups[0]["lr"] = lr_at(step, LR, LR_WARMUP)
+        opt.step()
+        losses.append(total / MICRO_BATCHES)
+        if step + 1 in at:
+            curve.append((step + 1, measure_model(model, [(x.to(device), y.to(device)) for x, y in batches])))
+    out = {"train_loss_last5": sum(losses[-5:]) / len(losses[-5:]), "curve": curve, "val_loss": curve[-1][1],
+           "achieved_ratio": 1.0}
+    return out, {k: v.detach().cpu().clone() for k, v in model.named_parameters()}
+
+
+def spread(values: list[float]) -> dict:
+    """mean, sample standard deviation (0 for one value), min, max."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def pm(s: dict, digits: int = 3, sign: str = "") -> str:
+    return f"{s['mean']:{sign}.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def train(ratio: float, steps: int, channel_scale: bool = True, micro_batches: int = 4, size: int = 4,
           device: str = "cpu", error_feedback: bool = False) -> dict:
-    traced = trace_model("gpt2-tiny", "coarse", size)
+    """The earlier measurement, kept for tests/test_compressed_training.py's guard: *training* loss on the
+    generated corpus, seed 0, no learning-rate warm-up; final loss = mean of the last 5 steps."""
+    traced = trace_model(MODEL, "coarse", size)
     mode = "fixed" if ratio > 1 else "off"
-    servers = local_servers(traced, 3, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio),
+    servers = local_servers(traced, STAGES, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio),
                             device=device)
     for s in servers:
         s.link.channel_scale = ErrorFeedback() if error_feedback else s.link.channel_scale if channel_scale else None
@@ -59,25 +260,104 @@ def train(ratio: float, steps: int, channel_scale: bool = True, micro_batches: i
             "achieved_ratio": raw / wire, "final_loss": sum(losses[-5:]) / 5, "losses": losses}
 
 
+# ---- the benchmark ----
+
+def run_variant(variant: Variant, seed: int, steps: int, at: set[int], batches, device: str,
+                reference: dict[int, dict]) -> dict:
+    started = time.perf_counter()
+    corpus = text(seed)
+    if not variant.pipeline:
+        out, params = train_single(seed, corpus, steps, batches, at, device)
+        reference[seed] = params
+        out["val_loss_uncompressed"] = out["val_loss"]
+    else:
+        _, servers = pipeline(seed, variant, device)
+        out = train_pipeline(servers, corpus, steps, batches, at)
+        out["val_loss_uncompressed"] = asyncio.run(measure(servers, batches, uncompressed=True))
+        if variant.ratio == 1 and seed in reference:
+            ours, theirs = parameters(servers), reference[seed]
+            out["max_param_diff_vs_single"] = max(float((ours[k] - v).abs().max()) for k, v in theirs.items())
+    out.update(seed=seed, bits_per_byte=bits_per_byte(out["val_loss"]), seconds=time.perf_counter() - started)
+    log(f"  {variant.name:>10} seed {seed}: val {out['val_loss']:.4f} (uncompressed {out['val_loss_uncompressed']:.4f}), "
+        f"train {out['train_loss_last5']:.4f}, x{out['achieved_ratio']:.2f}, {out['seconds']:.0f} s")
+    return out
+
+
+def summarise(variant: Variant, runs: list[dict], base: dict[int, float] | None) -> dict:
+    row = {"variant": variant.name, "label": variant.label, "target_ratio": variant.ratio, "selection": variant.selection,
+           "pipeline": variant.pipeline, "per_seed": runs,
+           "val_loss": spread([r["val_loss"] for r in runs]),
+           "val_loss_uncompressed": spread([r["val_loss_uncompressed"] for r in runs]),
+           "bits_per_byte": spread([r["bits_per_byte"] for r in runs]),
+           "train_loss_last5": spread([r["train_loss_last5"] for r in runs]),
+           "achieved_ratio": statistics.fmean(r["achieved_ratio"] for r in runs)}
+    if base is not None and all(r["seed"] in base for r in runs):
+        row["delta_pct_vs_single"] = spread([(r["val_loss"] / base[r["seed"]] - 1) * 100 for r in runs])
+        row["delta_vs_single"] = spread([r["val_loss"] - base[r["seed"]] for r in runs])
+    diffs = [r["max_param_diff_vs_single"] for r in runs if "max_param_diff_vs_single" in r]
+    if diffs:
+        row["max_param_diff_vs_single"] = max(diffs)
+    return row
+
+
+def table(rows: list[dict], steps: int, seeds: list[int], device: str) -> str:
+    lines = [f"{MODEL} on {DATA}, {device}, {steps} steps of {MICRO_BATCHES} x {MICRO_BATCH_SIZE} sequences of 128 bytes, "
+             f"Adam lr {LR:g} (warm-up {LR_WARMUP}), seeds {','.join(map(str, seeds))}; validation loss on "
+             f"{VALIDATION_BATCHES * MICRO_BATCH_SIZE} held-out sequences after the last step (mean ± std over seeds)",
+             f"{'row':>10} {'selection':>21} {'wire x':>7} {'val loss':>15} {'min..max':>13} {'bits/byte':>15} "
+             f"{'vs single':>16} {'uncompressed':>15} {'train (last 5)':>15}"]
+    for r in rows:
+        v, d = r["val_loss"], r.get("delta_pct_vs_single")
+        vs = "-" if d is None or not r["pipeline"] else f"{d['mean']:+.2f} ± {d['std']:.2f}%"
+        lines.append(f"{r['variant']:>10} {r['label']:>21} {r['achieved_ratio']:>7.2f} {pm(v, 4):>15} "
+                     f"{v['min']:.3f}..{v['max']:.3f} {pm(r['bits_per_byte']):>15} {vs:>16} "
+                     f"{pm(r['val_loss_uncompressed'], 4):>15} {pm(r['train_loss_last5']):>15}")
+    off = next((r for r in rows if r["variant"] == "off" and "delta_vs_single" in r), None)
+    if off is not None:
+        d = off["delta_vs_single"]
+        lines.append(f"3 stages off vs single process: validation loss differs by {d['mean']:+.2e} "
+                     f"(largest |diff| {max(abs(d['min']), abs(d['max'])):.2e}); largest parameter difference "
+                     f"{off.get('max_param_diff_vs_single', math.nan):.2e}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=80)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated: model initialisation and data order")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--eval-every", type=int, default=50, help="also measure after every this many steps (0: only at the end)")
     parser.add_argument("--json-out", default="benchmarks/results/compression.json")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    runs = [train(r, args.steps, device=args.device) for r in (1, 4, 10, 16, 32)] \
-        + [train(10, args.steps, channel_scale=False, device=args.device)] \
-        + [train(r, args.steps, error_feedback=True, device=args.device) for r in (10, 32)]
-    base = runs[0]["final_loss"]
-    print(f"gpt2-tiny on {args.device}, 3 stages, {args.steps} steps of 4 x 4 sequences; final loss = mean of the last 5 steps")
-    print(f"{'target':>7}{'selection':>22}{'achieved':>10}{'final loss':>12}{'vs off':>9}")
-    for r in runs:
-        how = "-" if r["target_ratio"] == 1 else "+ error feedback" if r["error_feedback"] else \
-            "per token / channel" if r["channel_scale"] else "per token, plain |x|"
-        print(f"{r['target_ratio']:>7g}{how:>22}{r['achieved_ratio']:>10.2f}{r['final_loss']:>12.3f}"
-              f"{(r['final_loss'] / base - 1) * 100:>+8.1f}%")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = [r for r in args.rows.split(",") if r not in VARIANTS]
+    if unknown or args.steps < 1:
+        parser.error(f"unknown rows {unknown} (known: {', '.join(VARIANTS)})" if unknown else "--steps must be >= 1")
+    variants = [VARIANTS[r] for r in args.rows.split(",")]
+    variants.sort(key=lambda v: v.pipeline)   # the single-process reference first: every row is compared with it
+    started, batches, at = time.perf_counter(), validation(), checkpoints(args.steps, args.eval_every)
+    reference: dict[int, dict] = {}
+    runs: dict[str, list[dict]] = {v.name: [] for v in variants}
+    for seed in seeds:
+        for v in variants:
+            runs[v.name].append(run_variant(v, seed, args.steps, at, batches, args.device, reference))
+    single = {r["seed"]: r["val_loss"] for r in runs.get("single", [])} or None
+    rows = [summarise(v, runs[v.name], single) for v in variants]
+    seconds = time.perf_counter() - started
+    print(table(rows, args.steps, seeds, args.device))
+    print(f"({seconds / 60:.1f} min)")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps({"steps": args.steps, "runs": runs}, indent=1))
+    Path(args.json_out).write_text(json.dumps({
+        "model": MODEL, "data": DATA, "device": args.device, "threads": args.threads, "steps": args.steps, "seeds": seeds,
+        "stages": STAGES, "micro_batches": MICRO_BATCHES, "micro_batch_size": MICRO_BATCH_SIZE, "lr": LR,
+        "lr_warmup_steps": LR_WARMUP, "compression_warmup_steps": 0,
+        "validation_sequences": VALIDATION_BATCHES * MICRO_BATCH_SIZE, "metric": "validation loss (nats/byte)",
+        "command": "python -m benchmarks.compression " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": seconds, "rows": rows}, indent=1))
     return 0
 
 
