@@ -147,7 +147,9 @@ class TrainingConfig(Strict):
     lr_warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(
         default=PlanSettings.schedule, description="gpipe: all micro-batches in flight; 1f1b: as many as stages, backward first")
-    max_steps: int | None = Field(default=None, ge=0, le=MAX_STEPS, description="stop driving after this many steps (None: never)")
+    max_steps: int | None = Field(default=None, ge=0, le=MAX_STEPS, description="train this many steps, then every node "
+                                  "saves and leaves once every stage reached it (None: never; 0: elect plans but train "
+                                  "nothing, and stay)")
     save_dir: str | None = Field(default=None, description="write each stage's parameters here at max_steps")
     checkpoint_dir: str | None = Field(default=None, description="write ops' state here (and resume from it)")
     checkpoint_every_steps: PositiveInt = Field(default=50, le=MAX_STEPS, description="checkpoint period")

@@ -218,10 +218,10 @@ class Node:
         follower.events.emit(LEFT, handed_over=handed_over, served=follower.service.served, finished=False)
 
     def finished(self) -> bool:
-        """``training.max_steps`` is set and every stage holder of the committed plan advertises it
-        reached it (this node's own record as the view last read it)."""
+        """``training.max_steps`` is set (0: elections only, and the node stays) and every stage holder of
+        the committed plan advertises it reached it (this node's own record as the view last read it)."""
         max_steps, plan = self.cfg.training.max_steps, self.elector.plan if self.elector else None
-        if max_steps is None or plan is None or not plan.stages:
+        if not max_steps or plan is None or not plan.stages:
             return False
         holders = {p for s in plan.stages for p in s.peers}
         steps = [self.view.members[p].step if p in self.view.members else None for p in holders]
