@@ -204,6 +204,8 @@ def test_a_whole_swarm_restarts_from_its_checkpoints(tmp_path, swarm_procs):
     first, _ = start(swarm_procs, tmp_path, config(tmp_path, max_steps=8, min_members=3, checkpoint_dir=ckpt,
                                                    checkpoint_every_steps=4), list("abc"))
     wait_until(lambda: len(list(Path(ckpt).glob("step-000000008/done-*"))) == 3, 120, what="the step-8 checkpoint")
+    # (the first stage writes step 7's row after the step's validation, which follows the checkpoint)
+    wait_until(lambda: 7 in {r["step"] for r in steps(tmp_path) if "loss" in r}, 60, what="step 7's metrics row")
     losses = {r["step"]: r["loss"] for r in steps(tmp_path) if "loss" in r}
     for proc in first.values():
         proc.kill(signal.SIGKILL)   # the whole swarm goes down

@@ -62,6 +62,8 @@ class Observer:
         self.dht.shutdown()
 
 
+@pytest.mark.scenario   # 80 s of node processes: run by `python -m benchmarks.scenarios` (the suite keeps
+# tests/test_election.py::test_staggered_joins_end_in_one_plan and ::test_dead_member_is_dropped_in_a_new_epoch)
 def test_eight_staggered_nodes_commit_one_plan_and_replace_a_killed_one(tmp_path, swarm_procs):
     load_or_measure("cpu")
     boot = bootstrap(swarm_procs, tmp_path, "boot.id")

@@ -222,7 +222,7 @@ def test_a_failing_checkpoint_is_warned_once_not_at_every_checkpoint(tmp_path):
     session = SimpleNamespace(index=1, me="me", cfg=SimpleNamespace(training=training),
                               server=SimpleNamespace(peers=SimpleNamespace(replicas=("me",))),
                               loop=SimpleNamespace(loop=Loop()), worker=SimpleNamespace(step_id=0),
-                              final_state=lambda: {}, checkpoints=_Checkpoints(CallableLogger(lines.append)),
+                              final_state=lambda: {}, checkpoints=_Checkpoints(CallableLogger(lines.append), ("gpt2-tiny", "coarse")),
                               _record=lambda *a, **k: None)
     for step in range(4):
         session.worker.step_id = step + 1
