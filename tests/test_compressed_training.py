@@ -8,6 +8,8 @@ STEPS = 50
 
 
 @pytest.mark.slow
+@pytest.mark.scenario   # 50 s: run by `python -m benchmarks.scenarios`; the accuracy claim itself is measured as
+# validation loss on held-out text, 3 seeds, by `python -m benchmarks.compression` (docs/benchmarks.md)
 def test_adatopk_at_10x_on_the_wire_trains_within_5_percent_of_uncompressed():
     plain, packed = train(1.0, STEPS), train(10.0, STEPS)
     assert plain["achieved_ratio"] == pytest.approx(1.0) and packed["achieved_ratio"] >= 10.0
