@@ -210,12 +210,16 @@ class Node:
             time.sleep(min(net.heartbeat_s, 1.0))   # the others re-plan and fetch at their own pace
         else:
             logger.warning("the swarm did not take this node's state over in time")
-        follower.close()
+        self._go_offline(handed_over, finished=False)
+        logger.info(f"left the swarm ({follower.service.served} op states handed over)")
+
+    def _go_offline(self, handed_over: bool, finished: bool) -> None:
+        """The last of leaving: stop serving state and probing, publish the record offline, say so (``left``)."""
+        self.follower.close()
         self.probes.close()
         self.record = replace(self.record, state=MemberState.OFFLINE)
         self._advertise(timeout_s=5)
-        logger.info(f"left the swarm ({follower.service.served} op states handed over)")
-        follower.events.emit(LEFT, handed_over=handed_over, served=follower.service.served, finished=False)
+        self.follower.events.emit(LEFT, handed_over=handed_over, served=self.follower.service.served, finished=finished)
 
     def finished(self) -> bool:
         """``training.max_steps`` is set (0: elections only, and the node stays) and every stage holder of
@@ -233,11 +237,7 @@ class Node:
         logger.info(f"the swarm reached max_steps {self.cfg.training.max_steps}: leaving")
         self.follower.stop()
         self.follower.persist()
-        self.follower.close()
-        self.probes.close()
-        self.record = replace(self.record, state=MemberState.OFFLINE)
-        self._advertise(timeout_s=5)
-        self.follower.events.emit(LEFT, handed_over=True, served=self.follower.service.served, finished=True)
+        self._go_offline(handed_over=True, finished=True)
 
     def close(self) -> None:
         """Let go of the p2p replica, the loop and the DHT (whatever ``start`` got to)."""
