@@ -1,7 +1,12 @@
 """A bootstrap peer: a DHT-only node that new nodes dial first.
 
     python -m bootstrap.bootstrap [--host-maddrs /ip4/0.0.0.0/tcp/31337] [--identity PATH] [--prefix swarm]
-        [--credentials FILE] [--ready-file PATH]
+        [--credentials FILE] [--ready-file PATH] [--no-relay] [--relay-data-limit-mb N] [--relay-time-limit-s S]
+
+It is also a circuit relay for nodes behind NAT (with the limits given; docs/nat.md) and answers
+their dial-back requests (``swarm.reach.v1``). The relay's limits hold once the daemon knows it is
+public, which takes a second public peer to dial it back: link two bootstrap peers
+(``--initial-peers``), or run one beside a public node.
 
 Prints its multiaddrs (put them in a peer list, see peers.txt), serves until SIGINT/SIGTERM. A program
 that starts it reads them from ``--ready-file`` (JSON, as ``node.py run --ready-file`` writes: peer_id,
@@ -15,9 +20,11 @@ import sys
 import time
 
 from swarm import logs
-from swarm.config import NetworkConfig, validate
+from swarm.config import NetworkConfig, RelayConfig, validate
 from swarm.errors import SwarmError
+from swarm.loop import NodeLoop
 from swarm.net.membership import make_validators
+from swarm.net.reach import ReachHelper
 from swarm.node import check_maddrs, node_identity, private_swarm, start_dht, stop_on_signals
 from swarm.node.ready import write_ready
 
@@ -37,12 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="swarm")
     parser.add_argument("--credentials", help="private swarm: this peer's credential (see docs/private-swarm.md)")
     parser.add_argument("--ready-file", metavar="PATH", help="JSON with the peer id and multiaddrs, once it listens")
+    parser.add_argument("--no-relay", action="store_true", help="do not relay for nodes behind NAT")
+    relay = RelayConfig()
+    parser.add_argument("--relay-data-limit-mb", type=float, default=relay.data_limit_mb,
+                        help="bytes one relayed connection may carry per direction (MiB)")
+    parser.add_argument("--relay-time-limit-s", type=float, default=relay.time_limit_s,
+                        help="the longest a relayed connection may last")
     args = parser.parse_args(argv)
     logs.setup()
     try:
+        relay = {"serve": not args.no_relay, "use": False, "data_limit_mb": args.relay_data_limit_mb,
+                 "time_limit_s": args.relay_time_limit_s}
         net = validate(NetworkConfig, {"host_maddrs": args.host_maddrs, "announce_maddrs": args.announce_maddrs,
                                        "initial_peers": args.initial_peers, "identity_path": args.identity,
-                                       "prefix": args.prefix, "credentials_path": args.credentials}, "bootstrap flags")
+                                       "prefix": args.prefix, "credentials_path": args.credentials, "relay": relay},
+                       "bootstrap flags")
         check_maddrs(net.initial_peers, "--initial-peers", need_peer_id=True)
         identity = node_identity(net)
         dht = start_dht(net, net.initial_peers, make_validators(net.prefix, identity.key), identity.path,
@@ -50,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    loop = NodeLoop()
     try:
+        p2p = loop.call_sync(dht.replicate_p2p())
+        loop.call_sync(ReachHelper(p2p).serve())   # dial-backs for nodes that ask whether they are reachable
         with stop_on_signals() as stop:
             maddrs = [str(a) for a in dht.get_visible_maddrs()]
             for addr in maddrs:
@@ -62,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 _ready(args.ready_file, identity.peer_id, maddrs, "offline")
             return 0
     finally:
+        loop.close()
         dht.shutdown()
 
 

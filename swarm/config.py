@@ -77,6 +77,19 @@ class ImportSpec(_ModelSpecBase):
     input_high: PositiveInt = Field(default=2, le=1 << 62, description="exclusive upper bound of int64 inputs")
 
 
+class RelayConfig(Strict):
+    """Circuit relay v2 through the p2p daemon (docs/nat.md): nodes behind NAT reserve a slot on relays
+    and are dialled through them; hole punching then upgrades the link where the NAT allows."""
+
+    use: bool = Field(default=True, description="behind NAT, take reservations on `peers`")
+    peers: list[str] | None = Field(default=None, description="relays to reserve on (None: the initial peers)")
+    serve: bool = Field(default=True, description="relay for others (only once the daemon finds itself public)")
+    data_limit_mb: float = Field(default=4096.0, gt=0, le=1 << 20, description="bytes relayed per connection and "
+                                 "direction before the relay resets it (MiB)")
+    time_limit_s: float = Field(default=1800.0, gt=0, le=MAX_PERIOD_S, description="longest relayed connection")
+    max_circuits: int = Field(default=16, ge=1, le=MAX_PEERS, description="relayed connections per peer at once")
+
+
 class NetworkConfig(Strict):
     """How a node joins a swarm. Multiaddrs are validated when the node starts."""
 
@@ -93,6 +106,12 @@ class NetworkConfig(Strict):
     probe_interval_s: float = Field(default=30.0, gt=0, le=MAX_PERIOD_S, description="one bandwidth probe (~1 s) per interval")
     leave_timeout_s: float = Field(default=60.0, ge=0, le=MAX_WAIT_S, description="on SIGTERM/Ctrl-C, wait at most this long "
                                    "for the swarm to take this node's state over")
+    reachability: Literal["auto", "public", "private"] = Field(
+        default="auto", description="auto: the daemon's AutoNAT and a dial-back decide; public/private: take it as said")
+    hole_punching: bool = Field(default=True, description="upgrade relayed links by hole punching (DCUtR)")
+    relay: RelayConfig = Field(default_factory=RelayConfig)
+    reach_check_s: float = Field(default=300.0, gt=0, le=MAX_PERIOD_S,
+                                 description="ask for a dial-back this often (and when the addresses change)")
 
     @model_validator(mode="after")
     def _heartbeat_within_ttl(self) -> NetworkConfig:

@@ -9,6 +9,14 @@ never trains and stalls every epoch. So each node pings every member it sees (an
 first seen or last answered, with at least ``MIN_FAILURES`` pings unanswered meanwhile, is gone: left out
 of the view the election and the pipeline see. It is pinged on, and comes back the moment it answers.
 
+A member whose last ``MIN_FAILURES`` pings in a row went unanswered is *unreachable* from here
+(``unreachable``): after a failure the next ping goes out at once and waits at most
+``UNREACHABLE_PING_S``, so a neighbour whose traffic is dropped is named within about
+``interval_s + 2 * UNREACHABLE_PING_S``. The node advertises those peers (``unreachable`` in its
+record); planning prices their links as cut (``swarm.net.membership.MembershipView.bandwidth``), and a
+member is left out of the view only when most members say it is gone (``agreed_gone``), so that one
+cut link does not split the swarm's views.
+
 The failure count keeps a stalled prober (this node's own heartbeat held up for longer than a TTL)
 from declaring everyone gone at once: silence is only believed when pings went out and failed.
 
@@ -28,6 +36,7 @@ logger = logging.getLogger(__name__)
 PINGS_PER_TTL = 3     # a member is pinged every ttl_s / 3, and each ping waits at most ttl_s / 3
 MIN_FAILURES = 2      # unanswered pings before silence counts (the ping timeouts must have run out)
 MAX_PINGS = 64        # pings in flight at once, whatever the number of members
+UNREACHABLE_PING_S = 5.0   # a ping waits at most this long (an empty probe takes one round trip)
 
 
 @dataclass
@@ -46,8 +55,13 @@ class Liveness:
 
     @property
     def interval_s(self) -> float:
-        """How often a member is pinged, and how long a ping waits."""
+        """How often a member is pinged."""
         return self.ttl_s / PINGS_PER_TTL
+
+    @property
+    def timeout_s(self) -> float:
+        """How long a ping waits."""
+        return min(self.interval_s, UNREACHABLE_PING_S)
 
     def observe(self, peers: Iterable[str], now: float) -> None:
         """The peers whose records are in the view now. A peer out of the view for a TTL is forgotten,
@@ -65,10 +79,10 @@ class Liveness:
         self.reported.discard(peer)
 
     def due(self, peers: Iterable[str], now: float, pending: Container[str] = ()) -> list[str]:
-        """Peers to ping now: not pinged within ``interval_s`` and no ping of theirs in flight, the
-        longest unpinged first."""
+        """Peers to ping now: not pinged within ``interval_s`` (``timeout_s`` after a failed ping) and no
+        ping of theirs in flight, the longest unpinged first."""
         due = [p for p in peers if p != self.me and p not in pending
-               and now - self.pinged_at.get(p, -float("inf")) >= self.interval_s]
+               and now - self.pinged_at.get(p, -float("inf")) >= (self.timeout_s if self.failures.get(p) else self.interval_s)]
         return sorted(due, key=lambda p: (self.pinged_at.get(p, -float("inf")), p))
 
     def pinged(self, peer: str, now: float) -> None:
@@ -91,6 +105,10 @@ class Liveness:
         since = max(self.first_seen.get(peer, now), self.answered_at.get(peer, -float("inf")))
         return max(0.0, now - since)
 
+    def unreachable(self) -> list[str]:
+        """Peers whose last ``MIN_FAILURES`` pings in a row went unanswered."""
+        return sorted(p for p, n in self.failures.items() if n >= MIN_FAILURES and p in self.first_seen)
+
     def gone(self, peer: str, now: float) -> bool:
         return (peer != self.me and peer in self.first_seen and self.silent_s(peer, now) >= self.ttl_s
                 and self.failures.get(peer, 0) >= MIN_FAILURES)
@@ -102,3 +120,17 @@ class Liveness:
             self.reported.add(peer)
             logger.info(f"member {short(peer)} answers no probe for {self.silent_s(peer, now):.0f} s: treated as gone")
         return gone
+
+
+def agreed_gone(gone_here: set[str], me: str, unreachable: dict[str, list[str] | None]) -> set[str]:
+    """The peers of ``gone_here`` (gone by this node's pings) that most members say they cannot reach:
+    ``unreachable`` holds each member's advertised list (this node counts as saying so). A peer cut off
+    from this node alone stays in the view (its link is priced as cut instead), so every member keeps
+    the same view through a partial partition; a dead or mute one is gone for all."""
+    members, out = set(unreachable) | {me}, set()
+    for peer in gone_here:
+        others = members - {peer}
+        says = sum(q == me or peer in (unreachable.get(q) or ()) for q in others)
+        if 2 * says > len(others):
+            out.add(peer)
+    return out

@@ -84,6 +84,17 @@ def disputed(view: MembershipView, plan: Plan | None) -> dict[str, str]:
     return out
 
 
+def cut_links(plan: Plan | None, view: MembershipView) -> list[tuple[str, str]]:
+    """The links ``plan`` uses (between neighbouring stages, and between a stage's replicas) that one
+    end says it cannot reach (``MembershipView.cut``), each as a sorted pair."""
+    if plan is None:
+        return []
+    stages = [[p for p in s.peers if p in view.members] for s in plan.stages]
+    pairs = {tuple(sorted((a, b))) for i, s in enumerate(stages) for a in s
+             for b in s + (stages[i + 1] if i + 1 < len(stages) else []) if a != b}
+    return sorted(pair for pair in pairs if view.cut(*pair))
+
+
 def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
     """The planning input for ``members`` from their records and the measured bandwidth matrix."""
     rated = rated_tflops(view, members)
@@ -166,10 +177,10 @@ class Elector:
         self.election = Election(me, election_settings(cfg, leader="rotating", epoch_window=EPOCH_WINDOW))
         self.refusals = Refusals(events=events)
         self.verdicts: dict[tuple[str, tuple[str, ...]], str] = {}   # (plan hash, members) -> "" (good) or why not
-        self.naive = cfg.planner == "naive"
         self.plans: dict[str, Plan] = {}   # by hash: the ones this node computed or verified
         self.plan: Plan | None = None       # the committed one
         self.drift_checked_at = 0.0
+        self.cuts: set[tuple[str, tuple[str, str]]] = set()   # (plan hash, link) reported cut
         self.advert = ElectionAdvert()
 
     def step(self, view: MembershipView) -> ElectionAdvert:
@@ -185,8 +196,18 @@ class Elector:
             self._check_drift(view, now)
         except (SwarmError, ValueError, KeyError) as e:
             self.log.warning(f"cannot re-price the committed plan ({e})")
+        self._check_cuts(view)
         self._run(self.election.observe(now, peers), view, ballots)
         return self.advert
+
+    def _check_cuts(self, view: MembershipView) -> None:
+        """A link of the committed plan newly cut (once per plan and link): re-plan without it."""
+        new = [link for link in cut_links(self.plan, view) if (self.plan.hash, link) not in self.cuts]
+        if new:
+            self.cuts.update((self.plan.hash, link) for link in new)
+            self.log.warning(f"plan {self.plan.hash}: link {' - '.join(short(p) for p in new[0])} is cut "
+                             f"({len(new)} link{'s' if len(new) > 1 else ''}): re-planning without it")
+            self.election.report_cut()
 
     def _run(self, commands: list, view: MembershipView, ballots: dict) -> None:
         for c in commands:
@@ -240,7 +261,7 @@ class Elector:
     def _own_plan(self, view: MembershipView, members) -> Plan:
         """The plan this node makes for ``members`` (kept by hash, so a commit of it needs no parsing)."""
         swarm, settings = swarm_of(view, members), self._settings(view, members)
-        plan = baseline(self.workload, swarm, settings, compress=settings.max_ratio > 1) if self.naive else \
+        plan = baseline(self.workload, swarm, settings, compress=settings.max_ratio > 1) if self.cfg.planner == "naive" else \
             schedule(self.workload, swarm, settings)
         self.plans[plan.hash] = plan
         return plan
@@ -297,7 +318,7 @@ class Elector:
 
     def _check_drift(self, view: MembershipView, now: float) -> None:
         """The leader re-prices the committed plan under fresh measurements now and then."""
-        if (self.plan is None or self.naive or now - self.drift_checked_at < self.cfg.drift_check_s
+        if (self.plan is None or self.cfg.planner == "naive" or now - self.drift_checked_at < self.cfg.drift_check_s
                 or self.me != min(view.members)
                 or not set(self.plan.members) <= set(view.members)):
             return

@@ -1,25 +1,36 @@
 """A geo-distributed testbed on one Linux machine: sites of nodes in network namespaces behind one
-bridge, per-destination rates with ``tc htb``, per-node CPU quotas with cgroup v1. Needs root.
+bridge (the "internet"), per-destination rates with ``tc htb``, per-node CPU quotas with cgroup v1,
+and sites behind a NAT router of their own. Needs root (and ``iptables`` for NAT sites).
 
     python -m swarm.testbed up configs/scenarios/geo.yaml      # bring it up, print it, hold until Ctrl-C
 
-Node ``i`` lives in namespace ``swtb-<i>`` at ``10.77.0.<10 + i>``; the host reaches every node
-through the bridge at ``10.77.0.1``. Each node shapes its own egress: one htb class per other node
-at the rate between their sites, so every direction of every pair is shaped. Everything the testbed
-creates carries the ``swtb`` prefix; ``down`` (also run on exit, on SIGINT/SIGTERM, and first thing
-in ``up`` for leftovers of a killed run) removes processes, namespaces, links and cgroups.
+Node ``i`` lives in namespace ``swtb-<i>`` at ``<subnet>.<10 + i>`` (subnet ``10.77.0`` unless the
+scenario says otherwise); the host reaches every public node through the bridge at ``<subnet>.1``.
+A site with ``nat: cone`` or ``nat: symmetric`` sits behind a router (namespace ``swtb-r<k>``, WAN
+address ``<subnet>.<2 + k>`` on the bridge): its nodes live on the home LAN ``192.168.<k>.0/24``
+(node ``i`` at ``192.168.<k>.<10 + i>``), the router masquerades what they send (``symmetric``: a
+random port per connection, so hole punching must fail) and drops unsolicited inbound traffic. A
+scenario with NAT sites defaults to a public-looking subnet (``11.77.0``): libp2p ignores private
+addresses for AutoNAT and hole punching. Traffic stays on the testbed's bridge either way.
+
+Each node shapes its own egress: one htb class per destination address at the rate between the
+sites, so every direction of every pair is shaped. Everything the testbed creates carries the
+``swtb`` prefix; ``down`` (also run on exit, on SIGINT/SIGTERM, and first thing in ``up`` for
+leftovers of a killed run) removes processes, namespaces, links and cgroups.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PositiveInt
 
@@ -31,6 +42,8 @@ from swarm.procs import kill_group, poll_until
 PREFIX = "swtb"
 BRIDGE = f"{PREFIX}-br"
 SUBNET = "10.77.0"
+NAT_SUBNET = "11.77.0"   # public-looking (see the module docstring)
+MAX_NAT_SITES = 8
 CGROUP = Path("/sys/fs/cgroup/cpu") / PREFIX
 PERIOD_US = 100_000
 
@@ -38,6 +51,9 @@ PERIOD_US = 100_000
 class SiteSpec(Strict):
     nodes: PositiveInt = 1
     cpu: float | list[float] = Field(default=1.0, description="CPU share of one core per node (or one per node)")
+    nat: Literal["none", "cone", "symmetric"] = Field(
+        default="none", description="none: public addresses; cone: behind a router that keeps a connection's "
+        "port (hole punching can work); symmetric: a random port per connection (it cannot)")
 
 
 class Scenario(Strict):
@@ -49,6 +65,15 @@ class Scenario(Strict):
     between_mbit: float = Field(default=1000.0, gt=0)
     site_mbit: dict[str, float] = Field(default_factory=dict, description="a site whose links to every other site "
                                         "run at this rate (its uplink), when slower than between_mbit")
+    subnet: str | None = Field(default=None, pattern=r"^\d{1,3}\.\d{1,3}\.\d{1,3}$",
+                               description=f"the bridge's /24 (None: {SUBNET}, or {NAT_SUBNET} with NAT sites)")
+
+    def nat_sites(self) -> list[str]:
+        """The sites behind a NAT router, in order (router ``k`` serves the ``k``-th)."""
+        return [site for site, spec in self.sites.items() if spec.nat != "none"]
+
+    def public_subnet(self) -> str:
+        return self.subnet or (NAT_SUBNET if self.nat_sites() else SUBNET)
 
     def nodes(self) -> list[tuple[str, float]]:
         """(site, CPU share) of every node, in order."""
@@ -82,10 +107,28 @@ class Testbed:
 
     @property
     def hosts(self) -> list[str]:
-        return [f"{SUBNET}.{10 + i}" for i in range(len(self.scenario.nodes()))]
+        """Each node's own address (a home LAN address behind a NAT router)."""
+        nats, net = self.scenario.nat_sites(), self.scenario.public_subnet()
+        return [f"192.168.{nats.index(site)}.{10 + i}" if site in nats else f"{net}.{10 + i}"
+                for i, (site, _) in enumerate(self.scenario.nodes())]
+
+    def router(self, site: str) -> str | None:
+        """The WAN address of ``site``'s NAT router (None: a public site)."""
+        nats = self.scenario.nat_sites()
+        return f"{self.scenario.public_subnet()}.{2 + nats.index(site)}" if site in nats else None
+
+    def address(self, j: int, seen_from: int) -> str:
+        """The address node ``seen_from`` reaches node ``j`` at: its own inside a site, else the
+        site's router (NAT) or its own (public)."""
+        nodes = self.scenario.nodes()
+        site = nodes[j][0]
+        return self.hosts[j] if site == nodes[seen_from][0] else (self.router(site) or self.hosts[j])
 
     def namespace(self, i: int) -> str:
         return f"{PREFIX}-{i}"
+
+    def router_namespace(self, k: int) -> str:
+        return f"{PREFIX}-r{k}"
 
     def interface(self, i: int) -> str:
         """Node ``i``'s network interface (inside its namespace)."""
@@ -95,23 +138,36 @@ class Testbed:
         if os.geteuid() != 0:
             raise SwarmError("the testbed needs root (network namespaces, tc, cgroups): run it with sudo")
         down()
-        nodes = self.scenario.nodes()
+        nodes, nats = self.scenario.nodes(), self.scenario.nat_sites()
         if len(nodes) > 200:
             raise SwarmError(f"scenario has {len(nodes)} nodes; the testbed takes at most 200")
+        if len(nats) > MAX_NAT_SITES:
+            raise SwarmError(f"scenario has {len(nats)} NAT sites; the testbed takes at most {MAX_NAT_SITES}")
+        if nats and not shutil.which("iptables"):
+            raise SwarmError("NAT sites need iptables (apt-get install iptables)")
         try:
             _sh("ip", "link", "add", BRIDGE, "type", "bridge")
-            _sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+            _sh("ip", "addr", "add", f"{self.scenario.public_subnet()}.1/24", "dev", BRIDGE)
             _sh("ip", "link", "set", BRIDGE, "up")
+            for k, site in enumerate(nats):
+                self._router(k, site)
             CGROUP.mkdir(exist_ok=True)
             for i, (site, share) in enumerate(nodes):
                 ns, host, peer = self.namespace(i), f"{PREFIX}{i}h", self.interface(i)
                 _sh("ip", "netns", "add", ns)
                 _sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
                 _sh("ip", "link", "set", peer, "netns", ns)
-                _sh("ip", "link", "set", host, "master", BRIDGE, "up")
+                if site in nats:   # the host end goes into the router, onto the home LAN
+                    router = self.router_namespace(nats.index(site))
+                    _sh("ip", "link", "set", host, "netns", router)
+                    _sh("ip", "-n", router, "link", "set", host, "master", f"{PREFIX}lan", "up")
+                else:
+                    _sh("ip", "link", "set", host, "master", BRIDGE, "up")
                 _sh("ip", "-n", ns, "addr", "add", f"{self.hosts[i]}/24", "dev", peer)
                 _sh("ip", "-n", ns, "link", "set", peer, "up")
                 _sh("ip", "-n", ns, "link", "set", "lo", "up")
+                if site in nats:
+                    _sh("ip", "-n", ns, "route", "add", "default", "via", f"192.168.{nats.index(site)}.1")
                 self._shape(i, ns, peer, site, nodes)
                 group = CGROUP / str(i)
                 group.mkdir(exist_ok=True)
@@ -122,19 +178,47 @@ class Testbed:
             raise
         return self
 
+    def _router(self, k: int, site: str) -> None:
+        """Site ``site``'s NAT router: WAN on the bridge, a LAN bridge for the homes' nodes, masquerade
+        out, nothing in that the router did not see go out (``symmetric``: a random port per connection)."""
+        ns, wan, lan = self.router_namespace(k), f"{PREFIX}r{k}n", f"{PREFIX}lan"
+        _sh("ip", "netns", "add", ns)
+        _sh("ip", "link", "add", f"{PREFIX}r{k}h", "type", "veth", "peer", "name", wan)
+        _sh("ip", "link", "set", wan, "netns", ns)
+        _sh("ip", "link", "set", f"{PREFIX}r{k}h", "master", BRIDGE, "up")
+        _sh("ip", "-n", ns, "addr", "add", f"{self.router(site)}/24", "dev", wan)
+        _sh("ip", "-n", ns, "link", "set", wan, "up")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "-n", ns, "link", "add", lan, "type", "bridge")
+        _sh("ip", "-n", ns, "addr", "add", f"192.168.{k}.1/24", "dev", lan)
+        _sh("ip", "-n", ns, "link", "set", lan, "up")
+        ipt = ("ip", "netns", "exec", ns, "iptables")
+        _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        random_ports = ["--random-fully"] if self.scenario.sites[site].nat == "symmetric" else []
+        _sh(*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE", *random_ports)
+        _sh(*ipt, "-A", "FORWARD", "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        _sh(*ipt, "-A", "FORWARD", "-i", wan, "-j", "DROP")
+        _sh(*ipt, "-A", "INPUT", "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        _sh(*ipt, "-A", "INPUT", "-i", wan, "-j", "DROP")
+
     def _shape(self, i: int, ns: str, dev: str, site: str, nodes: list[tuple[str, float]]) -> None:
-        """Egress of node ``i``: one htb class per other node at the rate between their sites."""
+        """Egress of node ``i``: one htb class per destination address at the rate between the sites
+        (the nodes of a NAT site share their router's address, and so one class)."""
         tc = ("ip", "netns", "exec", ns, "tc")
         _sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "9999")
         _sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:9999", "htb", "rate", "10gbit")
+        classes = {}
         for j, (other, _) in enumerate(nodes):
-            if j == i:
-                continue
-            rate = f"{self.scenario.mbit(site, other):g}mbit"
+            if j != i:
+                classes.setdefault(self.address(j, seen_from=i), (j, self.scenario.mbit(site, other)))
+        for k, site_ in enumerate(self.scenario.nat_sites()):   # routers: relays and dial-backs pass other sites' nodes
+            classes.setdefault(self.router(site_), (len(nodes) + k, self.scenario.mbit(site, site_)))
+        for address, (j, mbit) in classes.items():
+            rate = f"{mbit:g}mbit"
             _sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", f"1:{j + 1}", "htb", "rate", rate,
                 "ceil", rate)
             _sh(*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
-                "match", "ip", "dst", f"{self.hosts[j]}/32", "flowid", f"1:{j + 1}")
+                "match", "ip", "dst", f"{address}/32", "flowid", f"1:{j + 1}")
 
     def start(self, i: int, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Run ``argv`` in node ``i``'s namespace and CPU cgroup (its own process group)."""
@@ -233,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         with Testbed(scenario) as bed:
             for i, (site, share) in enumerate(scenario.nodes()):
-                print(f"node {i}: site {site}, {bed.hosts[i]} in netns {bed.namespace(i)}, cpu {share:g} core", flush=True)
+                behind = f" behind NAT {bed.router(site)}" if bed.router(site) else ""
+                print(f"node {i}: site {site}, {bed.hosts[i]}{behind} in netns {bed.namespace(i)}, cpu {share:g} core",
+                      flush=True)
             print("testbed up; Ctrl-C or SIGTERM takes it down", flush=True)
             poll_until(lambda: stop, math.inf, "Ctrl-C or SIGTERM")
         return 0

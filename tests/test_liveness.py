@@ -69,9 +69,9 @@ def test_a_peer_out_of_the_view_for_a_ttl_is_forgotten_and_fresh_when_it_returns
     assert not live.gone("p", 9.0) and live.silent_s("p", 9.0) == 2.0
 
 
-def member(peer: str) -> MemberRecord:
+def member(peer: str, unreachable: list[str] | None = None) -> MemberRecord:
     now = get_dht_time()
-    return MemberRecord(peer, [], "cpu", "test", 1.0, 1 << 30, {"swarm": "0"}, now, now)
+    return MemberRecord(peer, [], "cpu", "test", 1.0, 1 << 30, {"swarm": "0"}, now, now, unreachable=unreachable)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ def test_a_fresh_record_whose_peer_answers_no_probe_is_gone_within_two_ttls(two_
     b.links.busy = True                                    # the answering peer is busy the whole time
     seen: list[set[str]] = []
 
-    def alive() -> bool:
-        view = MembershipView({p: member(p) for p in (a_id, b_id, ghost)}, time.time())   # records fresh every time
+    def alive() -> bool:   # records fresh every time; b cannot reach the ghost either (as its record would say)
+        view = MembershipView({a_id: member(a_id), b_id: member(b_id, [ghost]), ghost: member(ghost)}, time.time())
         seen.append(set(a.alive(view, a_id, ttl).members))
         return ghost not in seen[-1]
 

@@ -20,6 +20,7 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.net.membership import MembershipView
 from swarm.net.records import MemberRecord, MemberState
 from swarm.node import Node, NodeLoop, check_ports, ready_info, stop_on_signals, write_ready
+from swarm.node.connectivity import ConnectivityAdvert
 from swarm.node.probes import LinkAdvert
 from swarm.planning import ElectionAdvert
 from tests.conftest import node_config, run_cli
@@ -197,16 +198,30 @@ def test_tick_reads_the_view_elects_adopts_and_publishes_once(tmp_path):
         def advert(self):
             return LinkAdvert({"b": 1e8}, {"b": 0.01})
 
+        def unreachable(self):
+            return []
+
+    class Connectivity:
+        paths: dict = {}
+
+        def step(self, view, me):
+            calls.append("reach")
+
+        def advert(self, members):
+            return ConnectivityAdvert(["/ip4/127.0.0.1/tcp/5/p2p/me"], "public", None)
+
     node = Node(SimpleNamespace(), NetworkConfig(heartbeat_s=0.5, ttl_s=8.0), str(tmp_path / "ready.json"))
     node.membership, node.record, node.elector, node.follower, node.probes = Membership(), me, Elector(), Follower(), Probes()
+    node.connectivity = Connectivity()
     node.tick()   # our own record is not in the DHT yet: no election
-    assert calls == ["view", "probe", "publish"]
+    assert calls == ["view", "probe", "reach", "publish"]
     calls.clear()
     wait = node.tick()
-    assert calls == ["view", "probe", "elect", "adopt", "publish"]
+    assert calls == ["view", "probe", "reach", "elect", "adopt", "publish"]
     r = published[-1]
     assert (r.vote_hash, r.committed_epoch, r.role, r.stage, r.ready, r.step) == (plan.hash, 3, "stage 0", 0, plan.hash, 12)
     assert r.bandwidth_bps == {"b": 1e8} and r.state == MemberState.ONLINE and me.stage is None   # merged copies
+    assert r.reachability == "public" and r.maddrs == ["/ip4/127.0.0.1/tcp/5/p2p/me"]
     assert wait == 0.5   # the view has not seen the commit yet
     assert node.tick() == 2.0 and len(published) == 3   # steady: a quarter of the TTL
     info = json.loads((tmp_path / "ready.json").read_text())

@@ -5,7 +5,8 @@ out, no I/O). The protocol and its guarantees are in docs/election.md; in short:
   publishes its *ballot* (epoch, plan hash, proposer, members = everyone it sees live).
 - Only the live member with the smallest peer id proposes, and only when an election is needed: no
   plan yet (and at least ``min_members`` live), a plan member is gone, members outside the plan have been live for ``join_batch_s``
-  (after ``min_epoch_s`` of the current epoch), or the runtime reports drift. A ballot's epoch is one
+  (after ``min_epoch_s`` of the current epoch), the runtime reports drift, or a link the plan uses is
+  cut (``report_cut``: one end cannot reach the other; at once, whatever ``min_epoch_s``). A ballot's epoch is one
   above every epoch the proposer has seen.
 - A member votes for the best ballot it sees that names it (highest epoch, then smallest proposer);
   it votes at most once per epoch and never for an epoch below one it voted in.
@@ -111,6 +112,7 @@ class Election:
     proposed_at: float = 0.0
     outside_since: float | None = None    # when members outside the committed plan were first seen
     drift: bool = False
+    cut: bool = False
     reason: str = ""
     need_base: int | None = None    # rotating: the highest epoch seen when the current need for an election began ...
     need_since: float = 0.0         # ... and since when: every election_timeout_s without a commit, the next proposer
@@ -121,6 +123,10 @@ class Election:
     def report_drift(self) -> None:
         """The runtime predicts that re-planning pays off (compute or bandwidth moved)."""
         self.drift = True
+
+    def report_cut(self) -> None:
+        """A link the committed plan uses is cut: re-plan now (``min_epoch_s`` does not hold it back)."""
+        self.cut = True
 
     def proposed(self, ballot: Ballot) -> list:
         """The plan asked for by ``ComputePlan`` is ready: publish it as my ballot (and vote)."""
@@ -150,6 +156,7 @@ class Election:
                 continue   # a plan without me: joined only once most live members run it
             if all(m in peers and peers[m].vote == ballot.key for m in ballot.members):
                 self.committed, self.committed_at, self.drift, self.outside_since = ballot, now, False, None
+                self.cut = False
                 out.append(Commit(ballot, self.reason or "joined a committed plan"))
                 self.reason = ""
                 break
@@ -162,6 +169,8 @@ class Election:
         settled = current is None or now - self.committed_at >= self.settings.min_epoch_s
         if current is not None and set(current.members) - set(live):
             reason = "a member left"
+        elif current is not None and self.cut:
+            reason = "a planned link is cut"
         elif batched and settled and (current is not None or len(live) >= self.settings.min_members):
             reason = "members joined" if current else "first plan"
         elif current is not None and self.drift and settled:

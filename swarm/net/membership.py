@@ -32,6 +32,7 @@ from swarm.errors import SwarmError
 from swarm.events import NO_EVENTS, Events
 from swarm.net.auth import CredentialChecker, peer_id_of
 from swarm.net.records import (
+    CUT_BPS,
     DEFAULT_BANDWIDTH_BPS,
     MAX_PLAN_CHARS,
     MemberRecord,
@@ -52,10 +53,25 @@ def make_validators(prefix: str, private_key: RSAPrivateKey | None = None) -> li
 
 
 class SwarmDHT(DHT):
-    """A hivemind DHT whose child process (and its p2pd) exits when the owner process dies."""
+    """A hivemind DHT whose child process (and its p2pd) exits when the owner process dies.
+    ``daemon_flags``: p2pd flags hivemind's ``P2P.create`` has no parameter for (relay limits)."""
+
+    def __init__(self, *args, daemon_flags: dict | None = None, start: bool = False, **kwargs):
+        self.daemon_flags = dict(daemon_flags or {})
+        super().__init__(*args, start=False, **kwargs)
+        if start:
+            self.run_in_background(await_ready=True)
 
     def run(self) -> None:
         os.setpgrp()  # the DHT child and its p2pd form one process group we can kill together
+        if self.daemon_flags:   # this (child) process only: its daemon gets the extra flags
+            from hivemind.p2p import P2P
+            make, flags = P2P._make_process_args, self.daemon_flags
+
+            def with_flags(*args, **kwargs):   # a daemon without trusted relays (hivemind's identity check) keeps discovery
+                extra = {k: v for k, v in flags.items() if k != "relayDiscovery" or "trustedRelays" in kwargs}
+                return make(*args, **{**kwargs, **extra})
+            P2P._make_process_args = staticmethod(with_flags)
         owner = self._parent_pid
 
         def watchdog() -> None:
@@ -81,10 +97,16 @@ class MembershipView:
         """The members that take part in elections (not those leaving)."""
         return MembershipView({p: r for p, r in self.members.items() if r.state != MemberState.LEAVING}, self.taken_at)
 
+    def cut(self, a: str, b: str) -> bool:
+        """Either member says it cannot reach the other (``unreachable``: its pings go unanswered)."""
+        return b in (self.members[a].unreachable or ()) or a in (self.members[b].unreachable or ())
+
     def bandwidth(self, a: str, b: str) -> float:
-        """Bits/s between two members: the smaller of the two measured directions; for an edge
-        nobody measured, the smaller of the two peers' median measured bandwidths (the weaker access
-        link bounds it), else ``DEFAULT_BANDWIDTH_BPS``."""
+        """Bits/s between two members: ``CUT_BPS`` for a cut link (``cut``); the smaller of the two
+        measured directions; for an edge nobody measured, the smaller of the two peers' median
+        measured bandwidths (the weaker access link bounds it), else ``DEFAULT_BANDWIDTH_BPS``."""
+        if self.cut(a, b):
+            return CUT_BPS
         measured = [v for v in (self.members[a].bandwidth_bps.get(b), self.members[b].bandwidth_bps.get(a)) if v]
         if measured:
             return min(measured)

@@ -14,6 +14,7 @@ from hivemind.dht.schema import BytesWithPublicKey
 
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
+CUT_BPS = 1e3                      # what planning prices a link at that one end cannot reach
 
 
 class MemberState(enum.StrEnum):
@@ -26,6 +27,28 @@ class MemberState(enum.StrEnum):
 
 
 STATES = tuple(s.value for s in MemberState)
+
+
+class Reachability(enum.StrEnum):
+    """Whether peers can dial a member (docs/nat.md): ``PUBLIC`` (a dial-back reached it), ``NAT``
+    (behind NAT, every link to a member direct: hole punching worked where needed), ``RELAYED`` (behind
+    NAT, some link goes through a relay)."""
+
+    PUBLIC = "public"
+    NAT = "nat"
+    RELAYED = "relayed"
+
+
+class LinkPath(enum.StrEnum):
+    """How a link runs: straight between the two peers, or through a relay (``/p2p-circuit``)."""
+
+    DIRECT = "direct"
+    RELAYED = "relayed"
+
+
+REACHABILITIES = tuple(r.value for r in Reachability)
+PATHS = tuple(p.value for p in LinkPath)
+MAX_UNREACHABLE = 8                # peers a record says it cannot reach
 MAX_HOLDS = 16                     # op ranges a record advertises
 MAX_PLAN_CHARS = 12_000            # a ballot's plan JSON (without op names): ~150 peers
 
@@ -83,6 +106,9 @@ class _RecordV1(pv1.BaseModel):
     observed_tflops: dict[pv1.StrictStr, pv1.StrictFloat] | None = None
     distrusts: list[pv1.StrictStr] | None = None
     val_loss: pv1.StrictFloat | None = None
+    reachability: pv1.StrictStr | None = None
+    paths: dict[pv1.StrictStr, pv1.StrictStr] | None = None
+    unreachable: list[pv1.StrictStr] | None = None
 
 
 def check_ballot(ballot: dict) -> str | None:
@@ -144,6 +170,9 @@ class MemberRecord:
     observed_tflops: dict[str, float] | None = None   # TFLOP/s this node saw next-stage peers deliver
     distrusts: list[str] | None = None   # peers this node banned for sending NaN/Inf (a dispute: docs/hostile.md)
     val_loss: float | None = None     # first-stage replicas: the newest validation loss measured (its share)
+    reachability: str | None = None   # ``Reachability``: can peers dial it (None: not checked yet)
+    paths: dict[str, str] | None = None   # ``LinkPath`` of its connection to each connected member
+    unreachable: list[str] | None = None  # members it cannot reach (no answer to its pings, failed calls)
 
     @property
     def uptime_s(self) -> float:
@@ -183,6 +212,10 @@ class MemberRecord:
                                     if math.isfinite(v) and v > 0} or None
         if d["distrusts"] is not None:
             d["distrusts"] = [str(p) for p in d["distrusts"]][:MAX_DISTRUSTS] or None
+        if d["paths"] is not None:
+            d["paths"] = {str(k): str(v) for k, v in list(d["paths"].items())[-MAX_LINKS:]} or None
+        if d["unreachable"] is not None:
+            d["unreachable"] = [str(p) for p in d["unreachable"]][:MAX_UNREACHABLE] or None
         if d["val_loss"] is not None:
             d["val_loss"] = min(float(d["val_loss"]), MAX_LOSS) if math.isfinite(d["val_loss"]) and d["val_loss"] >= 0 else None
         return d
@@ -259,6 +292,14 @@ def _record_faults(r: MemberRecord, now: float | None, ttl_s: float | None):
     if r.distrusts is not None:
         yield None if len(r.distrusts) <= MAX_DISTRUSTS else f"distrusts has more than {MAX_DISTRUSTS} entries"
         yield from (_text("distrusts entry", peer, MAX_ID_CHARS) for peer in r.distrusts)
+    yield None if r.reachability in (None, *REACHABILITIES) else f"reachability {_brief(r.reachability)} unknown"
+    if r.paths is not None:
+        yield None if len(r.paths) <= MAX_LINKS else f"paths has more than {MAX_LINKS} entries"
+        yield from (_text("paths peer id", peer, MAX_ID_CHARS) or (None if path in PATHS else f"path {_brief(path)} unknown")
+                    for peer, path in r.paths.items())
+    if r.unreachable is not None:
+        yield None if len(r.unreachable) <= MAX_UNREACHABLE else f"unreachable has more than {MAX_UNREACHABLE} entries"
+        yield from (_text("unreachable entry", peer, MAX_ID_CHARS) for peer in r.unreachable)
     if r.holds is not None:
         yield None if len(r.holds) <= MAX_HOLDS else f"holds has more than {MAX_HOLDS} entries"
         yield from (None if len(h) == 3 and 0 <= h[0] < h[1] < MAX_COUNT and 0 <= h[2] < MAX_COUNT

@@ -18,6 +18,7 @@ from swarm.events import LEFT, Events
 from swarm.loop import NodeLoop
 from swarm.net.membership import Membership, MembershipView, make_validators
 from swarm.net.records import MemberRecord, MemberState
+from swarm.node.connectivity import Connectivity
 from swarm.node.probes import ProbeSchedule
 from swarm.node.ready import ready_info, write_ready
 from swarm.node.setup import check_ports, initial_peers, node_identity, private_swarm, start_dht
@@ -69,7 +70,8 @@ class Node:
         self.cfg, self.net, self.ready_file = cfg, net, ready_file
         self.dht = self.membership = self.record = None
         self.loop: NodeLoop | None = None
-        self.p2p = self.probes = self.elector = self.follower = None
+        self.p2p = self.probes = self.connectivity = self.elector = self.follower = None
+        self.cut_off: set[str] = set()   # members this node cannot reach (each logged once)
         self.members: set[str] = set()   # private swarms: the peers our RPCs answer (from the last view)
         self.view = MembershipView({}, time.time())
 
@@ -123,6 +125,7 @@ class Node:
         self.loop = NodeLoop()
         self.p2p = self.loop.call_sync(self.dht.replicate_p2p())
         self.probes = ProbeSchedule(self.loop, self.p2p, net.probe_interval_s, admit=admit)
+        self.connectivity = Connectivity(self.loop, self.p2p, maddrs, peers, net.reach_check_s, admit=admit)
         max_ratio = cfg.compression.max_ratio if cfg.compression.mode != "off" else 1.0   # plan what will run
         self.elector = Elector(identity.peer_id, self.membership, workload, cfg.election, max_ratio=max_ratio,
                               schedule=cfg.training.schedule, events=events)
@@ -139,7 +142,8 @@ class Node:
     def tick(self) -> float:
         """One heartbeat: view -> elect -> adopt -> advertise. Returns the seconds until the next."""
         view = self._read_view()
-        adverts = [self.probes.advert()]
+        self._note_cut_off(view)
+        adverts = [self.probes.advert(), self.connectivity.advert([p for p in view.peers() if p != self.record.peer_id])]
         if self.record.peer_id in view.members:   # the election starts once our own record is visible
             adverts.append(self._elect(view))
             adverts += [self.follower.follow(self.elector.plan, view), self.follower.codec()]
@@ -161,7 +165,22 @@ class Node:
         me = self.record.peer_id
         self.view = view = self.probes.alive(seen, me, self.net.ttl_s)   # members answering no probe for a TTL: gone
         self.probes.step(lambda: sorted(set(view.peers()) - {me}))
+        self.connectivity.step(view, me)
         return view
+
+    def _note_cut_off(self, view: MembershipView) -> None:
+        """One line per member this node newly cannot reach (its pings go unanswered), naming its place
+        in the committed plan and how the link ran; another when it answers again."""
+        now = set(self.probes.unreachable())
+        plan = self.elector.plan if self.elector else None
+        for peer in sorted(now - self.cut_off):
+            place = next((f"stage {s.index}" for s in (plan.stages if plan else []) if peer in s.peers), "no stage")
+            path = self.connectivity.paths.get(peer, "no connection")
+            logger.warning(f"cannot reach member {peer[-8:]} ({place} of the plan): its last pings went unanswered "
+                           f"(link: {path}); advertised as cut, planning routes around it")
+        for peer in sorted(self.cut_off - now):
+            logger.info(f"member {peer[-8:]} is reachable again")
+        self.cut_off = now
 
     def _elect(self, view: MembershipView):
         try:
@@ -217,6 +236,7 @@ class Node:
         """The last of leaving: stop serving state and probing, publish the record offline, say so (``left``)."""
         self.follower.close()
         self.probes.close()
+        self.connectivity.close()
         self.record = replace(self.record, state=MemberState.OFFLINE)
         self._advertise(timeout_s=5)
         self.follower.events.emit(LEFT, handed_over=handed_over, served=self.follower.service.served, finished=finished)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from swarm.liveness import MAX_PINGS, Liveness
+from swarm.liveness import MAX_PINGS, Liveness, agreed_gone
 from swarm.loop import NodeLoop
 from swarm.net.membership import MembershipView
 from swarm.net.probe import PROBE, LinkProber
@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LinkAdvert:
-    """What the probes put in the member record: measured bits/s and round trips, by peer id."""
+    """What the probes put in the member record: measured bits/s and round trips, by peer id, and the
+    members that answer no ping (``Liveness.unreachable``)."""
 
     bandwidth_bps: dict[str, float]
     rtt_s: dict[str, float]
+    unreachable: list[str] | None = None
 
 
 class ProbeSchedule:
@@ -50,11 +52,16 @@ class ProbeSchedule:
         self.pings: dict[str, object] = {}   # peer -> the future of its ping in flight
 
     def advert(self) -> LinkAdvert:
-        return LinkAdvert(dict(self.bandwidth_bps), dict(self.rtt_s))
+        return LinkAdvert(dict(self.bandwidth_bps), dict(self.rtt_s), self.unreachable() or None)
+
+    def unreachable(self) -> list[str]:
+        """Members whose last pings went unanswered (``swarm.liveness``)."""
+        return self.liveness.unreachable() if self.liveness is not None else []
 
     def alive(self, view: MembershipView, me: str, ttl_s: float) -> MembershipView:
-        """``view`` without the members that answer no direct probe (``swarm.liveness``): collects the
-        finished pings and sends the due ones (at most ``MAX_PINGS`` in flight; never waits for one)."""
+        """``view`` without the members that answer no direct probe, where most members agree
+        (``swarm.liveness``): collects the finished pings and sends the due ones (at most ``MAX_PINGS``
+        in flight; never waits for one)."""
         now = time.monotonic()
         if self.liveness is None or self.liveness.ttl_s != ttl_s or self.liveness.me != me:
             self.liveness = Liveness(ttl_s, me)
@@ -68,12 +75,12 @@ class ProbeSchedule:
         for peer in live.due(peers, now, self.pings)[:max(0, MAX_PINGS - len(self.pings))]:
             live.pinged(peer, now)
             try:
-                coro = self.links.ping(peer, live.interval_s)
+                coro = self.links.ping(peer, live.timeout_s)
             except Exception:   # not a peer id: never answers
                 live.failed(peer, now)
                 continue
             self.pings[peer] = self.loop.submit(coro)
-        gone = live.gone_among(peers, now)
+        gone = agreed_gone(live.gone_among(peers, now), me, {p: r.unreachable for p, r in view.members.items()})
         return MembershipView({p: r for p, r in view.members.items() if p not in gone}, view.taken_at) if gone else view
 
     def step(self, peers: Callable[[], list[str]]) -> None:

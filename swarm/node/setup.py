@@ -92,6 +92,20 @@ def check_ports(net: NetworkConfig) -> None:
             raise ConfigError(f"cannot listen on {', '.join(net.host_maddrs)}: address already in use")
 
 
+def daemon_options(net: NetworkConfig, initial_peers: list[str]) -> tuple[dict, dict]:
+    """(hivemind ``P2P.create`` options, extra p2pd flags) for reachability, relays and hole punching
+    (docs/nat.md). Relays: the configured ones, else the initial peers, found without discovery (it
+    takes minutes); the relay service's limits go to the daemon as they are configured."""
+    relay = net.relay
+    relays = check_maddrs(relay.peers, "network.relay.peers", need_peer_id=True) if relay.peers is not None else initial_peers
+    reserve = relay.use and bool(relays)   # p2pd refuses trusted relays without auto-relay, and the reverse
+    options = dict(use_relay=True, use_auto_relay=reserve, trusted_relays=relays if reserve else None,
+                   auto_nat=net.hole_punching, force_reachability=None if net.reachability == "auto" else net.reachability)
+    flags = dict(relayService=relay.serve, relayDiscovery=False, relayDataLimit=int(relay.data_limit_mb * (1 << 20)),
+                 relayTimeLimit=f"{relay.time_limit_s:g}s", relayMaxCircuits=relay.max_circuits)
+    return options, flags
+
+
 def start_dht(net: NetworkConfig, initial_peers: list[str], validators: list, identity: str | None,
               client_mode: bool = False, authorizer: SwarmAuthorizer | None = None) -> SwarmDHT:
     """Start and join; every failure becomes one line (bad port, port taken, unreachable bootstrap, bad
@@ -101,11 +115,12 @@ def start_dht(net: NetworkConfig, initial_peers: list[str], validators: list, id
     check_maddrs(initial_peers, "initial peers", need_peer_id=True)
     if not client_mode:
         check_ports(net)
+    options, flags = daemon_options(net, initial_peers)
     try:
         return SwarmDHT(initial_peers=initial_peers, start=True, host_maddrs=net.host_maddrs,
                         announce_maddrs=net.announce_maddrs or None, identity_path=identity,
                         record_validators=validators, startup_timeout=net.startup_timeout_s, client_mode=client_mode,
-                        authorizer=authorizer)
+                        authorizer=authorizer, daemon_flags=flags, **options)
     except Exception as e:
         text = " ".join(str(e).split()) or type(e).__name__
         if "bootstrap" in text:
