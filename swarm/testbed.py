@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         scenario = load(Scenario, args.scenario)
         stop = []   # the handler only appends: nothing it does can block (an Event's lock could)
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        # a background job of a non-interactive shell starts with SIGINT ignored, and Python then installs
+        # no KeyboardInterrupt handler: install it, so that Ctrl-C (or kill -INT) always takes the bed down
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with Testbed(scenario) as bed:
             for i, (site, share) in enumerate(scenario.nodes()):
                 behind = f" behind NAT {bed.router(site)}" if bed.router(site) else ""

@@ -48,9 +48,10 @@ def swarm_procs(request):
     wait_until(lambda: p2pd_pids() <= before, 15, what="all p2pd daemons of the test gone")
 
 
-def node_config(tmp_path, **network) -> str:
+def node_config(tmp_path, election: dict | None = None, **network) -> str:
     path = tmp_path / "node.yaml"
     net = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 5.0, "startup_timeout_s": 20, **network}
     # these nodes test membership and election: they take their stage but train no step
-    path.write_text(json.dumps({"device": "cpu", "network": net, "training": {"max_steps": 0}}))  # JSON is YAML
+    cfg = {"device": "cpu", "network": net, "training": {"max_steps": 0}, **({"election": election} if election else {})}
+    path.write_text(json.dumps(cfg))  # JSON is YAML
     return str(path)

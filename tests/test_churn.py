@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from swarm.data import ByteCorpus, generated_corpus, lm_loss
 from swarm.models import load_model
 from swarm.runtime import lr_at, make_optimizer
@@ -122,6 +124,8 @@ def monotonic(tmp_path: Path) -> None:
     assert all(min(b) > max(a) for a, b in zip(plans, plans[1:])), plans
 
 
+@pytest.mark.scenario   # 100 s of node processes: run by `python -m benchmarks.scenarios` (the suite keeps
+# tests/test_backup.py's K-step snapshot bound and tests/test_adoption.py::test_the_step_never_goes_back_when_the_only_holder_dies)
 def test_a_killed_middle_stage_holder_is_replaced_by_the_spare_from_its_snapshot(tmp_path, swarm_procs):
     total = 72   # the kill, the re-plan and the spare's take-over all come before max_steps on 2 busy cores
     cfg = config(tmp_path, max_steps=total, min_members=4)
@@ -161,6 +165,8 @@ def test_a_killed_middle_stage_holder_is_replaced_by_the_spare_from_its_snapshot
     assert abs(ours - ref) <= 0.05 * ref, (ours, ref)
 
 
+@pytest.mark.scenario   # 110 s of node processes: run by `python -m benchmarks.scenarios` (the suite keeps
+# tests/test_adoption.py::test_state_from_the_own_store_and_from_donors_then_ready and the demo's graceful leaves)
 def test_a_joining_node_gets_work_and_state_and_a_leaver_hands_its_state_over(tmp_path, swarm_procs):
     total = 72   # a joiner needs ~25 s to train on 2 busy cores, while the swarm trains ~1.4 steps/s
     ckpt = tmp_path / "ckpt"   # written on the way out only (the period is longer than the run)

@@ -22,6 +22,8 @@ def start_node(procs, tmp_path, name, bootstrap):
     return proc
 
 
+@pytest.mark.scenario   # 90 s of node processes: run by `python -m benchmarks.scenarios` (the suite keeps
+# tests/test_liveness.py's TTL rules on two real DHTs and test_node_loop's identity and ready-file checks)
 def test_six_nodes_membership_ttl_and_identity(tmp_path, swarm_procs):
     load_or_measure("cpu")  # measured once here; nodes read the cache
     boot = Proc("-m", "bootstrap.bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", str(tmp_path / "boot.id"),

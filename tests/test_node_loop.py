@@ -243,7 +243,8 @@ def test_a_second_node_on_a_taken_port_fails_and_the_ready_file_tells_a_nodes_li
                   "--identity", str(tmp_path / "n.id"), "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"cannot listen on /ip4/127.0.0.1/tcp/{port}: address already in use" in res.stderr
-    node = Proc("node.py", "run", "--config", node_config(tmp_path), "--initial-peers", bootstrap,
+    alone = node_config(tmp_path, election={"join_batch_s": 1})   # a plan of one without the 20 s join batch
+    node = Proc("node.py", "run", "--config", alone, "--initial-peers", bootstrap,
                 "--identity", str(tmp_path / "m.id"), ready_file=tmp_path / "m.ready")
     swarm_procs.append(node)
     info = node.ready(90)

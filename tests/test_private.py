@@ -39,6 +39,8 @@ def load_authority_key(root):
     return load_authority(str(root / "authority.key"))
 
 
+@pytest.mark.scenario   # 90 s of node processes: run by `python -m benchmarks.scenarios` (the suite keeps
+# the credential checks above, tests/test_election_hostile.py and the private demo of tests/test_training.py)
 def test_private_swarm_admits_members_and_refuses_an_outsider(tmp_path, swarm_procs):
     load_or_measure("cpu")
     files = init_swarm(str(tmp_path / "lab"), "lab", n_members=3)
