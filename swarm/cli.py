@@ -180,6 +180,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         backups = ", ".join(f"{b[-8:]} ({age} steps old)" for b, age in row["backups"]) or "none"
         print(f"stage {row['stage']}: held by {', '.join(h[-8:] for h in row['holders'])} at step {row['step']}; "
               f"snapshots: {backups}")
+    for r in records:
+        if r.reachability is not None or r.paths or r.unreachable:
+            paths = ", ".join(f"{p[-8:]} {path}" for p, path in sorted((r.paths or {}).items())) or "no member connected"
+            cut = f"; cannot reach {', '.join(p[-8:] for p in r.unreachable)}" if r.unreachable else ""
+            print(f"reach: {r.peer_id[-8:]} is {REACH_TEXT.get(r.reachability, 'not checked yet')}; links: {paths}{cut}")
     measured = [r for r in records if r.val_loss is not None]
     if measured:
         print("validation loss: " + ", ".join(f"{r.val_loss:.4f} ({r.peer_id[-8:]}, step {r.step})" for r in measured))
@@ -197,16 +202,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+REACH_TEXT = {"public": "public", "nat": "behind NAT (hole punching)", "relayed": "relayed (behind NAT, no direct dial)"}
+
+
 def member_json(records) -> list[dict]:
     """``status --json``: every member's record as published (peer_id, maddrs, state, role, stage, step,
     plan, ...; not its binary credential, which members have already checked), its uptime, and its
-    measured ``links``: peer id -> ``{"bandwidth_bps", "rtt_s"}`` (either may be missing)."""
+    measured ``links``: peer id -> ``{"bandwidth_bps", "rtt_s", "path"}`` (any may be missing; ``path``:
+    ``direct`` or ``relayed``, how its connection to that peer runs). ``reachability``: ``public``,
+    ``nat`` (behind NAT, hole punching) or ``relayed`` (None: not checked yet)."""
     out = []
     for r in records:
         wire = {k: v for k, v in r.to_wire().items() if k != "credential"}
         links = {p: {"bandwidth_bps": b} for p, b in wire["bandwidth_bps"].items()}
         for p, rtt in wire["rtt_s"].items():
             links.setdefault(p, {})["rtt_s"] = rtt
+        for p, path in (wire["paths"] or {}).items():
+            links.setdefault(p, {})["path"] = path
         out.append({**wire, "uptime_s": r.uptime_s, "links": links})
     return out
 

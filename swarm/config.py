@@ -130,6 +130,9 @@ class ElectionConfig(Strict):
                                description="no join/drift re-plan sooner than this after a commit")
     election_timeout_s: float = Field(default=ElectionSettings.election_timeout_s, gt=0, le=MAX_WAIT_S,
                                       description="retry one epoch higher after this")
+    probe_wait_s: float = Field(default=ElectionSettings.probe_wait_s, ge=0, le=MAX_WAIT_S,
+                                description="the first plan waits at most this long past join_batch_s for members "
+                                "to measure their links (or find them cut)")
     drift_gain: float = Field(default=1.25, gt=1, le=100, description="re-plan when a new plan predicts this speed-up")
     drift_check_s: float = Field(default=60.0, gt=0, le=MAX_PERIOD_S)
     micro_batches: PositiveInt = Field(default=PlanSettings.micro_batches, le=MAX_MICRO_BATCHES,
@@ -224,7 +227,7 @@ def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.m
 def election_settings(election: ElectionConfig, **rest: Any) -> ElectionSettings:
     """The election state machine's settings from the config; ``rest``: ``leader``, ``epoch_window``."""
     return ElectionSettings(election.join_batch_s, election.min_epoch_s, election.election_timeout_s,
-                            election.min_members, **rest)
+                            election.min_members, probe_wait_s=election.probe_wait_s, **rest)
 
 
 def config_dir() -> Path:

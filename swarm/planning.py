@@ -95,6 +95,13 @@ def cut_links(plan: Plan | None, view: MembershipView) -> list[tuple[str, str]]:
     return sorted(pair for pair in pairs if view.cut(*pair))
 
 
+def unmeasured_links(view: MembershipView) -> list[tuple[str, str]]:
+    """Pairs of members whose link neither end has measured nor found cut (what a first plan waits for)."""
+    peers = view.peers()
+    return [(a, b) for i, a in enumerate(peers) for b in peers[i + 1:]
+            if not (view.members[a].bandwidth_bps.get(b) or view.members[b].bandwidth_bps.get(a) or view.cut(a, b))]
+
+
 def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
     """The planning input for ``members`` from their records and the measured bandwidth matrix."""
     rated = rated_tflops(view, members)
@@ -197,6 +204,8 @@ class Elector:
         except (SwarmError, ValueError, KeyError) as e:
             self.log.warning(f"cannot re-price the committed plan ({e})")
         self._check_cuts(view)
+        if self.plan is None:
+            self.election.report_unmeasured(bool(unmeasured_links(view)))
         self._run(self.election.observe(now, peers), view, ballots)
         return self.advert
 

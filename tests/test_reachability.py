@@ -21,9 +21,9 @@ from swarm.net.reach import (
     observed_host,
     reachability,
 )
-from swarm.net.records import CUT_BPS, check_record
+from swarm.net.records import CUT_BPS, DEFAULT_BANDWIDTH_BPS, RELAYED_BPS, check_record
 from swarm.node.setup import daemon_options
-from swarm.planning import cut_links
+from swarm.planning import cut_links, unmeasured_links
 
 
 def record(peer: str, **fields) -> MemberRecord:
@@ -70,6 +70,15 @@ def test_a_cut_link_is_priced_as_cut_and_the_plan_links_that_are_cut_are_named()
     assert cut_links(None, view) == []
 
 
+def test_an_unmeasured_relayed_link_is_priced_as_relayed_and_a_measured_one_as_measured():
+    view = MembershipView({"a": record("a", paths={"b": "relayed", "c": "direct"}), "b": record("b"),
+                           "c": record("c", bandwidth_bps={"b": 50e6})}, time.time())
+    assert view.relayed("a", "b") and view.relayed("b", "a") and not view.relayed("a", "c")
+    assert view.bandwidth("a", "b") == RELAYED_BPS < DEFAULT_BANDWIDTH_BPS   # a guess, capped: it runs through a relay
+    assert view.bandwidth("a", "c") == 50e6    # a direct guess: c's own measured access link
+    assert view.bandwidth("b", "c") == 50e6    # measured over the path in use: the measurement holds
+
+
 def test_a_cut_link_starts_an_election_at_once_however_young_the_epoch():
     settings = ElectionSettings(join_batch_s=0.0, min_epoch_s=3600.0, election_timeout_s=30.0)
     e = Election("a", settings)
@@ -81,6 +90,21 @@ def test_a_cut_link_starts_an_election_at_once_however_young_the_epoch():
     asked = [c for c in e.observe(102.0, peers) if isinstance(c, ComputePlan)]
     assert asked and asked[0].epoch == 2 and e.reason == "a planned link is cut"
     assert not isinstance(asked[0], Commit)
+
+
+def test_the_first_plan_waits_for_unmeasured_links_but_not_past_the_probe_wait():
+    view = MembershipView({"a": record("a", bandwidth_bps={"b": 1e9}), "b": record("b"), "c": record("c", unreachable=["a"])},
+                          time.time())
+    assert unmeasured_links(view) == [("b", "c")]   # a-b measured, a-c found cut: only b-c is unknown
+    settings = ElectionSettings(join_batch_s=5.0, min_epoch_s=60.0, election_timeout_s=30.0, probe_wait_s=20.0)
+
+    def first_plan(unmeasured: bool, now: float) -> bool:
+        e = Election("a", settings)
+        e.report_unmeasured(unmeasured)
+        e.observe(0.0, {"b": PeerState()})
+        return any(isinstance(c, ComputePlan) for c in e.observe(now, {"b": PeerState()}))
+    assert first_plan(False, 6.0) and not first_plan(True, 6.0)   # measured: at the join batch; else it waits ...
+    assert not first_plan(True, 24.0) and first_plan(True, 26.0)  # ... join_batch_s + probe_wait_s at most
 
 
 def test_records_say_reachability_and_paths_within_bounds():

@@ -59,6 +59,7 @@ class ElectionSettings:
     min_members: int = 1             # the first plan waits until this many members are live
     leader: str = "smallest"         # "smallest": the smallest live id proposes; "rotating": see the module docstring
     epoch_window: int | None = None  # claims of epochs more than this above the swarm's committed epoch are ignored
+    probe_wait_s: float = 30.0       # the first plan waits at most this long past the join batch for unmeasured links
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class Election:
     outside_since: float | None = None    # when members outside the committed plan were first seen
     drift: bool = False
     cut: bool = False
+    unmeasured: bool = False          # some pair of live members has not measured its link yet (first plan only)
     reason: str = ""
     need_base: int | None = None    # rotating: the highest epoch seen when the current need for an election began ...
     need_since: float = 0.0         # ... and since when: every election_timeout_s without a commit, the next proposer
@@ -127,6 +129,11 @@ class Election:
     def report_cut(self) -> None:
         """A link the committed plan uses is cut: re-plan now (``min_epoch_s`` does not hold it back)."""
         self.cut = True
+
+    def report_unmeasured(self, pending: bool) -> None:
+        """Whether some pair of live members has neither measured nor given up on its link: the first
+        plan waits for it (at most ``probe_wait_s`` past the join batch), so it prices links it knows."""
+        self.unmeasured = pending
 
     def proposed(self, ballot: Ballot) -> list:
         """The plan asked for by ``ComputePlan`` is ready: publish it as my ballot (and vote)."""
@@ -172,7 +179,9 @@ class Election:
         elif current is not None and self.cut:
             reason = "a planned link is cut"
         elif batched and settled and (current is not None or len(live) >= self.settings.min_members):
-            reason = "members joined" if current else "first plan"
+            probing = current is None and self.unmeasured and \
+                now - self.outside_since < self.settings.join_batch_s + self.settings.probe_wait_s
+            reason = "" if probing else "members joined" if current else "first plan"
         elif current is not None and self.drift and settled:
             reason = "measurements drifted"
 

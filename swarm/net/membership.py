@@ -34,6 +34,7 @@ from swarm.net.auth import CredentialChecker, peer_id_of
 from swarm.net.records import (
     CUT_BPS,
     DEFAULT_BANDWIDTH_BPS,
+    RELAYED_BPS,
     MAX_PLAN_CHARS,
     MemberRecord,
     MemberState,
@@ -104,14 +105,20 @@ class MembershipView:
     def bandwidth(self, a: str, b: str) -> float:
         """Bits/s between two members: ``CUT_BPS`` for a cut link (``cut``); the smaller of the two
         measured directions; for an edge nobody measured, the smaller of the two peers' median
-        measured bandwidths (the weaker access link bounds it), else ``DEFAULT_BANDWIDTH_BPS``."""
+        measured bandwidths (the weaker access link bounds it), else ``DEFAULT_BANDWIDTH_BPS``; an
+        unmeasured edge that runs through a relay (``relayed``) at most ``RELAYED_BPS``."""
         if self.cut(a, b):
             return CUT_BPS
         measured = [v for v in (self.members[a].bandwidth_bps.get(b), self.members[b].bandwidth_bps.get(a)) if v]
         if measured:
             return min(measured)
         medians = [statistics.median(m.bandwidth_bps.values()) for m in (self.members[a], self.members[b]) if m.bandwidth_bps]
-        return min(medians) if medians else DEFAULT_BANDWIDTH_BPS
+        guess = min(medians) if medians else DEFAULT_BANDWIDTH_BPS
+        return min(guess, RELAYED_BPS) if self.relayed(a, b) else guess
+
+    def relayed(self, a: str, b: str) -> bool:
+        """Either member says their connection runs through a relay (its record's ``paths``)."""
+        return "relayed" in ((self.members[a].paths or {}).get(b), (self.members[b].paths or {}).get(a))
 
     def bandwidth_matrix(self) -> dict[str, dict[str, float]]:
         peers = self.peers()

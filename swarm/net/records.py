@@ -15,6 +15,7 @@ from hivemind.dht.schema import BytesWithPublicKey
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
 CUT_BPS = 1e3                      # what planning prices a link at that one end cannot reach
+RELAYED_BPS = 5e6                  # estimate for an unmeasured link that runs through a relay (docs/nat.md)
 
 
 class MemberState(enum.StrEnum):
