@@ -34,8 +34,8 @@ from swarm.net.auth import CredentialChecker, peer_id_of
 from swarm.net.records import (
     CUT_BPS,
     DEFAULT_BANDWIDTH_BPS,
-    RELAYED_BPS,
     MAX_PLAN_CHARS,
+    RELAYED_BPS,
     MemberRecord,
     MemberState,
     _BallotV1,
