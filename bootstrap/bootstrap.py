@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--credentials", help="private swarm: this peer's credential (see docs/private-swarm.md)")
     parser.add_argument("--ready-file", metavar="PATH", help="JSON with the peer id and multiaddrs, once it listens")
     parser.add_argument("--no-relay", action="store_true", help="do not relay for nodes behind NAT")
-    relay = RelayConfig()
-    parser.add_argument("--relay-data-limit-mb", type=float, default=relay.data_limit_mb,
+    defaults = RelayConfig()
+    parser.add_argument("--relay-data-limit-mb", type=float, default=defaults.data_limit_mb,
                         help="bytes one relayed connection may carry per direction (MiB)")
-    parser.add_argument("--relay-time-limit-s", type=float, default=relay.time_limit_s,
+    parser.add_argument("--relay-time-limit-s", type=float, default=defaults.time_limit_s,
                         help="the longest a relayed connection may last")
     args = parser.parse_args(argv)
     logs.setup()

@@ -41,6 +41,7 @@ from swarm.procs import kill_group, poll_until
 
 PREFIX = "swtb"
 BRIDGE = f"{PREFIX}-br"
+LAN_BRIDGE = f"{PREFIX}lan"   # inside each NAT router's namespace: the home LAN
 SUBNET = "10.77.0"
 NAT_SUBNET = "11.77.0"   # public-looking (see the module docstring)
 MAX_NAT_SITES = 8
@@ -92,6 +93,11 @@ class Scenario(Strict):
         return min([self.between_mbit] + [self.site_mbit[s] for s in (a, b) if s in self.site_mbit])
 
 
+def lan(k: int) -> str:
+    """The /24 of the home LAN behind NAT router ``k``."""
+    return f"192.168.{k}"
+
+
 def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if check and result.returncode:
@@ -109,7 +115,7 @@ class Testbed:
     def hosts(self) -> list[str]:
         """Each node's own address (a home LAN address behind a NAT router)."""
         nats, net = self.scenario.nat_sites(), self.scenario.public_subnet()
-        return [f"192.168.{nats.index(site)}.{10 + i}" if site in nats else f"{net}.{10 + i}"
+        return [f"{lan(nats.index(site))}.{10 + i}" if site in nats else f"{net}.{10 + i}"
                 for i, (site, _) in enumerate(self.scenario.nodes())]
 
     def router(self, site: str) -> str | None:
@@ -160,14 +166,14 @@ class Testbed:
                 if site in nats:   # the host end goes into the router, onto the home LAN
                     router = self.router_namespace(nats.index(site))
                     _sh("ip", "link", "set", host, "netns", router)
-                    _sh("ip", "-n", router, "link", "set", host, "master", f"{PREFIX}lan", "up")
+                    _sh("ip", "-n", router, "link", "set", host, "master", LAN_BRIDGE, "up")
                 else:
                     _sh("ip", "link", "set", host, "master", BRIDGE, "up")
                 _sh("ip", "-n", ns, "addr", "add", f"{self.hosts[i]}/24", "dev", peer)
                 _sh("ip", "-n", ns, "link", "set", peer, "up")
                 _sh("ip", "-n", ns, "link", "set", "lo", "up")
                 if site in nats:
-                    _sh("ip", "-n", ns, "route", "add", "default", "via", f"192.168.{nats.index(site)}.1")
+                    _sh("ip", "-n", ns, "route", "add", "default", "via", f"{lan(nats.index(site))}.1")
                 self._shape(i, ns, peer, site, nodes)
                 group = CGROUP / str(i)
                 group.mkdir(exist_ok=True)
@@ -181,7 +187,7 @@ class Testbed:
     def _router(self, k: int, site: str) -> None:
         """Site ``site``'s NAT router: WAN on the bridge, a LAN bridge for the homes' nodes, masquerade
         out, nothing in that the router did not see go out (``symmetric``: a random port per connection)."""
-        ns, wan, lan = self.router_namespace(k), f"{PREFIX}r{k}n", f"{PREFIX}lan"
+        ns, wan = self.router_namespace(k), f"{PREFIX}r{k}n"
         _sh("ip", "netns", "add", ns)
         _sh("ip", "link", "add", f"{PREFIX}r{k}h", "type", "veth", "peer", "name", wan)
         _sh("ip", "link", "set", wan, "netns", ns)
@@ -189,17 +195,16 @@ class Testbed:
         _sh("ip", "-n", ns, "addr", "add", f"{self.router(site)}/24", "dev", wan)
         _sh("ip", "-n", ns, "link", "set", wan, "up")
         _sh("ip", "-n", ns, "link", "set", "lo", "up")
-        _sh("ip", "-n", ns, "link", "add", lan, "type", "bridge")
-        _sh("ip", "-n", ns, "addr", "add", f"192.168.{k}.1/24", "dev", lan)
-        _sh("ip", "-n", ns, "link", "set", lan, "up")
+        _sh("ip", "-n", ns, "link", "add", LAN_BRIDGE, "type", "bridge")
+        _sh("ip", "-n", ns, "addr", "add", f"{lan(k)}.1/24", "dev", LAN_BRIDGE)
+        _sh("ip", "-n", ns, "link", "set", LAN_BRIDGE, "up")
         ipt = ("ip", "netns", "exec", ns, "iptables")
         _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         random_ports = ["--random-fully"] if self.scenario.sites[site].nat == "symmetric" else []
         _sh(*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE", *random_ports)
-        _sh(*ipt, "-A", "FORWARD", "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
-        _sh(*ipt, "-A", "FORWARD", "-i", wan, "-j", "DROP")
-        _sh(*ipt, "-A", "INPUT", "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
-        _sh(*ipt, "-A", "INPUT", "-i", wan, "-j", "DROP")
+        for chain in ("FORWARD", "INPUT"):   # to the homes and to the router itself
+            _sh(*ipt, "-A", chain, "-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            _sh(*ipt, "-A", chain, "-i", wan, "-j", "DROP")
 
     def _shape(self, i: int, ns: str, dev: str, site: str, nodes: list[tuple[str, float]]) -> None:
         """Egress of node ``i``: one htb class per destination address at the rate between the sites

@@ -36,6 +36,7 @@ from swarm.net.records import (
     DEFAULT_BANDWIDTH_BPS,
     MAX_PLAN_CHARS,
     RELAYED_BPS,
+    LinkPath,
     MemberRecord,
     MemberState,
     _BallotV1,
@@ -118,7 +119,7 @@ class MembershipView:
 
     def relayed(self, a: str, b: str) -> bool:
         """Either member says their connection runs through a relay (its record's ``paths``)."""
-        return "relayed" in ((self.members[a].paths or {}).get(b), (self.members[b].paths or {}).get(a))
+        return LinkPath.RELAYED in ((self.members[a].paths or {}).get(b), (self.members[b].paths or {}).get(a))
 
     def bandwidth_matrix(self) -> dict[str, dict[str, float]]:
         peers = self.peers()

@@ -46,16 +46,16 @@ class Reached:
     def public(self) -> bool:
         return bool(self.open)
 
+    @property
+    def relayed(self) -> bool:
+        """The request reached the helper through a relay: it saw no IP (``observed`` is the multiaddr)."""
+        return self.observed.startswith("/")
+
 
 def listen_ports(maddrs: list[str]) -> list[int]:
     """The TCP ports of a node's ``/ip4|ip6/.../tcp/<port>`` listen addresses (no relay addresses)."""
-    ports = []
-    for addr in maddrs:
-        parts = addr.split("/")
-        if "p2p-circuit" not in parts and len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp" \
-                and parts[4].isdigit() and int(parts[4]) not in ports:
-            ports.append(int(parts[4]))
-    return ports[:MAX_PORTS]
+    ports = [where[1] for where in map(observed_host, maddrs) if where is not None]
+    return list(dict.fromkeys(ports))[:MAX_PORTS]
 
 
 def observed_host(addr: str) -> tuple[str, int] | None:

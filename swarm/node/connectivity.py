@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from swarm.loop import NodeLoop
 from swarm.net.membership import MembershipView
-from swarm.net.reach import ReachHelper, ask, connect, link_paths, listen_ports, observed_host, reachability
+from swarm.net.reach import ReachHelper, ask, connect, link_paths, listen_ports, reachability
 from swarm.net.records import Reachability
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Connectivity:
         self.pending = None
         error = future.exception() if not future.cancelled() else None
         answer = future.result() if not future.cancelled() and error is None else None
-        if answer is not None and observed_host(f"/ip4/{answer.observed.replace(':', '/tcp/', 1)}") is not None:
+        if answer is not None and not answer.relayed:
             self.public, self.observed = answer.public, answer.observed
             return
         logger.debug(f"dial-back by {helper[-8:]}: {error!r}" if error else f"dial-back by {helper[-8:]} came via a relay")
