@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from swarm.scheduler import Workload, baseline, schedule
+    from swarm.scheduler import Workload, baseline, best_alone, schedule
     from swarm.scheduler.whatif import load_peers_file
 
     cfg = _node_config(args)
@@ -114,10 +114,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dag = _trace(cfg, micro_batch_size or cfg.micro_batch_size).dag
     workload = Workload.from_dag(dag)
     plan, naive = schedule(workload, swarm, settings), baseline(workload, swarm, settings)
+    alone = best_alone(workload, swarm, settings)
     speedup = naive.predicted_step_s / plan.predicted_step_s if plan.feasible else 0.0
     if args.json:
         print(json.dumps({**plan.to_dict(), "hash": plan.hash, "speedup": speedup if plan.feasible and naive.feasible else None,
-                          "baseline": {**naive.to_dict(), "hash": naive.hash}}))
+                          "baseline": {**naive.to_dict(), "hash": naive.hash},
+                          "best_single": {**alone.to_dict(), "hash": alone.hash} if alone else None}))
         return 0 if plan.feasible else 1
     print(f"{dag.model}: {len(dag)} ops, {len(swarm.peers)} peers, micro-batch {dag.batch_size} x {settings.micro_batches}")
     print(plan.describe())
@@ -125,6 +127,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     naive_text = f"{naive.predicted_step_s:.3f} s" if naive.feasible else "does not fit in memory"
     print(f"naive baseline (one peer per stage in id order, equal op counts, no compression): {naive_text}"
           + (f"; OP-Fence is {speedup:.1f}x faster" if plan.feasible and naive.feasible else ""))
+    if alone is not None and plan.feasible:
+        print(f"best single peer ({alone.stages[0].peers[0]}) alone: {alone.predicted_samples_per_s:.1f} samples/s; "
+              f"the plan: {plan.predicted_samples_per_s / alone.predicted_samples_per_s:.1f}x that, "
+              f"utilization {plan.utilization:.2f} (alone: {alone.utilization:.2f})")
     if not plan.feasible:
         print("error: no plan fits the model in these peers' memory", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from swarm.election.machine import ElectionSettings
 from swarm.errors import SwarmError
+from swarm.runtime.outer import COMPRESSIONS, OuterSettings
 from swarm.scheduler.costs import PlanSettings
 
 T = TypeVar("T", bound=BaseModel)
@@ -188,6 +189,19 @@ class TrainingConfig(Strict):
     metrics_path: str | None = Field(default=None, description="append one JSON line per step (first-stage nodes)")
     threads: int | None = Field(default=None, ge=1, le=MAX_THREADS, description="torch threads (None: torch's default)")
     timeout_s: float = Field(default=60.0, gt=0, le=MAX_WAIT_S, description="bound on every pipeline call")
+    sync_every: int = Field(default=PlanSettings.sync_every, ge=0, le=MAX_STEPS, description="H: a stage's replicas sum "
+                            "their gradients every step (1: synchronous data parallelism) or take H inner steps, then "
+                            "exchange a compressed pseudo-gradient for an outer step (docs/sync.md); 0: each plan "
+                            "chooses H from its links and compute")
+    max_sync_every: PositiveInt = Field(default=PlanSettings.max_sync_every, le=MAX_STEPS,
+                                        description="the rarest sync a plan chooses (sync_every: 0)")
+    outer_lr: float = Field(default=OuterSettings.lr, gt=0, le=MAX_LR, description="outer optimizer's learning rate")
+    outer_momentum: float = Field(default=OuterSettings.momentum, ge=0, lt=1, description="outer Nesterov momentum")
+    outer_compression: Literal[COMPRESSIONS] = Field(default=OuterSettings.compression, description="the pseudo-gradient "
+                                                     "exchange: off (float32), int8 (blockwise), topk8 (top-k, int8 values; "
+                                                     "error feedback for both)")
+    outer_topk_fraction: float = Field(default=OuterSettings.topk_fraction, gt=0, le=1,
+                                       description="topk8: share of the values each exchange sends")
     serve_state: Literal["plan", "anyone"] = Field(
         default="plan", description="who may fetch this node's training state: members of the committed (or "
         "pending) plan, or anyone")
@@ -198,6 +212,11 @@ class TrainingConfig(Strict):
         if k == 1:   # a holder may die one step behind the swarm: a bound of 1 would need a snapshot of the future
             raise ValueError("must be 0 (no backups) or at least 2")
         return k
+
+    def outer(self, sync_every: int | None = None) -> OuterSettings:
+        """The replicas' sync settings (``sync_every``: the plan's H, when it chose one)."""
+        return OuterSettings(self.sync_every if sync_every is None else sync_every, self.outer_lr, self.outer_momentum,
+                             self.outer_compression, self.outer_topk_fraction)
 
 
 class NodeConfig(Strict):
@@ -216,12 +235,16 @@ class NodeConfig(Strict):
 
 
 def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.max_ratio,
-                  schedule: str = PlanSettings.schedule, optimizer: str = PlanSettings.optimizer) -> PlanSettings:
+                  schedule: str = PlanSettings.schedule, optimizer: str = PlanSettings.optimizer,
+                  training: TrainingConfig | None = None) -> PlanSettings:
     """The planner's settings from the election config (and, from a ``NodeConfig``,
-    ``compression.max_ratio``, ``training.schedule``, ``optimizer``): memory is then priced at the
-    micro-batches ``schedule`` keeps in flight."""
+    ``compression.max_ratio``, ``training.schedule``, ``optimizer``, and ``training``'s sync settings):
+    memory is then priced at the micro-batches ``schedule`` keeps in flight."""
+    training = training or TrainingConfig()
     return PlanSettings(micro_batches=election.micro_batches, stages=election.stages, max_ratio=max_ratio,
-                        max_replicas=election.max_replicas, schedule=schedule, optimizer=optimizer)
+                        max_replicas=election.max_replicas, schedule=schedule, optimizer=optimizer,
+                        sync_every=training.sync_every, max_sync_every=training.max_sync_every,
+                        outer_ratio=training.outer().codec().ratio())
 
 
 def election_settings(election: ElectionConfig, **rest: Any) -> ElectionSettings:

@@ -183,22 +183,27 @@ class Stepped:
 
 @dataclass
 class Reduce:
+    """A replica's contribution to part ``part`` of a sync: its gradient part (one float32 tensor
+    ``g``, synchronous replicas) or its encoded pseudo-gradient part (``swarm.runtime.outer``)."""
+
     step: int
     part: int
-    g: torch.Tensor
+    g: torch.Tensor | dict[str, torch.Tensor]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.g if isinstance(self.g, dict) else {PART: self.g}
 
     def to_frame(self) -> bytes:
-        return pack(REDUCE, {"step": self.step, "part": self.part}, {PART: self.g})[0]
+        return pack(REDUCE, {"step": self.step, "part": self.part}, self.tensors)[0]
 
 
 @dataclass
-class Reduced:
-    step: int
-    part: int
-    g: torch.Tensor
+class Reduced(Reduce):
+    """The owner's answer: the sum of the part over all replicas (encoded like the contributions)."""
 
     def to_frame(self) -> bytes:
-        return pack(REDUCED, {"step": self.step, "part": self.part}, {PART: self.g})[0]
+        return pack(REDUCED, {"step": self.step, "part": self.part}, self.tensors)[0]
 
 
 @dataclass(frozen=True)

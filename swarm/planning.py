@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
-from swarm.config import ElectionConfig, election_settings, plan_settings
+from swarm.config import ElectionConfig, TrainingConfig, election_settings, plan_settings
 from swarm.election import Ballot, Commit, ComputePlan, Election, Ignored, PeerState, Publish
 from swarm.errors import SwarmError
 from swarm.events import COMMIT, NO_EVENTS, Events
@@ -175,11 +175,12 @@ class Elector:
 
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
                  max_ratio: float = PlanSettings.max_ratio, schedule: str = PlanSettings.schedule,
-                 events: Events = NO_EVENTS):
+                 events: Events = NO_EVENTS, training: TrainingConfig | None = None):
         self.me, self.membership, self.workload = me, membership, workload
         self.events = events   # a ``commit`` row per commit
         self.log = logger
-        self.settings = plan_settings(cfg, max_ratio=max_ratio, schedule=schedule)   # memory at the real in-flight count
+        self.settings = plan_settings(cfg, max_ratio=max_ratio, schedule=schedule,   # memory at the real in-flight count
+                                      training=training)
         self.cfg = cfg
         self.election = Election(me, election_settings(cfg, leader="rotating", epoch_window=EPOCH_WINDOW))
         self.refusals = Refusals(events=events)

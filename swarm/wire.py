@@ -30,7 +30,7 @@ MAGIC = b"SWM1"
 VERSION = 1
 _PREFIX = struct.Struct("<4sI")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+          "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "bool": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 META_TYPES = (int, float, str, bool, type(None))
 

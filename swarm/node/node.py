@@ -128,7 +128,7 @@ class Node:
         self.connectivity = Connectivity(self.loop, self.p2p, maddrs, peers, net.reach_check_s, admit=admit)
         max_ratio = cfg.compression.max_ratio if cfg.compression.mode != "off" else 1.0   # plan what will run
         self.elector = Elector(identity.peer_id, self.membership, workload, cfg.election, max_ratio=max_ratio,
-                              schedule=cfg.training.schedule, events=events)
+                              schedule=cfg.training.schedule, events=events, training=cfg.training)
         self.follower = PlanFollower(identity.peer_id, traced, cfg, self.p2p, self.loop, self._bandwidth, admit,
                                      device=profile.device)
 

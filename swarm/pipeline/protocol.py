@@ -20,6 +20,9 @@ Rules (docs/runtime.md):
   (``abandon``: the previous stage may send ``step`` again).
 - **Reduce rounds** (``contribute``): replica ``i`` owns part ``i`` of the flat gradient; the sum of
   a part is complete when every replica contributed, added in peer-id order (identical everywhere).
+  What a round carries (``exchange``): gradients, raw, after every step (synchronous replicas), or,
+  with ``sync_every = H > 1``, encoded pseudo-gradients after every ``H``-th step and nothing between
+  (``swarm.runtime.outer``).
 - **Routing** (``route``): micro-batch ``mb`` goes to its own next-stage replica first, then the
   others; a replica that failed in the last ``retry_after_s`` is tried last; a banned one (it sent
   NaN/Inf) not at all.
@@ -34,13 +37,15 @@ from enum import Enum
 import torch
 
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
-from swarm.messages import CARRIES_INPUTS, PART, REDUCE, STAGE_REQUESTS, STEP, input_names
+from swarm.messages import CARRIES_INPUTS, REDUCE, STAGE_REQUESTS, STEP, input_names
 from swarm.refusals import Bans, short
 from swarm.runtime.allreduce import parts
+from swarm.runtime.outer import OuterCodec, OuterSettings
 from swarm.wire import Header
 
 MAX_CACHED_REPLIES = 256    # per step: bounds the memory a confused or hostile upstream can make us hold
 RETRY_AFTER_S = 10.0        # a next-stage replica that failed is tried last for this long
+GRADIENTS = OuterCodec("off")   # synchronous replicas: float32 gradient parts
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,10 @@ class StageProtocol:
     input (shape, dtype) pairs against the traced boundary (raises ``SwarmError``)."""
 
     def __init__(self, hood: Neighbours, flat_numel: int, check_inputs: Callable[[list[tuple[list[int], str]]], None],
-                 stage: int, bans: Bans | None = None, max_cached: int = MAX_CACHED_REPLIES):
+                 stage: int, bans: Bans | None = None, max_cached: int = MAX_CACHED_REPLIES,
+                 outer: OuterSettings | None = None):
         self.hood = hood
+        self.outer = outer if outer is not None and outer.sync_every > 1 else None   # None: synchronous replicas
         self.flat_numel = flat_numel
         self.check_inputs = check_inputs
         self.stage = stage
@@ -161,10 +168,16 @@ class StageProtocol:
             part = header.meta.get("part")
             if type(part) is not int or part != self.hood.replicas.index(self.hood.me):
                 raise RemoteProtocolError(f"part {part!r} is not owned by this replica")
+            codec = self.exchange(header.meta.get("step"))
+            if codec is None:
+                raise RemoteProtocolError(f"step {header.meta.get('step')!r} is no sync step of these replicas "
+                                          f"(they sync every {self.outer.sync_every if self.outer else 1} steps)")
             lo, hi = parts(self.flat_numel, len(self.hood.replicas))[part]
-            if shapes != {PART: ([hi - lo], "float32", "raw")}:
-                raise RemoteProtocolError(f"a reduce request carries exactly one tensor 'g' (float32 [{hi - lo}], raw), "
-                                          f"not {str(shapes)[:120]}")
+            want = {k: (shape, dtype, "raw") for k, (shape, dtype) in codec.shapes(hi - lo).items()}
+            if shapes != want:
+                what = (f"one tensor 'g' (float32 [{hi - lo}], raw)" if codec is GRADIENTS else
+                        f"the {codec.compression} tensors {str(want)[:120]}")
+                raise RemoteProtocolError(f"a reduce request carries exactly {what}, not {str(shapes)[:120]}")
         else:
             inputs = input_names(header)
             if inputs is None:
@@ -230,6 +243,15 @@ class StageProtocol:
         self.finishing = {s for s in self.finishing if s >= step}
 
     # reduce rounds
+    def exchange(self, step) -> OuterCodec | None:
+        """What the replicas exchange after ``step``: raw gradients every step (synchronous), the encoded
+        pseudo-gradient after a sync step, or nothing (None: one replica, an inner step, a bad step)."""
+        if len(self.hood.replicas) < 2 or type(step) is not int:
+            return None
+        if self.outer is None:
+            return GRADIENTS
+        return self.outer.codec() if self.outer.syncs_after(step) else None
+
     def bounds(self) -> list[tuple[int, int]]:
         return parts(self.flat_numel, len(self.hood.replicas))
 

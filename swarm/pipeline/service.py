@@ -48,6 +48,7 @@ from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.link import NextStage
 from swarm.pipeline.protocol import Neighbours, StageProtocol, StepStatus
 from swarm.refusals import Bans, CallableLogger, Refusals
+from swarm.runtime.outer import OuterCodec, OuterSettings
 from swarm.runtime.worker import Counters, PriorityRunner, StageWorker, Timeline, Warnings
 from swarm.wire import Limits, Message, non_finite
 
@@ -61,7 +62,8 @@ class StepWaits:
     def __init__(self) -> None:
         self.all_in: dict[int, asyncio.Event] = {}
         self.finishing: dict[int, asyncio.Task] = {}
-        self.sums: dict[int, asyncio.Future] = {}
+        self.sums: dict[int, asyncio.Future] = {}     # (decoded sum, what its owner sends back)
+        self.encoders: dict[int, tuple] = {}          # step -> (codec, outer state or None) of this replica's sync
         self.advanced = asyncio.Condition()          # notified after every optimizer step
         self.passing: asyncio.Task | None = None     # passing the newest step on downstream
         self.timeline = Timeline()
@@ -81,12 +83,13 @@ class StageServer:
                  timeout_s: float = 120.0, schedule: str = "1f1b", max_requests: int = 64,
                  admit: Callable[[str], bool] | None = None, max_per_peer: int | None = None,
                  read_budget: int | None = None, bans: Bans | None = None, hooks: StepHooks | None = None,
-                 log: Callable[[str], None] | None = None, events: Events = NO_EVENTS):
+                 log: Callable[[str], None] | None = None, events: Events = NO_EVENTS,
+                 outer: OuterSettings | None = None):
         self.worker = worker
         self.timeout_s = timeout_s
         self.admit = admit
         self.protocol = StageProtocol(peers, sum(p.numel() for p in worker.params), worker.check_inputs,
-                                      worker.stage.io.index, bans)
+                                      worker.stage.io.index, bans, outer=outer)
         self.compute = PriorityRunner(backward_first=schedule == "1f1b")
         self.counters = Counters()
         self.warn = Warnings(CallableLogger(log) if log is not None else logger)   # (log: tests capture lines)
@@ -321,6 +324,7 @@ class StageServer:
         finally:
             self.steps.all_in.pop(step, None)
             self.steps.sums.pop(step, None)
+            self.steps.encoders.pop(step, None)
         self.protocol.finished(step)
         self.steps.timeline.stepped(self.counters)
         for old in [s for s in self.steps.finishing if s < step]:   # (the current one: late waiters may still look)
@@ -337,51 +341,94 @@ class StageServer:
             await asyncio.shield(self.steps.passing)
 
     async def _reduce_and_apply(self, step: int) -> None:
-        replicas, index = self.peers.replicas, self.worker.stage.io.index
-        if len(replicas) > 1 and self.protocol.flat_numel:
+        replicas, index, outer = self.peers.replicas, self.worker.stage.io.index, self.protocol.outer
+        codec = self.protocol.exchange(step) if self.protocol.flat_numel else None
+        if outer is None and codec is not None:   # synchronous replicas: sum the gradients, then step
             flat = await self.compute.work(True, self.worker.flat_grads)
             if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
                 self.warn.log.warning(f"stage {index}: own gradient of step {step} is not finite; this replica "
                                       "contributes zeros to the all-reduce")
                 flat = torch.zeros_like(flat)
-            bounds, mine = self.protocol.bounds(), self.protocol.own_part
-            self._contribute(step, self.peers.me, flat[slice(*bounds[mine])].clone())
-            sums = await asyncio.gather(*(self._exchange(step, j, flat[slice(*bounds[j])]) for j in range(len(replicas))))
-            await self.compute.work(True, self.worker.set_flat_grads, torch.cat(sums))
+            await self.compute.work(True, self.worker.set_flat_grads, await self._all_reduce(step, codec, flat))
+        elif outer is not None and len(replicas) > 1:   # an inner step on this replica's own micro-batches
+            self.worker.outer_state(outer)   # anchored before the first inner step (where the replicas agree)
+            await self.compute.work(True, self.worker.scale_grads, len(replicas))
         if self.hooks.before_apply is not None:
             await self.hooks.before_apply(step)
-        if not await self.compute.work(True, self.worker.step):
+        sync = outer is not None and codec is not None   # the replicas meet after this inner step, within it
+        if not await self.compute.work(True, self.worker.step, not sync):
             self.counters.skipped_steps += 1
             self.warn.log.warning(f"stage {index} skipped step {step}: {self.worker.skipped}")
+        if sync:
+            await self._outer_step(step, outer, codec)
+            self.worker.advance()
 
-    async def _exchange(self, step: int, j: int, part: torch.Tensor) -> torch.Tensor:
-        """The sum over all replicas of part ``j`` of the flat gradient (this replica's own: as the
-        others' contributions arrive; another's: from its owner)."""
+    async def _outer_step(self, step: int, outer: OuterSettings, codec: OuterCodec) -> None:
+        """The replicas' sync after the inner step of ``step``: average the pseudo-gradients, apply the
+        outer optimizer to the anchor, continue from it (identical on every replica)."""
+        state = self.worker.outer_state(outer)
+        delta = state.pseudo_gradient(await self.compute.work(True, self.worker.flat_params))
+        if not bool(torch.isfinite(delta).all()):
+            self.warn.log.warning(f"stage {self.worker.stage.io.index}: pseudo-gradient of step {step} is not "
+                                  "finite; this replica contributes zeros to the outer step")
+            delta = torch.zeros_like(delta)
+        total = await self._all_reduce(step, codec, delta, state)
+        await self.compute.work(True, self.worker.set_flat_params, state.apply(total / len(self.peers.replicas)))
+        self.counters.syncs += 1
+
+    async def _all_reduce(self, step: int, codec: OuterCodec, flat: torch.Tensor, state=None) -> torch.Tensor:
+        """The sum of ``flat`` over the replicas (butterfly; parts encoded by ``codec``, with the error
+        feedback of ``state`` when it has one), identical on every replica."""
+        bounds, mine = self.protocol.bounds(), self.protocol.own_part
+        payloads, own = [], None
+        for j, (lo, hi) in enumerate(bounds):
+            if state is None:
+                payload, sent = {PART: flat[lo:hi].clone()}, flat[lo:hi].clone()
+            else:
+                payload, sent = state.own.encode(flat[lo:hi], lo, hi)
+            payloads.append(payload)
+            own = sent if j == mine else own
+        self.steps.encoders[step] = (codec, state)
+        self._contribute(step, self.peers.me, own)
+        sums = await asyncio.gather(*(self._exchange(step, j, payloads[j], codec, hi - lo)
+                                      for j, (lo, hi) in enumerate(bounds)))
+        return torch.cat(sums)
+
+    async def _exchange(self, step: int, j: int, payload: dict[str, torch.Tensor], codec: OuterCodec,
+                        numel: int) -> torch.Tensor:
+        """The sum over all replicas of part ``j`` (this replica's own: as the others' contributions
+        arrive; another's: from its owner, decoded)."""
         if j == self.protocol.own_part:
-            return await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
+            total, _ = await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
+            return total
         owner = self.peers.replicas[j]
-        frame = Reduce(step, j, part).to_frame()
+        frame = Reduce(step, j, payload).to_frame()
         self.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
         try:
-            reply = self.checker.reply(await self.link.call(owner, frame), owner, REDUCED, {PART: ([part.numel()], "float32")})
+            reply = self.checker.reply(await self.link.call(owner, frame), owner, REDUCED, codec.shapes(numel))
+            return codec.decode(check_reply(reply, "all-reduce").tensors, numel)
         except RemoteProtocolError as e:
             raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum ({e})") from None
-        total = check_reply(reply, "all-reduce").tensors.get(PART)
-        if total is None:
-            raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum")
-        return total
 
     def _contribute(self, step: int, peer: str, part: torch.Tensor) -> None:
         total = self.protocol.contribute(step, peer, part)
         future = self.steps.sum_of(step)
         if total is not None and not future.done():
-            future.set_result(total)
+            codec, state = self.steps.encoders.get(step, (None, None))
+            if state is None:   # the sum as it is (raw gradients)
+                future.set_result((total, {PART: total}))
+            else:               # the sum encoded once, with this owner's error feedback: what everyone decodes
+                lo, hi = self.protocol.bounds()[self.protocol.own_part]
+                payload, sent = state.owned.encode(total, lo, hi)
+                future.set_result((sent, payload))
 
     async def _reduce(self, msg: Message, sender: str) -> bytes:
         step, part = msg.meta["step"], msg.meta["part"]
-        self._contribute(step, sender, msg.tensors[PART])
-        total = await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
-        return Reduced(step, part, total).to_frame()
+        codec = self.protocol.exchange(step)
+        lo, hi = self.protocol.bounds()[part]
+        self._contribute(step, sender, codec.decode(msg.tensors, hi - lo))
+        _, payload = await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
+        return Reduced(step, part, payload).to_frame()
 
     @property
     def between_steps(self) -> bool:

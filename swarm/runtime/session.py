@@ -117,7 +117,8 @@ class TrainingSession:
                                                           min(len(hood.replicas), len(hood.downstream)))
         self.server = StageServer(self.worker, hood, stage_caller(p2p, limits, training.timeout_s), limits, policy,
                                   bandwidth, training.timeout_s, training.schedule, admit=admit, log=log, bans=bans,
-                                  hooks=StepHooks(self._stepped, before_apply), events=Events(training.metrics_path, me))
+                                  hooks=StepHooks(self._stepped, before_apply), events=Events(training.metrics_path, me),
+                                  outer=training.outer(plan.sync_every))
         if not last:   # what the next stage's holders deliver is measured on every call (planning checks claims with it)
             nxt, dag = plan.stages[self.index + 1], traced.dag
             flops = sum(op.flops for op in dag.ops[nxt.first_op:nxt.stop_op]) * cfg.micro_batch_size / dag.batch_size
@@ -205,7 +206,7 @@ class TrainingSession:
         """The state of this stage's ops (call only when no pass runs: stopped, or on the compute thread);
         ``pending``: with the gradient of the step in progress if this stage has all of it."""
         return capture(self.worker.stage.module, self.worker.optimizer, self.owned, ops or self.ops, self.worker.step_id,
-                       grads=pending and self._whole_gradient())
+                       grads=pending and self._whole_gradient(), outer=self.worker.outer_tensors())
 
     def _whole_gradient(self) -> bool:
         """Every micro-batch of the current step went backward here (summed over the replicas)."""

@@ -4,6 +4,9 @@ An op's state is its parameters (``p:<name>``), its buffers (``b:<name>``, e.g. 
 and the optimizer's per-parameter state (``o:<key>:<name>``: Adam's moments and step count), all
 tagged with the optimizer step they belong to; a stage stopped with the whole gradient of a step it
 had not applied adds it (``g:<name>``), so the next holder can complete that step (docs/churn.md).
+A replica that syncs rarely (``swarm.runtime.outer``) hands over its *anchor* (the parameters at the
+last sync) as ``p:<name>`` and the outer optimizer's momentum as ``m:<name>``: whoever takes the state
+starts from the last synced parameters, and the inner steps since then stay the replica's own.
 Because state is keyed by op and not by stage, a new plan that moves ops between peers moves exactly
 those tensors, whoever held them before.
 
@@ -50,9 +53,11 @@ def op_tensors(dag: OpDAG, module: torch.nn.Module) -> dict[str, list[tuple[str,
 
 
 def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, owned: dict[str, list[tuple[str, str]]],
-            ops: list[str], step: int, grads: bool = False) -> dict[str, OpState]:
+            ops: list[str], step: int, grads: bool = False,
+            outer: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, OpState]:
     """Copies (on the CPU) of the state of ``ops`` in ``module`` and ``optimizer`` at ``step`` (and the
-    parameters' accumulated gradients, given ``grads``)."""
+    parameters' accumulated gradients, given ``grads``). ``outer``: parameter name -> (anchor, outer
+    momentum) of a replica that syncs rarely: its anchor stands for the parameters, and no gradient goes."""
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     out = {}
     for op in ops:
@@ -63,7 +68,9 @@ def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ow
                 continue
             p = params[name]
             tensors[f"p:{name}"] = p.detach().cpu().clone()
-            if grads and p.grad is not None:
+            if outer and name in outer:
+                tensors[f"p:{name}"], tensors[f"m:{name}"] = (t.to(p.dtype) for t in outer[name])
+            elif grads and p.grad is not None:
                 tensors[f"g:{name}"] = p.grad.detach().cpu().clone()
             for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
                 if torch.is_tensor(value):
@@ -82,7 +89,7 @@ def _targets(module: torch.nn.Module, states: dict[str, OpState], owned: dict[st
         for key, t in state.tensors.items():
             kind, _, rest = key.partition(":")
             slot, name = rest.partition(":")[::2] if kind == "o" else ("", rest)
-            target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o", "g") else None
+            target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o", "g", "m") else None
             if target is None or (mine is not None and name not in mine):
                 raise SwarmError(f"state of op '{op}': '{key}' does not belong to this {'stage' if mine is None else 'op'}")
             if (kind != "o" or t.dim()) and t.shape != target.shape:
@@ -104,6 +111,8 @@ def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, st
         for kind, slot, target, t in plan:
             if kind == "g":
                 target.grad = t.to(target.device, target.dtype).clone()
+            elif kind == "m":
+                continue   # outer momentum: the worker's (``StageWorker.resume``)
             elif kind != "o":
                 target.copy_(t)
             elif optimizer is not None:

@@ -16,6 +16,7 @@ import torch
 
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
+from swarm.runtime.outer import OuterSettings, OuterState
 from swarm.runtime.state import OpState, restore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +65,7 @@ class StageWorker:
         self.reduced = False     # this step's gradients are the replicas' sum
         self.skipped_steps = 0   # steps whose update was not finite: not applied
         self.skipped: str | None = None   # why the newest step was skipped (None: it was applied)
+        self.outer: OuterState | None = None   # replicas that sync rarely: the anchor and outer momentum
 
     @property
     def is_last(self) -> bool:
@@ -166,6 +168,48 @@ class StageWorker:
             offset += n
         self.reduced = True
 
+    def flat_params(self) -> torch.Tensor:
+        """The parameters as one float32 CPU vector (``flat_grads`` layout)."""
+        if not self.params:
+            return torch.zeros(0)
+        return torch.cat([p.detach().flatten().float() for p in self.params]).cpu()
+
+    def set_flat_params(self, flat: torch.Tensor) -> None:
+        """Overwrite the parameters with ``flat`` (``flat_params`` layout)."""
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                p.copy_(flat[offset: offset + n].view_as(p))
+                offset += n
+
+    def scale_grads(self, factor: float) -> None:
+        """Multiply the accumulated gradients by ``factor`` (an inner step of one replica of ``factor``:
+        its micro-batches' loss scale assumed the replicas' sum)."""
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    def outer_state(self, settings: OuterSettings) -> OuterState:
+        """This replica's outer state (anchored at the current parameters when there is none yet)."""
+        if self.outer is None:
+            self.outer = OuterState(settings, self.flat_params())
+        elif self.outer.settings != settings:   # resumed from states: their anchor and momentum, these settings
+            self.outer = OuterState(settings, self.outer.anchor, self.outer.momentum)
+        return self.outer
+
+    def outer_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Parameter name -> (anchor, outer momentum) of this replica's outer state ({} without one)."""
+        if self.outer is None:
+            return {}
+        names, out, offset = {id(p): n for n, p in self.stage.module.named_parameters()}, {}, 0
+        for p in self.params:
+            n = p.numel()
+            out[names[id(p)]] = (self.outer.anchor[offset:offset + n].view_as(p).clone(),
+                                 self.outer.momentum[offset:offset + n].view_as(p).clone())
+            offset += n
+        return out
+
     def state(self) -> dict[str, torch.Tensor]:
         """The stage's parameters and buffers by the model's qualified names (on the CPU)."""
         return {k: v.detach().cpu().clone() for k, v in self.stage.module.state_dict().items()}
@@ -180,20 +224,33 @@ class StageWorker:
         restore(self.stage.module, self.optimizer, {
             op: st if op in behind else OpState(st.step, {k: t for k, t in st.tensors.items() if not k.startswith("g:")})
             for op, st in states.items()})
+        self._resume_outer(states)
         self.step_id = step - 1 if behind else step
         if behind:
             self.step()
         return behind
+
+    def _resume_outer(self, states: dict[str, OpState]) -> None:
+        """The outer momentum (``m:``) of the states, if they carry one: the anchor is the parameters they
+        load (``p:`` of a replica that syncs rarely is its anchor); parameters no state names start at 0."""
+        found = {k.partition(":")[2]: t for st in states.values() for k, t in st.tensors.items() if k[:2] == "m:"}
+        if not found:
+            return
+        names = {id(p): n for n, p in self.stage.module.named_parameters()}
+        momentum = torch.cat([found.get(names[id(p)], torch.zeros_like(p)).detach().flatten().float().cpu()
+                              for p in self.params])
+        self.outer = OuterState(OuterSettings(), self.flat_params(), momentum)
 
     def non_finite_grads(self) -> list[str]:
         """Names of the parameters whose accumulated gradient has a NaN or an infinity."""
         names = {id(p): n for n, p in self.stage.module.named_parameters()}
         return [names.get(id(p), "?") for p in self.params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
-    def step(self) -> bool:
-        """Apply the accumulated gradients (one optimizer step) and start the next step. A non-finite
-        gradient is not applied: the step is skipped (gradients dropped, ``skipped`` says why) and the
-        step id advances all the same, with the rest of the pipeline. Returns whether it was applied."""
+    def step(self, advance: bool = True) -> bool:
+        """Apply the accumulated gradients (one optimizer step) and start the next step (``advance``;
+        else ``advance()`` does, after a sync of the replicas). A non-finite gradient is not applied:
+        the step is skipped (gradients dropped, ``skipped`` says why) and the step id advances all the
+        same, with the rest of the pipeline. Returns whether it was applied."""
         if self.saved:
             raise SwarmError(f"step {self.step_id} ends with {len(self.saved)} micro-batches still in flight")
         bad = self.non_finite_grads()
@@ -207,9 +264,14 @@ class StageWorker:
             if not bad:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if advance:
+            self.advance()
+        return not bad
+
+    def advance(self) -> None:
+        """Start the next step."""
         self.step_id += 1
         self.backwards, self.reduced = 0, False
-        return not bad
 
 
 class PriorityRunner:
@@ -274,6 +336,7 @@ class Counters:
     refused: int = 0            # requests and replies refused as hostile or broken (RemoteProtocolError), of which ...
     poisoned: int = 0           # ... carried NaN or Inf (their senders banned)
     skipped_steps: int = 0      # optimizer steps not applied: the update was not finite
+    syncs: int = 0              # outer steps taken with the other replicas (sync_every > 1)
     compute_s: float = 0.0      # forward + backward seconds, over ...
     micro_batches: int = 0      # ... this many micro-batches
     compute_cpu_s: float = 0.0  # CPU seconds of the compute thread in those passes

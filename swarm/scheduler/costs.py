@@ -9,7 +9,8 @@ and takes an equal share of the micro-batches, so the slowest replica sets the p
     memory_s   = (2 + optimizer states) * P_s + buffers_s + A_s * in_flight    <= min memory of R_s
     link_s     = min(raw, raw / ratio_max + codec)     raw = 2 C_s / (bw_s * min(|R_s|, |R_s+1|))
     codec      = 2 C_s / (codec_bytes_per_s * min(|R_s|, |R_s+1|))
-    allreduce_s = 2 (|R_s| - 1) / |R_s| * P_s / bw_within(R_s)                   once per step
+    allreduce_s = 2 (|R_s| - 1) / |R_s| * P_s / bw_within(R_s)                   once per step (H = 1)
+    allreduce_s = 2 (|R_s| - 1) / |R_s| * P_s / (bw_within(R_s) * outer_ratio)  once per H steps (H > 1)
 
 ``calls_s`` is 2 for a middle stage (the request in from the previous stage, the one out to the
 next), 1 for the first and last; ``rpc_s = rpc_cpu_s / min(1, CPU cores of the slowest replica)`` is
@@ -18,13 +19,23 @@ micro-batch, so a pipeline pays for every extra stage even where the link is fas
 activation cut after stage ``s`` (the gradient coming back has the same size; AdaTopK
 reuses the forward mask, so one ratio serves both), ``bw_s`` the slowest pair between the two replica
 sets, ``bw_within`` the slowest pair inside one. Each of the ``|R_0|`` first-stage replicas drives
-``M`` micro-batches per step; one micro-batch crosses the whole pipeline (fill and drain) in ``trip``,
-the others follow at the bottleneck's pace. The plan's figure of merit is the step time per ``M``
-micro-batches (comparable between plans with different ``|R_0|``)::
+``M`` micro-batches per step; the first ``k`` micro-batches cross the whole pipeline (fill and drain)
+in ``trip``, the others follow at the bottleneck's pace, ``k`` at a time: ``k`` is the number of
+replicas of the bottleneck stage (of parallel pairs, for a link bottleneck), at most ``M |R_0|``.
+The plan's figure of merit is the step time per ``M`` micro-batches (comparable between plans with
+different ``|R_0|``)::
 
     bottleneck = max(max_s compute_s, max_s link_s)
     trip = sum_s |R_s| compute_s + sum_s min(|R_s|, |R_s+1|) link_s
-    step = ((M |R_0| - 1) * bottleneck + trip + max_s allreduce_s) / |R_0|
+    step = ((M |R_0| - k) * bottleneck + trip + max_s allreduce_s / H) / |R_0|
+
+``H`` (``sync_every``) is how often replicas synchronise: 1 sums the gradients every step (synchronous
+data parallelism); ``H > 1`` exchanges the compressed pseudo-gradient once every ``H`` steps (outer
+steps, ``swarm.runtime.outer``, docs/sync.md). Unless fixed, a plan takes the smallest power of two up
+to ``max_sync_every`` whose amortised exchange is at most ``sync_overhead`` of the rest of the step
+(``choose_sync_every``): synchronise as often as the links allow, since rarer sync costs accuracy.
+A plan's ``utilization`` is the model FLOPs it computes per second over the TFLOP/s of all members
+(spares included).
 
 Each link then gets the *smallest* ratio that keeps it within the bottleneck (compress no harder
 than needed: fewer dropped values, better accuracy), and none if raw transfer already fits.
@@ -73,6 +84,10 @@ class PlanSettings:
     max_stages: int = 16                # search bound; also bounds pipeline fill time
     stages: int = 0                     # exactly this many stages (0: the scheduler chooses)
     max_replicas: int = 0               # peers per stage at most (0: no limit; the rest become spares)
+    sync_every: int = 0                 # H: replicas synchronise every H steps (1: every step; 0: chosen per plan)
+    max_sync_every: int = 64            # the rarest sync the planner chooses
+    sync_overhead: float = 0.05         # chosen H: amortised exchange at most this share of the rest of a step
+    outer_ratio: float = 12.76          # the outer exchange's compression (runtime.outer: topk8 at 1/16)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1 or (self.in_flight or 1) < 1 or self.max_stages < 1 or self.max_ratio < 1:
@@ -81,6 +96,9 @@ class PlanSettings:
             raise SwarmError("plan settings: stages must be >= 0 (0: chosen by the scheduler)")
         if self.optimizer not in OPTIMIZER_STATES:
             raise SwarmError(f"plan settings: unknown optimizer '{self.optimizer}'")
+        if self.sync_every < 0 or self.max_sync_every < 1 or self.outer_ratio < 1 or self.sync_overhead <= 0:
+            raise SwarmError("plan settings: sync_every must be >= 0 (0: chosen per plan), max_sync_every and "
+                             "outer_ratio >= 1, sync_overhead > 0")
         if self.schedule not in SCHEDULES:
             raise SwarmError(f"plan settings: unknown schedule '{self.schedule}' (choose {' or '.join(SCHEDULES)})")
 
@@ -125,6 +143,7 @@ class Workload:
     act_bytes: np.ndarray
     cut_bytes: np.ndarray
     model: str = ""
+    samples: int = 1                # samples per micro-batch (what the costs are scaled to)
 
     @property
     def n(self) -> int:
@@ -136,14 +155,14 @@ class Workload:
 
     @classmethod
     def from_segments(cls, flops, kernels, param_bytes, act_bytes, cut_bytes, buffer_bytes=None,
-                      names=None, model: str = "") -> Workload:
+                      names=None, model: str = "", samples: int = 1) -> Workload:
         """From per-segment costs (one op per segment); ``cut_bytes`` has one entry per segment."""
         n = len(flops)
         names = tuple(names or (f"op{i}" for i in range(n)))
         prefix = lambda v: np.concatenate([[0.0], np.cumsum(np.asarray(v, dtype=np.float64))])  # noqa: E731
         return cls(names, tuple(range(1, n + 1)), prefix(flops), prefix(kernels), prefix(param_bytes),
                    prefix(buffer_bytes if buffer_bytes is not None else [0] * n), prefix(act_bytes),
-                   np.asarray(cut_bytes, dtype=np.float64), model)
+                   np.asarray(cut_bytes, dtype=np.float64), model, samples)
 
     @classmethod
     def from_dag(cls, dag: OpDAG, micro_batch_size: int | None = None) -> Workload:
@@ -159,12 +178,12 @@ class Workload:
             param_bytes=seg(lambda o: o.param_bytes), buffer_bytes=seg(lambda o: o.buffer_bytes),
             act_bytes=[x * scale for x in seg(lambda o: o.act_bytes)],
             cut_bytes=[cuts[b - 1] * scale if b < len(dag.ops) else 0 for b in stops],
-            names=[op.name for op in dag.ops], model=dag.model,
+            names=[op.name for op in dag.ops], model=dag.model, samples=micro_batch_size or dag.batch_size,
         )._with_stops(tuple(stops))
 
     def _with_stops(self, stops: tuple[int, ...]) -> Workload:
         return Workload(self.names, stops, self.flops, self.kernels, self.param_bytes, self.buffer_bytes,
-                        self.act_bytes, self.cut_bytes, self.model)
+                        self.act_bytes, self.cut_bytes, self.model, self.samples)
 
     def memory(self, a, b, settings: PlanSettings, held: int):
         """Bytes one replica of segments ``[a, b)`` needs holding ``held`` micro-batches (arrays broadcast)."""
@@ -230,9 +249,38 @@ def compute_time(w: Workload, a, b, tflops: float, replicas: int, rpc: float, se
             / replicas + calls(w, a, b) * rpc / replicas)
 
 
-def allreduce_time(param_bytes, replicas: int, inner_bw: float):
-    """Seconds of one ring all-reduce of ``param_bytes`` among ``replicas`` over ``inner_bw`` bits/s."""
-    return 2 * (replicas - 1) / replicas * param_bytes * 8 / inner_bw if replicas > 1 else 0.0 * param_bytes
+def allreduce_time(param_bytes, replicas: int, inner_bw: float, ratio: float = 1.0):
+    """Seconds of one ring all-reduce of ``param_bytes`` among ``replicas`` over ``inner_bw`` bits/s,
+    compressed ``ratio`` times."""
+    return 2 * (replicas - 1) / replicas * param_bytes * 8 / (inner_bw * ratio) if replicas > 1 else 0.0 * param_bytes
+
+
+def sync_options(settings: PlanSettings) -> list[int]:
+    """The sync periods a plan may take: the fixed one, or powers of two up to ``max_sync_every``."""
+    if settings.sync_every:
+        return [settings.sync_every]
+    return [1 << k for k in range(settings.max_sync_every.bit_length()) if 1 << k <= settings.max_sync_every]
+
+
+def sync_ratio(h: int, settings: PlanSettings) -> float:
+    """Compression of a sync every ``h`` steps: gradients go raw (H = 1), pseudo-gradients compressed."""
+    return 1.0 if h == 1 else settings.outer_ratio
+
+
+def choose_sync_every(raw_allreduce_s: float, rest_s: float, settings: PlanSettings) -> int:
+    """H for a plan whose uncompressed all-reduce takes ``raw_allreduce_s`` and whose step takes
+    ``rest_s`` without it: the smallest option whose amortised exchange stays within
+    ``sync_overhead * rest_s`` (else the rarest)."""
+    options = sync_options(settings)
+    for h in options:
+        if raw_allreduce_s / (sync_ratio(h, settings) * h) <= settings.sync_overhead * rest_s:
+            return h
+    return options[-1]
+
+
+def amortised_sync_factor(settings: PlanSettings) -> float:
+    """What the search divides an uncompressed all-reduce by: the cheapest sync the plan may take."""
+    return max(sync_ratio(h, settings) * h for h in sync_options(settings))
 
 
 def stage_times(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list[int],

@@ -18,7 +18,17 @@ from dataclasses import replace
 
 import numpy as np
 
-from swarm.scheduler.costs import PlanSettings, Swarm, Workload, allreduce_time, best_link_time, compute_time, group_tflops, rpc_s
+from swarm.scheduler.costs import (
+    PlanSettings,
+    Swarm,
+    Workload,
+    allreduce_time,
+    amortised_sync_factor,
+    best_link_time,
+    compute_time,
+    group_tflops,
+    rpc_s,
+)
 from swarm.scheduler.fences import chain_orders, fence_bandwidth, fence_levels
 from swarm.scheduler.plan import Plan, evaluate
 
@@ -70,14 +80,15 @@ class _Ranges:
         self.lo, self.hi = np.triu_indices(n + 1, 1)
         self.params = w.param_bytes[self.hi] - w.param_bytes[self.lo]
         self.memory = w.memory(self.lo, self.hi, settings, settings.fewest_held)
+        self.sync_factor = amortised_sync_factor(settings)
 
     def stage(self, tflops: float, replicas: int, inner_bw: float, memory: float, rpc: float) -> np.ndarray:
         """Compute (with ``rpc`` seconds per pipeline call) plus all-reduce amortised over the step's
-        micro-batches, per range."""
+        micro-batches (and the rarest, most compressed sync the plan may take), per range."""
         st = self.settings
         comp = compute_time(self.w, self.lo, self.hi, tflops, replicas, rpc, st)
         if replicas > 1:
-            comp = comp + allreduce_time(self.params, replicas, inner_bw) / st.micro_batches
+            comp = comp + allreduce_time(self.params, replicas, inner_bw) / (st.micro_batches * self.sync_factor)
         cost = np.full((self.w.n, self.w.n + 1), np.inf)
         cost[self.lo, self.hi] = np.where(self.memory <= memory, comp, np.inf)
         return cost
@@ -259,3 +270,10 @@ def baseline(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(),
     bounds.append(w.n)
     return evaluate(w, swarm, [((a, b), [k]) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))], settings,
                     compress=compress)
+
+
+def best_alone(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings()) -> Plan | None:
+    """The fastest plan of one peer holding the whole model (None: the model fits no single peer)."""
+    alone = [evaluate(w, swarm, [((0, w.n), [p])], settings) for p in range(len(swarm.peers))]
+    fits = [plan for plan in alone if plan.feasible]
+    return min(fits, key=_key) if fits else None

@@ -7,7 +7,18 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from swarm.scheduler.costs import PlanSettings, Swarm, Workload, best_link_time, in_flight, link_time, ratio_for, stage_times
+from swarm.scheduler.costs import (
+    PlanSettings,
+    Swarm,
+    Workload,
+    best_link_time,
+    choose_sync_every,
+    in_flight,
+    link_time,
+    ratio_for,
+    stage_times,
+    sync_ratio,
+)
 
 
 def _round(x: float) -> float | None:
@@ -24,7 +35,7 @@ class StagePlan:
     peers: tuple[str, ...]
     compute_s: float
     memory_bytes: float
-    allreduce_s: float
+    allreduce_s: float      # one sync of the replicas (at the plan's ``sync_every``: compressed when > 1)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,9 @@ class Plan:
     bottleneck_s: float
     predicted_step_s: float     # inf when some stage does not fit in its replicas' memory
     micro_batches: int
+    sync_every: int = 1         # H: replicas sum gradients every step (1) or exchange pseudo-gradients every H
+    utilization: float = 0.0    # model FLOP/s computed over all members' TFLOP/s (spares included)
+    predicted_samples_per_s: float = 0.0
 
     @property
     def feasible(self) -> bool:
@@ -69,7 +83,8 @@ class Plan:
             if s.index < len(self.links):
                 link = self.links[s.index]
                 parts.append(f"{link.bandwidth_bps / 1e6:.3g} Mbit/s x{link.ratio:.3g}")
-        return " | ".join(parts) + f"; {self.micro_batches} micro-batches, predicted step {self.predicted_step_s:.3g} s"
+        sync = f", sync every {self.sync_every}" if self.sync_every > 1 else ""
+        return " | ".join(parts) + f"; {self.micro_batches} micro-batches{sync}, predicted step {self.predicted_step_s:.3g} s"
 
     def to_dict(self) -> dict:
         def clean(d: dict) -> dict:
@@ -77,7 +92,9 @@ class Plan:
         return {"model": self.model, "stages": [clean(asdict(s)) for s in self.stages],
                 "links": [clean(asdict(link)) for link in self.links], "spares": list(self.spares),
                 "bottleneck_s": _round(self.bottleneck_s), "predicted_step_s": _round(self.predicted_step_s),
-                "micro_batches": self.micro_batches, "feasible": self.feasible}
+                "micro_batches": self.micro_batches, "sync_every": self.sync_every,
+                "utilization": _round(self.utilization), "predicted_samples_per_s": _round(self.predicted_samples_per_s),
+                "feasible": self.feasible}
 
     def compact(self) -> dict:
         """``to_dict`` without op names (peers rebuild them from their own OP-DAG): small enough for the DHT."""
@@ -97,7 +114,8 @@ class Plan:
                                    float(x["ratio"]), float(x["time_s"])) for x in d["links"])
             step = math.inf if d["predicted_step_s"] is None else float(d["predicted_step_s"])
             return cls(str(d["model"]), stages, links, tuple(map(str, d["spares"])), float(d["bottleneck_s"]), step,
-                       int(d["micro_batches"]))
+                       int(d["micro_batches"]), int(d.get("sync_every", 1)), float(d.get("utilization") or 0.0),
+                       float(d.get("predicted_samples_per_s") or 0.0))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"malformed plan: {e!r}") from None
 
@@ -129,6 +147,9 @@ class Plan:
                          f"ratio {link.ratio:g}, {link.time_s * 1e3:.2f} ms")
         lines.append(f"spares: {len(self.spares)}; bottleneck {self.bottleneck_s * 1e3:.2f} ms per micro-batch; "
                      f"predicted step {self.predicted_step_s:.3f} s ({self.micro_batches} micro-batches)")
+        lines.append(f"replicas sync every {self.sync_every} step{'s' if self.sync_every > 1 else ''}"
+                     f"{' (compressed pseudo-gradients)' if self.sync_every > 1 else ' (gradients)'}; "
+                     f"{self.predicted_samples_per_s:.1f} samples/s predicted, utilization {self.utilization:.2f}")
         return "\n".join(lines)
 
 
@@ -158,7 +179,14 @@ def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list
                   for s, ((c, bw, f), r) in enumerate(zip(raw_links, ratios)))
     r0 = len(stages[0][1])
     trip = round_trip(compute, [len(peers) for _, peers in stages], [link.time_s for link in links])
-    step = ((settings.micro_batches * r0 - 1) * bottleneck + trip + max(allreduce)) / r0
+    # the bottleneck serves as many micro-batches at once as it has replicas (a link: parallel pairs)
+    flows = [min(len(a), len(b)) for (_, a), (_, b) in zip(stages, stages[1:])]
+    resources = list(zip(compute, [len(peers) for _, peers in stages])) + list(zip(best, flows))
+    parallel = min(settings.micro_batches * r0, max(resources, key=lambda t: (t[0], -t[1]))[1])
+    rest = ((settings.micro_batches * r0 - parallel) * bottleneck + trip) / r0
+    h = choose_sync_every(max(allreduce) / r0, rest, settings)
+    allreduce = [a / sync_ratio(h, settings) for a in allreduce]
+    step = rest + max(allreduce) / (h * r0)
     held = settings.held(len(stages), trip, bottleneck, r0)
     memory = [float(w.memory(a, b, settings, held)) for (a, b), _ in stages]
     fits = all(m <= min(swarm.peers[p].memory_bytes for p in peers) for m, (_, peers) in zip(memory, stages))
@@ -168,5 +196,8 @@ def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list
         first, stop = w.op_range(a, b)
         plan_stages.append(StagePlan(s, first, stop, w.names[first:stop], tuple(sorted(swarm.peers[p].peer_id for p in peers)),
                                      compute[s], memory[s], allreduce[s]))
+    pooled = sum(p.tflops for p in swarm.peers) * 1e12
+    rate = settings.micro_batches / step if fits else 0.0     # micro-batches per second
     return Plan(w.model, tuple(plan_stages), links, tuple(p.peer_id for i, p in enumerate(swarm.peers) if i not in used),
-                bottleneck, step if fits else math.inf, settings.micro_batches)
+                bottleneck, step if fits else math.inf, settings.micro_batches, h,
+                float(rate * w.flops[-1] / pooled), float(rate * w.samples))

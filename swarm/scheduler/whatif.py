@@ -11,7 +11,8 @@
       - {id: gamer, tflops: 30, memory_gb: 24, site: us, count: 4}   # gamer-0 .. gamer-3
       - {id: pi, tflops: 0.01, memory_gb: 4, cpu_cores: 0.5}          # optional: a CPU quota
     settings: {micro_batches: 8, schedule: 1f1b, max_ratio: 16}     # optional PlanSettings (in_flight: 4
-                                     # fixes the micro-batches a stage holds; default: what the runtime keeps)
+                                     # fixes the micro-batches a stage holds; default: what the runtime keeps;
+                                     # sync_every: 1 sums gradients every step, 0 lets each plan choose)
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ class _Settings(Strict):
     max_ratio: float = Field(default=PlanSettings.max_ratio, ge=1)
     codec_bytes_per_s: float = Field(default=PlanSettings.codec_bytes_per_s, gt=0)
     max_stages: int = Field(default=PlanSettings.max_stages, ge=1)
+    sync_every: int = Field(default=PlanSettings.sync_every, ge=0, description="0: chosen per plan")
+    max_sync_every: int = Field(default=PlanSettings.max_sync_every, ge=1)
+    outer_ratio: float = Field(default=PlanSettings.outer_ratio, ge=1)
     micro_batch_size: int | None = Field(default=None, ge=1, description="samples per micro-batch (default: node config)")
 
 
