@@ -29,13 +29,17 @@ from swarm.runtime.metrics import summarise as summarise_metrics
 from swarm.testbed import Scenario, Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"a": ("naive", "off"), "b": ("opfence", "off"), "c": ("naive", "auto"), "d": ("opfence", "auto")}
+# key -> (planner, compression, training.sync_every): a-d keep their replicas synchronous (every step);
+# f lets each plan choose how rarely its replicas sync (docs/sync.md), so replicas across sites pay
+VARIANTS = {"a": ("naive", "off", 1), "b": ("opfence", "off", 1), "c": ("naive", "auto", 1), "d": ("opfence", "auto", 1),
+            "f": ("opfence", "auto", 0)}
 MICRO_BATCH_SIZE = 4
-NAMES = {"a": "naive", "b": "OP-Fence", "c": "naive + AdaTopK", "d": "swarm (OP-Fence + AdaTopK)"}
+NAMES = {"a": "naive", "b": "OP-Fence", "c": "naive + AdaTopK", "d": "swarm (OP-Fence + AdaTopK)",
+         "f": "swarm, replicas sync rarely"}
 
 
 def node_config(path: Path, host: str, n: int, planner: str, compression: str, metrics: Path,
-                run: argparse.Namespace) -> None:
+                run: argparse.Namespace, sync_every: int = 1) -> None:
     cfg = {"model": run.model, "device": "cpu", "micro_batch_size": MICRO_BATCH_SIZE,
            "network": {"host_maddrs": [f"/ip4/{host}/tcp/0"], "heartbeat_s": 1.0, "ttl_s": 20.0,
                        "startup_timeout_s": 60, "probe_interval_s": 30.0},
@@ -43,13 +47,13 @@ def node_config(path: Path, host: str, n: int, planner: str, compression: str, m
                         "micro_batches": run.micro_batches,
                         "min_epoch_s": 3600, "drift_check_s": 3600, "election_timeout_s": 60},
            "training": {"max_steps": run.steps, "metrics_path": str(metrics), "threads": 1, "timeout_s": 120,
-                        "schedule": run.schedule},
+                        "schedule": run.schedule, "sync_every": sync_every},
            "compression": {"mode": compression, "warmup_steps": 0}}
     path.write_text(json.dumps(cfg))
 
 
 def run_variant(bed: Testbed, scenario: Scenario, key: str, out: Path, run: argparse.Namespace) -> dict:
-    planner, compression = VARIANTS[key]
+    planner, compression, sync_every = VARIANTS[key]
     work = out / f"variant-{key}"
     work.mkdir(parents=True, exist_ok=True)
     metrics = work / "metrics.jsonl"
@@ -65,7 +69,7 @@ def run_variant(bed: Testbed, scenario: Scenario, key: str, out: Path, run: argp
     try:
         for i in range(n):
             cfg = work / f"node{i}.yaml"
-            node_config(cfg, bed.hosts[i], n, planner, compression, metrics, run)
+            node_config(cfg, bed.hosts[i], n, planner, compression, metrics, run, sync_every)
             ready = ready_file(work, i)
             ready.unlink(missing_ok=True)
             argv = [sys.executable, str(ROOT / "node.py"), "run", "--config", str(cfg), "--identity",

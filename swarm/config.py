@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from swarm.election.machine import ElectionSettings
 from swarm.errors import SwarmError
-from swarm.runtime.outer import COMPRESSIONS, OuterSettings
 from swarm.scheduler.costs import PlanSettings
+from swarm.sync import COMPRESSIONS, OuterSettings
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -244,7 +244,7 @@ def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.m
     return PlanSettings(micro_batches=election.micro_batches, stages=election.stages, max_ratio=max_ratio,
                         max_replicas=election.max_replicas, schedule=schedule, optimizer=optimizer,
                         sync_every=training.sync_every, max_sync_every=training.max_sync_every,
-                        outer_ratio=training.outer().codec().ratio())
+                        outer_ratio=training.outer().ratio())
 
 
 def election_settings(election: ElectionConfig, **rest: Any) -> ElectionSettings:

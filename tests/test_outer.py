@@ -164,3 +164,12 @@ def test_a_joiner_takes_the_last_synced_parameters_and_the_outer_momentum():
     joiner.resume(states, worker.step_id)
     assert torch.equal(joiner.flat_params(), worker.outer.anchor)
     assert torch.equal(joiner.outer_state(outer).momentum, worker.outer.momentum)
+
+
+def test_the_planner_prices_the_default_exchange_at_the_codec_s_own_ratio():
+    from swarm.config import ElectionConfig, TrainingConfig, plan_settings
+    from swarm.scheduler import PlanSettings
+    assert PlanSettings.outer_ratio == OuterSettings().codec().ratio()
+    cfg = TrainingConfig(outer_compression="int8", sync_every=8)
+    settings = plan_settings(ElectionConfig(), training=cfg)
+    assert settings.sync_every == 8 and settings.outer_ratio == OuterCodec("int8").ratio()

@@ -16,42 +16,13 @@ butterfly (``swarm.pipeline.service``); ``benchmarks.sync`` runs the same arithm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from swarm.errors import RemoteProtocolError, SwarmError
+from swarm.errors import RemoteProtocolError
+from swarm.sync import BLOCK, COMPRESSIONS, ExchangeFormat, OuterSettings
 
-COMPRESSIONS = ("off", "int8", "topk8")
-BLOCK = 256          # values per int8 scale
-
-
-@dataclass(frozen=True)
-class OuterSettings:
-    """How replicas synchronise (``training.sync_every`` and ``training.outer_*``)."""
-
-    sync_every: int = 1              # H: 1 = synchronous data parallelism; 0 = the planner chooses
-    lr: float = 0.7                  # outer learning rate (DiLoCo's 0.7 with Nesterov 0.9)
-    momentum: float = 0.9
-    compression: str = "topk8"       # off | int8 (blockwise, 3.9x) | topk8 (top-k + int8, ~12.6x at 1/16)
-    topk_fraction: float = 1 / 16    # topk8: share of each part's values sent
-
-    def __post_init__(self) -> None:
-        if self.sync_every < 0:
-            raise SwarmError("sync_every must be >= 1 (or 0: chosen by the planner)")
-        if self.compression not in COMPRESSIONS:
-            raise SwarmError(f"outer compression '{self.compression}' is not one of {', '.join(COMPRESSIONS)}")
-        if not 0 < self.topk_fraction <= 1:
-            raise SwarmError("outer topk_fraction must be in (0, 1]")
-
-    def codec(self) -> OuterCodec:
-        return OuterCodec(self.compression, self.topk_fraction)
-
-    def syncs_after(self, step: int, sync_every: int | None = None) -> bool:
-        """Whether the replicas exchange their pseudo-gradient after the inner step of ``step``."""
-        h = sync_every or self.sync_every or 1
-        return (step + 1) % h == 0
-
+__all__ = ["BLOCK", "COMPRESSIONS", "ErrorFeedback", "OuterCodec", "OuterSettings", "OuterState"]
 
 def _quantize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax int8: (values int8 [n], scales float32 [ceil(n / BLOCK)])."""
@@ -73,34 +44,8 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (padded.view(blocks, BLOCK) * scale[:, None]).view(-1)[:n]
 
 
-@dataclass(frozen=True)
-class OuterCodec:
-    """What one part (``numel`` float32 values) of the exchange carries: every tensor's exact shape is
-    known from ``numel`` alone, so a receiver checks the header before decoding anything."""
-
-    compression: str = "off"
-    topk_fraction: float = 1 / 16
-
-    def kept(self, numel: int) -> int:
-        return max(1, math.ceil(self.topk_fraction * numel)) if numel else 0
-
-    def shapes(self, numel: int) -> dict[str, tuple[list[int], str]]:
-        """Tensor name -> (shape, dtype name) of an encoded part."""
-        if self.compression == "off":
-            return {"g": ([numel], "float32")}
-        n = self.kept(numel) if self.compression == "topk8" else numel
-        out = {"q": ([n], "int8"), "s": ([math.ceil(n / BLOCK)], "float32")}
-        if self.compression == "topk8":
-            out["i"] = ([n], "int32")
-        return out
-
-    def wire_bytes(self, numel: int) -> int:
-        size = {"float32": 4, "int8": 1, "int32": 4}
-        return sum(math.prod(shape) * size[dtype] for shape, dtype in self.shapes(numel).values())
-
-    def ratio(self, numel: int = 1 << 20) -> float:
-        """Raw float32 bytes per wire byte (what the planner prices the exchange at)."""
-        return 4 * numel / self.wire_bytes(numel) if numel else 1.0
+class OuterCodec(ExchangeFormat):
+    """``ExchangeFormat`` with the tensors: encode a part, decode (and check) a peer's."""
 
     def encode(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         v = v.detach().float().flatten()

@@ -54,6 +54,7 @@ import numpy as np
 
 from swarm.dag.graph import OpDAG
 from swarm.errors import SwarmError
+from swarm.sync import OuterSettings
 
 # Optimizer state in parameter-sized fp32 tensors: Adam keeps two moments, SGD (momentum) one.
 OPTIMIZER_STATES = {"adam": 2, "sgd": 1}
@@ -87,7 +88,8 @@ class PlanSettings:
     sync_every: int = 0                 # H: replicas synchronise every H steps (1: every step; 0: chosen per plan)
     max_sync_every: int = 64            # the rarest sync the planner chooses
     sync_overhead: float = 0.05         # chosen H: amortised exchange at most this share of the rest of a step
-    outer_ratio: float = 12.76          # the outer exchange's compression (runtime.outer: topk8 at 1/16)
+    outer_ratio: float = OuterSettings().ratio()   # the outer exchange's compression (the default codec:
+                                                   # topk8 at 1/16, 12.8x)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1 or (self.in_flight or 1) < 1 or self.max_stages < 1 or self.max_ratio < 1:
