@@ -159,11 +159,20 @@ def test_a_joiner_takes_the_last_synced_parameters_and_the_outer_momentum():
     owned = op_tensors(traced.dag, traced.gm)
     ops = [op for op in worker.stage.io.ops if op in owned]
     states = capture(worker.stage.module, worker.optimizer, owned, ops, worker.step_id, outer=worker.outer_tensors())
-    assert all(any(k.startswith("m:") for k in st.tensors) for st in states.values() if any(k[:2] == "p:" for k in st.tensors))
+    with_params = [st for st in states.values() if any(k[:2] == "p:" for k in st.tensors)]
+    assert with_params and all(any(k[:2] == "a:" for k in st.tensors) and any(k[:2] == "m:" for k in st.tensors)
+                               for st in with_params)
     joiner = StageWorker(copy.deepcopy(worker.stage), "adam", 1e-3, loss_fn=lm_loss)
-    joiner.resume(states, worker.step_id)
+    joiner.resume(states, worker.step_id, own=set())   # taken over from b1: the last synced parameters
     assert torch.equal(joiner.flat_params(), worker.outer.anchor)
     assert torch.equal(joiner.outer_state(outer).momentum, worker.outer.momentum)
+    again = StageWorker(copy.deepcopy(worker.stage), "adam", 1e-3, loss_fn=lm_loss)
+    again.resume(states, worker.step_id)   # b1's own states (a new plan): its inner steps are kept
+    assert torch.equal(again.flat_params(), worker.flat_params())
+    assert torch.equal(again.outer_state(outer).anchor, worker.outer.anchor)
+    # what it exports is the model its replicas agree on: the anchor
+    exported = torch.cat([again.state()[n].flatten() for n, p in again.stage.module.named_parameters() if p.requires_grad])
+    assert torch.equal(exported, worker.outer.anchor)
 
 
 def test_the_planner_prices_the_default_exchange_at_the_codec_s_own_ratio():

@@ -218,7 +218,7 @@ class PlanFollower:
                                     self.log.log if isinstance(self.log, CallableLogger) else None)
         try:
             session = TrainingSession(plan, self.me, self.traced, self.cfg, self.p2p, self.loop, start_step=start_step,
-                                      states=states, bans=self.service.bans,
+                                      states=states, own=set(self.adoption.local), bans=self.service.bans,
                                       before_apply=pusher.before_apply if pusher is not None else None, **self.session_args)
             holder["session"] = session
             self.session, self.pusher = session, pusher

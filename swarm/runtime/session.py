@@ -88,13 +88,14 @@ class _Checkpoints:
 
 class TrainingSession:
     """Runs ``plan``'s stage for peer ``me`` (a node outside the plan's stages gets no session).
-    ``before_apply(step)`` is awaited before every optimizer step (the backup gate)."""
+    ``before_apply(step)`` is awaited before every optimizer step (the backup gate); ``own``: the ops
+    whose ``states`` are this node's own (None: all; the others came from another peer)."""
 
     def __init__(self, plan: Plan, me: str, traced: TracedModel, cfg: NodeConfig, p2p, loop: NodeLoop | asyncio.AbstractEventLoop,
                  bandwidth: Callable[[str], float | None] = lambda p: None, start_step: int = 0,
                  admit: Callable[[str], bool] | None = None, log: Callable[[str], None] | None = None,
                  device: str = "cpu", states: dict[str, OpState] | None = None, bans: Bans | None = None,
-                 before_apply: Callable[[int], Awaitable[None]] | None = None):
+                 before_apply: Callable[[int], Awaitable[None]] | None = None, own: set[str] | None = None):
         self.index = plan.role(me)["stage"]
         if self.index is None:
             raise SwarmError("this node has no stage in the plan")
@@ -110,7 +111,8 @@ class TrainingSession:
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
                                   max_batch=cfg.micro_batch_size, warmup_steps=training.lr_warmup_steps, device=device)
         self.owned = op_tensors(traced.dag, traced.gm)
-        self.completed = self.worker.resume({op: st for op, st in (states or {}).items() if op in self.ops}, start_step)
+        self.completed = self.worker.resume({op: st for op, st in (states or {}).items() if op in self.ops}, start_step,
+                                            own)
         limits = _limits(traced, cfg, self.worker)
         hood = _neighbours(plan, me, self.index)
         policy = None if last else LinkPolicy.from_config(cfg.compression, plan.links[self.index], plan.bottleneck_s,

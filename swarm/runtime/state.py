@@ -4,9 +4,10 @@ An op's state is its parameters (``p:<name>``), its buffers (``b:<name>``, e.g. 
 and the optimizer's per-parameter state (``o:<key>:<name>``: Adam's moments and step count), all
 tagged with the optimizer step they belong to; a stage stopped with the whole gradient of a step it
 had not applied adds it (``g:<name>``), so the next holder can complete that step (docs/churn.md).
-A replica that syncs rarely (``swarm.runtime.outer``) hands over its *anchor* (the parameters at the
-last sync) as ``p:<name>`` and the outer optimizer's momentum as ``m:<name>``: whoever takes the state
-starts from the last synced parameters, and the inner steps since then stay the replica's own.
+A replica that syncs rarely (``swarm.runtime.outer``) adds its *anchor* (the parameters at the last
+sync, ``a:<name>``) and the outer optimizer's momentum (``m:<name>``): it resumes from its own
+parameters, while a peer that takes the state over from it starts from the anchor (the inner steps
+since the last sync stay the replica's own: ``StageWorker.resume``).
 Because state is keyed by op and not by stage, a new plan that moves ops between peers moves exactly
 those tensors, whoever held them before.
 
@@ -57,7 +58,7 @@ def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ow
             outer: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, OpState]:
     """Copies (on the CPU) of the state of ``ops`` in ``module`` and ``optimizer`` at ``step`` (and the
     parameters' accumulated gradients, given ``grads``). ``outer``: parameter name -> (anchor, outer
-    momentum) of a replica that syncs rarely: its anchor stands for the parameters, and no gradient goes."""
+    momentum) of a replica that syncs rarely: both go with the parameters, and no gradient goes."""
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     out = {}
     for op in ops:
@@ -69,7 +70,7 @@ def capture(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ow
             p = params[name]
             tensors[f"p:{name}"] = p.detach().cpu().clone()
             if outer and name in outer:
-                tensors[f"p:{name}"], tensors[f"m:{name}"] = (t.to(p.dtype) for t in outer[name])
+                tensors[f"a:{name}"], tensors[f"m:{name}"] = (t.to(p.dtype) for t in outer[name])
             elif grads and p.grad is not None:
                 tensors[f"g:{name}"] = p.grad.detach().cpu().clone()
             for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
@@ -89,7 +90,7 @@ def _targets(module: torch.nn.Module, states: dict[str, OpState], owned: dict[st
         for key, t in state.tensors.items():
             kind, _, rest = key.partition(":")
             slot, name = rest.partition(":")[::2] if kind == "o" else ("", rest)
-            target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o", "g", "m") else None
+            target = (buffers if kind == "b" else params).get(name) if kind in ("p", "b", "o", "g", "a", "m") else None
             if target is None or (mine is not None and name not in mine):
                 raise SwarmError(f"state of op '{op}': '{key}' does not belong to this {'stage' if mine is None else 'op'}")
             if (kind != "o" or t.dim()) and t.shape != target.shape:
@@ -111,8 +112,8 @@ def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, st
         for kind, slot, target, t in plan:
             if kind == "g":
                 target.grad = t.to(target.device, target.dtype).clone()
-            elif kind == "m":
-                continue   # outer momentum: the worker's (``StageWorker.resume``)
+            elif kind in ("a", "m"):
+                continue   # the outer state: the worker's (``StageWorker.resume``)
             elif kind != "o":
                 target.copy_(t)
             elif optimizer is not None:

@@ -211,35 +211,56 @@ class StageWorker:
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The stage's parameters and buffers by the model's qualified names (on the CPU)."""
-        return {k: v.detach().cpu().clone() for k, v in self.stage.module.state_dict().items()}
+        """The stage's parameters and buffers by the model's qualified names (on the CPU); a replica that
+        syncs rarely gives its anchor's parameters: the model its replicas agree on."""
+        out = {k: v.detach().cpu().clone() for k, v in self.stage.module.state_dict().items()}
+        for name, (anchor, _) in self.outer_tensors().items():
+            out[name] = anchor
+        return out
 
-    def resume(self, states: dict[str, OpState], step: int) -> list[str]:
+    def resume(self, states: dict[str, OpState], step: int, own: set[str] | None = None) -> list[str]:
         """Start at ``step`` from op ``states``. The gradients of an unfinished step are dropped, except the
         whole gradient (``g:``) of step ``step - 1`` that ops one step behind carry: the rest of the swarm
-        applied that step, so these ops apply it now. Returns them."""
+        applied that step, so these ops apply it now. Returns them. States with an outer state (a replica
+        that syncs rarely) resume its anchor and momentum; ops not in ``own`` (states taken over from
+        another peer; None: all are this node's own) start from the anchor, not from the other's
+        parameters: the last synced ones."""
         for p in self.params:
             p.grad = None
         behind = sorted(op for op, st in states.items() if st.step == step - 1 and any(k.startswith("g:") for k in st.tensors))
         restore(self.stage.module, self.optimizer, {
             op: st if op in behind else OpState(st.step, {k: t for k, t in st.tensors.items() if not k.startswith("g:")})
             for op, st in states.items()})
-        self._resume_outer(states)
+        self._resume_outer(states, own)
         self.step_id = step - 1 if behind else step
         if behind:
             self.step()
         return behind
 
-    def _resume_outer(self, states: dict[str, OpState]) -> None:
-        """The outer momentum (``m:``) of the states, if they carry one: the anchor is the parameters they
-        load (``p:`` of a replica that syncs rarely is its anchor); parameters no state names start at 0."""
-        found = {k.partition(":")[2]: t for st in states.values() for k, t in st.tensors.items() if k[:2] == "m:"}
-        if not found:
+    def _resume_outer(self, states: dict[str, OpState], own: set[str] | None) -> None:
+        """The anchor (``a:``) and outer momentum (``m:``) of the states, if they carry them; the taken-over
+        ops' parameters become their anchor. A parameter no state anchors is anchored where it is."""
+        anchors, moments = {}, {}
+        for op, st in states.items():
+            for key, t in st.tensors.items():
+                kind, _, name = key.partition(":")
+                if kind == "a":
+                    anchors[name] = (t, own is not None and op not in own)
+                elif kind == "m":
+                    moments[name] = t
+        if not anchors:
             return
-        names = {id(p): n for n, p in self.stage.module.named_parameters()}
-        momentum = torch.cat([found.get(names[id(p)], torch.zeros_like(p)).detach().flatten().float().cpu()
-                              for p in self.params])
-        self.outer = OuterState(OuterSettings(), self.flat_params(), momentum)
+        named = {n: p for n, p in self.stage.module.named_parameters()}
+        with torch.no_grad():
+            for name, (t, taken) in anchors.items():
+                if taken:
+                    named[name].copy_(t)
+        order = [(p, {id(q): n for n, q in named.items()}[id(p)]) for p in self.params]
+
+        def flat(table: dict[str, torch.Tensor], default) -> torch.Tensor:
+            return torch.cat([(table[n] if n in table else default(p)).detach().flatten().float().cpu() for p, n in order])
+        anchor = flat({n: t for n, (t, _) in anchors.items()}, lambda p: p)
+        self.outer = OuterState(OuterSettings(), anchor, flat(moments, torch.zeros_like))
 
     def non_finite_grads(self) -> list[str]:
         """Names of the parameters whose accumulated gradient has a NaN or an infinity."""
