@@ -4,7 +4,9 @@
 
 Variants, each a fresh swarm of real ``node.py run`` processes, one per testbed node, same model and data:
 (a) naive plan (one peer per stage in id order, equal op counts), no compression; (b) OP-Fence plan,
-no compression; (c) naive plan with AdaTopK; (d) swarm: OP-Fence + AdaTopK; (e) PyTorch's own
+no compression; (c) naive plan with AdaTopK; (d) swarm: OP-Fence + AdaTopK (a-d: replicas sum their
+gradients every step); (f, not in the default set) swarm whose replicas sync rarely, each plan
+choosing how rarely (``training.sync_every: 0``, docs/sync.md); (e) PyTorch's own
 pipeline parallelism (``benchmarks/torch_pipeline.py``: GPipe over gloo, the naive stages, rank i on
 node i). Before electing, the nodes
 measure their links for ``--measure-s`` seconds. Reported per variant: samples/s over the steps after
@@ -142,6 +144,7 @@ def summarise(key: str, rows: list[dict], scenario: Scenario, bed: Testbed, work
     return {"variant": key, "name": NAMES[key], "steps": summary["steps"], "samples_per_s": summary["samples_per_s"],
             "loss_last": summary["loss_last"], "loss_first": summary["loss_first"], "bytes_sent": summary["bytes_sent"],
             "wire_ratio": summary["wire_ratio"], "stages": [[f"n{i}({sites[i]})" for i in holders[s]] for s in stages],
+            "sync_every": summary["sync_every"], "val_loss_last": summary["val_loss_last"],
             "mb_per_step_by_link": {f"n{ids[p]}->n{ids[q]}": round(b / 1e6, 3) for p, st in stats.items()
                                     for q, b in sorted(st.sent.items()) if q in ids and b > 0},
             "compute_s_per_step": {f"n{ids[p]}": round(st.compute_s, 4) for p, st in stats.items()},
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt2-tiny")
     parser.add_argument("--measure-s", type=float, default=25.0, help="link probing before the first plan")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
-    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="of variants a-d")
+    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="of variants a-d and f")
     parser.add_argument("--micro-batches", type=int, default=16,
                         help="per first-stage replica and step (enough to amortise the step boundary)")
     parser.add_argument("--out-dir", default="geo-out")
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif key in VARIANTS:
                     results.append(run_variant(bed, scenario, key, out, args))
                 else:
-                    raise SwarmError(f"unknown variant '{key}' (a, b, c, d, e)")
+                    raise SwarmError(f"unknown variant '{key}' (a, b, c, d, e, f)")
                 r = results[-1]
                 print(f"({key}) {r['name']}: {r['samples_per_s']:.2f} samples/s, loss {r['loss_last']:.3f}", flush=True)
     except SwarmError as e:
@@ -242,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         sent = f"{r['bytes_sent'] / 1e6:>9.1f}" if r["bytes_sent"] is not None else f"{'-':>9}"
         print(f"({r['variant']}) {r['name'][:26]:<26}{r['samples_per_s']:>10.2f}{vs:>8.2f}{bound_text}{r['loss_last']:>8.3f}"
               f"{sent}{r['wire_ratio']:>8.1f}  {' | '.join(','.join(s) for s in r['stages'])}")
+    print("\nValidation loss (held-out text) after the last step, and how often the replicas synced")
+    for r in results:
+        if r.get("val_loss_last") is not None:
+            print(f"({r['variant']}) {r['name'][:26]:<26} val loss {r['val_loss_last']:.4f}, sync every {r['sync_every']}")
     print("\nMB per step on each link (a -> b), and what limits the bound")
     for r in results:
         if r.get("mb_per_step_by_link") is not None:

@@ -7,16 +7,17 @@ variant sees the same ``R x M`` sequences per step, the same in every variant (e
 - ``H = 1``: synchronous data parallelism (the gradients averaged every step: one model, one Adam,
   ``R x M`` micro-batches per step; what the runtime's replicas do at ``sync_every: 1``);
 - ``H > 1``: each replica steps its own Adam on its own micro-batches; every ``H`` steps the
-  replicas average their pseudo-gradients and apply the outer optimizer. The arithmetic is the
+  replicas average their pseudo-gradients and apply the outer optimizer (overlapped, the default:
+  one sync late, as the runtime does while the exchange travels; ``--no-overlap``: at once). The arithmetic is the
   runtime's own (``swarm.runtime.outer``: ``OuterState``, its error feedback and codec), and so is
   the exchange's structure: replica ``j`` owns part ``j`` of the vector (``runtime.allreduce.parts``),
   sums the encoded contributions and encodes the sum once more, with its own error feedback.
 
 Validation loss (held-out plays) is measured every ``--every`` steps, from the synced parameters
-(the anchor) for ``H > 1``; at the end, seed by seed against ``H = 1`` of the same seed.
+for ``H > 1`` (the anchor, with the exchange in flight landed when overlapped); at the end, seed by seed against ``H = 1`` of the same seed.
 
     python -m benchmarks.sync [--steps 256] [--seeds 0,1,2] [--sync 1,4,16,64] [--replicas 4]
-        [--compression topk8] [--json-out benchmarks/results/sync.json]
+        [--compression topk8] [--no-overlap] [--json-out benchmarks/results/sync.json]
 """
 from __future__ import annotations
 
@@ -91,17 +92,20 @@ def run(seed: int, h: int, steps: int, replicas: int, every: int, outer: OuterSe
         models = [copy.deepcopy(base) for _ in range(replicas)]
         opts = [make_optimizer("adam", m.parameters(), bench.LR) for m in models]
         states = [OuterState(outer, flat(base)) for _ in range(replicas)]
+        pending = None   # overlap: the exchange started at the previous sync, applied at this one
         for step in range(steps):
             x, y = corpus.batch(step, replicas * per)
             losses.append(sum(inner_step(m, o, x[r * per:(r + 1) * per], y[r * per:(r + 1) * per], step)
                               for r, (m, o) in enumerate(zip(models, opts))) / replicas)
             if outer.syncs_after(step, h):
-                average = exchange(states, [s.pseudo_gradient(flat(m)) for s, m in zip(states, models)])
-                for s, m in zip(states, models):
-                    load(m, s.apply(average))
+                deltas = [s.pseudo_gradient(flat(m)) for s, m in zip(states, models)]
+                average = exchange(states, deltas)
+                for s, m, d in zip(states, models, deltas):
+                    load(m, s.apply_late(pending, d) if outer.overlap else s.apply(average))
+                pending = average
                 syncs += 1
             if (step + 1) % every == 0 or step + 1 == steps:
-                load(base, states[0].anchor)
+                load(base, states[0].landed(pending if outer.overlap else None))   # the synced model
                 curve.append((step + 1, bench.measure_model(base, batches)))
     return {"seed": seed, "sync_every": h, "val_loss": curve[-1][1], "bits_per_byte": bits_per_byte(curve[-1][1]),
             "curve": curve, "train_loss_last5": sum(losses[-5:]) / 5, "syncs": syncs,
@@ -118,7 +122,7 @@ def summarise(h: int, runs: list[dict], base: dict[int, dict]) -> dict:
 def table(rows: list[dict], args) -> str:
     lines = [f"gpt2-tiny, {args.replicas} replicas x {MICRO_BATCHES} micro-batches x {bench.MICRO_BATCH_SIZE} sequences "
              f"of 128 bytes per step, {args.steps} steps, seeds {args.seeds}, outer {args.compression} "
-             f"(lr {args.outer_lr}, Nesterov {args.outer_momentum})",
+             f"(lr {args.outer_lr}, Nesterov {args.outer_momentum}, {'waits' if args.no_overlap else 'overlapped'})",
              f"{'sync every':>10}  {'syncs':>5}  {'val loss (nats/byte)':>22}  {'vs H=1, per seed':>18}"]
     for r in rows:
         gap = r["gap_vs_h1"]
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compression", default=OuterSettings.compression)
     p.add_argument("--outer-lr", type=float, default=OuterSettings.lr)
     p.add_argument("--outer-momentum", type=float, default=OuterSettings.momentum)
+    p.add_argument("--no-overlap", action="store_true", help="each sync waits for its exchange (training.outer_overlap: false)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json-out", default="benchmarks/results/sync.json")
     args = p.parse_args(argv)
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if 1 not in periods:
         periods = [1] + periods
     outer = OuterSettings(sync_every=max(periods), lr=args.outer_lr, momentum=args.outer_momentum,
-                          compression=args.compression)
+                          compression=args.compression, overlap=not args.no_overlap)
     batches = bench.validation()
     started = time.perf_counter()
     runs: dict[int, list[dict]] = {}
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"model": bench.MODEL, "data": bench.DATA, "steps": args.steps, "seeds": seeds, "replicas": args.replicas,
            "micro_batches": MICRO_BATCHES, "micro_batch_size": bench.MICRO_BATCH_SIZE, "lr": bench.LR,
            "outer": {"lr": args.outer_lr, "momentum": args.outer_momentum, "compression": args.compression,
-                     "topk_fraction": outer.topk_fraction, "ratio": outer.codec().ratio()},
+                     "topk_fraction": outer.topk_fraction, "ratio": outer.codec().ratio(), "overlap": outer.overlap},
            "metric": "validation loss (nats/byte)", "rows": rows, "runs": [r for h in periods for r in runs[h]],
            "command": "python -m benchmarks.sync " + " ".join(sys.argv[1:] if argv is None else argv),
            "seconds": time.perf_counter() - started}

@@ -202,6 +202,8 @@ class TrainingConfig(Strict):
                                                      "error feedback for both)")
     outer_topk_fraction: float = Field(default=OuterSettings.topk_fraction, gt=0, le=1,
                                        description="topk8: share of the values each exchange sends")
+    outer_overlap: bool = Field(default=OuterSettings.overlap, description="the exchange runs during the next "
+                                "inner steps and its outer step lands one sync late (false: training waits for it)")
     serve_state: Literal["plan", "anyone"] = Field(
         default="plan", description="who may fetch this node's training state: members of the committed (or "
         "pending) plan, or anyone")
@@ -216,7 +218,7 @@ class TrainingConfig(Strict):
     def outer(self, sync_every: int | None = None) -> OuterSettings:
         """The replicas' sync settings (``sync_every``: the plan's H, when it chose one)."""
         return OuterSettings(self.sync_every if sync_every is None else sync_every, self.outer_lr, self.outer_momentum,
-                             self.outer_compression, self.outer_topk_fraction)
+                             self.outer_compression, self.outer_topk_fraction, self.outer_overlap)
 
 
 class NodeConfig(Strict):
@@ -244,7 +246,7 @@ def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.m
     return PlanSettings(micro_batches=election.micro_batches, stages=election.stages, max_ratio=max_ratio,
                         max_replicas=election.max_replicas, schedule=schedule, optimizer=optimizer,
                         sync_every=training.sync_every, max_sync_every=training.max_sync_every,
-                        outer_ratio=training.outer().ratio())
+                        outer_ratio=training.outer().ratio(), overlap=training.outer_overlap)
 
 
 def election_settings(election: ElectionConfig, **rest: Any) -> ElectionSettings:

@@ -20,6 +20,8 @@ class OuterSettings:
     momentum: float = 0.9
     compression: str = "topk8"       # off | int8 (blockwise, 3.9x) | topk8 (top-k + int8, ~12.6x at 1/16)
     topk_fraction: float = 1 / 16    # topk8: share of each part's values sent
+    overlap: bool = True             # the exchange runs during the next H inner steps; its outer step is
+                                     # applied at the next sync (one sync late), under this period's progress
 
     def __post_init__(self) -> None:
         if self.sync_every < 0:

@@ -15,7 +15,7 @@ from swarm.errors import RemoteProtocolError
 from swarm.models import load_model
 from swarm.pipeline import Neighbours, StageServer, local_caller, train_step
 from swarm.runtime import StageWorker
-from swarm.runtime.outer import ErrorFeedback, OuterCodec, OuterSettings, OuterState
+from swarm.runtime.outer import ErrorFeedback, OuterCodec, OuterSettings, OuterState, outer_tensors, resume_outer
 from swarm.runtime.state import capture, op_tensors
 
 
@@ -126,12 +126,12 @@ def test_sync_every_1_is_exactly_synchronous_data_parallelism():
     assert _train(sync, 3, in_flight=1) == _train(h1, 3, in_flight=1)   # one micro-batch at a time: one summation order
     for name in ("a", "b1", "b2"):
         assert all(torch.equal(x, y) for x, y in zip(_params(sync[name]), _params(h1[name])))
-    assert h1["b1"].worker.outer is None and h1["b1"].counters.syncs == 0
+    assert h1["b1"].sync.state is None and h1["b1"].counters.syncs == 0
 
 
 @pytest.mark.parametrize("compression", ["off", "topk8"])
 def test_replicas_step_apart_between_syncs_and_meet_at_each_sync(compression):
-    outer = OuterSettings(sync_every=3, compression=compression)
+    outer = OuterSettings(sync_every=3, compression=compression, overlap=False)
     _, servers = _stage_on_two_replicas(outer)
     seen = {}
 
@@ -143,42 +143,53 @@ def test_replicas_step_apart_between_syncs_and_meet_at_each_sync(compression):
     assert [seen[s] for s in range(6)] == [False, False, True, False, False, True]   # syncs after steps 2 and 5
     assert seen["sent0"] == seen["sent1"] == 0 and seen["sent2"] > 0 and seen["sent3"] == seen["sent2"]
     assert servers["b1"].counters.syncs == servers["b2"].counters.syncs == 2
-    anchor = servers["b1"].worker.outer.anchor
-    assert torch.equal(anchor, servers["b1"].worker.flat_params()) and torch.equal(anchor, servers["b2"].worker.outer.anchor)
+    anchor = servers["b1"].sync.state.anchor
+    assert torch.equal(anchor, servers["b1"].worker.flat_params()) and torch.equal(anchor, servers["b2"].sync.state.anchor)
     numel = servers["b1"].protocol.flat_numel
     per_sync = seen["sent2"]   # b1 sends its contribution to b2's part (half the vector) once per sync
     assert per_sync < (4 * numel / 2 / 10 + 4096 if compression == "topk8" else 4 * numel)
 
 
+def test_an_overlapped_sync_trains_on_and_lands_one_sync_late():
+    outer = OuterSettings(sync_every=2, compression="topk8", overlap=True)
+    _, servers = _stage_on_two_replicas(outer)
+    start = servers["b1"].worker.flat_params()
+    seen = {}
+
+    def after(step):
+        b1, b2 = (servers[b].sync.state for b in ("b1", "b2"))
+        seen[step] = (torch.equal(b1.anchor, b2.anchor), torch.equal(b1.anchor, start),
+                      torch.equal(servers["b1"].worker.flat_params(), servers["b2"].worker.flat_params()))
+    _train(servers, 7, after)
+    # the anchors agree all along; the first sync (after step 1) only starts an exchange, the second
+    # (after step 3) applies it; the replicas keep their own newest period, so they never coincide
+    assert all(seen[s][0] for s in range(7)) and not any(seen[s][2] for s in range(7))
+    assert [seen[s][1] for s in range(7)] == [True, True, True, False, False, False, False]
+    assert servers["b1"].counters.syncs == 3 and servers["b1"].sync.exchange is not None
+    sent = servers["b1"].counters.reduce_to.get("b2", 0)   # three syncs' contributions, compressed
+    assert 0 < sent < 3 * 4 * servers["b1"].protocol.flat_numel / 2 / 10
+
+
 def test_a_joiner_takes_the_last_synced_parameters_and_the_outer_momentum():
-    outer = OuterSettings(sync_every=2, compression="off")
+    outer = OuterSettings(sync_every=2, compression="off", overlap=False)
     traced, servers = _stage_on_two_replicas(outer)
     _train(servers, 3)   # a sync after step 1, then one inner step: b1 is ahead of its anchor
-    worker = servers["b1"].worker
-    assert not torch.equal(worker.flat_params(), worker.outer.anchor)
+    worker, state = servers["b1"].worker, servers["b1"].sync.state
+    assert not torch.equal(worker.flat_params(), state.anchor)
     owned = op_tensors(traced.dag, traced.gm)
     ops = [op for op in worker.stage.io.ops if op in owned]
-    states = capture(worker.stage.module, worker.optimizer, owned, ops, worker.step_id, outer=worker.outer_tensors())
+    states = capture(worker.stage.module, worker.optimizer, owned, ops, worker.step_id,
+                     outer=outer_tensors(state, worker.stage.module, worker.params))
     with_params = [st for st in states.values() if any(k[:2] == "p:" for k in st.tensors)]
     assert with_params and all(any(k[:2] == "a:" for k in st.tensors) and any(k[:2] == "m:" for k in st.tensors)
                                for st in with_params)
-    joiner = StageWorker(copy.deepcopy(worker.stage), "adam", 1e-3, loss_fn=lm_loss)
-    joiner.resume(states, worker.step_id, own=set())   # taken over from b1: the last synced parameters
-    assert torch.equal(joiner.flat_params(), worker.outer.anchor)
-    assert torch.equal(joiner.outer_state(outer).momentum, worker.outer.momentum)
-    again = StageWorker(copy.deepcopy(worker.stage), "adam", 1e-3, loss_fn=lm_loss)
-    again.resume(states, worker.step_id)   # b1's own states (a new plan): its inner steps are kept
-    assert torch.equal(again.flat_params(), worker.flat_params())
-    assert torch.equal(again.outer_state(outer).anchor, worker.outer.anchor)
-    # what it exports is the model its replicas agree on: the anchor
-    exported = torch.cat([again.state()[n].flatten() for n, p in again.stage.module.named_parameters() if p.requires_grad])
-    assert torch.equal(exported, worker.outer.anchor)
 
-
-def test_the_planner_prices_the_default_exchange_at_the_codec_s_own_ratio():
-    from swarm.config import ElectionConfig, TrainingConfig, plan_settings
-    from swarm.scheduler import PlanSettings
-    assert PlanSettings.outer_ratio == OuterSettings().codec().ratio()
-    cfg = TrainingConfig(outer_compression="int8", sync_every=8)
-    settings = plan_settings(ElectionConfig(), training=cfg)
-    assert settings.sync_every == 8 and settings.outer_ratio == OuterCodec("int8").ratio()
+    def resumed(own):
+        fresh = StageWorker(copy.deepcopy(worker.stage), "adam", 1e-3, loss_fn=lm_loss)
+        fresh.resume(states, worker.step_id)
+        return fresh, resume_outer(states, fresh.stage.module, fresh.params, own)
+    joiner, taken = resumed(set())   # taken over from b1: the last synced parameters
+    assert torch.equal(joiner.flat_params(), state.anchor)
+    assert torch.equal(taken.anchor, state.anchor) and torch.equal(taken.momentum, state.momentum)
+    again, kept = resumed(None)   # b1's own states (a new plan): its inner steps are kept
+    assert torch.equal(again.flat_params(), worker.flat_params()) and torch.equal(kept.anchor, state.anchor)

@@ -22,7 +22,9 @@ Rules (docs/runtime.md):
   a part is complete when every replica contributed, added in peer-id order (identical everywhere).
   What a round carries (``exchange``): gradients, raw, after every step (synchronous replicas), or,
   with ``sync_every = H > 1``, encoded pseudo-gradients after every ``H``-th step and nothing between
-  (``swarm.runtime.outer``).
+  (``swarm.runtime.outer``). An overlapped sync's round outlives its step: its contributions are
+  taken while the replicas are up to ``H - 1`` steps further (``sync_window``), and it is closed when
+  this replica's exchange ends (``close_round``).
 - **Routing** (``route``): micro-batch ``mb`` goes to its own next-stage replica first, then the
   others; a replica that failed in the last ``retry_after_s`` is tried last; a banned one (it sent
   NaN/Inf) not at all.
@@ -238,7 +240,8 @@ class StageProtocol:
         """``step`` is applied here: forget it (the newest finished step stays in ``finishing`` so
         that late ``step`` repeats are recognised)."""
         self.arrived.pop(step, None)
-        self.rounds.pop(step, None)
+        if not self.overlapped:
+            self.rounds.pop(step, None)
         self.replies = {k: r for k, r in self.replies.items() if k[0] > step}
         self.finishing = {s for s in self.finishing if s >= step}
 
@@ -251,6 +254,19 @@ class StageProtocol:
         if self.outer is None:
             return GRADIENTS
         return self.outer.codec() if self.outer.syncs_after(step) else None
+
+    @property
+    def overlapped(self) -> bool:
+        """Syncs run during the next inner steps (their rounds are kept until ``close_round``)."""
+        return self.outer is not None and self.outer.overlap
+
+    def sync_window(self, step, current: int) -> bool:
+        """An overlapped sync of ``step`` may still take contributions at step ``current``."""
+        return (self.overlapped and type(step) is int and self.exchange(step) is not None
+                and current - self.outer.sync_every < step <= current + 1)
+
+    def close_round(self, step: int) -> None:
+        self.rounds.pop(step, None)
 
     def bounds(self) -> list[tuple[int, int]]:
         return parts(self.flat_numel, len(self.hood.replicas))

@@ -17,16 +17,13 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-import torch
-
 from swarm.compression.policy import LinkPolicy
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.events import NO_EVENTS, Events
 from swarm.messages import (
     EVALUATE,
     FORWARD,
-    PART,
-    REDUCED,
+    REDUCE,
     STAGE_REQUESTS,
     STEP,
     ErrorReply,
@@ -34,23 +31,21 @@ from swarm.messages import (
     Evaluated,
     Forward,
     Grads,
-    Reduce,
-    Reduced,
     Stepped,
-    check_reply,
     error_frame,
     grad_name,
     input_name,
 )
-from swarm.net.streams import PREFIX_BYTES, Call, Gate, describe, serve_stream
+from swarm.net.streams import Call, Gate, describe, serve_stream
 from swarm.pipeline.calls import StepHooks
 from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.link import NextStage
 from swarm.pipeline.protocol import Neighbours, StageProtocol, StepStatus
+from swarm.pipeline.sync import ReplicaSync
 from swarm.refusals import Bans, CallableLogger, Refusals
-from swarm.runtime.outer import OuterCodec, OuterSettings
+from swarm.runtime.outer import OuterSettings, OuterState
 from swarm.runtime.worker import Counters, PriorityRunner, StageWorker, Timeline, Warnings
-from swarm.wire import Limits, Message, non_finite
+from swarm.wire import Limits, non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +58,6 @@ class StepWaits:
         self.all_in: dict[int, asyncio.Event] = {}
         self.finishing: dict[int, asyncio.Task] = {}
         self.sums: dict[int, asyncio.Future] = {}     # (decoded sum, what its owner sends back)
-        self.encoders: dict[int, tuple] = {}          # step -> (codec, outer state or None) of this replica's sync
         self.advanced = asyncio.Condition()          # notified after every optimizer step
         self.passing: asyncio.Task | None = None     # passing the newest step on downstream
         self.timeline = Timeline()
@@ -84,7 +78,7 @@ class StageServer:
                  admit: Callable[[str], bool] | None = None, max_per_peer: int | None = None,
                  read_budget: int | None = None, bans: Bans | None = None, hooks: StepHooks | None = None,
                  log: Callable[[str], None] | None = None, events: Events = NO_EVENTS,
-                 outer: OuterSettings | None = None):
+                 outer: OuterSettings | None = None, outer_state: OuterState | None = None):
         self.worker = worker
         self.timeout_s = timeout_s
         self.admit = admit
@@ -103,6 +97,7 @@ class StageServer:
         self.gate = Gate(per_peer, max_requests, read_budget or max(4 * limits.max_frame_bytes, 32 << 20))
         self.steps = StepWaits()
         self.hooks = hooks or StepHooks()
+        self.sync = ReplicaSync(self, outer_state)   # the replicas' end of a step (and the outer state)
 
     @property
     def peers(self) -> Neighbours:
@@ -159,13 +154,17 @@ class StageServer:
                     return Stepped(step).to_frame()   # a repeat whose first reply was lost
                 msg = self.checker.decode(frame, header, sender)
                 del frame
-                await self.reach(step)
+                if msg.kind == REDUCE and self.protocol.overlapped:   # a sync in the background: no step to reach
+                    if not self.protocol.sync_window(step, self.worker.step_id):
+                        raise self.protocol.not_current(step, self.worker.step_id)
+                else:
+                    await self.reach(step)
                 if msg.kind == FORWARD:
                     return await self._remote_forward(Forward.from_message(msg))
                 if msg.kind == EVALUATE:
                     self.protocol.take_forward()
                     return (await self.evaluate(Evaluate.from_message(msg))).to_frame()
-                return await (self._step(step, sender) if msg.kind == STEP else self._reduce(msg, sender))
+                return await (self._step(step, sender) if msg.kind == STEP else self.sync.reduce(msg, sender))
         except Exception as e:
             self.counters.errors += 1
             if isinstance(e, RemoteProtocolError):
@@ -315,7 +314,7 @@ class StageServer:
             await self.settle()   # the previous step reached every downstream stage
             self.steps.passing = asyncio.ensure_future(self.link.pass_on(step))   # the next stage sums and steps meanwhile
             started = time.perf_counter()
-            await self._reduce_and_apply(step)
+            await self.sync.reduce_and_apply(step)
             self.counters.reduce_s += time.perf_counter() - started
         except BaseException:
             self.protocol.abandon(step)
@@ -323,8 +322,7 @@ class StageServer:
             raise
         finally:
             self.steps.all_in.pop(step, None)
-            self.steps.sums.pop(step, None)
-            self.steps.encoders.pop(step, None)
+            self.sync.forget(step)   # (an overlapped sync's tables: when its exchange ends)
         self.protocol.finished(step)
         self.steps.timeline.stepped(self.counters)
         for old in [s for s in self.steps.finishing if s < step]:   # (the current one: late waiters may still look)
@@ -340,96 +338,6 @@ class StageServer:
         if self.steps.passing is not None:
             await asyncio.shield(self.steps.passing)
 
-    async def _reduce_and_apply(self, step: int) -> None:
-        replicas, index, outer = self.peers.replicas, self.worker.stage.io.index, self.protocol.outer
-        codec = self.protocol.exchange(step) if self.protocol.flat_numel else None
-        if outer is None and codec is not None:   # synchronous replicas: sum the gradients, then step
-            flat = await self.compute.work(True, self.worker.flat_grads)
-            if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
-                self.warn.log.warning(f"stage {index}: own gradient of step {step} is not finite; this replica "
-                                      "contributes zeros to the all-reduce")
-                flat = torch.zeros_like(flat)
-            await self.compute.work(True, self.worker.set_flat_grads, await self._all_reduce(step, codec, flat))
-        elif outer is not None and len(replicas) > 1:   # an inner step on this replica's own micro-batches
-            self.worker.outer_state(outer)   # anchored before the first inner step (where the replicas agree)
-            await self.compute.work(True, self.worker.scale_grads, len(replicas))
-        if self.hooks.before_apply is not None:
-            await self.hooks.before_apply(step)
-        sync = outer is not None and codec is not None   # the replicas meet after this inner step, within it
-        if not await self.compute.work(True, self.worker.step, not sync):
-            self.counters.skipped_steps += 1
-            self.warn.log.warning(f"stage {index} skipped step {step}: {self.worker.skipped}")
-        if sync:
-            await self._outer_step(step, outer, codec)
-            self.worker.advance()
-
-    async def _outer_step(self, step: int, outer: OuterSettings, codec: OuterCodec) -> None:
-        """The replicas' sync after the inner step of ``step``: average the pseudo-gradients, apply the
-        outer optimizer to the anchor, continue from it (identical on every replica)."""
-        state = self.worker.outer_state(outer)
-        delta = state.pseudo_gradient(await self.compute.work(True, self.worker.flat_params))
-        if not bool(torch.isfinite(delta).all()):
-            self.warn.log.warning(f"stage {self.worker.stage.io.index}: pseudo-gradient of step {step} is not "
-                                  "finite; this replica contributes zeros to the outer step")
-            delta = torch.zeros_like(delta)
-        total = await self._all_reduce(step, codec, delta, state)
-        await self.compute.work(True, self.worker.set_flat_params, state.apply(total / len(self.peers.replicas)))
-        self.counters.syncs += 1
-
-    async def _all_reduce(self, step: int, codec: OuterCodec, flat: torch.Tensor, state=None) -> torch.Tensor:
-        """The sum of ``flat`` over the replicas (butterfly; parts encoded by ``codec``, with the error
-        feedback of ``state`` when it has one), identical on every replica."""
-        bounds, mine = self.protocol.bounds(), self.protocol.own_part
-        payloads, own = [], None
-        for j, (lo, hi) in enumerate(bounds):
-            if state is None:
-                payload, sent = {PART: flat[lo:hi].clone()}, flat[lo:hi].clone()
-            else:
-                payload, sent = state.own.encode(flat[lo:hi], lo, hi)
-            payloads.append(payload)
-            own = sent if j == mine else own
-        self.steps.encoders[step] = (codec, state)
-        self._contribute(step, self.peers.me, own)
-        sums = await asyncio.gather(*(self._exchange(step, j, payloads[j], codec, hi - lo)
-                                      for j, (lo, hi) in enumerate(bounds)))
-        return torch.cat(sums)
-
-    async def _exchange(self, step: int, j: int, payload: dict[str, torch.Tensor], codec: OuterCodec,
-                        numel: int) -> torch.Tensor:
-        """The sum over all replicas of part ``j`` (this replica's own: as the others' contributions
-        arrive; another's: from its owner, decoded)."""
-        if j == self.protocol.own_part:
-            total, _ = await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
-            return total
-        owner = self.peers.replicas[j]
-        frame = Reduce(step, j, payload).to_frame()
-        self.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
-        try:
-            reply = self.checker.reply(await self.link.call(owner, frame), owner, REDUCED, codec.shapes(numel))
-            return codec.decode(check_reply(reply, "all-reduce").tensors, numel)
-        except RemoteProtocolError as e:
-            raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum ({e})") from None
-
-    def _contribute(self, step: int, peer: str, part: torch.Tensor) -> None:
-        total = self.protocol.contribute(step, peer, part)
-        future = self.steps.sum_of(step)
-        if total is not None and not future.done():
-            codec, state = self.steps.encoders.get(step, (None, None))
-            if state is None:   # the sum as it is (raw gradients)
-                future.set_result((total, {PART: total}))
-            else:               # the sum encoded once, with this owner's error feedback: what everyone decodes
-                lo, hi = self.protocol.bounds()[self.protocol.own_part]
-                payload, sent = state.owned.encode(total, lo, hi)
-                future.set_result((sent, payload))
-
-    async def _reduce(self, msg: Message, sender: str) -> bytes:
-        step, part = msg.meta["step"], msg.meta["part"]
-        codec = self.protocol.exchange(step)
-        lo, hi = self.protocol.bounds()[part]
-        self._contribute(step, sender, codec.decode(msg.tensors, hi - lo))
-        _, payload = await asyncio.wait_for(asyncio.shield(self.steps.sum_of(step)), self.timeout_s)
-        return Reduced(step, part, payload).to_frame()
-
     @property
     def between_steps(self) -> bool:
         """No micro-batch of an unfinished step has been answered or is in flight here."""
@@ -439,4 +347,5 @@ class StageServer:
     def close(self) -> None:
         if self.steps.passing is not None:
             self.steps.passing.cancel()
+        self.sync.close()
         self.compute.close()

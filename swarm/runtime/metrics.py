@@ -94,6 +94,7 @@ def summarise(rows: list[dict], skip_steps: int = 0) -> dict:
     act_raw, act_wire = sum(r["act_raw"] for r in last.values()), sum(r["act_wire"] for r in last.values())
     return {"steps": len(steps), "loss_first": loss[0], "loss_last": loss[-1], "samples_per_s": samples / span,
             "bytes_sent": sum(r["bytes_sent"] for r in last.values()), "plan_hash": rows[-1]["plan_hash"],
+            "sync_every": rows[-1].get("sync_every", 1),
             "stages": 1 + max(r["stage"] for r in rows), "samples_per_step": by_step[steps[-1]][0]["samples"],
             "timed_from_step": timed[0], "wire_ratio": act_raw / act_wire if act_wire else 1.0,   # 1.0: no pipeline link
             "elapsed_s": span, "loss": loss, "step_samples_per_s": rate, "validation": curve,

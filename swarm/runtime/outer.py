@@ -8,6 +8,13 @@ average it, and apply it to the anchor with the outer optimizer (SGD with Nester
 replica then continues from the new anchor, bit-identical again. ``H = 1`` is not this: it is
 today's synchronous data parallelism (the gradients summed every step), untouched.
 
+With ``overlap`` (the default) the exchange does not stop training: it runs while the replicas take
+their next ``H`` inner steps, and its outer step is applied at the next sync, one sync late. Then the
+pseudo-gradient is the progress since the last sync (``base - params``; ``base``: the parameters
+right after it), and a sync sets the parameters to the anchor (stepped with the *previous* exchange's
+average) plus this period's own progress, which the next sync replaces by the replicas' average.
+Replicas then differ by their own newest period only; their anchors stay identical.
+
 Pure tensor arithmetic, no I/O: ``OuterCodec`` (what one part of the exchange carries on the wire),
 ``ErrorFeedback`` (what compression dropped is added to the next exchange) and ``OuterState`` (the
 anchor, the outer momentum and both residuals of one replica). The transport is the stage service's
@@ -20,9 +27,11 @@ import math
 import torch
 
 from swarm.errors import RemoteProtocolError
+from swarm.runtime.state import OpState
 from swarm.sync import BLOCK, COMPRESSIONS, ExchangeFormat, OuterSettings
 
-__all__ = ["BLOCK", "COMPRESSIONS", "ErrorFeedback", "OuterCodec", "OuterSettings", "OuterState"]
+__all__ = ["BLOCK", "COMPRESSIONS", "ErrorFeedback", "OuterCodec", "OuterSettings", "OuterState", "outer_tensors",
+           "resume_outer"]
 
 def _quantize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax int8: (values int8 [n], scales float32 [ceil(n / BLOCK)])."""
@@ -97,25 +106,93 @@ class ErrorFeedback:
 
 class OuterState:
     """One replica's outer state over the flat parameter vector: the anchor (the parameters at the
-    last sync), the outer optimizer's momentum, and the residuals of its own sends (``own``) and of
-    the averaged part it returns to the others (``owned``, for the part it owns)."""
+    last sync), the outer optimizer's momentum, the parameters right after the last sync (``base``:
+    the anchor, unless the sync overlapped), and the residuals of its own sends (``own``) and of the
+    averaged part it returns to the others (``owned``, for the part it owns)."""
 
     def __init__(self, settings: OuterSettings, anchor: torch.Tensor, momentum: torch.Tensor | None = None):
         self.settings = settings
         self.anchor = anchor.detach().float().clone()
+        self.base = self.anchor.clone()
         self.momentum = torch.zeros_like(self.anchor) if momentum is None else momentum.detach().float().clone()
         codec = settings.codec()
         self.own = ErrorFeedback(codec, self.anchor.numel())
         self.owned = ErrorFeedback(codec, self.anchor.numel())
 
     def pseudo_gradient(self, params: torch.Tensor) -> torch.Tensor:
-        """``anchor - params``: where the inner steps since the last sync went, reversed."""
-        return self.anchor - params.detach().float()
+        """``base - params``: where the inner steps since the last sync went, reversed."""
+        return self.base - params.detach().float()
+
+    def _outer(self, average: torch.Tensor) -> None:
+        s = self.settings
+        self.momentum.mul_(s.momentum).add_(average)
+        self.anchor.sub_(s.lr * (average + s.momentum * self.momentum))   # Nesterov
 
     def apply(self, average: torch.Tensor) -> torch.Tensor:
         """The outer step on the replicas' averaged pseudo-gradient: the new anchor (and parameters)."""
-        s = self.settings
-        self.momentum.mul_(s.momentum).add_(average)
-        update = average + s.momentum * self.momentum   # Nesterov
-        self.anchor.sub_(s.lr * update)
+        self._outer(average)
+        self.base = self.anchor.clone()
         return self.anchor.clone()
+
+    def landed(self, pending: torch.Tensor | None) -> torch.Tensor:
+        """The anchor once the exchange in flight (its average ``pending``) has landed; nothing changes."""
+        if pending is None:
+            return self.anchor.clone()
+        s, momentum = self.settings, self.momentum * self.settings.momentum + pending
+        return self.anchor - s.lr * (pending + s.momentum * momentum)
+
+    def apply_late(self, previous: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        """An overlapped sync: the previous exchange's average (None: none yet) steps the anchor; the
+        parameters continue from it plus this period's own progress (``-delta``, now on its way)."""
+        if previous is not None:
+            self._outer(previous)
+        self.base = self.anchor - delta
+        return self.base.clone()
+
+
+def _names(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[str]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for p in params]
+
+
+def outer_tensors(state: OuterState | None, module: torch.nn.Module,
+                  params: list[torch.nn.Parameter]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Parameter name -> (anchor, outer momentum) of ``state`` over ``params`` (the flat layout of
+    ``StageWorker.flat_params``; {} without a state): what op states carry as ``a:`` and ``m:``."""
+    if state is None:
+        return {}
+    out, offset = {}, 0
+    for p, name in zip(params, _names(module, params)):
+        n = p.numel()
+        out[name] = (state.anchor[offset:offset + n].view_as(p).clone(), state.momentum[offset:offset + n].view_as(p).clone())
+        offset += n
+    return out
+
+
+def resume_outer(states: dict[str, OpState], module: torch.nn.Module, params: list[torch.nn.Parameter],
+                 own: set[str] | None = None, settings: OuterSettings = OuterSettings()) -> OuterState | None:
+    """The outer state op ``states`` carry (None: they carry none), its anchor (``a:``) and momentum
+    (``m:``) laid out over ``params``. Ops not in ``own`` (taken over from another peer; None: all are
+    this node's own) start from the anchor, the last synced parameters, not from the other's: their
+    parameters are overwritten with it. A parameter no state anchors is anchored where it is."""
+    anchors, moments, taken = {}, {}, set()
+    for op, st in states.items():
+        for key, t in st.tensors.items():
+            kind, _, name = key.partition(":")
+            if kind == "a":
+                anchors[name] = t
+                if own is not None and op not in own:
+                    taken.add(name)
+            elif kind == "m":
+                moments[name] = t
+    if not anchors:
+        return None
+    named = dict(module.named_parameters())
+    with torch.no_grad():
+        for name in taken:
+            named[name].copy_(anchors[name])
+    order = list(zip(params, _names(module, params)))
+
+    def flat(table: dict[str, torch.Tensor], default) -> torch.Tensor:
+        return torch.cat([(table[n] if n in table else default(p)).detach().flatten().float().cpu() for p, n in order])
+    return OuterState(settings, flat(anchors, lambda p: p), flat(moments, torch.zeros_like))

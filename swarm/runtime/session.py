@@ -31,6 +31,7 @@ from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_c
 from swarm.pipeline.driver import Drive, Validation
 from swarm.refusals import Bans, CallableLogger
 from swarm.runtime.metrics import validation_row
+from swarm.runtime.outer import outer_tensors, resume_outer
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
@@ -111,8 +112,9 @@ class TrainingSession:
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
                                   max_batch=cfg.micro_batch_size, warmup_steps=training.lr_warmup_steps, device=device)
         self.owned = op_tensors(traced.dag, traced.gm)
-        self.completed = self.worker.resume({op: st for op, st in (states or {}).items() if op in self.ops}, start_step,
-                                            own)
+        mine = {op: st for op, st in (states or {}).items() if op in self.ops}
+        self.completed = self.worker.resume(mine, start_step)
+        outer_state = resume_outer(mine, stage.module, self.worker.params, own)
         limits = _limits(traced, cfg, self.worker)
         hood = _neighbours(plan, me, self.index)
         policy = None if last else LinkPolicy.from_config(cfg.compression, plan.links[self.index], plan.bottleneck_s,
@@ -120,7 +122,7 @@ class TrainingSession:
         self.server = StageServer(self.worker, hood, stage_caller(p2p, limits, training.timeout_s), limits, policy,
                                   bandwidth, training.timeout_s, training.schedule, admit=admit, log=log, bans=bans,
                                   hooks=StepHooks(self._stepped, before_apply), events=Events(training.metrics_path, me),
-                                  outer=training.outer(plan.sync_every))
+                                  outer=training.outer(plan.sync_every), outer_state=outer_state)
         if not last:   # what the next stage's holders deliver is measured on every call (planning checks claims with it)
             nxt, dag = plan.stages[self.index + 1], traced.dag
             flops = sum(op.flops for op in dag.ops[nxt.first_op:nxt.stop_op]) * cfg.micro_batch_size / dag.batch_size
@@ -208,7 +210,10 @@ class TrainingSession:
         """The state of this stage's ops (call only when no pass runs: stopped, or on the compute thread);
         ``pending``: with the gradient of the step in progress if this stage has all of it."""
         return capture(self.worker.stage.module, self.worker.optimizer, self.owned, ops or self.ops, self.worker.step_id,
-                       grads=pending and self._whole_gradient(), outer=self.worker.outer_tensors())
+                       grads=pending and self._whole_gradient(), outer=self._outer_tensors())
+
+    def _outer_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return outer_tensors(self.server.sync.state, self.worker.stage.module, self.worker.params)
 
     def _whole_gradient(self) -> bool:
         """Every micro-batch of the current step went backward here (summed over the replicas)."""
@@ -231,6 +236,7 @@ class TrainingSession:
                 val: Validation | None = None) -> None:
         c = self.server.counters
         row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
+               "sync_every": self.plan.sync_every, "syncs": c.syncs,
                "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
                "compute_s": c.compute_s, "micro_batches": c.micro_batches, "compute_cpu_s": c.compute_cpu_s,
                "fill_s": c.fill_s, "drain_s": c.drain_s, "reduce_s": c.reduce_s, "cpu_s": time.process_time(),
@@ -249,13 +255,16 @@ class TrainingSession:
     def save(self, directory: Path) -> Path:
         """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``, written to a
         temporary name and renamed: a reader never sees a half-written file; and the model's spec
-        (``model.json``: what ``node.py export`` rebuilds the module from)."""
+        (``model.json``: what ``node.py export`` rebuilds the module from). Replicas that sync rarely
+    save their anchor: the parameters they agree on."""
         directory.mkdir(parents=True, exist_ok=True)
         write_spec(directory, self.cfg.model, self.cfg.granularity)
         path = directory / f"stage{self.index}-{self.me[-8:]}.pt"
         tmp = path.with_name(path.name + ".tmp")
         try:
-            torch.save({"step": self.step, "stage": self.index, "state": self.worker.state()}, tmp)
+            # replicas that sync rarely: the anchor's parameters, the model they agree on
+            state = {**self.worker.state(), **{n: a for n, (a, _) in self._outer_tensors().items()}}
+            torch.save({"step": self.step, "stage": self.index, "state": state}, tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -16,7 +16,6 @@ import torch
 
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
-from swarm.runtime.outer import OuterSettings, OuterState
 from swarm.runtime.state import OpState, restore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,7 +64,6 @@ class StageWorker:
         self.reduced = False     # this step's gradients are the replicas' sum
         self.skipped_steps = 0   # steps whose update was not finite: not applied
         self.skipped: str | None = None   # why the newest step was skipped (None: it was applied)
-        self.outer: OuterState | None = None   # replicas that sync rarely: the anchor and outer momentum
 
     @property
     def is_last(self) -> bool:
@@ -190,77 +188,25 @@ class StageWorker:
             if p.grad is not None:
                 p.grad.mul_(factor)
 
-    def outer_state(self, settings: OuterSettings) -> OuterState:
-        """This replica's outer state (anchored at the current parameters when there is none yet)."""
-        if self.outer is None:
-            self.outer = OuterState(settings, self.flat_params())
-        elif self.outer.settings != settings:   # resumed from states: their anchor and momentum, these settings
-            self.outer = OuterState(settings, self.outer.anchor, self.outer.momentum)
-        return self.outer
-
-    def outer_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Parameter name -> (anchor, outer momentum) of this replica's outer state ({} without one)."""
-        if self.outer is None:
-            return {}
-        names, out, offset = {id(p): n for n, p in self.stage.module.named_parameters()}, {}, 0
-        for p in self.params:
-            n = p.numel()
-            out[names[id(p)]] = (self.outer.anchor[offset:offset + n].view_as(p).clone(),
-                                 self.outer.momentum[offset:offset + n].view_as(p).clone())
-            offset += n
-        return out
-
     def state(self) -> dict[str, torch.Tensor]:
-        """The stage's parameters and buffers by the model's qualified names (on the CPU); a replica that
-        syncs rarely gives its anchor's parameters: the model its replicas agree on."""
-        out = {k: v.detach().cpu().clone() for k, v in self.stage.module.state_dict().items()}
-        for name, (anchor, _) in self.outer_tensors().items():
-            out[name] = anchor
-        return out
+        """The stage's parameters and buffers by the model's qualified names (on the CPU)."""
+        return {k: v.detach().cpu().clone() for k, v in self.stage.module.state_dict().items()}
 
-    def resume(self, states: dict[str, OpState], step: int, own: set[str] | None = None) -> list[str]:
+    def resume(self, states: dict[str, OpState], step: int) -> list[str]:
         """Start at ``step`` from op ``states``. The gradients of an unfinished step are dropped, except the
         whole gradient (``g:``) of step ``step - 1`` that ops one step behind carry: the rest of the swarm
-        applied that step, so these ops apply it now. Returns them. States with an outer state (a replica
-        that syncs rarely) resume its anchor and momentum; ops not in ``own`` (states taken over from
-        another peer; None: all are this node's own) start from the anchor, not from the other's
-        parameters: the last synced ones."""
+        applied that step, so these ops apply it now. Returns them. (An outer state the states carry:
+        ``runtime.outer.resume_outer``.)"""
         for p in self.params:
             p.grad = None
         behind = sorted(op for op, st in states.items() if st.step == step - 1 and any(k.startswith("g:") for k in st.tensors))
         restore(self.stage.module, self.optimizer, {
             op: st if op in behind else OpState(st.step, {k: t for k, t in st.tensors.items() if not k.startswith("g:")})
             for op, st in states.items()})
-        self._resume_outer(states, own)
         self.step_id = step - 1 if behind else step
         if behind:
             self.step()
         return behind
-
-    def _resume_outer(self, states: dict[str, OpState], own: set[str] | None) -> None:
-        """The anchor (``a:``) and outer momentum (``m:``) of the states, if they carry them; the taken-over
-        ops' parameters become their anchor. A parameter no state anchors is anchored where it is."""
-        anchors, moments = {}, {}
-        for op, st in states.items():
-            for key, t in st.tensors.items():
-                kind, _, name = key.partition(":")
-                if kind == "a":
-                    anchors[name] = (t, own is not None and op not in own)
-                elif kind == "m":
-                    moments[name] = t
-        if not anchors:
-            return
-        named = {n: p for n, p in self.stage.module.named_parameters()}
-        with torch.no_grad():
-            for name, (t, taken) in anchors.items():
-                if taken:
-                    named[name].copy_(t)
-        order = [(p, {id(q): n for n, q in named.items()}[id(p)]) for p in self.params]
-
-        def flat(table: dict[str, torch.Tensor], default) -> torch.Tensor:
-            return torch.cat([(table[n] if n in table else default(p)).detach().flatten().float().cpu() for p, n in order])
-        anchor = flat({n: t for n, (t, _) in anchors.items()}, lambda p: p)
-        self.outer = OuterState(OuterSettings(), anchor, flat(moments, torch.zeros_like))
 
     def non_finite_grads(self) -> list[str]:
         """Names of the parameters whose accumulated gradient has a NaN or an infinity."""

@@ -27,13 +27,15 @@ different ``|R_0|``)::
 
     bottleneck = max(max_s compute_s, max_s link_s)
     trip = sum_s |R_s| compute_s + sum_s min(|R_s|, |R_s+1|) link_s
-    step = ((M |R_0| - k) * bottleneck + trip + max_s allreduce_s / H) / |R_0|
+    step = ((M |R_0| - k) * bottleneck + trip) / |R_0| + sync                    sync: ``sync_cost``
 
 ``H`` (``sync_every``) is how often replicas synchronise: 1 sums the gradients every step (synchronous
 data parallelism); ``H > 1`` exchanges the compressed pseudo-gradient once every ``H`` steps (outer
 steps, ``swarm.runtime.outer``, docs/sync.md). Unless fixed, a plan takes the smallest power of two up
-to ``max_sync_every`` whose amortised exchange is at most ``sync_overhead`` of the rest of the step
-(``choose_sync_every``): synchronise as often as the links allow, since rarer sync costs accuracy.
+to ``max_sync_every`` whose amortised wait for the exchange is at most ``sync_overhead`` of the rest
+of the step (``choose_sync_every``): synchronise as often as the links allow, since rarer sync costs
+accuracy. With ``overlap`` (the runtime's default) an exchange runs during the next ``H`` steps, so
+only what they do not hide is paid.
 A plan's ``utilization`` is the model FLOPs it computes per second over the TFLOP/s of all members
 (spares included).
 
@@ -90,6 +92,7 @@ class PlanSettings:
     sync_overhead: float = 0.05         # chosen H: amortised exchange at most this share of the rest of a step
     outer_ratio: float = OuterSettings().ratio()   # the outer exchange's compression (the default codec:
                                                    # topk8 at 1/16, 12.8x)
+    overlap: bool = OuterSettings.overlap          # H > 1: the exchange runs during the next H steps
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1 or (self.in_flight or 1) < 1 or self.max_stages < 1 or self.max_ratio < 1:
@@ -269,15 +272,24 @@ def sync_ratio(h: int, settings: PlanSettings) -> float:
     return 1.0 if h == 1 else settings.outer_ratio
 
 
+def sync_cost(raw_allreduce_s: float, rest_s: float, h: int, settings: PlanSettings) -> float:
+    """Seconds a step waits for its replicas' sync, amortised: every step (H = 1), or every H steps,
+    compressed, and (``overlap``) only for what the next H steps of ``rest_s`` do not hide."""
+    exchange = raw_allreduce_s / sync_ratio(h, settings)
+    if h > 1 and settings.overlap:
+        exchange = max(0.0, exchange - h * rest_s)
+    return exchange / h
+
+
 def choose_sync_every(raw_allreduce_s: float, rest_s: float, settings: PlanSettings) -> int:
     """H for a plan whose uncompressed all-reduce takes ``raw_allreduce_s`` and whose step takes
-    ``rest_s`` without it: the smallest option whose amortised exchange stays within
-    ``sync_overhead * rest_s`` (else the rarest)."""
+    ``rest_s`` without it: the smallest option whose sync cost stays within ``sync_overhead * rest_s``
+    (else the cheapest)."""
     options = sync_options(settings)
     for h in options:
-        if raw_allreduce_s / (sync_ratio(h, settings) * h) <= settings.sync_overhead * rest_s:
+        if sync_cost(raw_allreduce_s, rest_s, h, settings) <= settings.sync_overhead * rest_s:
             return h
-    return options[-1]
+    return min(options, key=lambda h: (sync_cost(raw_allreduce_s, rest_s, h, settings), h))
 
 
 def amortised_sync_factor(settings: PlanSettings) -> float:

@@ -17,6 +17,7 @@ from swarm.scheduler.costs import (
     link_time,
     ratio_for,
     stage_times,
+    sync_cost,
     sync_ratio,
 )
 
@@ -184,9 +185,9 @@ def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list
     resources = list(zip(compute, [len(peers) for _, peers in stages])) + list(zip(best, flows))
     parallel = min(settings.micro_batches * r0, max(resources, key=lambda t: (t[0], -t[1]))[1])
     rest = ((settings.micro_batches * r0 - parallel) * bottleneck + trip) / r0
-    h = choose_sync_every(max(allreduce) / r0, rest, settings)
+    h = choose_sync_every(max(allreduce), rest * r0, settings)   # (in seconds of a whole step)
+    step = rest + sync_cost(max(allreduce), rest * r0, h, settings) / r0
     allreduce = [a / sync_ratio(h, settings) for a in allreduce]
-    step = rest + max(allreduce) / (h * r0)
     held = settings.held(len(stages), trip, bottleneck, r0)
     memory = [float(w.memory(a, b, settings, held)) for (a, b), _ in stages]
     fits = all(m <= min(swarm.peers[p].memory_bytes for p in peers) for m, (_, peers) in zip(memory, stages))

@@ -1,0 +1,172 @@
+"""How a stage server's replicas meet at the end of a step (``ReplicaSync``): the butterfly all-reduce
+of ``StageProtocol``'s reduce rounds, over the server's link, carrying either the gradients of every
+step (synchronous replicas) or, every ``H`` steps, the encoded pseudo-gradients of an outer step
+(``swarm.runtime.outer``, docs/sync.md), waited for or overlapped with the next inner steps.
+``ReplicaSync`` owns this replica's outer state (anchor, momentum, residuals) and the exchange in
+flight; the server calls ``reduce_and_apply`` when a step is all in and ``reduce`` for a peer's part.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from swarm.errors import RemoteProtocolError, SwarmError
+from swarm.messages import PART, REDUCED, Reduce, Reduced, check_reply
+from swarm.net.streams import PREFIX_BYTES, describe
+from swarm.runtime.outer import OuterCodec, OuterSettings, OuterState
+from swarm.wire import Message
+
+
+class ReplicaSync:
+    """The replicas' end of a step, for ``server`` (a ``StageServer``: its protocol, worker, compute
+    thread, link, counters and step waits)."""
+
+    def __init__(self, server, state: OuterState | None = None):
+        self.server = server
+        self.state = state                                    # the outer state (sync_every > 1), once anchored
+        self.encoders: dict[int, tuple] = {}                  # step -> (codec, outer state or None) of a sync
+        self.exchange: tuple[int, asyncio.Task] | None = None   # an overlapped sync's exchange: (step, task)
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        return self.server.peers.replicas
+
+    def _warn(self, message: str) -> None:
+        self.server.warn.log.warning(f"stage {self.server.worker.stage.io.index}: {message}")
+
+    def outer_state(self, settings: OuterSettings) -> OuterState:
+        """This replica's outer state (anchored at the current parameters when there is none yet)."""
+        worker = self.server.worker
+        if self.state is None:
+            self.state = OuterState(settings, worker.flat_params())
+        elif self.state.settings != settings:   # resumed from op states: their anchor and momentum, these settings
+            self.state = OuterState(settings, self.state.anchor, self.state.momentum)
+        return self.state
+
+    async def reduce_and_apply(self, step: int) -> None:
+        """Sum with the replicas (or take an inner step), apply, and sync when ``step`` is a sync step."""
+        server, worker, protocol = self.server, self.server.worker, self.server.protocol
+        outer, work = protocol.outer, server.compute.work
+        codec = protocol.exchange(step) if protocol.flat_numel else None
+        if outer is None and codec is not None:   # synchronous replicas: sum the gradients, then step
+            flat = await work(True, worker.flat_grads)
+            if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
+                self._warn(f"own gradient of step {step} is not finite; this replica contributes zeros to the all-reduce")
+                flat = torch.zeros_like(flat)
+            await work(True, worker.set_flat_grads, await self.all_reduce(step, codec, flat))
+        elif outer is not None and len(self.replicas) > 1:   # an inner step on this replica's own micro-batches
+            self.outer_state(outer)   # anchored before the first inner step (where the replicas agree)
+            await work(True, worker.scale_grads, len(self.replicas))
+        if server.hooks.before_apply is not None:
+            await server.hooks.before_apply(step)
+        sync = outer is not None and codec is not None   # the replicas meet after this inner step, within it
+        if not await work(True, worker.step, not sync):
+            server.counters.skipped_steps += 1
+            server.warn.log.warning(f"stage {worker.stage.io.index} skipped step {step}: {worker.skipped}")
+        if sync:
+            await (self._late_sync if outer.overlap else self._outer_step)(step, outer, codec)
+            worker.advance()
+
+    async def _delta(self, step: int, state: OuterState) -> torch.Tensor:
+        delta = state.pseudo_gradient(await self.server.compute.work(True, self.server.worker.flat_params))
+        if not bool(torch.isfinite(delta).all()):
+            self._warn(f"pseudo-gradient of step {step} is not finite; this replica contributes zeros to the outer step")
+            delta = torch.zeros_like(delta)
+        return delta
+
+    async def _outer_step(self, step: int, outer: OuterSettings, codec: OuterCodec) -> None:
+        """A sync after the inner step of ``step``: average the pseudo-gradients, apply the outer
+        optimizer to the anchor, continue from it (identical on every replica)."""
+        state = self.outer_state(outer)
+        total = await self.all_reduce(step, codec, await self._delta(step, state), state)
+        await self.server.compute.work(True, self.server.worker.set_flat_params, state.apply(total / len(self.replicas)))
+        self.server.counters.syncs += 1
+
+    async def _late_sync(self, step: int, outer: OuterSettings, codec: OuterCodec) -> None:
+        """An overlapped sync after the inner step of ``step``: the previous sync's exchange (done by now,
+        or awaited, bounded) steps the anchor; this sync's exchange starts and runs while the next
+        inner steps do (``OuterState.apply_late``)."""
+        state = self.outer_state(outer)
+        delta = await self._delta(step, state)
+        previous = None
+        if self.exchange is not None:
+            before, task = self.exchange
+            try:
+                previous = await asyncio.wait_for(asyncio.shield(task), self.server.timeout_s)
+            except (asyncio.TimeoutError, SwarmError) as e:
+                why = "timed out" if isinstance(e, asyncio.TimeoutError) else describe(e)
+                self._warn(f"the replicas' exchange of step {before} did not complete ({why}); its outer step is dropped")
+        await self.server.compute.work(True, self.server.worker.set_flat_params, state.apply_late(previous, delta))
+        self.exchange = (step, asyncio.ensure_future(self._exchange_late(step, codec, delta, state)))
+        self.server.counters.syncs += 1
+
+    async def _exchange_late(self, step: int, codec: OuterCodec, delta: torch.Tensor, state: OuterState) -> torch.Tensor:
+        """The replicas' average of ``delta`` (an overlapped sync of ``step``); its round closes after."""
+        try:
+            return await self.all_reduce(step, codec, delta, state) / len(self.replicas)
+        finally:
+            self.forget(step, True)
+
+    def forget(self, step: int, sync_done: bool = False) -> None:
+        """``step``'s tables go (an overlapped sync's only once its exchange ended: ``sync_done``)."""
+        if sync_done or not self.server.protocol.overlapped:
+            self.server.protocol.close_round(step)
+            self.server.steps.sums.pop(step, None)
+            self.encoders.pop(step, None)
+
+    async def all_reduce(self, step: int, codec: OuterCodec, flat: torch.Tensor, state: OuterState | None = None):
+        """The sum of ``flat`` over the replicas (butterfly; parts encoded by ``codec``, with the error
+        feedback of ``state`` when it has one), identical on every replica."""
+        bounds, mine = self.server.protocol.bounds(), self.server.protocol.own_part
+        if state is None:
+            payloads = [{PART: flat[lo:hi].clone()} for lo, hi in bounds]
+            own = payloads[mine][PART]
+        else:   # encoding a large vector takes a while: off the event loop (torch releases the GIL)
+            encoded = await asyncio.to_thread(lambda: [state.own.encode(flat[lo:hi], lo, hi) for lo, hi in bounds])
+            payloads, own = [payload for payload, _ in encoded], encoded[mine][1]
+        self.encoders[step] = (codec, state)
+        self.contribute(step, self.server.peers.me, own)
+        sums = await asyncio.gather(*(self._part(step, j, payloads[j], codec, hi - lo) for j, (lo, hi) in enumerate(bounds)))
+        return torch.cat(sums)
+
+    async def _part(self, step: int, j: int, payload: dict[str, torch.Tensor], codec: OuterCodec, numel: int):
+        """The sum over all replicas of part ``j`` (this replica's own: as the others' contributions
+        arrive; another's: from its owner, decoded)."""
+        server = self.server
+        if j == server.protocol.own_part:
+            total, _ = await asyncio.wait_for(asyncio.shield(server.steps.sum_of(step)), server.timeout_s)
+            return total
+        owner = self.replicas[j]
+        frame = Reduce(step, j, payload).to_frame()
+        server.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
+        try:
+            reply = server.checker.reply(await server.link.call(owner, frame), owner, REDUCED, codec.shapes(numel))
+            return codec.decode(check_reply(reply, "all-reduce").tensors, numel)
+        except RemoteProtocolError as e:
+            raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum ({e})") from None
+
+    def contribute(self, step: int, peer: str, part: torch.Tensor) -> None:
+        protocol = self.server.protocol
+        total = protocol.contribute(step, peer, part)
+        future = self.server.steps.sum_of(step)
+        if total is not None and not future.done():
+            codec, state = self.encoders.get(step, (None, None))
+            if state is None:   # the sum as it is (raw gradients)
+                future.set_result((total, {PART: total}))
+            else:               # the sum encoded once, with this owner's error feedback: what everyone decodes
+                lo, hi = protocol.bounds()[protocol.own_part]
+                payload, sent = state.owned.encode(total, lo, hi)
+                future.set_result((sent, payload))
+
+    async def reduce(self, msg: Message, sender: str) -> bytes:
+        """A replica's part for this replica to sum: the reply is the sum, once every replica's is in."""
+        step, part = msg.meta["step"], msg.meta["part"]
+        lo, hi = self.server.protocol.bounds()[part]
+        self.contribute(step, sender, self.server.protocol.exchange(step).decode(msg.tensors, hi - lo))
+        _, payload = await asyncio.wait_for(asyncio.shield(self.server.steps.sum_of(step)), self.server.timeout_s)
+        return Reduced(step, part, payload).to_frame()
+
+    def close(self) -> None:
+        if self.exchange is not None:
+            self.exchange[1].cancel()
