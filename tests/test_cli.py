@@ -62,6 +62,9 @@ def test_plan_what_if_json(tmp_path):
         assert all({"ops", "peers"} <= set(s) for s in plan["stages"])
         assert all({"src", "dst", "bandwidth_bps", "ratio"} <= set(link) for link in plan["links"])
     assert out["predicted_step_s"] < out["baseline"]["predicted_step_s"]
+    for plan in (out, out["baseline"], out["best_single"]):
+        assert plan["sync_every"] >= 1 and 0 < plan["utilization"] <= 1 and plan["predicted_samples_per_s"] > 0
+    assert out["predicted_samples_per_s"] >= out["best_single"]["predicted_samples_per_s"]
     staged = [p for s in out["stages"] for p in s["peers"]]
     assert sorted(staged + out["spares"]) == sorted(p for s in out["baseline"]["stages"] for p in s["peers"])
 
