@@ -99,6 +99,23 @@ def test_state_from_the_own_store_and_from_donors_then_ready():
     assert m.ready == "p1" and m.plan is plan and m.members() == {"me", "b"}
 
 
+@dataclass
+class Outer(St):   # a replica that syncs rarely: its state carries an anchor
+    tensors: dict = field(default_factory=lambda: {"a:w": None, "p:w": None})
+
+
+def test_a_replica_that_syncs_rarely_resumes_its_own_state_though_another_is_ahead():
+    m, plan = machine(), two_stage()
+    m.committed(plan, 0.0)
+    members = {"me": Rec("p1", 4), "b": Rec("p1", 6, [[0, 3, 6]]), "c": Rec("p1", 6, [[0, 3, 6]])}
+    (fetch,) = m.observe(members, 4, {"op0": St(4), "op1": St(4), "op2": St(4)}, 1.0)
+    assert isinstance(fetch, Fetch) and set(fetch.donors) == {"op0", "op1", "op2"}   # synchronous: the newest
+    m = machine()
+    m.committed(plan, 0.0)
+    (start,) = m.observe(members, 4, {op: Outer(4) for op in ("op0", "op1", "op2")}, 1.0)
+    assert isinstance(start, StartSession) and start.local == 3 and start.start_step == 6   # its own inner steps
+
+
 def test_a_node_without_a_stage_is_ready_at_once_and_an_infeasible_plan_is_not_trained():
     m = machine()
     spare = P("s", [StagePlan(tuple(OPS), ("b",))], spares=("me",))

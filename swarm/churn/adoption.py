@@ -61,6 +61,12 @@ class Fetch:
     donors: dict[str, list[str]]
 
 
+def syncs_rarely(state: Any) -> bool:
+    """A state of a replica that syncs rarely (it carries an anchor, ``a:``): its own trajectory, which
+    it resumes even where another replica is steps ahead (their steps are not its missing ones)."""
+    return any(key.startswith("a:") for key in getattr(state, "tensors", {}))
+
+
 @dataclass(frozen=True)
 class StartSession:
     """Run ``stage`` of ``plan`` from ``start_step`` with ``states`` (op -> state; ``local`` of them
@@ -175,7 +181,8 @@ class PlanAdoption:
         ops = [op for op in plan.stages[stage].ops if op in self.owned]
         self.start_step = max([own_step, self.plan_step, *(members[m].step or 0 for m in live)])
         newest = newest_sources(self.index, self.me, members, store, ops)
-        self.local = {op: store[op] for op, (step, _) in newest.items() if op in store and store[op].step >= step}
+        self.local = {op: store[op] for op, (step, _) in newest.items()
+                      if op in store and (store[op].step >= step or syncs_rarely(store[op]))}
         remote = {op: donors for op, (_, donors) in newest.items() if op not in self.local}
         if remote:
             self.fetching = True

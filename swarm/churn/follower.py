@@ -22,6 +22,7 @@ from swarm.churn.adoption import (
     Wait,
     Warn,
     donor_order,
+    syncs_rarely,
 )
 from swarm.churn.backup import SnapshotPusher, backups
 from swarm.churn.state_service import (
@@ -232,14 +233,14 @@ class PlanFollower:
         if session.completed:
             self.log.info(f"completed step {start_step - 1} on {len(session.completed)} ops with the gradient "
                           "the previous plan left (the rest of the swarm had applied it)")
-        behind = {op: start_step - s.step for op, s in states.items()
-                  if s.step < start_step and op in session.ops and op not in session.completed}
+        behind = {op: start_step - s.step for op, s in states.items()   # (a replica syncing rarely resumes its own)
+                  if s.step < start_step and op in session.ops and op not in session.completed and not syncs_rarely(s)}
         if behind:
             self.log.info(f"restored {len(behind)} ops from older state: up to {max(behind.values())} steps of them lost")
         self.adoption.started(plan)
         self.events.emit(TRAINING, stage=stage, stages=len(plan.stages), step=start_step, ops=len(states),
                          fetched=len(states) - local, donors=list(donors), initial=len(missing) if self.step else 0,
-                         lost_steps=max(behind.values(), default=0))
+                         lost_steps=max(behind.values(), default=0), **session.outer_digests())
         self.log.info(f"training: stage {stage} of {len(plan.stages)} from step {start_step} "
                       f"({len(states)} ops of state, {len(states) - local} fetched"
                       + (f" from {', '.join(p[-8:] for p in donors)})" if donors else ")")

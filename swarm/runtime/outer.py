@@ -18,10 +18,11 @@ Replicas then differ by their own newest period only; their anchors stay identic
 Pure tensor arithmetic, no I/O: ``OuterCodec`` (what one part of the exchange carries on the wire),
 ``ErrorFeedback`` (what compression dropped is added to the next exchange) and ``OuterState`` (the
 anchor, the outer momentum and both residuals of one replica). The transport is the stage service's
-butterfly (``swarm.pipeline.service``); ``benchmarks.sync`` runs the same arithmetic in one process.
+butterfly (``swarm.pipeline.sync``); ``benchmarks.sync`` runs the same arithmetic in one process.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -31,7 +32,7 @@ from swarm.runtime.state import OpState
 from swarm.sync import BLOCK, COMPRESSIONS, ExchangeFormat, OuterSettings
 
 __all__ = ["BLOCK", "COMPRESSIONS", "ErrorFeedback", "OuterCodec", "OuterSettings", "OuterState", "outer_tensors",
-           "resume_outer"]
+           "resume_outer", "tensor_digest"]
 
 def _quantize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax int8: (values int8 [n], scales float32 [ceil(n / BLOCK)])."""
@@ -115,6 +116,7 @@ class OuterState:
         self.anchor = anchor.detach().float().clone()
         self.base = self.anchor.clone()
         self.momentum = torch.zeros_like(self.anchor) if momentum is None else momentum.detach().float().clone()
+        self.version, self._digest = 0, None   # the anchor's changes (``digest``'s cache)
         codec = settings.codec()
         self.own = ErrorFeedback(codec, self.anchor.numel())
         self.owned = ErrorFeedback(codec, self.anchor.numel())
@@ -123,7 +125,14 @@ class OuterState:
         """``base - params``: where the inner steps since the last sync went, reversed."""
         return self.base - params.detach().float()
 
+    def digest(self) -> str:
+        """A short hash of the anchor (replicas that agree on it print the same; cached until it moves)."""
+        if self._digest is None or self._digest[0] != self.version:
+            self._digest = (self.version, tensor_digest(self.anchor))
+        return self._digest[1]
+
     def _outer(self, average: torch.Tensor) -> None:
+        self.version += 1
         s = self.settings
         self.momentum.mul_(s.momentum).add_(average)
         self.anchor.sub_(s.lr * (average + s.momentum * self.momentum))   # Nesterov
@@ -148,6 +157,11 @@ class OuterState:
             self._outer(previous)
         self.base = self.anchor - delta
         return self.base.clone()
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """12 hex digits of sha-256 over a tensor's float32 bytes."""
+    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()[:12]
 
 
 def _names(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[str]:

@@ -31,7 +31,7 @@ from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_c
 from swarm.pipeline.driver import Drive, Validation
 from swarm.refusals import Bans, CallableLogger
 from swarm.runtime.metrics import validation_row
-from swarm.runtime.outer import outer_tensors, resume_outer
+from swarm.runtime.outer import outer_tensors, resume_outer, tensor_digest
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
 from swarm.runtime.worker import StageWorker
 from swarm.scheduler import Plan
@@ -212,6 +212,14 @@ class TrainingSession:
         return capture(self.worker.stage.module, self.worker.optimizer, self.owned, ops or self.ops, self.worker.step_id,
                        grads=pending and self._whole_gradient(), outer=self._outer_tensors())
 
+    def outer_digests(self) -> dict[str, str]:
+        """At the start, for a stage whose replicas sync rarely: digests of the anchor it resumed (``anchor``)
+        and of the parameters it starts from (``params``); {} for any other stage."""
+        state = self.server.sync.state
+        if state is None:
+            return {}
+        return {"anchor": state.digest(), "params": tensor_digest(self.worker.flat_params())}
+
     def _outer_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return outer_tensors(self.server.sync.state, self.worker.stage.module, self.worker.params)
 
@@ -237,6 +245,7 @@ class TrainingSession:
         c = self.server.counters
         row = {"step": step, "stage": self.index, "peer": self.me, "plan_hash": self.plan.hash, "time": time.time(),
                "sync_every": self.plan.sync_every, "syncs": c.syncs,
+               "anchor": self.server.sync.state.digest() if self.server.sync.state is not None else None,
                "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
                "compute_s": c.compute_s, "micro_batches": c.micro_batches, "compute_cpu_s": c.compute_cpu_s,
                "fill_s": c.fill_s, "drain_s": c.drain_s, "reduce_s": c.reduce_s, "cpu_s": time.process_time(),
