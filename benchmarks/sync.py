@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-overlap", action="store_true", help="each sync waits for its exchange (training.outer_overlap: false)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json-out", default="benchmarks/results/sync.json")
+    p.add_argument("--baseline-from", help="take the H = 1 runs from this earlier JSON of the same steps, seeds and "
+                   "replicas (synchronous data parallelism does not depend on the outer settings)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds, periods = [int(s) for s in args.seeds.split(",")], [int(h) for h in args.sync.split(",")]
@@ -154,8 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     batches = bench.validation()
     started = time.perf_counter()
     runs: dict[int, list[dict]] = {}
+    if args.baseline_from:
+        earlier = json.loads(Path(args.baseline_from).read_text())
+        same = (earlier["steps"], earlier["replicas"], earlier["micro_batches"]) == (args.steps, args.replicas, MICRO_BATCHES)
+        runs[1] = [r for r in earlier["runs"] if r["sync_every"] == 1 and r["seed"] in seeds]
+        if not same or sorted(r["seed"] for r in runs[1]) != sorted(seeds):
+            raise SystemExit(f"error: {args.baseline_from} holds no H = 1 runs of these steps, replicas and seeds")
     for h in periods:
         for seed in seeds:
+            if h in runs and len(runs[h]) == len(seeds):
+                break
             r = run(seed, h, args.steps, args.replicas, args.every, outer, batches)
             bench.log(f"H={h} seed {seed}: val loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
             runs.setdefault(h, []).append(r)
