@@ -24,7 +24,7 @@ def config(tmp_path: Path, name: str = "node.yaml", min_members: int = 4, max_re
     cfg = {"device": "cpu", "micro_batch_size": SIZE,
            "network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 0.5, "ttl_s": 4.0,
                        "startup_timeout_s": 30, "probe_interval_s": 30.0, "leave_timeout_s": 40},
-           "election": {"join_batch_s": 1, "min_epoch_s": 3, "election_timeout_s": 8, "drift_check_s": 3600,
+           "election": {"join_batch_s": 1, "min_epoch_s": 3, "election_timeout_s": 8, "drift_check_s": 3600, "probe_wait_s": 2,
                         "min_members": min_members, "stages": 3, "max_replicas": max_replicas, "micro_batches": MB},
            "training": {"threads": 1, "metrics_path": str(tmp_path / "metrics.jsonl"), "backup_every_steps": K,
                         "timeout_s": 10, **training},

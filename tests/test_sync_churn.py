@@ -19,7 +19,7 @@ def config(tmp_path: Path, name: str, members: int) -> str:
     cfg = {"device": "cpu", "micro_batch_size": 2,
            "network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "heartbeat_s": 0.5, "ttl_s": 4.0,
                        "startup_timeout_s": 30, "probe_interval_s": 30.0},
-           "election": {"join_batch_s": 1, "min_epoch_s": 3, "election_timeout_s": 8, "drift_check_s": 3600,
+           "election": {"join_batch_s": 1, "min_epoch_s": 3, "election_timeout_s": 8, "drift_check_s": 3600, "probe_wait_s": 2,
                         "min_members": members, "stages": 1, "max_replicas": 0, "micro_batches": 2},
            "training": {"threads": 1, "metrics_path": str(tmp_path / "metrics.jsonl"), "timeout_s": 10,
                         "sync_every": H, "backup_every_steps": 0, "eval_every_steps": 0},
