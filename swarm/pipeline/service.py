@@ -314,7 +314,7 @@ class StageServer:
             await self.settle()   # the previous step reached every downstream stage
             self.steps.passing = asyncio.ensure_future(self.link.pass_on(step))   # the next stage sums and steps meanwhile
             started = time.perf_counter()
-            await self.sync.reduce_and_apply(step)
+            await self._reduce_and_apply(step)
             self.counters.reduce_s += time.perf_counter() - started
         except BaseException:
             self.protocol.abandon(step)
@@ -322,7 +322,8 @@ class StageServer:
             raise
         finally:
             self.steps.all_in.pop(step, None)
-            self.sync.forget(step)   # (an overlapped sync's tables: when its exchange ends)
+            if len(self.peers.replicas) > 1:
+                self.sync.forget(step)   # (an overlapped sync's tables: when its exchange ends)
         self.protocol.finished(step)
         self.steps.timeline.stepped(self.counters)
         for old in [s for s in self.steps.finishing if s < step]:   # (the current one: late waiters may still look)
@@ -331,6 +332,19 @@ class StageServer:
             self.steps.advanced.notify_all()
         if self.hooks.stepped is not None:
             self.hooks.stepped(step)
+
+    async def _reduce_and_apply(self, step: int) -> None:
+        """The optimizer step of ``step``, with the replicas' sum before it or their sync after it."""
+        replicated = len(self.peers.replicas) > 1
+        sync = await self.sync.before_step(step) if replicated else None
+        if self.hooks.before_apply is not None:
+            await self.hooks.before_apply(step)
+        if not await self.compute.work(True, self.worker.step, sync is None):
+            self.counters.skipped_steps += 1
+            self.warn.log.warning(f"stage {self.worker.stage.io.index} skipped step {step}: {self.worker.skipped}")
+        if sync is not None:   # the replicas meet after this inner step, within it
+            await self.sync.after_step(step, sync)
+            self.worker.advance()
 
     async def settle(self) -> None:
         """Wait until the newest step has been passed on to every downstream stage (raises its failure;

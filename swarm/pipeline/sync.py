@@ -3,7 +3,8 @@ of ``StageProtocol``'s reduce rounds, over the server's link, carrying either th
 step (synchronous replicas) or, every ``H`` steps, the encoded pseudo-gradients of an outer step
 (``swarm.runtime.outer``, docs/sync.md), waited for or overlapped with the next inner steps.
 ``ReplicaSync`` owns this replica's outer state (anchor, momentum, residuals) and the exchange in
-flight; the server calls ``reduce_and_apply`` when a step is all in and ``reduce`` for a peer's part.
+flight; a server with replicas calls ``before_step`` and ``after_step`` around its optimizer step, and
+``reduce`` for a peer's part (a stage without replicas never runs this module).
 """
 from __future__ import annotations
 
@@ -44,29 +45,28 @@ class ReplicaSync:
             self.state = OuterState(settings, self.state.anchor, self.state.momentum)
         return self.state
 
-    async def reduce_and_apply(self, step: int) -> None:
-        """Sum with the replicas (or take an inner step), apply, and sync when ``step`` is a sync step."""
-        server, worker, protocol = self.server, self.server.worker, self.server.protocol
-        outer, work = protocol.outer, server.compute.work
+    async def before_step(self, step: int) -> OuterCodec | None:
+        """Before the optimizer step of ``step`` (a stage with replicas): sum the gradients with the
+        replicas (synchronous), or scale this replica's own for an inner step. Returns the codec of the
+        sync that follows the step (``after_step``), or None."""
+        worker, protocol, work = self.server.worker, self.server.protocol, self.server.compute.work
         codec = protocol.exchange(step) if protocol.flat_numel else None
-        if outer is None and codec is not None:   # synchronous replicas: sum the gradients, then step
-            flat = await work(True, worker.flat_grads)
-            if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
-                self._warn(f"own gradient of step {step} is not finite; this replica contributes zeros to the all-reduce")
-                flat = torch.zeros_like(flat)
-            await work(True, worker.set_flat_grads, await self.all_reduce(step, codec, flat))
-        elif outer is not None and len(self.replicas) > 1:   # an inner step on this replica's own micro-batches
-            self.outer_state(outer)   # anchored before the first inner step (where the replicas agree)
-            await work(True, worker.scale_grads, len(self.replicas))
-        if server.hooks.before_apply is not None:
-            await server.hooks.before_apply(step)
-        sync = outer is not None and codec is not None   # the replicas meet after this inner step, within it
-        if not await work(True, worker.step, not sync):
-            server.counters.skipped_steps += 1
-            server.warn.log.warning(f"stage {worker.stage.io.index} skipped step {step}: {worker.skipped}")
-        if sync:
-            await (self._late_sync if outer.overlap else self._outer_step)(step, outer, codec)
-            worker.advance()
+        if protocol.outer is None:   # synchronous replicas: sum the gradients, then step
+            if codec is not None:
+                flat = await work(True, worker.flat_grads)
+                if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
+                    self._warn(f"own gradient of step {step} is not finite; this replica contributes zeros to the all-reduce")
+                    flat = torch.zeros_like(flat)
+                await work(True, worker.set_flat_grads, await self.all_reduce(step, codec, flat))
+            return None
+        self.outer_state(protocol.outer)   # anchored before the first inner step (where the replicas agree)
+        await work(True, worker.scale_grads, len(self.replicas))   # an inner step on its own micro-batches
+        return codec
+
+    async def after_step(self, step: int, codec: OuterCodec) -> None:
+        """The sync after the inner step of ``step`` (the step id advances after it)."""
+        outer = self.server.protocol.outer
+        await (self._late_sync if outer.overlap else self._outer_step)(step, outer, codec)
 
     async def _delta(self, step: int, state: OuterState) -> torch.Tensor:
         delta = state.pseudo_gradient(await self.server.compute.work(True, self.server.worker.flat_params))
