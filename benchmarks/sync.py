@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import compression as bench
 from swarm.data import bits_per_byte, lm_loss
-from swarm.runtime.allreduce import parts
+from swarm.runtime.allreduce import flatten, parts, split
 from swarm.runtime.outer import OuterSettings, OuterState
 from swarm.runtime.worker import lr_at, make_optimizer
 
@@ -40,15 +40,13 @@ MICRO_BATCHES = 2      # per replica and step, of bench.MICRO_BATCH_SIZE sequenc
 
 
 def flat(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return flatten(model.parameters())
 
 
 def load(model: torch.nn.Module, vector: torch.Tensor) -> None:
-    offset = 0
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(vector[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p, piece in split(vector, model.parameters()):
+            p.copy_(piece)
 
 
 def inner_step(model, opt, x, y, step: int) -> float:

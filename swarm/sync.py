@@ -18,7 +18,7 @@ class OuterSettings:
     sync_every: int = 1              # H: 1 = synchronous data parallelism; 0 = the planner chooses
     lr: float = 0.8                  # outer learning rate and Nesterov momentum: DiLoCo's 0.7 / 0.9 cost 13%
     momentum: float = 0.3            # of validation loss at H = 8 in benchmarks.sync; 0.8 / 0.3 ties plain averaging
-    compression: str = "topk8"       # off | int8 (blockwise, 3.9x) | topk8 (top-k + int8, ~12.6x at 1/16)
+    compression: str = "topk8"       # off | int8 (blockwise, 3.9x) | topk8 (top-k + int8, 12.8x at 1/16)
     topk_fraction: float = 1 / 16    # topk8: share of each part's values sent
     overlap: bool = True             # the exchange runs during the next H inner steps; its outer step is
                                      # applied at the next sync (one sync late), under this period's progress
@@ -44,7 +44,6 @@ class OuterSettings:
         """Whether the replicas exchange their pseudo-gradient after the inner step of ``step``."""
         h = sync_every or self.sync_every or 1
         return (step + 1) % h == 0
-
 
 
 @dataclass(frozen=True)

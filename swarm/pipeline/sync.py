@@ -109,9 +109,11 @@ class ReplicaSync:
             self.forget(step, True)
 
     def forget(self, step: int, sync_done: bool = False) -> None:
-        """``step``'s tables go (an overlapped sync's only once its exchange ended: ``sync_done``)."""
-        if sync_done or not self.server.protocol.overlapped:
+        """``step``'s sums go (an overlapped sync's only once its exchange ended, ``sync_done``, with its
+        round: the protocol drops every other round when the step is finished)."""
+        if sync_done:
             self.server.protocol.close_round(step)
+        if sync_done or not self.server.protocol.overlapped:
             self.server.steps.sums.pop(step, None)
             self.encoders.pop(step, None)
 

@@ -28,6 +28,7 @@ import math
 import torch
 
 from swarm.errors import RemoteProtocolError
+from swarm.runtime.allreduce import flatten, split
 from swarm.runtime.state import OpState
 from swarm.sync import BLOCK, COMPRESSIONS, ExchangeFormat, OuterSettings
 
@@ -131,11 +132,15 @@ class OuterState:
             self._digest = (self.version, tensor_digest(self.anchor))
         return self._digest[1]
 
+    def _nesterov(self, average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchor, momentum) after an outer step on ``average`` (SGD, Nesterov); nothing changes."""
+        s = self.settings
+        momentum = s.momentum * self.momentum + average
+        return self.anchor - s.lr * (average + s.momentum * momentum), momentum
+
     def _outer(self, average: torch.Tensor) -> None:
         self.version += 1
-        s = self.settings
-        self.momentum.mul_(s.momentum).add_(average)
-        self.anchor.sub_(s.lr * (average + s.momentum * self.momentum))   # Nesterov
+        self.anchor, self.momentum = self._nesterov(average)
 
     def apply(self, average: torch.Tensor) -> torch.Tensor:
         """The outer step on the replicas' averaged pseudo-gradient: the new anchor (and parameters)."""
@@ -145,10 +150,7 @@ class OuterState:
 
     def landed(self, pending: torch.Tensor | None) -> torch.Tensor:
         """The anchor once the exchange in flight (its average ``pending``) has landed; nothing changes."""
-        if pending is None:
-            return self.anchor.clone()
-        s, momentum = self.settings, self.momentum * self.settings.momentum + pending
-        return self.anchor - s.lr * (pending + s.momentum * momentum)
+        return self.anchor.clone() if pending is None else self._nesterov(pending)[0]
 
     def apply_late(self, previous: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
         """An overlapped sync: the previous exchange's average (None: none yet) steps the anchor; the
@@ -175,12 +177,9 @@ def outer_tensors(state: OuterState | None, module: torch.nn.Module,
     ``StageWorker.flat_params``; {} without a state): what op states carry as ``a:`` and ``m:``."""
     if state is None:
         return {}
-    out, offset = {}, 0
-    for p, name in zip(params, _names(module, params)):
-        n = p.numel()
-        out[name] = (state.anchor[offset:offset + n].view_as(p).clone(), state.momentum[offset:offset + n].view_as(p).clone())
-        offset += n
-    return out
+    names = _names(module, params)
+    return {name: (anchor.clone(), momentum.clone()) for name, (_, anchor), (_, momentum)
+            in zip(names, split(state.anchor, params), split(state.momentum, params))}
 
 
 def resume_outer(states: dict[str, OpState], module: torch.nn.Module, params: list[torch.nn.Parameter],
@@ -206,7 +205,5 @@ def resume_outer(states: dict[str, OpState], module: torch.nn.Module, params: li
         for name in taken:
             named[name].copy_(anchors[name])
     order = list(zip(params, _names(module, params)))
-
-    def flat(table: dict[str, torch.Tensor], default) -> torch.Tensor:
-        return torch.cat([(table[n] if n in table else default(p)).detach().flatten().float().cpu() for p, n in order])
-    return OuterState(settings, flat(anchors, lambda p: p), flat(moments, torch.zeros_like))
+    return OuterState(settings, flatten(anchors.get(n, p) for p, n in order),
+                      flatten(moments[n] if n in moments else torch.zeros_like(p) for p, n in order))

@@ -265,13 +265,12 @@ class TrainingSession:
         """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``, written to a
         temporary name and renamed: a reader never sees a half-written file; and the model's spec
         (``model.json``: what ``node.py export`` rebuilds the module from). Replicas that sync rarely
-    save their anchor: the parameters they agree on."""
+        save their anchor: the parameters they agree on."""
         directory.mkdir(parents=True, exist_ok=True)
         write_spec(directory, self.cfg.model, self.cfg.granularity)
         path = directory / f"stage{self.index}-{self.me[-8:]}.pt"
         tmp = path.with_name(path.name + ".tmp")
         try:
-            # replicas that sync rarely: the anchor's parameters, the model they agree on
             state = {**self.worker.state(), **{n: a for n, (a, _) in self._outer_tensors().items()}}
             torch.save({"step": self.step, "stage": self.index, "state": state}, tmp)
             os.replace(tmp, path)

@@ -7,7 +7,7 @@ had not applied adds it (``g:<name>``), so the next holder can complete that ste
 A replica that syncs rarely (``swarm.runtime.outer``) adds its *anchor* (the parameters at the last
 sync, ``a:<name>``) and the outer optimizer's momentum (``m:<name>``): it resumes from its own
 parameters, while a peer that takes the state over from it starts from the anchor (the inner steps
-since the last sync stay the replica's own: ``StageWorker.resume``).
+since the last sync stay the replica's own: ``runtime.outer.resume_outer``).
 Because state is keyed by op and not by stage, a new plan that moves ops between peers moves exactly
 those tensors, whoever held them before.
 
@@ -113,7 +113,7 @@ def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, st
             if kind == "g":
                 target.grad = t.to(target.device, target.dtype).clone()
             elif kind in ("a", "m"):
-                continue   # the outer state: the worker's (``StageWorker.resume``)
+                continue   # the outer state: ``runtime.outer.resume_outer``
             elif kind != "o":
                 target.copy_(t)
             elif optimizer is not None:

@@ -16,6 +16,7 @@ import torch
 
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
+from swarm.runtime.allreduce import flatten, split
 from swarm.runtime.state import OpState, restore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -152,34 +153,23 @@ class StageWorker:
 
     def flat_grads(self) -> torch.Tensor:
         """The accumulated gradients as one float32 CPU vector (zeros where a parameter got none)."""
-        if not self.params:
-            return torch.zeros(0)
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
-                          for p in self.params]).cpu()
+        return flatten(p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params)
 
     def set_flat_grads(self, flat: torch.Tensor) -> None:
         """Replace the accumulated gradients by ``flat`` (the replicas' sum, from ``flat_grads`` layout)."""
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset: offset + n].view_as(p).to(p.device, p.dtype, copy=True)
-            offset += n
+        for p, piece in split(flat, self.params):
+            p.grad = piece.to(p.device, p.dtype, copy=True)
         self.reduced = True
 
     def flat_params(self) -> torch.Tensor:
         """The parameters as one float32 CPU vector (``flat_grads`` layout)."""
-        if not self.params:
-            return torch.zeros(0)
-        return torch.cat([p.detach().flatten().float() for p in self.params]).cpu()
+        return flatten(self.params)
 
     def set_flat_params(self, flat: torch.Tensor) -> None:
         """Overwrite the parameters with ``flat`` (``flat_params`` layout)."""
-        offset = 0
         with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                p.copy_(flat[offset: offset + n].view_as(p))
-                offset += n
+            for p, piece in split(flat, self.params):
+                p.copy_(piece)
 
     def scale_grads(self, factor: float) -> None:
         """Multiply the accumulated gradients by ``factor`` (an inner step of one replica of ``factor``:
