@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.churn.adoption import (
+    FETCH_TRIES,
     Adopted,
     Fetch,
     PlanAdoption,
@@ -102,6 +103,27 @@ def test_state_from_the_own_store_and_from_donors_then_ready():
 @dataclass
 class Outer(St):   # a replica that syncs rarely: its state carries an anchor
     tensors: dict = field(default_factory=lambda: {"a:w": None, "p:w": None})
+
+
+def test_ops_a_fetch_left_out_are_asked_for_again_and_the_plan_starting_may_fetch_here():
+    plan = two_stage("p1", first=("me", "c"), second=("b",))
+    m = machine()
+    m.committed(plan, 0.0)
+    members = {"me": Rec("p1"), "b": Rec("p1", 4, [[0, 3, 4]]), "c": Rec("p1", 4)}
+    (fetch,) = m.observe(members, 4, {}, 1.0)
+    assert set(fetch.donors) == {"op0", "op1", "op2"}
+    (wait,) = m.fetched({"op1": (St(4), "b")})   # the donor refused two ops (it was starting the plan itself)
+    assert isinstance(wait, Wait) and not m.fetching and m.pending is plan
+    (again,) = m.observe(members, 4, {}, 1.5)
+    assert set(again.donors) == {"op0", "op2"}   # only what is missing
+    for _ in range(FETCH_TRIES - 2):
+        assert isinstance(m.fetched({"op0": (St(4), "b")})[0], Wait)
+        m.observe(members, 4, {}, 2.0)
+    (start,) = m.fetched({})   # the last try: start without op2 (the follower says so)
+    assert isinstance(start, StartSession) and set(start.states) == {"op0", "op1"} and start.donors == ("b",)
+    assert m.members() == {"me", "b", "c"}   # until the session runs: a replica may fetch from it meanwhile
+    m.started(plan)
+    assert m.starting is None and m.members() == {"me", "b", "c"}
 
 
 def test_a_replica_that_syncs_rarely_resumes_its_own_state_though_another_is_ahead():
@@ -199,9 +221,9 @@ def test_any_sequence_of_events_keeps_the_machine_consistent(events):
                     assert c.plan is pending and c.start_step >= step
         elif kind == "fetched":
             pending = m.pending
-            out = m.fetched({"op1": (St(step), "b")})
+            out = m.fetched({"op1": (St(step), "b")} if flag else {})
             if out:
-                assert fetch_out and out[0].plan is pending
+                assert fetch_out and (isinstance(out[0], Wait) or out[0].plan is pending)
                 fetch_out = False
         elif m.pending is None and m.plan is not None:
             m.started(m.plan)

@@ -9,7 +9,8 @@ Adopting plan P, one heartbeat at a time, never blocking the heartbeat for a tra
 3. the start step is the highest step any member holds (one the members of the previous plan
    advertised counts too, even if its holder died since); for each op of this node's new stage, take
    the newest state anyone advertises (``holds`` in the member records): from the node's own store, or
-   fetched over ``swarm.state.v1``, the ops spread over all donors that hold that newest step;
+   fetched over ``swarm.state.v1``, the ops spread over all donors that hold that newest step (ops a
+   fetch left out are asked for again, ``FETCH_TRIES`` fetches in all);
 4. start the session at the start step and advertise ``ready = P``.
 
 Events in: ``committed`` (the plan the election committed), ``observe`` (the members' records, what
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 ADOPT_WAIT_TTLS = 2   # a plan is adopted after this many record TTLs even if some member has not committed it
+FETCH_TRIES = 3       # fetches of the ops some member holds (a donor may refuse while it starts the plan itself)
 
 
 class Holder(Protocol):
@@ -137,10 +139,15 @@ class PlanAdoption:
     local: dict[str, Any] = field(default_factory=dict)   # states from the store for the start in progress
     donors: tuple[str, ...] = ()   # who gave the fetched states of the last start
     warned: bool = False      # the "adopting without" line of the pending plan was said
+    got: dict[str, tuple[Any, str]] = field(default_factory=dict)   # states fetched so far for the pending plan
+    asked: set[str] = field(default_factory=set)   # the ops the Fetch out asks for
+    tries: int = 0            # fetches out for the pending plan so far (at most FETCH_TRIES)
+    starting: Any = None      # the plan of the StartSession out (until ``started``, or a newer plan)
 
     def members(self) -> set[str]:
-        """The members of the plan adopted and of the one being adopted (they may fetch state here)."""
-        return {p for plan in (self.plan, self.pending) if plan is not None for p in plan.members}
+        """The members of the plan adopted, of the one being adopted and of the one starting (they may
+        fetch state here)."""
+        return {p for plan in (self.plan, self.pending, self.starting) if plan is not None for p in plan.members}
 
     def committed(self, plan: Any, now: float) -> list:
         """The election's committed plan this heartbeat (None: none, or the same as before)."""
@@ -148,6 +155,7 @@ class PlanAdoption:
                 (self.pending is not None and plan.hash == self.pending.hash):
             return []
         self.pending, self.pending_since, self.fetching, self.ready, self.warned = plan, now, False, None, False
+        self.got, self.asked, self.tries, self.starting = {}, set(), 0, None
         out: list = [StopSession()]
         if not plan.feasible:
             out.append(Warn(f"plan {plan.hash} does not fit its peers' memory; not training"))
@@ -183,25 +191,33 @@ class PlanAdoption:
         newest = newest_sources(self.index, self.me, members, store, ops)
         self.local = {op: store[op] for op, (step, _) in newest.items()
                       if op in store and (store[op].step >= step or syncs_rarely(store[op]))}
-        remote = {op: donors for op, (_, donors) in newest.items() if op not in self.local}
-        if remote:
-            self.fetching = True
+        remote = {op: donors for op, (_, donors) in newest.items() if op not in self.local and op not in self.got}
+        if remote and self.tries < FETCH_TRIES:
+            self.fetching, self.asked, self.tries = True, set(remote), self.tries + 1
             return [*out, Fetch(donor_order(remote))]
-        return [*out, self._start(plan, stage, {})]
+        return [*out, self._start(plan, stage)]
 
     def fetched(self, results: Mapping[str, tuple[Any, str]]) -> list:
-        """What the ``Fetch`` brought: op -> (state, donor), the ops no donor gave left out."""
+        """What the ``Fetch`` brought: op -> (state, donor), the ops no donor gave left out. Ops left
+        out are asked for again on the next heartbeat (``FETCH_TRIES`` fetches in all), then started
+        without (from initial weights: the follower says so)."""
         plan = self.pending
         if not self.fetching or plan is None:
             return []   # a fetch for a plan no longer being adopted
-        return [self._start(plan, plan.role(self.me)["stage"], results)]
+        self.fetching = False
+        self.got.update({op: r for op, r in results.items() if op in self.asked})
+        left = self.asked - set(self.got)
+        if left and self.tries < FETCH_TRIES:
+            return [Wait(f"{len(left)} ops not fetched: asking again ({self.tries} of {FETCH_TRIES} fetches)")]
+        return [self._start(plan, plan.role(self.me)["stage"])]
 
-    def _start(self, plan: Any, stage: int, results: Mapping[str, tuple[Any, str]]) -> StartSession:
-        self.pending, self.fetching = None, False
+    def _start(self, plan: Any, stage: int) -> StartSession:
+        results = self.got
+        self.pending, self.fetching, self.starting, self.got, self.asked = None, False, plan, {}, set()
         states = {**self.local, **{op: state for op, (state, _) in results.items()}}
         self.donors = donors = tuple(sorted({peer for _, peer in results.values()}))
         return StartSession(plan, stage, self.start_step, states, len(self.local), donors)
 
     def started(self, plan: Any) -> None:
         """The session of ``plan`` runs (a start that failed is tried again when the plan is seen again)."""
-        self.plan, self.ready = plan, plan.hash
+        self.plan, self.ready, self.starting = plan, plan.hash, None
