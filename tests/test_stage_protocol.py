@@ -169,3 +169,21 @@ def test_routing_tries_every_replica_once_and_recently_failed_ones_last(mb, fail
     assert sorted(order) == ["c1", "c2", "c3"]
     assert order[len(order) - len(failed):] == [q for q in order if q in failed]   # failed ones at the end
     assert p.route(mb, now=111.0) == p.hood.route(mb)   # after the retry time, the plain order again
+
+
+def test_an_overlapped_sync_takes_contributions_a_period_either_side_and_closing_drops_older_rounds():
+    from swarm.runtime.outer import OuterSettings
+    p = StageProtocol(Neighbours("b1", ("b1", "b2"), ("a1",), (), micro_batches=2), 10, inputs_ok, 1,
+                      outer=OuterSettings(sync_every=4, compression="off", overlap=True))
+    # syncs after steps 3, 7, 11, ...: a replica at step 8 takes step 7's from one behind, step 11's from one ahead
+    assert p.sync_window(7, 8) and p.sync_window(11, 8) and p.sync_window(3, 7)
+    assert not p.sync_window(3, 8) and not p.sync_window(15, 8) and not p.sync_window(8, 8)   # too old, too far, no sync
+    p.contribute(3, "b2", torch.zeros(5))
+    assert p.sync_window(3, 20)   # its round is still open here: its exchange has not ended
+    p.contribute(7, "b2", torch.zeros(5))
+    p.contribute(11, "b2", torch.zeros(5))
+    p.close_round(7)
+    assert set(p.rounds) == {11}   # step 7's closed, step 3's a period older too
+    assert not p.sync_window(3, 20)
+    sync = StageProtocol(Neighbours("b1", ("b1", "b2"), ("a1",), (), micro_batches=2), 10, inputs_ok, 1)
+    assert not sync.sync_window(3, 3)   # synchronous replicas: every reduce is of the current step

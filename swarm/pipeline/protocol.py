@@ -23,7 +23,7 @@ Rules (docs/runtime.md):
   What a round carries (``exchange``): gradients, raw, after every step (synchronous replicas), or,
   with ``sync_every = H > 1``, encoded pseudo-gradients after every ``H``-th step and nothing between
   (``swarm.runtime.outer``). An overlapped sync's round outlives its step: its contributions are
-  taken while the replicas are up to ``H - 1`` steps further (``sync_window``), and it is closed when
+  taken while this replica is up to ``H`` steps ahead of or behind it (``sync_window``), and it is closed when
   this replica's exchange ends (``close_round``).
 - **Routing** (``route``): micro-batch ``mb`` goes to its own next-stage replica first, then the
   others; a replica that failed in the last ``retry_after_s`` is tried last; a banned one (it sent
@@ -261,12 +261,18 @@ class StageProtocol:
         return self.outer is not None and self.outer.overlap
 
     def sync_window(self, step, current: int) -> bool:
-        """An overlapped sync of ``step`` may still take contributions at step ``current``."""
-        return (self.overlapped and type(step) is int and self.exchange(step) is not None
-                and current - self.outer.sync_every < step <= current + 1)
+        """An overlapped sync of ``step`` may take contributions at step ``current``: its round is open
+        here, or it is at most one sync period behind or ahead (replicas step at their own pace between
+        syncs; each waits at its next sync for the previous exchange, so none gets further apart)."""
+        if not (self.overlapped and type(step) is int and self.exchange(step) is not None):
+            return False
+        return step in self.rounds or abs(step - current) <= self.outer.sync_every
 
     def close_round(self, step: int) -> None:
-        self.rounds.pop(step, None)
+        """``step``'s exchange ended here: its round goes, and any round a period or more older (a
+        straggler's late contribution opened it again)."""
+        period = self.outer.sync_every if self.outer is not None else 1
+        self.rounds = {s: r for s, r in self.rounds.items() if s != step and s > step - period}
 
     def bounds(self) -> list[tuple[int, int]]:
         return parts(self.flat_numel, len(self.hood.replicas))
