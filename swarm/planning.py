@@ -23,6 +23,7 @@ from swarm.election import Ballot, Commit, ComputePlan, Election, Ignored, PeerS
 from swarm.errors import SwarmError
 from swarm.events import COMMIT, NO_EVENTS, Events
 from swarm.net.membership import Membership, MembershipView
+from swarm.net.records import Reachability
 from swarm.refusals import Refusals, short
 from swarm.scheduler import PeerSpec, Plan, PlanSettings, Swarm, Workload, baseline, evaluate, schedule
 
@@ -105,7 +106,8 @@ def unmeasured_links(view: MembershipView) -> list[tuple[str, str]]:
 def swarm_of(view: MembershipView, members: tuple[str, ...] | list[str]) -> Swarm:
     """The planning input for ``members`` from their records and the measured bandwidth matrix."""
     rated = rated_tflops(view, members)
-    peers = [PeerSpec(m, rated[m], view.members[m].memory_bytes, view.members[m].cpu_cores) for m in members]
+    peers = [PeerSpec(m, rated[m], view.members[m].memory_bytes, view.members[m].cpu_cores,
+                      view.members[m].reachability == Reachability.RELAYED) for m in members]
     return Swarm.build(peers, view.bandwidth)
 
 

@@ -150,3 +150,42 @@ def test_in_flight_covers_the_round_trip_of_a_slow_link():
     assert plan(0.1).in_flight() == 6                        # two 0.1 s links more
     assert plan(0.01).in_flight() == 5 and plan(5.0).in_flight() == 4   # a 5 s link is the bottleneck itself
     assert plan(0.1, m=4).in_flight() == 4 and plan(0.0, m=2).in_flight() == 3   # at most M, at least one per stage
+
+
+def test_relayed_peers_take_roles_that_send_little_before_mid_pipeline_stages():
+    """Memory forces three single-peer stages; a relayed peer gets an end stage (the last: it sends
+    only gradients back), never the middle (two relayed links); with a fourth peer it is the spare,
+    at most ``RELAY_SLACK`` slower than the fastest plan that ignores relays."""
+    from dataclasses import replace
+
+    from swarm.scheduler.opfence import RELAY_SLACK, relay_exposure
+
+    n = 6
+    w = Workload.from_segments(flops=[2e10] * n, kernels=[10] * n, param_bytes=[1e8] * n, act_bytes=[1e5] * n,
+                               cut_bytes=[2e5] * (n - 1) + [0])
+    settings = PlanSettings(max_replicas=1)
+    for n_peers in (3, 4):
+        peers = [PeerSpec(f"p{i}", 10.0, int(1e9)) for i in range(n_peers)]
+        free = schedule(w, Swarm.build(peers, lambda a, b: 1e9), settings)
+        assert len(free.stages) >= 3
+        for r in range(n_peers):
+            swarm = Swarm.build([replace(p, relayed=i == r) for i, p in enumerate(peers)], lambda a, b: 1e9)
+            plan = schedule(w, swarm, settings)
+            mid = [p for s in plan.stages[1:-1] for p in s.peers]
+            assert f"p{r}" not in mid and f"p{r}" not in plan.stages[0].peers, plan.describe()
+            assert relay_exposure(plan, swarm) == ((1, 0) if n_peers == 3 else (0, 0))
+            assert (f"p{r}" in plan.spares) == (n_peers == 4)
+            assert plan.predicted_step_s <= free.predicted_step_s * (1 + RELAY_SLACK)
+
+
+def test_a_relayed_member_is_planned_as_relayed():
+    import time
+
+    from swarm.net.membership import MemberRecord, MembershipView
+    from swarm.planning import swarm_of
+
+    def record(peer, **fields):
+        return MemberRecord(peer, [], "cpu", "test", 1.0, 1 << 30, {"swarm": "0"}, time.time(), time.time(), **fields)
+    view = MembershipView({"a": record("a", reachability="relayed"), "b": record("b", reachability="nat"),
+                           "c": record("c")}, time.time())
+    assert [p.relayed for p in swarm_of(view, ["a", "b", "c"]).peers] == [True, False, False]

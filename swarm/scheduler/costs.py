@@ -71,6 +71,7 @@ class PeerSpec:
     tflops: float
     memory_bytes: int
     cpu_cores: float | None = None      # the CPU time its runtime may use (a quota); None: a core or more
+    relayed: bool = False               # behind NAT with some link through a relay (reachability ``relayed``)
 
 
 @dataclass(frozen=True)

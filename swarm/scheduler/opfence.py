@@ -10,6 +10,13 @@ compression) is smallest, with memory as a hard constraint. Each of those layout
 exact cost model (``plan.evaluate``, which adds pipeline fill and all-reduce) and the cheapest plan
 over all levels, orders and stage counts wins. Everything is deterministic: peers are sorted by id
 first and ties break on the plan hash.
+
+Relayed members (behind NAT, a link through a relay: capped in bytes and time, reset by the relay,
+slow) take roles that send little before mid-pipeline stages (``relay_exposure``): of the plans within
+``RELAY_SLACK`` of the fastest, the one whose relayed peers sit on the fewest pipeline links wins (a
+spare or a replica of a one-stage plan sits on none, an end stage on one, a mid stage on two), then
+the one with fewer of them on the first stage (which sends every activation); moves of the relayed
+peers out of the fastest plan's pipeline are always among the candidates.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from swarm.scheduler.plan import Plan, evaluate
 MAX_UNITS = 32        # peer line coarsened to at most this many units
 REFINE_PEERS = 16     # local search (peer moves) only for swarms up to this size
 REFINE_STARTS = 4     # ... from this many of the best distinct DP layouts
+RELAY_SLACK = 0.10    # a plan that keeps relayed peers off pipeline links may be this much slower
 
 # Orders of peers inside a fence: stages take contiguous runs of this line, so the order decides which
 # peers can be replicas together and which stage (early: more activations in flight) gets more memory.
@@ -234,6 +242,39 @@ def _refine(w: Workload, swarm: Swarm, layout: Layout, settings: PlanSettings, r
     return plan, layout
 
 
+def relay_exposure(plan: Plan, swarm: Swarm) -> tuple[int, int]:
+    """(pipeline links the relayed peers sit on, relayed peers on the first of several stages)."""
+    relayed = {p.peer_id for p in swarm.peers if p.relayed}
+    last = len(plan.stages) - 1
+    links = sum(((s.index > 0) + (s.index < last)) * len(relayed.intersection(s.peers)) for s in plan.stages)
+    return links, (len(relayed.intersection(plan.stages[0].peers)) if last > 0 else 0)
+
+
+def _relay_moves(w: Workload, swarm: Swarm, layout: Layout, settings: PlanSettings) -> list[tuple[Plan, Layout]]:
+    """The plans one move of a relayed peer away from ``layout`` (to spare, another stage, a swap)."""
+    relayed = {i for i, p in enumerate(swarm.peers) if p.relayed}
+    groups = [peers for _, peers in layout]
+    before = {p: k for k, g in enumerate(groups) for p in g}
+    ranges, out = _Ranges(w, settings), []
+    for moved in _regroupings(groups, len(swarm.peers)):
+        now = {p: k for k, g in enumerate(moved) for p in g}
+        if all(now.get(p) == before.get(p) for p in relayed):
+            continue
+        candidate = _recut(ranges, swarm, moved)
+        if candidate is not None:
+            out.append((evaluate(w, swarm, candidate, settings), candidate))
+    return out
+
+
+def _prefer_unrelayed(candidates: list[tuple[Plan, Layout]], swarm: Swarm) -> Plan:
+    """Of the plans within ``RELAY_SLACK`` of the fastest, the least relay-exposed (then the fastest)."""
+    fastest = min(candidates, key=lambda c: _key(c[0]))[0]
+    if not any(p.relayed for p in swarm.peers) or not fastest.feasible:
+        return fastest
+    near = [plan for plan, _ in candidates if plan.predicted_step_s <= fastest.predicted_step_s * (1 + RELAY_SLACK)]
+    return min(near, key=lambda plan: (relay_exposure(plan, swarm), _key(plan)))
+
+
 def schedule(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(), max_units: int = MAX_UNITS,
              refine_peers: int = REFINE_PEERS) -> Plan:
     """The OP-Fence plan for ``w`` on ``swarm`` (see the module docstring)."""
@@ -256,7 +297,9 @@ def schedule(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(),
                 seen.add(plan.hash)
                 refined.append(_refine(w, swarm, layout, settings))
         candidates = sorted(refined + candidates[:1], key=lambda c: _key(c[0]))
-    return candidates[0][0]
+        if any(p.relayed for p in swarm.peers):
+            candidates += _relay_moves(w, swarm, candidates[0][1], settings)
+    return _prefer_unrelayed(candidates, swarm)
 
 
 def baseline(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(), compress: bool = False) -> Plan:

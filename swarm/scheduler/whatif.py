@@ -10,6 +10,7 @@
       - {id: a100, tflops: 150, memory_gb: 80, site: eu}
       - {id: gamer, tflops: 30, memory_gb: 24, site: us, count: 4}   # gamer-0 .. gamer-3
       - {id: pi, tflops: 0.01, memory_gb: 4, cpu_cores: 0.5}          # optional: a CPU quota
+      - {id: home, tflops: 30, memory_gb: 24, relayed: true}          # optional: behind NAT, via a relay
     settings: {micro_batches: 8, schedule: 1f1b, max_ratio: 16}     # optional PlanSettings (in_flight: 4
                                      # fixes the micro-batches a stage holds; default: what the runtime keeps;
                                      # sync_every: 1 sums gradients every step, 0 lets each plan choose)
@@ -34,6 +35,7 @@ class _Peer(Strict):
     site: str | None = None
     count: int = Field(default=1, ge=1)
     cpu_cores: float | None = Field(default=None, gt=0, description="a CPU quota (cores) the node runs under")
+    relayed: bool = Field(default=False, description="behind NAT, reached through a relay (planned off mid-pipeline stages)")
 
 
 class _Site(Strict):
@@ -82,7 +84,7 @@ def load_peers_file(path: str | Path) -> tuple[Swarm, PlanSettings, int | None]:
             if entry.site is not None and entry.site not in spec.sites:
                 raise SwarmError(f"{path}: peer '{name}' is at unknown site '{entry.site}' (add it under sites:)")
             site_of[name] = entry.site
-            peers.append(PeerSpec(name, entry.tflops, int(entry.memory_gb * 1e9), entry.cpu_cores))
+            peers.append(PeerSpec(name, entry.tflops, int(entry.memory_gb * 1e9), entry.cpu_cores, entry.relayed))
     pair_mbps, site_mbps = {}, {}
     for link in spec.links:
         a, b = link.between
