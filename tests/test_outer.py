@@ -170,6 +170,35 @@ def test_an_overlapped_sync_trains_on_and_lands_one_sync_late():
     assert 0 < sent < 3 * 4 * servers["b1"].protocol.flat_numel / 2 / 10
 
 
+def test_a_lost_reply_of_an_overlapped_sync_is_asked_for_again_and_the_anchors_stay_one():
+    """b1 sums b2's part of the first sync, but the reply to b2 is lost: b2 asks again and gets the
+    sum b1 kept, so both apply the same outer step (without it b2 dropped it and the anchors parted)."""
+    from swarm.errors import PeerUnavailable
+    from swarm.messages import REDUCE
+    from swarm.wire import read_header
+
+    outer = OuterSettings(sync_every=2, compression="topk8", overlap=True)
+    _, servers = _stage_on_two_replicas(outer)
+    link, lost = servers["b2"].link, []
+    passed = link.call
+
+    async def lossy(peer: str, frame: bytes) -> bytes:
+        reply = await passed(peer, frame)
+        if peer == "b1" and read_header(frame).kind == REDUCE and not lost:
+            lost.append(read_header(frame).meta["step"])
+            raise PeerUnavailable("the reply was lost on the way")
+        return reply
+    link.call = lossy
+    start, agree = servers["b1"].worker.flat_params(), []
+
+    def after(step):
+        b1, b2 = (servers[b].sync.state for b in ("b1", "b2"))
+        agree.append((torch.equal(b1.anchor, b2.anchor), torch.equal(b1.anchor, start)))   # (same, not moved yet)
+    _train(servers, 7, after)
+    assert lost == [1]
+    assert all(same for same, _ in agree) and [unmoved for _, unmoved in agree] == [True] * 3 + [False] * 4
+
+
 def test_a_joiner_takes_the_last_synced_parameters_and_the_outer_momentum():
     outer = OuterSettings(sync_every=2, compression="off", overlap=False)
     traced, servers = _stage_on_two_replicas(outer)

@@ -5,6 +5,11 @@ step (synchronous replicas) or, every ``H`` steps, the encoded pseudo-gradients 
 ``ReplicaSync`` owns this replica's outer state (anchor, momentum, residuals) and the exchange in
 flight; a server with replicas calls ``before_step`` and ``after_step`` around its optimizer step, and
 ``reduce`` for a peer's part (a stage without replicas never runs this module).
+
+Replicas must agree on every outer step they apply, or their anchors part for good. An overlapped
+sync's part whose reply is lost (the owner summed it, the answer did not arrive) is asked for again,
+up to ``PART_TRIES`` times within the exchange's deadline, and the owner keeps each finished sum until
+its next sync's exchange ends, so the asker gets the sum the others applied instead of dropping it.
 """
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ import asyncio
 
 import torch
 
-from swarm.errors import RemoteProtocolError, SwarmError
+from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.messages import PART, REDUCED, Reduce, Reduced, check_reply
 from swarm.net.streams import PREFIX_BYTES, describe
 from swarm.runtime.outer import OuterCodec, OuterSettings, OuterState
 from swarm.wire import Message
+
+PART_TRIES = 3    # calls for one part of an overlapped sync (a lost reply is asked for again)
 
 
 class ReplicaSync:
@@ -110,11 +117,16 @@ class ReplicaSync:
 
     def forget(self, step: int, sync_done: bool = False) -> None:
         """``step``'s sums go (an overlapped sync's only once its exchange ended, ``sync_done``, with its
-        round: the protocol drops every other round when the step is finished)."""
-        if sync_done:
+        round, and then those of earlier syncs: its own stays for late askers until the next sync's
+        exchange ends; the protocol drops every other round when the step is finished)."""
+        sums = self.server.steps.sums
+        if sync_done:   # this sync's sum stays for a replica asking again; the earlier ones go
             self.server.protocol.close_round(step)
-        if sync_done or not self.server.protocol.overlapped:
-            self.server.steps.sums.pop(step, None)
+            for s in [s for s in sums if s < step]:
+                sums.pop(s)
+            self.encoders.pop(step, None)
+        elif not self.server.protocol.overlapped:
+            sums.pop(step, None)
             self.encoders.pop(step, None)
 
     async def all_reduce(self, step: int, codec: OuterCodec, flat: torch.Tensor, state: OuterState | None = None):
@@ -141,9 +153,19 @@ class ReplicaSync:
             return total
         owner = self.replicas[j]
         frame = Reduce(step, j, payload).to_frame()
-        server.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
+        tries = PART_TRIES if server.protocol.overlapped else 1
+        for attempt in range(1, tries + 1):
+            server.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
+            try:
+                answer = await server.link.call(owner, frame)
+                break
+            except PeerUnavailable as e:
+                if attempt == tries:
+                    raise
+                self._warn(f"all-reduce of step {step}: replica {owner[-8:]} did not answer ({describe(e)}); "
+                           f"asking again ({attempt + 1} of {tries})")
         try:
-            reply = server.checker.reply(await server.link.call(owner, frame), owner, REDUCED, codec.shapes(numel))
+            reply = server.checker.reply(answer, owner, REDUCED, codec.shapes(numel))
             return codec.decode(check_reply(reply, "all-reduce").tensors, numel)
         except RemoteProtocolError as e:
             raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum ({e})") from None
@@ -165,7 +187,9 @@ class ReplicaSync:
         """A replica's part for this replica to sum: the reply is the sum, once every replica's is in."""
         step, part = msg.meta["step"], msg.meta["part"]
         lo, hi = self.server.protocol.bounds()[part]
-        self.contribute(step, sender, self.server.protocol.exchange(step).decode(msg.tensors, hi - lo))
+        done = self.server.steps.sums.get(step)
+        if done is None or not done.done():   # else: asked again for a sum this owner has finished
+            self.contribute(step, sender, self.server.protocol.exchange(step).decode(msg.tensors, hi - lo))
         _, payload = await asyncio.wait_for(asyncio.shield(self.server.steps.sum_of(step)), self.server.timeout_s)
         return Reduced(step, part, payload).to_frame()
 
