@@ -199,6 +199,24 @@ def test_a_lost_reply_of_an_overlapped_sync_is_asked_for_again_and_the_anchors_s
     assert all(same for same, _ in agree) and [unmoved for _, unmoved in agree] == [True] * 3 + [False] * 4
 
 
+def test_the_last_step_lands_the_exchange_in_flight_and_the_replicas_end_on_one_anchor():
+    outer = OuterSettings(sync_every=2, compression="topk8", overlap=True)
+    runs = {}
+    for last_step in (None, 5):   # syncs after steps 1, 3, 5; the last one lands at once or one sync late
+        _, servers = _stage_on_two_replicas(outer)
+        for b in ("b1", "b2"):
+            servers[b].sync.last_step = last_step
+        _train(servers, 6)
+        runs[last_step] = servers
+    late, landed = runs[None], runs[5]
+    assert [late[b].sync.state.version for b in ("b1", "b2")] == [2, 2] and late["b1"].sync.exchange is not None
+    b1, b2 = (landed[b] for b in ("b1", "b2"))
+    assert b1.sync.state.version == b2.sync.state.version == 3 and b1.sync.exchange is None
+    assert torch.equal(b1.sync.state.anchor, b2.sync.state.anchor)
+    assert torch.equal(b1.worker.flat_params(), b1.sync.state.anchor) and torch.equal(b2.worker.flat_params(), b1.sync.state.anchor)
+    assert not torch.equal(late["b1"].worker.flat_params(), late["b2"].worker.flat_params())   # each its own newest period
+
+
 def test_a_joiner_takes_the_last_synced_parameters_and_the_outer_momentum():
     outer = OuterSettings(sync_every=2, compression="off", overlap=False)
     traced, servers = _stage_on_two_replicas(outer)

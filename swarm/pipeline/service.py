@@ -345,6 +345,8 @@ class StageServer:
         if sync is not None:   # the replicas meet after this inner step, within it
             await self.sync.after_step(step, sync)
             self.worker.advance()
+        if replicated:
+            await self.sync.flush(step)
 
     async def settle(self) -> None:
         """Wait until the newest step has been passed on to every downstream stage (raises its failure;

@@ -33,6 +33,7 @@ class ReplicaSync:
     def __init__(self, server, state: OuterState | None = None):
         self.server = server
         self.state = state                                    # the outer state (sync_every > 1), once anchored
+        self.last_step: int | None = None                     # max_steps - 1: the exchange in flight lands there
         self.encoders: dict[int, tuple] = {}                  # step -> (codec, outer state or None) of a sync
         self.exchange: tuple[int, asyncio.Task] | None = None   # an overlapped sync's exchange: (step, task)
 
@@ -69,6 +70,23 @@ class ReplicaSync:
         self.outer_state(protocol.outer)   # anchored before the first inner step (where the replicas agree)
         await work(True, worker.scale_grads, len(self.replicas))   # an inner step on its own micro-batches
         return codec
+
+    async def flush(self, step: int) -> None:
+        """At the last step (``last_step``): the overlapped exchange in flight lands now (bounded by the
+        server's timeout) instead of one sync late, so the saved and exported anchor holds every synced
+        period; when ``step`` is that sync's own, every replica ends on the new anchor."""
+        if step != self.last_step or self.exchange is None or self.state is None:
+            return
+        (synced, task), self.exchange = self.exchange, None
+        try:
+            average = await asyncio.wait_for(asyncio.shield(task), self.server.timeout_s)
+        except (asyncio.TimeoutError, SwarmError) as e:
+            why = "timed out" if isinstance(e, asyncio.TimeoutError) else describe(e)
+            self._warn(f"the replicas' last exchange (step {synced}) did not complete ({why}); it is not in the final anchor")
+            return
+        anchor = self.state.apply(average)
+        if synced == step:
+            await self.server.compute.work(True, self.server.worker.set_flat_params, anchor)
 
     async def after_step(self, step: int, codec: OuterCodec) -> None:
         """The sync after the inner step of ``step`` (the step id advances after it)."""

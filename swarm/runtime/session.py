@@ -123,6 +123,7 @@ class TrainingSession:
                                   bandwidth, training.timeout_s, training.schedule, admit=admit, log=log, bans=bans,
                                   hooks=StepHooks(self._stepped, before_apply), events=Events(training.metrics_path, me),
                                   outer=training.outer(plan.sync_every), outer_state=outer_state)
+        self.server.sync.last_step = training.max_steps - 1 if training.max_steps else None
         if not last:   # what the next stage's holders deliver is measured on every call (planning checks claims with it)
             nxt, dag = plan.stages[self.index + 1], traced.dag
             flops = sum(op.flops for op in dag.ops[nxt.first_op:nxt.stop_op]) * cfg.micro_batch_size / dag.batch_size
