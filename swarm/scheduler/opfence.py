@@ -15,8 +15,8 @@ Relayed members (behind NAT, a link through a relay: capped in bytes and time, r
 slow) take roles that send little before mid-pipeline stages (``relay_exposure``): of the plans within
 ``RELAY_SLACK`` of the fastest, the one whose relayed peers sit on the fewest pipeline links wins (a
 spare or a replica of a one-stage plan sits on none, an end stage on one, a mid stage on two), then
-the one with fewer of them on the first stage (which sends every activation); moves of the relayed
-peers out of the fastest plan's pipeline are always among the candidates.
+the one with fewer of them on the first stage (which sends every activation); in swarms of up to
+``REFINE_PEERS``, moves of the relayed peers out of the fastest plan's pipeline join the candidates.
 """
 from __future__ import annotations
 
