@@ -77,16 +77,27 @@ class ReplicaSync:
         period; when ``step`` is that sync's own, every replica ends on the new anchor."""
         if step != self.last_step or self.exchange is None or self.state is None:
             return
-        (synced, task), self.exchange = self.exchange, None
-        try:
-            average = await asyncio.wait_for(asyncio.shield(task), self.server.timeout_s)
-        except (asyncio.TimeoutError, SwarmError) as e:
-            why = "timed out" if isinstance(e, asyncio.TimeoutError) else describe(e)
-            self._warn(f"the replicas' last exchange (step {synced}) did not complete ({why}); it is not in the final anchor")
+        synced = self.exchange[0]
+        average = await self._exchanged("it is not in the final anchor")
+        self.exchange = None
+        if average is None:
             return
         anchor = self.state.apply(average)
         if synced == step:
             await self.server.compute.work(True, self.server.worker.set_flat_params, anchor)
+
+    async def _exchanged(self, lost: str) -> torch.Tensor | None:
+        """The average of the exchange in flight (awaited, bounded by the server's timeout), or None
+        when there is none or it failed (warned: what is ``lost``)."""
+        if self.exchange is None:
+            return None
+        before, task = self.exchange
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.server.timeout_s)
+        except (asyncio.TimeoutError, SwarmError) as e:
+            why = "timed out" if isinstance(e, asyncio.TimeoutError) else describe(e)
+            self._warn(f"the replicas' exchange of step {before} did not complete ({why}); {lost}")
+            return None
 
     async def after_step(self, step: int, codec: OuterCodec) -> None:
         """The sync after the inner step of ``step`` (the step id advances after it)."""
@@ -114,14 +125,7 @@ class ReplicaSync:
         inner steps do (``OuterState.apply_late``)."""
         state = self.outer_state(outer)
         delta = await self._delta(step, state)
-        previous = None
-        if self.exchange is not None:
-            before, task = self.exchange
-            try:
-                previous = await asyncio.wait_for(asyncio.shield(task), self.server.timeout_s)
-            except (asyncio.TimeoutError, SwarmError) as e:
-                why = "timed out" if isinstance(e, asyncio.TimeoutError) else describe(e)
-                self._warn(f"the replicas' exchange of step {before} did not complete ({why}); its outer step is dropped")
+        previous = await self._exchanged("its outer step is dropped")
         await self.server.compute.work(True, self.server.worker.set_flat_params, state.apply_late(previous, delta))
         self.exchange = (step, asyncio.ensure_future(self._exchange_late(step, codec, delta, state)))
         self.server.counters.syncs += 1

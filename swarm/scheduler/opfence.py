@@ -229,17 +229,22 @@ def _refine(w: Workload, swarm: Swarm, layout: Layout, settings: PlanSettings, r
     ranges = _Ranges(w, settings)
     plan = evaluate(w, swarm, layout, settings)
     for _ in range(rounds):
-        for groups in _regroupings([peers for _, peers in layout], len(swarm.peers)):
-            candidate = _recut(ranges, swarm, groups)
-            if candidate is None:
-                continue
-            trial = evaluate(w, swarm, candidate, settings)
+        for trial, candidate in _moves(ranges, swarm, layout):
             if trial.predicted_step_s < plan.predicted_step_s * (1 - 1e-9):
                 plan, layout = trial, candidate
                 break
         else:
             break
     return plan, layout
+
+
+def _moves(ranges: _Ranges, swarm: Swarm, layout: Layout, keep=lambda groups: True):
+    """(plan, layout) of every regrouping one move from ``layout`` that ``keep`` takes and that fits,
+    re-cut and priced."""
+    for groups in _regroupings([peers for _, peers in layout], len(swarm.peers)):
+        candidate = _recut(ranges, swarm, groups) if keep(groups) else None
+        if candidate is not None:
+            yield evaluate(ranges.w, swarm, candidate, ranges.settings), candidate
 
 
 def relay_exposure(plan: Plan, swarm: Swarm) -> tuple[int, int]:
@@ -253,17 +258,12 @@ def relay_exposure(plan: Plan, swarm: Swarm) -> tuple[int, int]:
 def _relay_moves(w: Workload, swarm: Swarm, layout: Layout, settings: PlanSettings) -> list[tuple[Plan, Layout]]:
     """The plans one move of a relayed peer away from ``layout`` (to spare, another stage, a swap)."""
     relayed = {i for i, p in enumerate(swarm.peers) if p.relayed}
-    groups = [peers for _, peers in layout]
-    before = {p: k for k, g in enumerate(groups) for p in g}
-    ranges, out = _Ranges(w, settings), []
-    for moved in _regroupings(groups, len(swarm.peers)):
-        now = {p: k for k, g in enumerate(moved) for p in g}
-        if all(now.get(p) == before.get(p) for p in relayed):
-            continue
-        candidate = _recut(ranges, swarm, moved)
-        if candidate is not None:
-            out.append((evaluate(w, swarm, candidate, settings), candidate))
-    return out
+    before = {p: k for k, (_, g) in enumerate(layout) for p in g}
+
+    def moves_relayed(groups) -> bool:
+        now = {p: k for k, g in enumerate(groups) for p in g}
+        return any(now.get(p) != before.get(p) for p in relayed)
+    return list(_moves(_Ranges(w, settings), swarm, layout, moves_relayed))
 
 
 def _prefer_unrelayed(candidates: list[tuple[Plan, Layout]], swarm: Swarm) -> Plan:
@@ -297,7 +297,7 @@ def schedule(w: Workload, swarm: Swarm, settings: PlanSettings = PlanSettings(),
                 seen.add(plan.hash)
                 refined.append(_refine(w, swarm, layout, settings))
         candidates = sorted(refined + candidates[:1], key=lambda c: _key(c[0]))
-        if any(p.relayed for p in swarm.peers):
+        if relay_exposure(candidates[0][0], swarm) != (0, 0):   # a local optimum: moves help only an exposed one
             candidates += _relay_moves(w, swarm, candidates[0][1], settings)
     return _prefer_unrelayed(candidates, swarm)
 
