@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from swarm.election.machine import ElectionSettings
 from swarm.errors import SwarmError
+from swarm.net.records import RELAY_DATA_LIMIT_MB, RELAY_TIME_LIMIT_S
 from swarm.scheduler.costs import PlanSettings
 from swarm.sync import COMPRESSIONS, OuterSettings
 
@@ -85,9 +86,9 @@ class RelayConfig(Strict):
     use: bool = Field(default=True, description="behind NAT, take reservations on `peers`")
     peers: list[str] | None = Field(default=None, description="relays to reserve on (None: the initial peers)")
     serve: bool = Field(default=True, description="relay for others (only once the daemon finds itself public)")
-    data_limit_mb: float = Field(default=4096.0, gt=0, le=1 << 20, description="bytes relayed per connection and "
+    data_limit_mb: float = Field(default=RELAY_DATA_LIMIT_MB, gt=0, le=1 << 20, description="bytes relayed per connection and "
                                  "direction before the relay resets it (MiB)")
-    time_limit_s: float = Field(default=1800.0, gt=0, le=MAX_PERIOD_S, description="longest relayed connection")
+    time_limit_s: float = Field(default=RELAY_TIME_LIMIT_S, gt=0, le=MAX_PERIOD_S, description="longest relayed connection")
     max_circuits: int = Field(default=16, ge=1, le=MAX_PEERS, description="relayed connections per peer at once")
 
 

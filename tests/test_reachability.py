@@ -21,7 +21,7 @@ from swarm.net.reach import (
     observed_host,
     reachability,
 )
-from swarm.net.records import CUT_BPS, DEFAULT_BANDWIDTH_BPS, RELAYED_BPS, check_record
+from swarm.net.records import CUT_BPS, DEFAULT_BANDWIDTH_BPS, RELAY_SUSTAINED_BPS, RELAYED_BPS, check_record
 from swarm.node.setup import daemon_options
 from swarm.planning import cut_links, unmeasured_links
 
@@ -77,6 +77,19 @@ def test_an_unmeasured_relayed_link_is_priced_as_relayed_and_a_measured_one_as_m
     assert view.bandwidth("a", "b") == RELAYED_BPS < DEFAULT_BANDWIDTH_BPS   # a guess, capped: it runs through a relay
     assert view.bandwidth("a", "c") == 50e6    # a direct guess: c's own measured access link
     assert view.bandwidth("b", "c") == 50e6    # measured over the path in use: the measurement holds
+
+
+def test_a_measured_relayed_link_is_priced_at_most_what_the_relay_sustains():
+    fast = record("a", paths={"b": "relayed"}, bandwidth_bps={"b": 47e6})     # a burst over the relay: 47 Mbit/s
+    view = MembershipView({"a": fast, "b": record("b", bandwidth_bps={"a": 60e6})}, time.time())
+    assert view.bandwidth("a", "b") == RELAY_SUSTAINED_BPS < 47e6    # 4 GiB per 30 min: the relay resets faster links
+    slow = MembershipView({"a": record("a", paths={"b": "relayed"}, bandwidth_bps={"b": 8e6}), "b": record("b")},
+                          time.time())
+    assert slow.bandwidth("a", "b") == 8e6      # slower than the cap: the measurement holds
+    direct = MembershipView({"a": record("a", paths={"b": "direct"}, bandwidth_bps={"b": 47e6}), "b": record("b")},
+                            time.time())
+    assert direct.bandwidth("a", "b") == 47e6
+    assert 19e6 < RELAY_SUSTAINED_BPS < 19.2e6
 
 
 def test_a_cut_link_starts_an_election_at_once_however_young_the_epoch():

@@ -35,6 +35,7 @@ from swarm.net.records import (
     CUT_BPS,
     DEFAULT_BANDWIDTH_BPS,
     MAX_PLAN_CHARS,
+    RELAY_SUSTAINED_BPS,
     RELAYED_BPS,
     LinkPath,
     MemberRecord,
@@ -106,13 +107,15 @@ class MembershipView:
     def bandwidth(self, a: str, b: str) -> float:
         """Bits/s between two members: ``CUT_BPS`` for a cut link (``cut``); the smaller of the two
         measured directions; for an edge nobody measured, the smaller of the two peers' median
-        measured bandwidths (the weaker access link bounds it), else ``DEFAULT_BANDWIDTH_BPS``; an
-        unmeasured edge that runs through a relay (``relayed``) at most ``RELAYED_BPS``."""
+        measured bandwidths (the weaker access link bounds it), else ``DEFAULT_BANDWIDTH_BPS``. An edge
+        that runs through a relay (``relayed``) is priced at most ``RELAY_SUSTAINED_BPS`` when measured
+        (a burst measures the link, but the relay resets a connection that carries more than its data
+        limit within its time limit) and at most ``RELAYED_BPS`` when not."""
         if self.cut(a, b):
             return CUT_BPS
         measured = [v for v in (self.members[a].bandwidth_bps.get(b), self.members[b].bandwidth_bps.get(a)) if v]
         if measured:
-            return min(measured)
+            return min(min(measured), RELAY_SUSTAINED_BPS) if self.relayed(a, b) else min(measured)
         medians = [statistics.median(m.bandwidth_bps.values()) for m in (self.members[a], self.members[b]) if m.bandwidth_bps]
         guess = min(medians) if medians else DEFAULT_BANDWIDTH_BPS
         return min(guess, RELAYED_BPS) if self.relayed(a, b) else guess
