@@ -13,6 +13,8 @@ scalar ``meta`` and named tensors. Stage protocol ``swarm.stage.v1`` (docs/runti
 - ``Step`` {step}: every previous-stage replica is done with the step. Answered by ``Stepped``.
 - ``Reduce`` {step, part}: a replica's part ``g`` of the flat gradient, for the part's owner.
   Answered by ``Reduced`` {step, part}: the sum ``g`` over all replicas.
+- ``Gather`` {step, part}, no tensors: an overlapped sync's part whose owner is gone, asked of another
+  replica. Answered by the ``Reduced`` that replica got from the owner (or an error: it got none).
 
 State protocol ``swarm.state.v1`` (docs/churn.md):
 
@@ -36,9 +38,9 @@ from swarm.wire import Header, Message, pack
 
 FORWARD, GRADS, STEP, STEPPED = "forward", "grads", "step", "stepped"
 EVALUATE, EVALUATED = "evaluate", "evaluated"
-REDUCE, REDUCED, ERROR = "reduce", "reduced", "error"
+REDUCE, REDUCED, GATHER, ERROR = "reduce", "reduced", "gather", "error"
 FETCH, STATE, SNAPSHOT, KEPT = "fetch", "state", "snapshot", "kept"
-STAGE_REQUESTS = (FORWARD, EVALUATE, STEP, REDUCE)
+STAGE_REQUESTS = (FORWARD, EVALUATE, STEP, REDUCE, GATHER)
 CARRIES_INPUTS = (FORWARD, EVALUATE)   # requests with a micro-batch's inputs (x0, x1, ..., targets)
 STATE_REQUESTS = (FETCH, SNAPSHOT)
 TARGETS = "targets"
@@ -204,6 +206,17 @@ class Reduced(Reduce):
 
     def to_frame(self) -> bytes:
         return pack(REDUCED, {"step": self.step, "part": self.part}, self.tensors)[0]
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Ask a replica for the sum of part ``part`` of an overlapped sync as its owner sent it there."""
+
+    step: int
+    part: int
+
+    def to_frame(self) -> bytes:
+        return pack(GATHER, {"step": self.step, "part": self.part}, {})[0]
 
 
 @dataclass(frozen=True)

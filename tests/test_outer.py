@@ -82,13 +82,14 @@ def test_the_outer_step_is_sgd_with_nesterov_momentum_on_the_pseudo_gradient():
         assert torch.allclose(new, ref.detach(), atol=1e-6)
 
 
-def _stage_on_two_replicas(outer):
-    """Stage 0 on ``a``; stage 1 (the last) on replicas ``b1``, ``b2`` with the same initial weights."""
+def _stage_on_two_replicas(outer, replicas=("b1", "b2")):
+    """Stage 0 on ``a``; stage 1 (the last) on replicas ``b1``, ``b2`` (or ``replicas``) with the same
+    initial weights."""
     torch.manual_seed(0)
     built = load_model("gpt2-tiny")
     traced = trace(built.module, built.example_inputs(2), "coarse", name=built.name)
     first, second = extract_stages(traced, traced.dag.balanced_partition(2))
-    replicas, servers = ("b1", "b2"), {}
+    servers = {}
     servers["a"] = StageServer(StageWorker(first, "adam", 1e-3, max_batch=64, input_specs=input_specs(traced.dag, first.io)),
                                Neighbours("a", ("a",), (), replicas), local_caller("a", servers), outer=outer)
     for b in replicas:
@@ -197,6 +198,69 @@ def test_a_lost_reply_of_an_overlapped_sync_is_asked_for_again_and_the_anchors_s
     _train(servers, 7, after)
     assert lost == [1]
     assert all(same for same, _ in agree) and [unmoved for _, unmoved in agree] == [True] * 3 + [False] * 4
+
+
+def test_a_part_whose_owner_answered_some_replicas_then_died_lands_on_all_of_them():
+    """b3 sums its part of the first sync and answers b1, then is gone for b2 (every call fails): b2
+    takes the part's sum from b1 (``Gather``), so all three apply the same outer step; without it b2
+    dropped the step and its anchor parted from the others' for good."""
+    from swarm.errors import PeerUnavailable
+    from swarm.messages import GATHER, REDUCE
+    from swarm.wire import read_header
+
+    outer = OuterSettings(sync_every=2, compression="topk8", overlap=True)
+    _, servers = _stage_on_two_replicas(outer, ("b1", "b2", "b3"))
+    link, refused, gathered = servers["b2"].link, [], []
+    passed = link.call
+
+    async def owner_gone(peer: str, frame: bytes) -> bytes:
+        header = read_header(frame)
+        reply = await passed(peer, frame)   # b3 takes b2's contribution and sums its part ...
+        if peer == "b3" and header.kind == REDUCE and header.meta["step"] == 1:
+            refused.append(header.meta["step"])   # ... and answers b1, but is gone before answering b2
+            raise PeerUnavailable("peer b3 is gone")
+        if header.kind == GATHER:
+            gathered.append((peer, header.meta["part"], read_header(reply).kind))
+        return reply
+    link.call = owner_gone
+    start, agree = servers["b1"].worker.flat_params(), []
+
+    def after(step):
+        anchors = [servers[b].sync.state.anchor for b in ("b1", "b2", "b3")]
+        agree.append((all(torch.equal(anchors[0], x) for x in anchors[1:]), torch.equal(anchors[0], start)))
+    _train(servers, 5, after)
+    assert refused == [1, 1, 1] and gathered == [("b1", 2, "reduced")]   # PART_TRIES to b3, then b1 answers
+    assert all(same for same, _ in agree) and [unmoved for _, unmoved in agree] == [True] * 3 + [False] * 2
+
+
+def test_a_gather_nobody_can_answer_drops_the_outer_step_on_every_replica_alike():
+    """b3 answers nobody at the first sync: b1 and b2 each ask the other, neither has the part, and both
+    drop the outer step (bounded, no deadlock); the anchors stay one and move at the next sync."""
+    from swarm.errors import PeerUnavailable
+    from swarm.messages import REDUCE
+    from swarm.wire import read_header
+
+    outer = OuterSettings(sync_every=2, compression="topk8", overlap=True)
+    _, servers = _stage_on_two_replicas(outer, ("b1", "b2", "b3"))
+    for b in ("b1", "b2"):
+        passed = servers[b].link.call
+
+        async def owner_gone(peer: str, frame: bytes, passed=passed) -> bytes:
+            header = read_header(frame)
+            if peer == "b3" and header.kind == REDUCE and header.meta["step"] == 1:
+                raise PeerUnavailable("peer b3 is gone")
+            return await passed(peer, frame)
+        servers[b].link.call = owner_gone
+    for server in servers.values():   # b3 waits that long for the contributions that never come
+        server.timeout_s = 5.0
+    start, agree = servers["b1"].worker.flat_params(), []
+
+    def after(step):
+        anchors = [servers[b].sync.state.anchor for b in ("b1", "b2")]
+        agree.append((torch.equal(*anchors), torch.equal(anchors[0], start)))
+    _train(servers, 7, after)
+    # the sync after step 1 is dropped where it would land (step 3); the one after step 3 lands at step 5
+    assert all(same for same, _ in agree) and [unmoved for _, unmoved in agree] == [True] * 5 + [False] * 2
 
 
 def test_the_last_step_lands_the_exchange_in_flight_and_the_replicas_end_on_one_anchor():

@@ -187,3 +187,23 @@ def test_an_overlapped_sync_takes_contributions_a_period_either_side_and_closing
     assert not p.sync_window(3, 20)
     sync = StageProtocol(Neighbours("b1", ("b1", "b2"), ("a1",), (), micro_batches=2), 10, inputs_ok, 1)
     assert not sync.sync_window(3, 3)   # synchronous replicas: every reduce is of the current step
+
+
+def test_a_gather_is_a_replicas_bare_ask_for_a_part_of_an_overlapped_sync():
+    from swarm.messages import Gather
+    from swarm.runtime.outer import OuterSettings
+    from swarm.wire import pack
+    hood = Neighbours("b1", ("b1", "b2", "b3"), ("a1",), (), micro_batches=2)
+    p = StageProtocol(hood, 12, inputs_ok, 1, outer=OuterSettings(sync_every=4, compression="topk8", overlap=True))
+    p.admit("b2", header(Gather(7, 2).to_frame()))   # b3's part, asked of b1
+    cases = [("a1", Gather(7, 2).to_frame(), "is not a replica"),
+             ("b2", Gather(7, 3).to_frame(), "part 3 is no part of 3 replicas"),
+             ("b2", pack("gather", {"step": 7, "part": "2"}, {})[0], "part '2' is no part"),
+             ("b2", pack("gather", {"step": 7, "part": 2}, {"g": torch.zeros(2)})[0], "carries no tensors"),
+             ("b2", Gather(6, 2).to_frame(), "step 6 is no overlapped sync step")]
+    for sender, frame, error in cases:
+        with pytest.raises(RemoteProtocolError, match=error):
+            p.admit(sender, header(frame))
+    waited = StageProtocol(hood, 12, inputs_ok, 1, outer=OuterSettings(sync_every=4, compression="topk8", overlap=False))
+    with pytest.raises(RemoteProtocolError, match="no overlapped sync step"):   # a waited-for sync never gathers
+        waited.admit("b2", header(Gather(7, 2).to_frame()))

@@ -39,7 +39,7 @@ from enum import Enum
 import torch
 
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
-from swarm.messages import CARRIES_INPUTS, REDUCE, STAGE_REQUESTS, STEP, input_names
+from swarm.messages import CARRIES_INPUTS, GATHER, REDUCE, STAGE_REQUESTS, STEP, input_names
 from swarm.refusals import Bans, short
 from swarm.runtime.allreduce import parts
 from swarm.runtime.outer import OuterCodec, OuterSettings
@@ -166,6 +166,14 @@ class StageProtocol:
         if header.kind == STEP:
             if shapes:
                 raise RemoteProtocolError("a step request carries no tensors")
+        elif header.kind == GATHER:
+            part = header.meta.get("part")
+            if shapes:
+                raise RemoteProtocolError("a gather request carries no tensors")
+            if type(part) is not int or not 0 <= part < len(self.hood.replicas):
+                raise RemoteProtocolError(f"part {part!r} is no part of {len(self.hood.replicas)} replicas")
+            if not self.overlapped or self.exchange(header.meta.get("step")) is None:
+                raise RemoteProtocolError(f"step {header.meta.get('step')!r} is no overlapped sync step of these replicas")
         elif header.kind == REDUCE:
             part = header.meta.get("part")
             if type(part) is not int or part != self.hood.replicas.index(self.hood.me):

@@ -23,6 +23,7 @@ from swarm.events import NO_EVENTS, Events
 from swarm.messages import (
     EVALUATE,
     FORWARD,
+    GATHER,
     REDUCE,
     STAGE_REQUESTS,
     STEP,
@@ -154,7 +155,7 @@ class StageServer:
                     return Stepped(step).to_frame()   # a repeat whose first reply was lost
                 msg = self.checker.decode(frame, header, sender)
                 del frame
-                if msg.kind == REDUCE and self.protocol.overlapped:   # a sync in the background: no step to reach
+                if msg.kind in (REDUCE, GATHER) and self.protocol.overlapped:   # a sync in the background: no step to reach
                     if not self.protocol.sync_window(step, self.worker.step_id):
                         raise self.protocol.not_current(step, self.worker.step_id)
                 else:
@@ -164,6 +165,8 @@ class StageServer:
                 if msg.kind == EVALUATE:
                     self.protocol.take_forward()
                     return (await self.evaluate(Evaluate.from_message(msg))).to_frame()
+                if msg.kind == GATHER:
+                    return await self.sync.gather(msg)
                 return await (self._step(step, sender) if msg.kind == STEP else self.sync.reduce(msg, sender))
         except Exception as e:
             self.counters.errors += 1

@@ -10,6 +10,11 @@ Replicas must agree on every outer step they apply, or their anchors part for go
 sync's part whose reply is lost (the owner summed it, the answer did not arrive) is asked for again,
 up to ``PART_TRIES`` times within the exchange's deadline, and the owner keeps each finished sum until
 its next sync's exchange ends, so the asker gets the sum the others applied instead of dropping it.
+A part whose owner is gone for good (it answered some replicas, then died) is asked of the other
+replicas (``Gather``): each keeps every part's sum as the owner sent it until its next sync's exchange
+ends and answers from that, so the part lands on all of them if it reached any. An answer waits only
+for the replica's own call to the owner, never for its own asking, so two replicas asking each other
+cannot deadlock: where no replica got the part, all drop the outer step alike.
 """
 from __future__ import annotations
 
@@ -18,12 +23,17 @@ import asyncio
 import torch
 
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
-from swarm.messages import PART, REDUCED, Reduce, Reduced, check_reply
+from swarm.messages import PART, REDUCED, Gather, Reduce, Reduced, check_reply
 from swarm.net.streams import PREFIX_BYTES, describe
 from swarm.runtime.outer import OuterCodec, OuterSettings, OuterState
 from swarm.wire import Message
 
 PART_TRIES = 3    # calls for one part of an overlapped sync (a lost reply is asked for again)
+
+
+def _settle(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 class ReplicaSync:
@@ -36,6 +46,7 @@ class ReplicaSync:
         self.last_step: int | None = None                     # max_steps - 1: the exchange in flight lands there
         self.encoders: dict[int, tuple] = {}                  # step -> (codec, outer state or None) of a sync
         self.exchange: tuple[int, asyncio.Task] | None = None   # an overlapped sync's exchange: (step, task)
+        self.got: dict[int, dict[int, asyncio.Future]] = {}   # step -> part -> its owner's sum as it came here (None: not)
 
     @property
     def replicas(self) -> tuple[str, ...]:
@@ -146,9 +157,12 @@ class ReplicaSync:
             self.server.protocol.close_round(step)
             for s in [s for s in sums if s < step]:
                 sums.pop(s)
+            for s in [s for s in self.got if s < step]:
+                self.got.pop(s)
             self.encoders.pop(step, None)
         elif not self.server.protocol.overlapped:
             sums.pop(step, None)
+            self.got.pop(step, None)
             self.encoders.pop(step, None)
 
     async def all_reduce(self, step: int, codec: OuterCodec, flat: torch.Tensor, state: OuterState | None = None):
@@ -173,7 +187,25 @@ class ReplicaSync:
         if j == server.protocol.own_part:
             total, _ = await asyncio.wait_for(asyncio.shield(server.steps.sum_of(step)), server.timeout_s)
             return total
-        owner = self.replicas[j]
+        got = self._got(step, j)
+        try:
+            tensors = await self._from_owner(step, j, payload, codec, numel)
+        except PeerUnavailable as e:
+            _settle(got, None)
+            if not server.protocol.overlapped or len(self.replicas) < 3:
+                raise
+            tensors = await self._gather(step, j, codec, numel, e)
+        except BaseException:
+            _settle(got, None)
+            raise
+        _settle(got, tensors)
+        return codec.decode(tensors, numel)
+
+    async def _from_owner(self, step: int, j: int, payload: dict[str, torch.Tensor], codec: OuterCodec,
+                          numel: int) -> dict[str, torch.Tensor]:
+        """Part ``j``'s encoded sum from its owner, for this replica's contribution ``payload`` (asked
+        again, ``PART_TRIES``, in an overlapped sync)."""
+        server, owner = self.server, self.replicas[j]
         frame = Reduce(step, j, payload).to_frame()
         tries = PART_TRIES if server.protocol.overlapped else 1
         for attempt in range(1, tries + 1):
@@ -186,11 +218,47 @@ class ReplicaSync:
                     raise
                 self._warn(f"all-reduce of step {step}: replica {owner[-8:]} did not answer ({describe(e)}); "
                            f"asking again ({attempt + 1} of {tries})")
+        return self._summed(answer, owner, codec, numel)
+
+    def _got(self, step: int, j: int) -> asyncio.Future:
+        return self.got.setdefault(step, {}).setdefault(j, asyncio.get_running_loop().create_future())
+
+    def _summed(self, answer: bytes, peer: str, codec: OuterCodec, numel: int) -> dict[str, torch.Tensor]:
+        """The tensors of ``peer``'s reply with a part's sum (checked: kind, shapes, an error reply)."""
         try:
-            reply = server.checker.reply(answer, owner, REDUCED, codec.shapes(numel))
-            return codec.decode(check_reply(reply, "all-reduce").tensors, numel)
+            return check_reply(self.server.checker.reply(answer, peer, REDUCED, codec.shapes(numel)), "all-reduce").tensors
         except RemoteProtocolError as e:
-            raise RemoteProtocolError(f"all-reduce: replica {owner[-8:]} sent a malformed sum ({e})") from None
+            raise RemoteProtocolError(f"all-reduce: replica {peer[-8:]} sent a malformed sum ({e})") from None
+
+    async def _gather(self, step: int, j: int, codec: OuterCodec, numel: int, why: SwarmError) -> dict[str, torch.Tensor]:
+        """Part ``j``'s sum from another replica, its owner being gone (``why``)."""
+        owner, me = self.replicas[j], self.server.peers.me
+        others = [r for r in self.replicas if r not in (owner, me)]
+        self._warn(f"all-reduce of step {step}: replica {owner[-8:]} did not answer ({describe(why)}); "
+                   f"asking {len(others)} other replicas for its part's sum")
+        frame = Gather(step, j).to_frame()
+
+        async def ask(peer: str) -> dict[str, torch.Tensor]:
+            self.server.counters.sent(peer, len(frame) + PREFIX_BYTES, reduce=True)
+            return self._summed(await self.server.link.call(peer, frame), peer, codec, numel)
+        answers = await asyncio.gather(*(ask(r) for r in others), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, dict):
+                return answer
+            if not isinstance(answer, SwarmError):
+                raise answer
+        raise PeerUnavailable(f"replica {owner[-8:]} did not answer ({describe(why)}) and no other replica got its part: "
+                              + "; ".join(describe(a) for a in answers)[:300])
+
+    async def gather(self, msg: Message) -> bytes:
+        """Another replica asks for part ``part``'s sum as its owner sent it here (``Gather``): answered
+        once this replica's own call to the owner ended (bounded), or refused when it got none."""
+        step, part = msg.meta["step"], msg.meta["part"]
+        wait = self.server.steps.sum_of(step) if part == self.server.protocol.own_part else self._got(step, part)
+        done = await asyncio.wait_for(asyncio.shield(wait), self.server.timeout_s)
+        if done is None:
+            raise PeerUnavailable(f"this replica got no sum of part {part} of step {step} from its owner either")
+        return Reduced(step, part, done[1] if part == self.server.protocol.own_part else done).to_frame()
 
     def contribute(self, step: int, peer: str, part: torch.Tensor) -> None:
         protocol = self.server.protocol
