@@ -149,6 +149,9 @@ class ElectionConfig(Strict):
         default="opfence", description="naive: one peer per stage in id order, equal op counts (benchmark baseline)")
 
 
+CODEC_BITS: dict[str, int | None] = {"adatopk": None, "q8": 8, "q4": 4, "q2": 2}   # compression.codec -> ATK2 bits
+
+
 class CompressionConfig(Strict):
     """AdaTopK on pipeline links (docs/adatopk.md)."""
 
@@ -157,6 +160,13 @@ class CompressionConfig(Strict):
     ratio: float = Field(default=10.0, ge=1.0, le=MAX_RATIO, description="wire ratio (raw / sent bytes) in fixed mode")
     max_ratio: float = Field(default=PlanSettings.max_ratio, ge=1.0, le=MAX_RATIO, description="hardest compression auto mode may choose")
     warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="uncompressed optimizer steps at the start")
+    codec: Literal["adatopk", "q8", "q4", "q2"] = Field(
+        default="adatopk", description="packets of compressed links: adatopk (ATK1: int8 values, varint indices), "
+        "q8 / q4 / q2 (ATK2: 8-, 4- or 2-bit values, Rice-coded indices; docs/wire.md)")
+    wire_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="how float32 activations and gradients travel when a link sends them "
+        "uncompressed: as they are, or rounded to bfloat16 (half the bytes; tensors a model computes in half "
+        "precision always travel as they are)")
 
 
 class TrainingConfig(Strict):

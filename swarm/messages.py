@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.compression.adatopk import ChannelScale
+from swarm.compression.adatopk import BITS, ChannelScale
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
 from swarm.wire import Header, Message, pack
 
@@ -45,6 +45,7 @@ CARRIES_INPUTS = (FORWARD, EVALUATE)   # requests with a micro-batch's inputs (x
 STATE_REQUESTS = (FETCH, SNAPSHOT)
 TARGETS = "targets"
 PART = "g"   # the one tensor of a reduce request and its reply
+HALF_BITS = 16   # a forward's ``gbits`` asking for its gradients as bfloat16 (it went uncompressed, as bfloat16)
 
 
 def input_name(i: int) -> str:
@@ -74,6 +75,7 @@ class Forward:
     inputs: list[torch.Tensor]
     targets: torch.Tensor | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)   # AdaTopK kept positions, by input name
+    grad_bits: int | None = None   # gradients come back as ATK2 packets of values this wide (16: bfloat16; None: as is)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {input_name(i): x for i, x in enumerate(self.inputs)}
@@ -81,12 +83,20 @@ class Forward:
             out[TARGETS] = self.targets
         return out
 
-    def to_frame(self, ratio: float = 1.0, scales: ChannelScale | None = None) -> tuple[bytes, dict[str, torch.Tensor]]:
-        """(frame, masks used by name): floating-point tensors AdaTopK-compressed at ``ratio`` (> 1)."""
+    def to_frame(self, ratio: float = 1.0, scales: ChannelScale | None = None,
+                 half: bool = False) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """(frame, masks used by name): floating-point tensors AdaTopK-compressed at ``ratio`` (> 1),
+        their gradients asked back in packets of the link's bits (``scales.bits``, meta ``gbits``);
+        uncompressed and ``half``: float32 tensors go as bfloat16, their gradients too (``gbits`` 16)."""
         tensors = self.tensors()
         ratios = {k: ratio for k, t in tensors.items() if t.is_floating_point()}
-        return pack(self.KIND, {"step": self.step, "mb": self.mb, "scale": self.scale}, tensors, ratios=ratios,
-                    scales=scales)
+        meta = {"step": self.step, "mb": self.mb, "scale": self.scale}
+        if ratio > 1 and scales is not None and scales.bits is not None:
+            meta["gbits"] = scales.bits
+        halves = frozenset(k for k, t in tensors.items() if t.dtype == torch.float32) if half and ratio <= 1 else frozenset()
+        if halves:
+            meta["gbits"] = HALF_BITS
+        return pack(self.KIND, meta, tensors, ratios=ratios, scales=scales, half=halves)
 
     @classmethod
     def from_message(cls, msg: Message) -> Forward:
@@ -100,7 +110,10 @@ class Forward:
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
             raise RemoteProtocolError(f"bad loss scale {scale!r}")
         masks = {k: m for k, m in msg.masks.items()}
-        return cls(msg.meta["step"], mb, float(scale), inputs, msg.tensors.get(TARGETS), masks)
+        bits = msg.meta.get("gbits")
+        if bits is not None and (type(bits) is not int or bits not in (*BITS, HALF_BITS)):
+            raise RemoteProtocolError(f"bad gradient bits {bits!r} (supported: {', '.join(map(str, (*BITS, HALF_BITS)))})")
+        return cls(msg.meta["step"], mb, float(scale), inputs, msg.tensors.get(TARGETS), masks, bits)
 
     def raw_bytes(self) -> int:
         """Bytes of the floating-point tensors uncompressed (the activations a codec works on)."""
@@ -143,12 +156,15 @@ class Grads:
     grads: list[torch.Tensor | None]
     wait_s: float = 0.0   # seconds of the round trip this stage spent waiting on its next stage
 
-    def to_frame(self, forward_masks: dict[str, torch.Tensor] | None = None) -> bytes:
-        """The reply frame; each gradient goes back on its input's AdaTopK mask (no indices)."""
+    def to_frame(self, forward_masks: dict[str, torch.Tensor] | None = None, bits: int | None = None) -> bytes:
+        """The reply frame; each gradient goes back on its input's AdaTopK mask (no indices), in ATK2
+        packets of ``bits`` (None: ATK1)."""
         masks = forward_masks or {}
         reuse = {grad_name(i): masks[input_name(i)] for i in range(len(self.grads)) if input_name(i) in masks}
         meta = {"step": self.step, "mb": self.mb, "loss": self.loss, "wait_s": self.wait_s}
-        return pack(GRADS, meta, {grad_name(i): g for i, g in enumerate(self.grads) if g is not None}, reuse=reuse)[0]
+        grads = {grad_name(i): g for i, g in enumerate(self.grads) if g is not None}
+        halves = frozenset(k for k in grads if k not in reuse) if bits == HALF_BITS else frozenset()
+        return pack(GRADS, meta, grads, reuse=reuse, reuse_bits=None if bits == HALF_BITS else bits, half=halves)[0]
 
     @classmethod
     def from_message(cls, msg: Message, n_inputs: int) -> Grads:

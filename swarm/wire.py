@@ -2,7 +2,7 @@
 
     frame   = b"SWM1" | u32 header length | header (msgpack map) | payload
     header  = {"v": 1, "kind": str, "meta": {str: int | float | str | bool | None},
-               "tensors": [{"name": str, "dtype": str, "shape": [int], "codec": "raw" | "adatopk",
+               "tensors": [{"name": str, "dtype": str, "shape": [int], "codec": "raw" | "adatopk" | "bf16",
                             "nbytes": int}]}
     payload = the tensors' bytes, in header order (raw: C-contiguous little-endian; adatopk: a packet
               of ``swarm.compression``)
@@ -35,7 +35,7 @@ NAMES = {v: k for k, v in DTYPES.items()}
 META_TYPES = (int, float, str, bool, type(None))
 
 
-CODECS = frozenset({"raw", "adatopk"})
+CODECS = frozenset({"raw", "adatopk", "bf16"})   # bf16: a float32 tensor sent as its bfloat16 rounding
 MAX_EXPAND = 1024.0   # decoded bytes per wire byte of an AdaTopK tensor (raw tensors: exactly 1)
 
 
@@ -83,11 +83,13 @@ class Message:
 
 
 def pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor], ratios: dict[str, float] | None = None,
-         reuse: dict[str, torch.Tensor] | None = None, scales: adatopk.ChannelScale | None = None
-         ) -> tuple[bytes, dict[str, torch.Tensor]]:
+         reuse: dict[str, torch.Tensor] | None = None, scales: adatopk.ChannelScale | None = None,
+         reuse_bits: int | None = None, half: frozenset[str] = frozenset()) -> tuple[bytes, dict[str, torch.Tensor]]:
     """One frame; ``ratios[name] > 1`` sends that tensor AdaTopK-compressed (selection normalised by
-    the link's ``scales``), ``reuse[name]`` sends it on an earlier mask. Returns (frame, masks used)
-    so the caller can reuse them backwards."""
+    the link's ``scales``, packets of its ``bits``), ``reuse[name]`` sends it on an earlier mask (values
+    of ``reuse_bits``: ATK2; None: ATK1); a float32 tensor named in ``half`` and not compressed goes as
+    bfloat16 (codec ``bf16``, half the bytes). Returns (frame, masks used) so the caller can reuse them
+    backwards."""
     ratios, reuse = ratios or {}, reuse or {}
     entries, chunks, masks = [], [], {}
     for name, t in tensors.items():
@@ -95,11 +97,13 @@ def pack(kind: str, meta: dict, tensors: dict[str, torch.Tensor], ratios: dict[s
         if t.dtype not in NAMES:
             raise SwarmError(f"wire: tensor '{name}' has unsupported dtype {t.dtype}")
         if name in reuse:
-            data, codec = adatopk.encode_like(t, reuse[name]), "adatopk"
+            data, codec = adatopk.encode_like(t, reuse[name], reuse_bits), "adatopk"
             masks[name] = reuse[name]
         elif ratios.get(name, 1.0) > 1.0 and t.is_floating_point():
             packet = scales.encode(name, t, ratios[name]) if scales else adatopk.encode(t, ratios[name])
             data, codec, masks[name] = packet.data, "adatopk", packet.indices
+        elif name in half and t.dtype == torch.float32:
+            data, codec = t.contiguous().cpu().to(torch.bfloat16).view(-1).view(torch.uint8).numpy().tobytes(), "bf16"
         else:
             data, codec = t.contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes(), "raw"
         entries.append({"name": name, "dtype": NAMES[t.dtype], "shape": list(t.shape), "codec": codec, "nbytes": len(data)})
@@ -153,6 +157,12 @@ def decode(frame: bytes, header: Header, limits: Limits = Limits(), masks: dict[
                 raise SwarmError(f"wire: tensor '{e['name']}' has {e['nbytes']} bytes for shape {e['shape']}")
             tensors[e["name"]] = torch.frombuffer(bytearray(data), dtype=dtype).view(e["shape"]) if numel else \
                 torch.empty(e["shape"], dtype=dtype)
+        elif e["codec"] == "bf16":
+            numel = math.prod(e["shape"])
+            if dtype != torch.float32 or e["nbytes"] != 2 * numel:
+                raise SwarmError(f"wire: bf16 tensor '{e['name']}' has {e['nbytes']} bytes for {e['dtype']} {e['shape']}")
+            tensors[e["name"]] = torch.frombuffer(bytearray(data), dtype=torch.bfloat16).view(e["shape"]).float() \
+                if numel else torch.empty(e["shape"], dtype=dtype)
         else:
             t, kept[e["name"]] = adatopk.decode(data, (masks or {}).get(e["name"]), max_numel=limits.max_numel,
                                                 max_expand=limits.max_expand)
@@ -204,6 +214,9 @@ def _check_header(header, limits: Limits) -> list[dict]:
         if e["codec"] == "adatopk" and decoded_bytes(e) > limits.max_expand * e["nbytes"]:
             raise SwarmError(f"wire: tensor '{e['name']}' would decode {e['nbytes']} bytes to {decoded_bytes(e)} "
                              f"(more than {limits.max_expand:g}x)")
+        if e["codec"] == "bf16" and (e["dtype"] != "float32" or e["nbytes"] != 2 * math.prod(shape)):
+            raise SwarmError(f"wire: bf16 tensor '{e['name']}' takes 2 bytes per float32 element, not "
+                             f"{e['nbytes']} bytes for {e['dtype']} {shape[:10]}")
         if e["name"] in names:
             raise SwarmError(f"wire: tensor '{e['name']}' appears twice")
         names.add(e["name"])

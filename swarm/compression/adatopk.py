@@ -13,6 +13,14 @@ Wire layout of one packet (little-endian; see docs/adatopk.md)::
     scales   f32[ceil(k / block)]: max |value| / 127 of each block of kept values
     values   i8[k]
 
+A second layout, ``ATK2`` (``encode(..., bits=4)``: low-bit values, Rice-coded indices)::
+
+    header   magic b"ATK2", dtype code u8, index kind u8 (0 Rice, 1 bitmap, 2 none: reuse the
+             forward mask, 3 none: every position kept), value bits u8 (8, 4, 2), ndim u8,
+             shape i64[ndim], k i64, block u16, pad u16, index bytes u32
+    indices  Rice-coded gaps (``swarm.compression.rice``) or a bitmap of numel bits
+    values   k values of ``bits`` bits with a bfloat16 step per block (``swarm.compression.lowbit``)
+
 ``encode`` sizes ``k`` so that raw bytes / packet bytes is the requested ratio (within a few %);
 ``encode_like`` compresses a second tensor on the positions of a first one (the backward gradient of
 an activation reuses the forward mask, so its packet carries no indices at all).
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from swarm.compression import lowbit, rice
 from swarm.errors import SwarmError
 
 MAGIC = b"ATK1"
@@ -35,7 +44,12 @@ _TAIL = struct.Struct("<qII")
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 CODES = {v: k for k, v in DTYPES.items()}
 VARINT, BITMAP, REUSE = 0, 1, 2
+RICE, DENSE = 0, 3                 # ATK2's index kinds beside BITMAP and REUSE
 MAX_NDIM = 8
+MAGIC2 = b"ATK2"
+_HEAD2 = struct.Struct("<4sBBBB")
+_TAIL2 = struct.Struct("<qHHI")
+BITS = lowbit.BITS
 
 
 def varint_encode(values: np.ndarray) -> bytes:
@@ -83,13 +97,21 @@ def _packet_bytes(k: int, numel: int, ndim: int, with_indices: bool = True) -> f
     return head + (_index_bytes_estimate(k, numel) if with_indices else 0) + 4 * math.ceil(k / BLOCK) + k
 
 
-def keep_for_ratio(numel: int, element_bytes: int, ratio: float, ndim: int = 1) -> int:
-    """The largest k whose packet is at most raw / ratio bytes (at least 1)."""
+def _packet2_bytes(k: int, numel: int, ndim: int, bits: int, with_indices: bool = True) -> float:
+    head = _HEAD2.size + 8 * ndim + _TAIL2.size
+    index = 0.0 if not with_indices or k == numel else min(rice.estimate_bytes(k, numel), numel / 8)
+    return head + index + lowbit.value_bytes(k, bits)
+
+
+def keep_for_ratio(numel: int, element_bytes: int, ratio: float, ndim: int = 1, bits: int | None = None) -> int:
+    """The largest k whose packet is at most raw / ratio bytes (at least 1); ``bits``: an ATK2 packet
+    of values that wide (None: ATK1)."""
     budget = numel * element_bytes / ratio
+    size = (lambda k: _packet_bytes(k, numel, ndim)) if bits is None else (lambda k: _packet2_bytes(k, numel, ndim, bits))
     lo, hi = 1, numel
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _packet_bytes(mid, numel, ndim) <= budget:
+        if size(mid) <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -165,39 +187,67 @@ def top_k_positions(x: torch.Tensor, k: int, scale: torch.Tensor | None = None) 
     return keep.view(z.shape).movedim(-1, cd).flatten().nonzero().flatten()
 
 
-def encode(x: torch.Tensor, ratio: float, scale: torch.Tensor | None = None) -> Packet:
+def encode(x: torch.Tensor, ratio: float, scale: torch.Tensor | None = None, bits: int | None = None) -> Packet:
     """Compress ``x`` to about ``raw bytes / ratio`` (ratio <= 1: keep everything, still quantised);
-    ``scale``: per-channel magnitudes that selection divides by (see ``ChannelScale``)."""
+    ``scale``: per-channel magnitudes that selection divides by (see ``ChannelScale``); ``bits``: an
+    ATK2 packet of values that wide (None: ATK1, int8)."""
     numel = x.numel()
-    k = numel if ratio <= 1 else keep_for_ratio(numel, x.element_size(), ratio, x.dim())
+    k = numel if ratio <= 1 else keep_for_ratio(numel, x.element_size(), ratio, x.dim(), bits)
     indices = top_k_positions(x, k, scale) if k < numel else torch.arange(numel, device=x.device)
+    if bits is not None:
+        return Packet(_pack2(x, indices, bits), indices)
     kind = BITMAP if _index_bytes_estimate(len(indices), numel) >= numel / 8 else VARINT
     return Packet(_pack(x, indices, kind), indices)
+
+
+def _pack2(x: torch.Tensor, indices: torch.Tensor, bits: int, reuse: bool = False) -> bytes:
+    if x.dtype not in CODES:
+        raise SwarmError(f"AdaTopK: unsupported dtype {x.dtype}")
+    flat = x.detach().flatten()
+    numel, k = flat.numel(), len(indices)
+    if reuse:
+        kind, index_data = REUSE, b""
+    elif k == numel:
+        kind, index_data = DENSE, b""
+    else:
+        positions = indices.cpu().numpy().astype(np.int64)
+        if rice.rice_bytes(positions) < (numel + 7) // 8:
+            kind, index_data = RICE, rice.rice_encode(positions)
+        else:
+            bitmap = np.zeros(numel, dtype=bool)
+            bitmap[positions] = True
+            kind, index_data = BITMAP, np.packbits(bitmap).tobytes()
+    values = flat if kind == DENSE else flat[indices.to(flat.device)]
+    head = _HEAD2.pack(MAGIC2, CODES[x.dtype], kind, bits, x.dim()) + struct.pack(f"<{x.dim()}q", *x.shape)
+    return head + _TAIL2.pack(k, lowbit.BLOCK, 0, len(index_data)) + index_data + lowbit.quantise(values, bits)
 
 
 class ChannelScale:
     """Per-channel RMS of the tensors sent on one link, averaged (EMA) over *earlier* tensors. Selection
     divides by it so that a few large-magnitude channels (common in residual streams) do not take the
-    whole budget, and no position of a tensor sees statistics of the tensor's other positions."""
+    whole budget, and no position of a tensor sees statistics of the tensor's other positions.
+    ``bits``: the link's packets are ATK2 with values that wide (None: ATK1)."""
 
-    def __init__(self, decay: float = 0.9):
+    def __init__(self, decay: float = 0.9, bits: int | None = None):
         self.decay = decay
+        self.bits = bits
         self.scales: dict[tuple[str, int], torch.Tensor] = {}
 
     def encode(self, name: str, x: torch.Tensor, ratio: float) -> Packet:
         if x.dim() < 2:
-            return encode(x, ratio)
+            return encode(x, ratio, bits=self.bits)
         current = channel_rms(x)
         key = (name, current.numel())
         old = self.scales.get(key)
-        packet = encode(x, ratio, old)
+        packet = encode(x, ratio, old, self.bits)
         self.scales[key] = current if old is None else self.decay * old + (1 - self.decay) * current
         return packet
 
 
-def encode_like(x: torch.Tensor, indices: torch.Tensor) -> bytes:
-    """Compress ``x`` on the positions of an earlier packet (no indices on the wire)."""
-    return _pack(x, indices, REUSE)
+def encode_like(x: torch.Tensor, indices: torch.Tensor, bits: int | None = None) -> bytes:
+    """Compress ``x`` on the positions of an earlier packet (no indices on the wire); ``bits``: an
+    ATK2 packet of values that wide (None: ATK1)."""
+    return _pack(x, indices, REUSE) if bits is None else _pack2(x, indices, bits, reuse=True)
 
 
 MAX_EXPAND = 1024.0   # dense bytes per packet byte a receiver accepts (legitimate packets: about the ratio)
@@ -215,6 +265,8 @@ def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 
     """(dense tensor, kept positions); ``indices`` must be given for a packet made by ``encode_like``.
     Every size is checked against the packet length, ``max_numel`` and ``max_expand`` (dense bytes per
     packet byte: a packet cannot claim a huge tensor of zeros) before anything is allocated."""
+    if data[:4] == MAGIC2:
+        return _decode2(data, indices, max_numel, device, max_expand)
     try:
         magic, code, kind, ndim, _ = _HEAD.unpack_from(data, 0)
         if magic != MAGIC or code not in DTYPES or kind not in (VARINT, BITMAP, REUSE) or ndim > MAX_NDIM:
@@ -252,6 +304,54 @@ def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 
     scales = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n_scales, offset=start).copy())
     q = torch.from_numpy(np.frombuffer(data, dtype=np.int8, count=k, offset=start + 4 * n_scales).copy())
     values = q.float() * scales.repeat_interleave(BLOCK)[:k]
+    out = torch.zeros(numel, dtype=DTYPES[code], device=device)
+    out[indices.to(device)] = values.to(device, DTYPES[code])
+    return out.view(shape), indices
+
+
+def _decode2(data: bytes, indices: torch.Tensor | None, max_numel: int, device: str | torch.device,
+             max_expand: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode`` of an ATK2 packet: every size checked before anything is allocated."""
+    try:
+        _, code, kind, bits, ndim = _HEAD2.unpack_from(data, 0)
+        if code not in DTYPES or kind not in (RICE, BITMAP, REUSE, DENSE) or bits not in BITS or ndim > MAX_NDIM:
+            raise SwarmError(f"AdaTopK packet: bad header (dtype {code}, index kind {kind}, {bits} bits, {ndim} dims)")
+        shape = struct.unpack_from(f"<{ndim}q", data, _HEAD2.size)
+        k, block, _, n_index = _TAIL2.unpack_from(data, _HEAD2.size + 8 * ndim)
+    except struct.error:
+        raise SwarmError("AdaTopK packet: truncated header") from None
+    numel = math.prod(shape)
+    if any(d < 0 for d in shape) or numel > max_numel or not 0 <= k <= numel or block != lowbit.BLOCK:
+        raise SwarmError(f"AdaTopK packet: shape {shape} / k {k} / block {block} out of bounds")
+    if numel * DTYPES[code].itemsize > max_expand * len(data):
+        raise SwarmError(f"AdaTopK packet: {len(data)} bytes claim {numel * DTYPES[code].itemsize} dense bytes "
+                         f"(more than {max_expand:g}x)")
+    offset = _HEAD2.size + 8 * ndim + _TAIL2.size
+    expected = offset + n_index + lowbit.value_bytes(k, bits)
+    if len(data) != expected:
+        raise SwarmError(f"AdaTopK packet: {len(data)} bytes, header announces {expected}")
+    index_data = memoryview(data)[offset: offset + n_index]
+    if kind == RICE:
+        positions = rice.rice_decode(index_data, k, numel)
+    elif kind == BITMAP:
+        if n_index != (numel + 7) // 8:
+            raise SwarmError("AdaTopK packet: bitmap size does not match the shape")
+        positions = np.flatnonzero(np.unpackbits(np.frombuffer(index_data, dtype=np.uint8))[:numel])
+        if len(positions) != k:
+            raise SwarmError(f"AdaTopK packet: the bitmap holds {len(positions)} positions, the header {k}")
+    elif kind == DENSE:
+        if k != numel or n_index:
+            raise SwarmError("AdaTopK packet: a dense packet keeps every position and carries no indices")
+        positions = None
+    else:
+        if n_index or indices is None or len(indices) != k:
+            raise SwarmError("AdaTopK packet reuses a mask this node does not have")
+        positions = None
+    values = lowbit.dequantise(memoryview(data)[offset + n_index:], k, bits)
+    if kind == DENSE:
+        return values.to(device, DTYPES[code]).view(shape), torch.arange(numel)
+    if positions is not None:
+        indices = torch.from_numpy(positions.astype(np.int64))
     out = torch.zeros(numel, dtype=DTYPES[code], device=device)
     out[indices.to(device)] = values.to(device, DTYPES[code])
     return out.view(shape), indices

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from swarm.config import CompressionConfig
+from swarm.config import CODEC_BITS, CompressionConfig
 from swarm.scheduler.costs import PlanSettings, ratio_for
 from swarm.scheduler.plan import LinkPlan
 
@@ -62,6 +62,8 @@ class LinkPolicy:
     warmup_steps: int = 0
     codec_s_per_byte: float | None = None   # measured encode + decode time per raw byte
     compute_s: float | None = None          # measured forward + backward per micro-batch of this stage
+    bits: int | None = None                 # value bits of the link's packets (ATK2; None: ATK1, int8)
+    half: bool = False                      # uncompressed float32 goes as bfloat16 (compression.wire_dtype)
 
     @classmethod
     def from_config(cls, comp: CompressionConfig, link: LinkPlan, budget_s: float, flows: int,
@@ -71,7 +73,8 @@ class LinkPolicy:
         if comp.mode == "auto" and codec_s_per_byte is None:
             codec_s_per_byte = 1 / measure_codec_rate()
         return cls(comp.mode, link.bytes, budget_s, flows, link.bandwidth_bps, comp.ratio, comp.max_ratio,
-                   comp.warmup_steps, codec_s_per_byte=codec_s_per_byte if comp.mode == "auto" else None)
+                   comp.warmup_steps, codec_s_per_byte=codec_s_per_byte if comp.mode == "auto" else None,
+                   bits=CODEC_BITS[comp.codec], half=comp.wire_dtype == "bfloat16")
 
     def ratio(self, step: int, bandwidth_bps: float | None, cut_bytes: float | None = None) -> float:
         """The ratio for a micro-batch of ``cut_bytes`` (default: planned) at ``step`` to a peer

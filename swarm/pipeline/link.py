@@ -35,7 +35,7 @@ class NextStage:
         self.policy = policy
         self.bandwidth = bandwidth
         self.timeout_s = timeout_s
-        self.channel_scale = ChannelScale()
+        self.channel_scale = ChannelScale(bits=policy.bits if policy else None)
         self.next_stage: tuple[float, bool] | None = None   # (FLOPs of a micro-batch's pass there, is it the last)
         self.outstanding: dict[str, int] = {}               # calls in flight to each next-stage peer
 
@@ -48,7 +48,7 @@ class NextStage:
         for peer in self.protocol.route(fwd.mb, time.monotonic()):
             ratio = self.policy.ratio(fwd.step, self.bandwidth(peer), raw) if self.policy else 1.0
             started = time.perf_counter()
-            frame, masks = fwd.to_frame(ratio, self.channel_scale)
+            frame, masks = fwd.to_frame(ratio, self.channel_scale, self.policy is not None and self.policy.half)
             encode_s = time.perf_counter() - started
             self.counters.ratios[peer] = ratio
             queued = self.outstanding[peer] = self.outstanding.get(peer, 0) + 1
@@ -86,7 +86,7 @@ class NextStage:
         last_error = None
         for peer in self.protocol.route(ev.mb, time.monotonic()):
             ratio = self.policy.ratio(ev.step, self.bandwidth(peer), ev.raw_bytes()) if self.policy else 1.0
-            frame, _ = ev.to_frame(ratio, self.channel_scale)
+            frame, _ = ev.to_frame(ratio, self.channel_scale, self.policy is not None and self.policy.half)
             try:
                 reply = self.checker.reply(await self.call(peer, frame), peer, EVALUATED, {})
             except PeerUnavailable as e:

@@ -223,7 +223,7 @@ class StageServer:
         cached = self.protocol.cached(self.worker.step_id, fwd.mb)
         if cached is not None:   # a retry whose first reply was lost: the same answer, nothing accumulated twice
             return cached
-        reply = (await self.micro_batch(fwd)).to_frame(fwd.masks)
+        reply = (await self.micro_batch(fwd)).to_frame(fwd.masks, fwd.grad_bits)
         self.protocol.remember(self.worker.step_id, fwd.mb, reply)
         return reply
 
