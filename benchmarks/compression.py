@@ -1,4 +1,4 @@
-"""AdaTopK's cost in accuracy, as validation loss on real held-out text.
+"""The codecs' cost in accuracy, as validation loss on real held-out text.
 
 gpt2-tiny trained on Shakespeare's training plays (``training.data: shakespeare``, docs/data.md) for the
 same number of steps, for every seed (model initialisation and data order both taken from it):
@@ -12,7 +12,13 @@ same number of steps, for every seed (model initialisation and data order both t
 - ``10x-plain``: the same ratio selecting by plain per-token magnitude (no channel scale);
 - ``10x-ef``, ``32x-ef``: with error feedback (what compression dropped from one micro-batch's
   activations added to the next one's before selection: the experiment behind docs/adatopk.md's
-  "error feedback is not applied").
+  "error feedback is not applied");
+- ``bf16``: uncompressed, float32 activations and gradients rounded to bfloat16 on the wire
+  (``compression.wire_dtype: bfloat16``): the baseline of the codec rows;
+- ``<codec>-<N>x`` (codec ``atk1``: today's AdaTopK packets, int8 values and varint indices; ``q8``,
+  ``q4``, ``q2``: ATK2 packets of 8-, 4- or 2-bit values with Rice-coded indices): the wire ratio
+  ``N`` over activations *and* gradients together (the forward ratio that gives it is calibrated on a
+  tensor of the cut's shape; the table reports the ratio measured in training).
 
 After training (and at a few steps on the way) the model is measured on a fixed set of validation
 sequences from the held-out plays, forward through the pipeline as the swarm measures it (``evaluate``:
@@ -23,13 +29,21 @@ error-feedback residuals) are put back as they were. Prints mean +- standard dev
 JSON with every seed's values.
 
     python -m benchmarks.compression [--steps 150] [--seeds 0,1,2] [--rows single,off,4x,10x,16x]
-        [--device cpu|cuda] [--threads 1] [--json-out benchmarks/results/compression.json]
+        [--model gpt2-tiny] [--jobs 2] [--device cpu|cuda] [--threads 1]
+        [--json-out benchmarks/results/compression.json]
+
+``rows`` of the JSON also carry, for the codec rows, ``codec``, ``wire_ratio`` (measured, forward and
+backward bytes together), ``val_loss_mean``, ``val_loss_std``, ``seeds``, ``baseline_val_loss_mean``
+(the ``bf16`` row's, else the single process's) and ``model``.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import copy
+import functools
+import multiprocessing
 import json
 import math
 import statistics
@@ -41,11 +55,11 @@ from pathlib import Path
 
 import torch
 
-from swarm.compression.adatopk import ChannelScale, Packet, decode
+from swarm.compression.adatopk import ChannelScale, Packet, decode, encode, encode_like
 from swarm.compression.policy import LinkPolicy
 from swarm.dag.trace import trace
 from swarm.data import ByteCorpus, bits_per_byte, generated_corpus, lm_loss, training_data, validation_data
-from swarm.models import load_model, trace_model
+from swarm.models import load_model, resolve, trace_model
 from swarm.pipeline import train_step
 from swarm.pipeline.driver import evaluate
 from swarm.runtime import lr_at, make_optimizer
@@ -76,25 +90,55 @@ class ErrorFeedback(ChannelScale):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    ratio: float = 1.0
+    ratio: float = 1.0           # the forward ratio (``codec`` rows: the wire ratio of both directions)
     selection: str = "channel"   # channel (per token, on the channel scale) | plain (per token, |x|) | feedback
     pipeline: bool = True
+    codec: str | None = None     # atk1 | q8 | q4 | q2: ``ratio`` counts forward and backward bytes
+    half: bool = False           # uncompressed tensors go as bfloat16
 
     @property
     def label(self) -> str:
         if not self.pipeline:
             return "single process"
+        if self.half:
+            return "3 stages, bf16 wire"
+        if self.codec is not None:
+            return f"{self.codec}, both ways"
         if self.ratio == 1:
             return "3 stages, off"
         return {"channel": "per token / channel", "plain": "per token, plain |x|",
                 "feedback": "+ error feedback"}[self.selection]
 
+    @property
+    def bits(self) -> int | None:
+        return CODEC_BITS.get(self.codec)
 
+
+CODEC_BITS = {"atk1": None, "q8": 8, "q4": 4, "q2": 2}
+WIRE_RATIOS = (4, 8, 16, 32, 64, 100)
 VARIANTS = {v.name: v for v in [
-    Variant("single", pipeline=False), Variant("off"), Variant("4x", 4), Variant("10x", 10), Variant("16x", 16),
-    Variant("32x", 32), Variant("10x-plain", 10, "plain"), Variant("10x-ef", 10, "feedback"),
-    Variant("32x-ef", 32, "feedback")]}
+    Variant("single", pipeline=False), Variant("off"), Variant("bf16", half=True), Variant("4x", 4), Variant("10x", 10),
+    Variant("16x", 16), Variant("32x", 32), Variant("10x-plain", 10, "plain"), Variant("10x-ef", 10, "feedback"),
+    Variant("32x-ef", 32, "feedback"),
+    *(Variant(f"{codec}-{n}x", n, codec=codec) for codec in CODEC_BITS for n in WIRE_RATIOS)]}
 DEFAULT_ROWS = "single,off,4x,10x,16x"
+
+
+@functools.cache
+def forward_ratio(wire_ratio: float, bits: int | None, shape: tuple[int, ...]) -> float:
+    """The forward ratio whose packets, forward and backward on its mask, take ``1 / wire_ratio`` of
+    the raw bytes of both directions (calibrated on a random tensor of the cut's ``shape``)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    raw = 2 * x.numel() * x.element_size()
+
+    def both(r: float) -> float:
+        packet = encode(x, r, bits=bits)
+        return raw / (len(packet.data) + len(encode_like(x, packet.indices, bits)))
+    lo, hi = 1.0, 4.0 * wire_ratio
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if both(mid) < wire_ratio else (lo, mid)
+    return hi
 
 
 # ---- what every run shares (benchmarks/churn_accuracy.py uses these too) ----
@@ -125,25 +169,34 @@ def validation() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def plain_model(seed: int) -> torch.nn.Module:
-    """gpt2-tiny with the initial weights of ``seed`` (what ``pipeline(seed, ...)`` starts from)."""
+    """``MODEL`` with the initial weights of ``seed`` (what ``pipeline(seed, ...)`` starts from)."""
     torch.manual_seed(seed)
     return load_model(MODEL).module
 
 
 def pipeline(seed: int, variant: Variant, device: str = "cpu") -> tuple:
-    """(traced model, stage servers) of a 3-stage pipeline of gpt2-tiny initialised from ``seed``, with
+    """(traced model, stage servers) of a 3-stage pipeline of ``MODEL`` initialised from ``seed``, with
     the learning-rate warm-up a node uses and ``variant``'s compression on every link."""
     torch.manual_seed(seed)
     built = load_model(MODEL)
     traced = trace(built.module, built.example_inputs(MICRO_BATCH_SIZE), "coarse", built.sequential_modules, built.name)
     mode = "fixed" if variant.ratio > 1 else "off"
-    servers = local_servers(traced, STAGES, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=variant.ratio),
+    ratio = variant.ratio
+    if variant.codec is not None:
+        ratio = forward_ratio(variant.ratio, variant.bits, (MICRO_BATCH_SIZE, 128, _width()))
+    servers = local_servers(traced, STAGES, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio,
+                                                                        bits=variant.bits, half=variant.half),
                             lr=LR, device=device)
     for s in servers:
         s.worker.lr_schedule = LrSchedule(LR, LR_WARMUP)
         s.link.channel_scale = ErrorFeedback() if variant.selection == "feedback" else \
             None if variant.selection == "plain" else s.link.channel_scale
     return traced, servers
+
+
+def _width() -> int:
+    """The model's feature width (the last dim of what crosses a cut)."""
+    return int(getattr(resolve(MODEL), "d_model"))
 
 
 async def measure(servers: list, batches, uncompressed: bool = False) -> float:
@@ -262,6 +315,36 @@ def train(ratio: float, steps: int, channel_scale: bool = True, micro_batches: i
 
 # ---- the benchmark ----
 
+class _InProcess:
+    """``pool.map`` without a pool (``--jobs 1``)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, *iterables):
+        return map(fn, *iterables)
+
+
+def set_model(name: str) -> None:
+    global MODEL
+    MODEL = name
+
+
+def _job(item: tuple[Variant, int], reference: dict | None, steps: int, at: set[int], batches, device: str,
+         threads: int) -> tuple[dict, dict | None]:
+    """One run, in a worker process or here: (result, the single process's final parameters or None)."""
+    if threads:
+        torch.set_num_threads(threads)
+    variant, seed = item
+    refs = {} if reference is None else {seed: reference}
+    out = run_variant(variant, seed, steps, at, batches, device, refs)
+    return out, refs.get(seed) if not variant.pipeline else None
+
+
 def run_variant(variant: Variant, seed: int, steps: int, at: set[int], batches, device: str,
                 reference: dict[int, dict]) -> dict:
     started = time.perf_counter()
@@ -283,9 +366,18 @@ def run_variant(variant: Variant, seed: int, steps: int, at: set[int], batches, 
     return out
 
 
-def summarise(variant: Variant, runs: list[dict], base: dict[int, float] | None) -> dict:
+def summarise(variant: Variant, runs: list[dict], base: dict[int, float] | None,
+              baseline: dict[int, float] | None = None) -> dict:
+    """One row: spreads over the seeds; ``base``: the single process's val loss by seed (the paired
+    difference); ``baseline``: the bf16 row's (``baseline_val_loss_mean``, and the paired difference)."""
+    val = [r["val_loss"] for r in runs]
     row = {"variant": variant.name, "label": variant.label, "target_ratio": variant.ratio, "selection": variant.selection,
-           "pipeline": variant.pipeline, "per_seed": runs,
+           "pipeline": variant.pipeline, "codec": variant.codec or ("bf16" if variant.half else
+                                                                   "atk1" if variant.ratio > 1 else "off"),
+           "model": MODEL, "seeds": [r["seed"] for r in runs],
+           "wire_ratio": statistics.fmean(r["achieved_ratio"] for r in runs),
+           "val_loss_mean": statistics.fmean(val), "val_loss_std": statistics.stdev(val) if len(val) > 1 else 0.0,
+           "per_seed": runs,
            "val_loss": spread([r["val_loss"] for r in runs]),
            "val_loss_uncompressed": spread([r["val_loss_uncompressed"] for r in runs]),
            "bits_per_byte": spread([r["bits_per_byte"] for r in runs]),
@@ -294,6 +386,11 @@ def summarise(variant: Variant, runs: list[dict], base: dict[int, float] | None)
     if base is not None and all(r["seed"] in base for r in runs):
         row["delta_pct_vs_single"] = spread([(r["val_loss"] / base[r["seed"]] - 1) * 100 for r in runs])
         row["delta_vs_single"] = spread([r["val_loss"] - base[r["seed"]] for r in runs])
+    reference = baseline if baseline and all(r["seed"] in baseline for r in runs) else base
+    if reference is not None and all(r["seed"] in reference for r in runs):
+        row["baseline"] = "bf16" if reference is baseline else "single"
+        row["baseline_val_loss_mean"] = statistics.fmean(reference[r["seed"]] for r in runs)
+        row["delta_pct_vs_baseline"] = spread([(r["val_loss"] / reference[r["seed"]] - 1) * 100 for r in runs])
     diffs = [r["max_param_diff_vs_single"] for r in runs if "max_param_diff_vs_single" in r]
     if diffs:
         row["max_param_diff_vs_single"] = max(diffs)
@@ -305,10 +402,11 @@ def table(rows: list[dict], steps: int, seeds: list[int], device: str) -> str:
              f"Adam lr {LR:g} (warm-up {LR_WARMUP}), seeds {','.join(map(str, seeds))}; validation loss on "
              f"{VALIDATION_BATCHES * MICRO_BATCH_SIZE} held-out sequences after the last step (mean ± std over seeds)",
              f"{'row':>10} {'selection':>21} {'wire x':>7} {'val loss':>15} {'min..max':>13} {'bits/byte':>15} "
-             f"{'vs single':>16} {'uncompressed':>15} {'train (last 5)':>15}"]
+             f"{'vs baseline':>16} {'uncompressed':>15} {'train (last 5)':>15}"]
     for r in rows:
         v, d = r["val_loss"], r.get("delta_pct_vs_single")
-        vs = "-" if d is None or not r["pipeline"] else f"{d['mean']:+.2f} ± {d['std']:.2f}%"
+        d = r.get("delta_pct_vs_baseline", d)
+        vs = "-" if d is None or not r["pipeline"] or r["variant"] == "bf16" else f"{d['mean']:+.2f} ± {d['std']:.2f}%"
         lines.append(f"{r['variant']:>10} {r['label']:>21} {r['achieved_ratio']:>7.2f} {pm(v, 4):>15} "
                      f"{v['min']:.3f}..{v['max']:.3f} {pm(r['bits_per_byte']):>15} {vs:>16} "
                      f"{pm(r['val_loss_uncompressed'], 4):>15} {pm(r['train_loss_last5']):>15}")
@@ -330,9 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default="benchmarks/results/compression.json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--model", default=MODEL, help="a gpt preset with a byte vocabulary and 128-token windows")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_model(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [r for r in args.rows.split(",") if r not in VARIANTS]
     if unknown or args.steps < 1:
@@ -342,17 +443,27 @@ def main(argv: list[str] | None = None) -> int:
     started, batches, at = time.perf_counter(), validation(), checkpoints(args.steps, args.eval_every)
     reference: dict[int, dict] = {}
     runs: dict[str, list[dict]] = {v.name: [] for v in variants}
-    for seed in seeds:
-        for v in variants:
-            runs[v.name].append(run_variant(v, seed, args.steps, at, batches, args.device, reference))
+    job = functools.partial(_job, steps=args.steps, at=at, batches=batches, device=args.device, threads=args.threads)
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("fork")) if args.jobs > 1 else \
+            _InProcess() as pool:
+        for phase in (False, True):   # the single-process references first: the pipeline's "off" rows check against them
+            todo = [(v, seed) for seed in seeds for v in variants if v.pipeline == phase]
+            for (v, seed), (out, params) in zip(todo, pool.map(job, todo, [reference.get(s) for _, s in todo])):
+                runs[v.name].append(out)
+                if params is not None:
+                    reference[seed] = params
+    for v in variants:
+        runs[v.name].sort(key=lambda r: seeds.index(r["seed"]))
     single = {r["seed"]: r["val_loss"] for r in runs.get("single", [])} or None
-    rows = [summarise(v, runs[v.name], single) for v in variants]
+    bf16 = {r["seed"]: r["val_loss"] for r in runs.get("bf16", [])} or None
+    rows = [summarise(v, runs[v.name], single, bf16) for v in variants]
     seconds = time.perf_counter() - started
     print(table(rows, args.steps, seeds, args.device))
     print(f"({seconds / 60:.1f} min)")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps({
-        "model": MODEL, "data": DATA, "device": args.device, "threads": args.threads, "steps": args.steps, "seeds": seeds,
+        "model": MODEL, "data": DATA, "device": args.device, "threads": args.threads, "jobs": args.jobs,
+        "steps": args.steps, "seeds": seeds,
         "stages": STAGES, "micro_batches": MICRO_BATCHES, "micro_batch_size": MICRO_BATCH_SIZE, "lr": LR,
         "lr_warmup_steps": LR_WARMUP, "compression_warmup_steps": 0,
         "validation_sequences": VALIDATION_BATCHES * MICRO_BATCH_SIZE, "metric": "validation loss (nats/byte)",
