@@ -43,9 +43,9 @@ import asyncio
 import concurrent.futures
 import copy
 import functools
-import multiprocessing
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -196,7 +196,7 @@ def pipeline(seed: int, variant: Variant, device: str = "cpu") -> tuple:
 
 def _width() -> int:
     """The model's feature width (the last dim of what crosses a cut)."""
-    return int(getattr(resolve(MODEL), "d_model"))
+    return int(resolve(MODEL).d_model)
 
 
 async def measure(servers: list, batches, uncompressed: bool = False) -> float:
