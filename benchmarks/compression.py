@@ -115,6 +115,7 @@ class Variant:
 
 
 CODEC_BITS = {"atk1": None, "q8": 8, "q4": 4, "q2": 2}
+_CONFIG_CODEC = {"atk1": "adatopk", "q8": "q8", "q4": "q4", "q2": "q2"}   # benchmark row name -> compression.codec
 WIRE_RATIOS = (4, 8, 16, 32, 64, 100)
 VARIANTS = {v.name: v for v in [
     Variant("single", pipeline=False), Variant("off"), Variant("bf16", half=True), Variant("4x", 4), Variant("10x", 10),
@@ -182,10 +183,11 @@ def pipeline(seed: int, variant: Variant, device: str = "cpu") -> tuple:
     traced = trace(built.module, built.example_inputs(MICRO_BATCH_SIZE), "coarse", built.sequential_modules, built.name)
     mode = "fixed" if variant.ratio > 1 else "off"
     ratio = variant.ratio
-    if variant.codec is not None:
+    if variant.codec == "atk1":   # ATK2 sizes its packets for both directions itself
         ratio = forward_ratio(variant.ratio, variant.bits, (MICRO_BATCH_SIZE, 128, _width()))
     servers = local_servers(traced, STAGES, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio,
-                                                                        bits=variant.bits, half=variant.half),
+                                                                        codec=_CONFIG_CODEC.get(variant.codec, "adatopk"),
+                                                                        half=variant.half),
                             lr=LR, device=device)
     for s in servers:
         s.worker.lr_schedule = LrSchedule(LR, LR_WARMUP)

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from swarm.election.machine import ElectionSettings
 from swarm.errors import SwarmError
-from swarm.net.records import RELAY_DATA_LIMIT_MB, RELAY_TIME_LIMIT_S
+from swarm.compression.measured import DEFAULT_TOLERANCE_PCT, safe_ratio
+from swarm.compression.measured import table as codec_table
 from swarm.scheduler.costs import PlanSettings
 from swarm.sync import COMPRESSIONS, OuterSettings
 
@@ -29,6 +30,8 @@ MAX_PEERS = 1000               # members, stages, replicas (the scheduler is ben
 MAX_STEPS = 1_000_000_000      # any count or period of optimizer steps
 MAX_WAIT_S = 3600.0            # timeouts, TTL, heartbeat, batching windows: an hour
 MAX_PERIOD_S = 86400.0         # periods between re-checks: a day
+RELAY_DATA_LIMIT_MB = 4096.0   # our relays reset a relayed connection after this much per direction (MiB) ...
+RELAY_TIME_LIMIT_S = 1800.0    # ... or after this long (circuit v2 limits; swarm.net.records prices relayed links by them)
 MAX_RATIO = 1000.0             # AdaTopK wire ratio
 MAX_THREADS = 1024
 MAX_LR = 10.0
@@ -150,6 +153,12 @@ class ElectionConfig(Strict):
 
 
 CODEC_BITS: dict[str, int | None] = {"adatopk": None, "q8": 8, "q4": 4, "q2": 2}   # compression.codec -> ATK2 bits
+AUTO_CODECS = ("q8", "q4", "q2")   # what compression.codec: auto chooses among (ratios of both directions alike)
+
+
+def codecs_of(codec: str) -> tuple[str, ...]:
+    """The codecs a ``compression.codec`` setting may use."""
+    return AUTO_CODECS if codec == "auto" else (codec,)
 
 
 class CompressionConfig(Strict):
@@ -158,11 +167,24 @@ class CompressionConfig(Strict):
     mode: Literal["auto", "off", "fixed"] = Field(
         default="auto", description="auto: per-link ratio from the plan and the live bandwidth; fixed: `ratio` on every link")
     ratio: float = Field(default=10.0, ge=1.0, le=MAX_RATIO, description="wire ratio (raw / sent bytes) in fixed mode")
-    max_ratio: float = Field(default=PlanSettings.max_ratio, ge=1.0, le=MAX_RATIO, description="hardest compression auto mode may choose")
+    max_ratio: float | None = Field(default=None, ge=1.0, le=MAX_RATIO, description="hardest compression auto mode may "
+                                    "choose (null: the highest ratio the shipped table measured within `max_loss_pct` "
+                                    "for the codec, swarm/compression/codecs.json; 16 where it has none)")
+    max_loss_pct: float = Field(default=DEFAULT_TOLERANCE_PCT, gt=0, le=100, description="validation-loss cost (percent, "
+                                "measured by benchmarks/compression.py) that compression on a link may pay")
     warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="uncompressed optimizer steps at the start")
-    codec: Literal["adatopk", "q8", "q4", "q2"] = Field(
+    codec: Literal["auto", "adatopk", "q8", "q4", "q2"] = Field(
         default="adatopk", description="packets of compressed links: adatopk (ATK1: int8 values, varint indices), "
-        "q8 / q4 / q2 (ATK2: 8-, 4- or 2-bit values, Rice-coded indices; docs/wire.md)")
+        "q8 / q4 / q2 (ATK2: 8-, 4- or 2-bit values, Rice-coded indices; docs/wire.md), auto (per link and ratio, "
+        "the ATK2 codec the shipped table measured cheapest in validation loss)")
+    def cap(self) -> float:
+        """The hardest ratio auto mode may choose: ``max_ratio``, else the measured table's safe ratio
+        for the codec (auto: the best of the ATK2 codecs), else ``PlanSettings.max_ratio``."""
+        if self.max_ratio is not None:
+            return self.max_ratio
+        measured = [safe_ratio(c, self.max_loss_pct) for c in codecs_of(self.codec) if c in codec_table()]
+        return max(measured) if measured else PlanSettings.max_ratio
+
     wire_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="how float32 activations and gradients travel when a link sends them "
         "uncompressed: as they are, or rounded to bfloat16 (half the bytes; tensors a model computes in half "

@@ -74,7 +74,7 @@ def test_settings_come_from_the_config_with_its_defaults():
     planned = plan_settings(e, max_ratio=8.0, schedule="gpipe", optimizer="sgd")
     assert (planned.micro_batches, planned.stages, planned.max_replicas, planned.max_ratio, planned.schedule,
             planned.optimizer) == (16, 2, 4, 8.0, "gpipe", "sgd")
-    assert cfg.compression.max_ratio == PlanSettings.max_ratio == LinkPolicy.max_ratio
+    assert cfg.compression.max_ratio is None and LinkPolicy.max_ratio == PlanSettings.max_ratio   # None: the table's cap
     assert cfg.compression.ratio == LinkPolicy.fixed_ratio and cfg.training.schedule == PlanSettings.schedule
 
 

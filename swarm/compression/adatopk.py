@@ -104,10 +104,14 @@ def _packet2_bytes(k: int, numel: int, ndim: int, bits: int, with_indices: bool 
 
 
 def keep_for_ratio(numel: int, element_bytes: int, ratio: float, ndim: int = 1, bits: int | None = None) -> int:
-    """The largest k whose packet is at most raw / ratio bytes (at least 1); ``bits``: an ATK2 packet
-    of values that wide (None: ATK1)."""
-    budget = numel * element_bytes / ratio
-    size = (lambda k: _packet_bytes(k, numel, ndim)) if bits is None else (lambda k: _packet2_bytes(k, numel, ndim, bits))
+    """The largest k (at least 1) whose packet is at most raw / ratio bytes (ATK1, ``bits`` None), or,
+    for ATK2 packets of ``bits``-wide values, whose packet and the gradient's packet on its mask are
+    together at most 2 raw / ratio: an ATK2 ratio counts both directions, as the link rule does."""
+    if bits is None:
+        budget, size = numel * element_bytes / ratio, lambda k: _packet_bytes(k, numel, ndim)
+    else:
+        budget = 2 * numel * element_bytes / ratio
+        size = lambda k: _packet2_bytes(k, numel, ndim, bits) + _packet2_bytes(k, numel, ndim, bits, with_indices=False)
     lo, hi = 1, numel
     while lo < hi:
         mid = (lo + hi + 1) // 2

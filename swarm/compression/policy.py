@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from swarm.config import CODEC_BITS, CompressionConfig
+from swarm.compression.measured import DEFAULT_TOLERANCE_PCT, choose
+from swarm.config import AUTO_CODECS, CODEC_BITS, CompressionConfig
 from swarm.scheduler.costs import PlanSettings, ratio_for
 from swarm.scheduler.plan import LinkPlan
 
@@ -62,7 +63,8 @@ class LinkPolicy:
     warmup_steps: int = 0
     codec_s_per_byte: float | None = None   # measured encode + decode time per raw byte
     compute_s: float | None = None          # measured forward + backward per micro-batch of this stage
-    bits: int | None = None                 # value bits of the link's packets (ATK2; None: ATK1, int8)
+    codec: str = CompressionConfig.model_fields["codec"].default   # compression.codec (auto: per ratio, from the table)
+    max_loss_pct: float = DEFAULT_TOLERANCE_PCT
     half: bool = False                      # uncompressed float32 goes as bfloat16 (compression.wire_dtype)
 
     @classmethod
@@ -72,9 +74,17 @@ class LinkPolicy:
         time starts at this device's measured rate (``measure_codec_rate``) unless given."""
         if comp.mode == "auto" and codec_s_per_byte is None:
             codec_s_per_byte = 1 / measure_codec_rate()
-        return cls(comp.mode, link.bytes, budget_s, flows, link.bandwidth_bps, comp.ratio, comp.max_ratio,
+        return cls(comp.mode, link.bytes, budget_s, flows, link.bandwidth_bps, comp.ratio, comp.cap(),
                    comp.warmup_steps, codec_s_per_byte=codec_s_per_byte if comp.mode == "auto" else None,
-                   bits=CODEC_BITS[comp.codec], half=comp.wire_dtype == "bfloat16")
+                   codec=comp.codec, max_loss_pct=comp.max_loss_pct, half=comp.wire_dtype == "bfloat16")
+
+    def bits_for(self, ratio: float) -> int | None:
+        """The value bits of packets at ``ratio``: the configured codec's, or (codec auto) those of the
+        ATK2 codec the shipped table measured cheapest at that ratio (docs/adatopk.md)."""
+        if self.codec != "auto":
+            return CODEC_BITS[self.codec]
+        chosen, _ = choose(ratio, self.max_loss_pct, AUTO_CODECS)
+        return CODEC_BITS[chosen or AUTO_CODECS[0]]
 
     def ratio(self, step: int, bandwidth_bps: float | None, cut_bytes: float | None = None) -> float:
         """The ratio for a micro-batch of ``cut_bytes`` (default: planned) at ``step`` to a peer

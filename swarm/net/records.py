@@ -12,12 +12,12 @@ from typing import Any
 import pydantic.v1 as pv1
 from hivemind.dht.schema import BytesWithPublicKey
 
+from swarm.config import RELAY_DATA_LIMIT_MB, RELAY_TIME_LIMIT_S
+
 MAX_LINKS = 32                     # bandwidth/RTT entries per record: keeps every DHT value small
 DEFAULT_BANDWIDTH_BPS = 100e6      # estimate for an edge nobody has measured (see ``bandwidth``)
 CUT_BPS = 1e3                      # what planning prices a link at that one end cannot reach
 RELAYED_BPS = 5e6                  # estimate for an unmeasured link that runs through a relay (docs/nat.md)
-RELAY_DATA_LIMIT_MB = 4096.0       # a relay resets a relayed connection after this much per direction (MiB) ...
-RELAY_TIME_LIMIT_S = 1800.0        # ... or after this long: the daemon's circuit v2 limits our relays run with
 RELAY_SUSTAINED_BPS = RELAY_DATA_LIMIT_MB * 2**20 * 8 / RELAY_TIME_LIMIT_S   # ~19 Mbit/s: what a relay carries for good
 
 

@@ -126,7 +126,7 @@ class Node:
         self.p2p = self.loop.call_sync(self.dht.replicate_p2p())
         self.probes = ProbeSchedule(self.loop, self.p2p, net.probe_interval_s, admit=admit)
         self.connectivity = Connectivity(self.loop, self.p2p, maddrs, peers, net.reach_check_s, admit=admit)
-        max_ratio = cfg.compression.max_ratio if cfg.compression.mode != "off" else 1.0   # plan what will run
+        max_ratio = cfg.compression.cap() if cfg.compression.mode != "off" else 1.0   # plan what will run
         self.elector = Elector(identity.peer_id, self.membership, workload, cfg.election, max_ratio=max_ratio,
                               schedule=cfg.training.schedule, events=events, training=cfg.training)
         self.follower = PlanFollower(identity.peer_id, traced, cfg, self.p2p, self.loop, self._bandwidth, admit,

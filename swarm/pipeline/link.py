@@ -35,9 +35,15 @@ class NextStage:
         self.policy = policy
         self.bandwidth = bandwidth
         self.timeout_s = timeout_s
-        self.channel_scale = ChannelScale(bits=policy.bits if policy else None)
+        self.channel_scale = ChannelScale()
         self.next_stage: tuple[float, bool] | None = None   # (FLOPs of a micro-batch's pass there, is it the last)
         self.outstanding: dict[str, int] = {}               # calls in flight to each next-stage peer
+
+    def _frame(self, fwd: Forward, ratio: float) -> tuple[bytes, dict]:
+        """A forward (or evaluate) frame at ``ratio``, in the packets the policy picks for it."""
+        if self.channel_scale is not None:
+            self.channel_scale.bits = self.policy.bits_for(ratio) if self.policy else None
+        return fwd.to_frame(ratio, self.channel_scale, self.policy is not None and self.policy.half)
 
     async def forward(self, fwd: Forward) -> Message:
         """Send a micro-batch's activations to a next-stage replica, falling back to the others; the
@@ -48,7 +54,7 @@ class NextStage:
         for peer in self.protocol.route(fwd.mb, time.monotonic()):
             ratio = self.policy.ratio(fwd.step, self.bandwidth(peer), raw) if self.policy else 1.0
             started = time.perf_counter()
-            frame, masks = fwd.to_frame(ratio, self.channel_scale, self.policy is not None and self.policy.half)
+            frame, masks = self._frame(fwd, ratio)
             encode_s = time.perf_counter() - started
             self.counters.ratios[peer] = ratio
             queued = self.outstanding[peer] = self.outstanding.get(peer, 0) + 1
@@ -86,7 +92,7 @@ class NextStage:
         last_error = None
         for peer in self.protocol.route(ev.mb, time.monotonic()):
             ratio = self.policy.ratio(ev.step, self.bandwidth(peer), ev.raw_bytes()) if self.policy else 1.0
-            frame, _ = ev.to_frame(ratio, self.channel_scale, self.policy is not None and self.policy.half)
+            frame, _ = self._frame(ev, ratio)
             try:
                 reply = self.checker.reply(await self.call(peer, frame), peer, EVALUATED, {})
             except PeerUnavailable as e:

@@ -46,7 +46,7 @@ def _limits(traced: TracedModel, cfg: NodeConfig, worker: StageWorker) -> Limits
     AdaTopK packets that decode to no more than the hardest configured ratio allows."""
     limit = frame_limit(traced, cfg.micro_batch_size, sum(p.numel() for p in worker.params))
     comp = cfg.compression
-    hardest = max(comp.ratio if comp.mode == "fixed" else comp.max_ratio, 1.0)
+    hardest = max(comp.ratio if comp.mode == "fixed" else comp.cap(), 1.0)
     return Limits(max_frame_bytes=limit, max_decoded_bytes=limit, max_expand=max_expansion(hardest))
 
 
