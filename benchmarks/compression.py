@@ -432,7 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--model", default=MODEL, help="a gpt preset with a byte vocabulary and 128-token windows")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--table-out", help="also write the codec rows as the link policy's table "
+                        "(swarm/compression/codecs.json)")
+    parser.add_argument("--table-from", help="write --table-out from this results JSON instead of running")
     args = parser.parse_args(argv)
+    if args.table_from:
+        if not args.table_out:
+            parser.error("--table-from needs --table-out")
+        write_table(json.loads(Path(args.table_from).read_text()), Path(args.table_out), args.table_from)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     set_model(args.model)
@@ -471,7 +479,31 @@ def main(argv: list[str] | None = None) -> int:
         "validation_sequences": VALIDATION_BATCHES * MICRO_BATCH_SIZE, "metric": "validation loss (nats/byte)",
         "command": "python -m benchmarks.compression " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": seconds, "rows": rows}, indent=1))
+    if args.table_out:
+        write_table(json.loads(Path(args.json_out).read_text()), Path(args.table_out), args.json_out)
     return 0
+
+
+def write_table(results: dict, path: Path, source: str) -> None:
+    """The codec rows of ``results`` as ``swarm.compression.measured``'s table: per codec (by its
+    ``compression.codec`` name), the ratio its policy asks for, the measured wire ratio and the gap
+    against the bf16 wire in percent (mean and std over the seeds)."""
+    set_model(results["model"])
+    codecs: dict[str, list[dict]] = {}
+    for row in results["rows"]:
+        name, gap = row.get("codec"), row.get("delta_pct_vs_baseline")
+        if name not in CODEC_BITS or gap is None or row.get("baseline") != "bf16":
+            continue
+        ratio = row["target_ratio"] if name != "atk1" else \
+            forward_ratio(row["target_ratio"], None, (results["micro_batch_size"], 128, _width()))
+        codecs.setdefault(_CONFIG_CODEC[name], []).append(
+            {"ratio": round(ratio, 3), "wire_ratio": round(row["wire_ratio"], 3),
+             "gap_pct": round(gap["mean"], 3), "std_pct": round(gap["std"], 3)})
+    path.write_text(json.dumps({
+        "source": f"python -m benchmarks.compression ({source}: {results['model']} on {results['data']}, "
+                  f"{results['steps']} steps, seeds {results['seeds']})",
+        "metric": "validation loss vs the uncompressed bfloat16 wire, percent", "codecs": codecs}, indent=1) + "\n")
+    log(f"wrote {path}: {', '.join(f'{c} ({len(r)} rows)' for c, r in codecs.items())}")
 
 
 if __name__ == "__main__":

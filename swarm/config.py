@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from swarm.election.machine import ElectionSettings
-from swarm.errors import SwarmError
 from swarm.compression.measured import DEFAULT_TOLERANCE_PCT, safe_ratio
 from swarm.compression.measured import table as codec_table
+from swarm.election.machine import ElectionSettings
+from swarm.errors import SwarmError
 from swarm.scheduler.costs import PlanSettings
 from swarm.sync import COMPRESSIONS, OuterSettings
 
