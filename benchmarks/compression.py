@@ -116,7 +116,7 @@ class Variant:
 
 CODEC_BITS = {"atk1": None, "q8": 8, "q4": 4, "q2": 2}
 _CONFIG_CODEC = {"atk1": "adatopk", "q8": "q8", "q4": "q4", "q2": "q2"}   # benchmark row name -> compression.codec
-WIRE_RATIOS = (4, 8, 16, 32, 64, 100)
+WIRE_RATIOS = (4, 8, 16, 32, 48, 64, 100)
 VARIANTS = {v.name: v for v in [
     Variant("single", pipeline=False), Variant("off"), Variant("bf16", half=True), Variant("4x", 4), Variant("10x", 10),
     Variant("16x", 16), Variant("32x", 32), Variant("10x-plain", 10, "plain"), Variant("10x-ef", 10, "feedback"),
@@ -434,12 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--table-out", help="also write the codec rows as the link policy's table "
                         "(swarm/compression/codecs.json)")
-    parser.add_argument("--table-from", help="write --table-out from this results JSON instead of running")
+    parser.add_argument("--plot", help="also plot each codec's gap to the bf16 wire against the wire ratio (PNG)")
+    parser.add_argument("--table-from", help="instead of running: --table-out / --plot from these results JSONs "
+                        "(comma-separated, each with its bf16 baseline; the table from those of --model)")
     args = parser.parse_args(argv)
     if args.table_from:
-        if not args.table_out:
-            parser.error("--table-from needs --table-out")
-        write_table(json.loads(Path(args.table_from).read_text()), Path(args.table_out), args.table_from)
+        if not (args.table_out or args.plot):
+            parser.error("--table-from needs --table-out or --plot")
+        results = [json.loads(Path(p).read_text()) for p in args.table_from.split(",")]
+        if args.table_out:
+            write_table([r for r in results if r["model"] == args.model], Path(args.table_out), args.table_from)
+        if args.plot:
+            plot(results, Path(args.plot))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -480,28 +486,63 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.compression " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": seconds, "rows": rows}, indent=1))
     if args.table_out:
-        write_table(json.loads(Path(args.json_out).read_text()), Path(args.table_out), args.json_out)
+        write_table([json.loads(Path(args.json_out).read_text())], Path(args.table_out), args.json_out)
+    if args.plot:
+        plot([json.loads(Path(args.json_out).read_text())], Path(args.plot))
     return 0
 
 
-def write_table(results: dict, path: Path, source: str) -> None:
-    """The codec rows of ``results`` as ``swarm.compression.measured``'s table: per codec (by its
-    ``compression.codec`` name), the ratio its policy asks for, the measured wire ratio and the gap
-    against the bf16 wire in percent (mean and std over the seeds)."""
-    set_model(results["model"])
-    codecs: dict[str, list[dict]] = {}
-    for row in results["rows"]:
+def plot(results: list[dict], path: Path) -> None:
+    """Validation-loss gap to the bf16 wire (mean ± std over seeds) against the measured wire ratio,
+    a line per codec and model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for r in results:
+        for row in r["rows"]:
+            gap = row.get("delta_pct_vs_baseline")
+            if row.get("codec") in CODEC_BITS and gap is not None and row.get("baseline") == "bf16":
+                lines.setdefault((row["codec"], r["model"]), []).append((row["wire_ratio"], gap["mean"], gap["std"]))
+    for (codec, model), points in sorted(lines.items()):
+        points.sort()
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=f"{codec} ({model})", linestyle="-" if model == "gpt2-tiny" else "--")
+    ax.axhline(3.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("wire ratio (activations and gradients, measured)")
+    ax.set_ylabel("val loss vs bf16 wire (%)")
+    ax.set_title("Compression on a 3-stage pipeline: validation loss at equal steps, 3 seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+def write_table(results: list[dict], path: Path, source: str) -> None:
+    """The codec rows of ``results`` (runs of one model) as ``swarm.compression.measured``'s table:
+    per codec (by its ``compression.codec`` name), the ratio its policy asks for, the measured wire
+    ratio and the gap against the bf16 wire in percent (mean and std over the seeds)."""
+    first = results[0]
+    if any((r["model"], r["steps"], r["seeds"]) != (first["model"], first["steps"], first["seeds"]) for r in results):
+        raise SystemExit("--table-from: the results are of different models, steps or seeds")
+    set_model(first["model"])
+    codecs: dict[str, dict[float, dict]] = {}
+    for row in (row for r in results for row in r["rows"]):
         name, gap = row.get("codec"), row.get("delta_pct_vs_baseline")
         if name not in CODEC_BITS or gap is None or row.get("baseline") != "bf16":
             continue
         ratio = row["target_ratio"] if name != "atk1" else \
-            forward_ratio(row["target_ratio"], None, (results["micro_batch_size"], 128, _width()))
-        codecs.setdefault(_CONFIG_CODEC[name], []).append(
-            {"ratio": round(ratio, 3), "wire_ratio": round(row["wire_ratio"], 3),
-             "gap_pct": round(gap["mean"], 3), "std_pct": round(gap["std"], 3)})
+            forward_ratio(row["target_ratio"], None, (first["micro_batch_size"], 128, _width()))
+        codecs.setdefault(_CONFIG_CODEC[name], {}).setdefault(round(ratio, 3), {
+            "ratio": round(ratio, 3), "wire_ratio": round(row["wire_ratio"], 3),
+            "gap_pct": round(gap["mean"], 3), "std_pct": round(gap["std"], 3)})
+    codecs = {c: [rows[r] for r in sorted(rows)] for c, rows in codecs.items()}
     path.write_text(json.dumps({
-        "source": f"python -m benchmarks.compression ({source}: {results['model']} on {results['data']}, "
-                  f"{results['steps']} steps, seeds {results['seeds']})",
+        "source": f"python -m benchmarks.compression ({source}: {first['model']} on {first['data']}, "
+                  f"{first['steps']} steps, seeds {first['seeds']})",
         "metric": "validation loss vs the uncompressed bfloat16 wire, percent", "codecs": codecs}, indent=1) + "\n")
     log(f"wrote {path}: {', '.join(f'{c} ({len(r)} rows)' for c, r in codecs.items())}")
 

@@ -177,6 +177,11 @@ class CompressionConfig(Strict):
         default="adatopk", description="packets of compressed links: adatopk (ATK1: int8 values, varint indices), "
         "q8 / q4 / q2 (ATK2: 8-, 4- or 2-bit values, Rice-coded indices; docs/wire.md), auto (per link and ratio, "
         "the ATK2 codec the shipped table measured cheapest in validation loss)")
+    @property
+    def wire_fraction(self) -> float:
+        """Uncompressed bytes on the wire per float32 byte (the planner's ``PlanSettings.wire_fraction``)."""
+        return 0.5 if self.wire_dtype == "bfloat16" else 1.0
+
     def cap(self) -> float:
         """The hardest ratio auto mode may choose: ``max_ratio``, else the measured table's safe ratio
         for the codec (auto: the best of the ATK2 codecs), else ``PlanSettings.max_ratio``."""
@@ -271,7 +276,7 @@ class NodeConfig(Strict):
 
 def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.max_ratio,
                   schedule: str = PlanSettings.schedule, optimizer: str = PlanSettings.optimizer,
-                  training: TrainingConfig | None = None) -> PlanSettings:
+                  training: TrainingConfig | None = None, wire_fraction: float = PlanSettings.wire_fraction) -> PlanSettings:
     """The planner's settings from the election config (and, from a ``NodeConfig``,
     ``compression.max_ratio``, ``training.schedule``, ``optimizer``, and ``training``'s sync settings):
     memory is then priced at the micro-batches ``schedule`` keeps in flight."""
@@ -279,7 +284,7 @@ def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.m
     return PlanSettings(micro_batches=election.micro_batches, stages=election.stages, max_ratio=max_ratio,
                         max_replicas=election.max_replicas, schedule=schedule, optimizer=optimizer,
                         sync_every=training.sync_every, max_sync_every=training.max_sync_every,
-                        outer_ratio=training.outer().ratio(), overlap=training.outer_overlap)
+                        outer_ratio=training.outer().ratio(), overlap=training.outer_overlap, wire_fraction=wire_fraction)
 
 
 def election_settings(election: ElectionConfig, **rest: Any) -> ElectionSettings:

@@ -166,3 +166,46 @@ def test_a_forward_asking_for_gradients_in_unknown_bits_is_refused():
     frame, _ = pack("forward", {"step": 0, "mb": 0, "scale": 1.0, "gbits": 3}, {"x0": torch.randn(2, 4)})
     with pytest.raises(RemoteProtocolError, match="bad gradient bits 3"):
         Forward.from_message(unpack(frame))
+
+
+def test_the_measured_table_gives_each_codec_its_safe_ratio_and_the_cheapest_codec_per_ratio():
+    from swarm.compression.measured import Cost, choose, gap_at, safe_ratio
+    costs = {"q4": (Cost(16, 16.3, -2.0, 0.5), Cost(32, 32.8, 1.0, 1.0), Cost(64, 65.7, 4.0, 1.0)),
+             "q2": (Cost(16, 16.0, 0.5, 0.5), Cost(32, 32.8, 2.5, 1.0), Cost(64, 66.0, 3.5, 1.0), Cost(100, 103, 2.0, 1))}
+    assert safe_ratio("q4", 3.0, costs) == 32 and safe_ratio("q2", 3.0, costs) == 32   # q2's 100x row: past a failure
+    assert safe_ratio("q4", 0.5, costs) == 16 and safe_ratio("q8", 3.0, costs) == 1.0  # nothing measured: no cap above 1
+    assert gap_at("q4", 1.0, costs) == 0 and gap_at("q4", 32, costs) == 1.0
+    assert abs(gap_at("q4", 32 * 2 ** 0.5, costs) - 2.5) < 1e-9 and gap_at("q4", 65, costs) == float("inf")
+    assert choose(24, 3.0, ("q4", "q2"), costs) == ("q4", 24)     # both reach 24x; q4 costs less there
+    assert choose(12, 3.0, ("q4", "q2"), costs) == ("q4", 12)
+    assert choose(50, 3.0, ("q4", "q2"), costs) == ("q4", 32)     # none reaches 50x within 3%: the furthest, at its cap
+    assert choose(50, 3.0, ("q8",), costs) == (None, 50)
+
+
+def test_the_config_caps_at_the_shipped_table_and_auto_picks_the_codec_per_ratio():
+    from swarm.compression.measured import safe_ratio, table
+    from swarm.compression.policy import LinkPolicy
+    from swarm.config import AUTO_CODECS, CODEC_BITS, CompressionConfig
+    from swarm.scheduler.costs import PlanSettings
+    shipped = table()
+    assert set(AUTO_CODECS) <= set(shipped) and "adatopk" in shipped   # benchmarks/compression.py --table-out
+    for codec in ("adatopk", *AUTO_CODECS):
+        assert CompressionConfig(codec=codec).cap() == safe_ratio(codec) > 1
+    assert CompressionConfig(codec="auto").cap() == max(safe_ratio(c) for c in AUTO_CODECS)
+    assert CompressionConfig(codec="q4", max_ratio=7).cap() == 7 and PlanSettings.max_ratio == 16
+    assert CompressionConfig(codec="q4", max_loss_pct=1e-6).cap() <= safe_ratio("q4")
+    policy = LinkPolicy("fixed", 1.0, 1.0, 1, 1e9, codec="auto")
+    assert all(policy.bits_for(r) in [CODEC_BITS[c] for c in AUTO_CODECS] for r in (2, 16, 32, 100))
+    assert LinkPolicy("fixed", 1.0, 1.0, 1, 1e9, codec="q2").bits_for(32) == 2
+    assert LinkPolicy("fixed", 1.0, 1.0, 1, 1e9).bits_for(32) is None   # adatopk: ATK1 packets
+
+
+def test_a_bfloat16_wire_halves_what_the_planner_and_the_policy_price_for_an_uncompressed_link():
+    from swarm.scheduler.costs import PlanSettings, link_time, ratio_for
+    full, half = PlanSettings(), PlanSettings(wire_fraction=0.5)
+    assert link_time(1e6, 1e8, 1, 1.0, half) == link_time(1e6, 1e8, 1, 1.0, full) / 2
+    assert link_time(1e6, 1e8, 1, 8.0, half) == link_time(1e6, 1e8, 1, 8.0, full)   # a ratio counts from fp32 bytes
+    budget = link_time(1e6, 1e8, 1, 1.0, full) * 0.6   # too slow raw in fp32, fast enough in bf16
+    assert ratio_for(1e6, 1e8, 1, budget, full) > 1 and ratio_for(1e6, 1e8, 1, budget, half) == 1.0
+    tight = link_time(1e6, 1e8, 1, 1.0, full) / 4
+    assert ratio_for(1e6, 1e8, 1, tight, half) == ratio_for(1e6, 1e8, 1, tight, full)

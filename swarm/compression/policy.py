@@ -30,8 +30,10 @@ def ema(old: float | None, new: float) -> float:
 
 
 @functools.cache
-def measure_codec_rate(shape: tuple[int, ...] = (4, 128, 256), ratio: float = 10.0, repeats: int = 3) -> float:
-    """This device's AdaTopK encode + decode throughput in raw bytes/s (best of ``repeats``; ~50 ms),
+def measure_codec_rate(shape: tuple[int, ...] = (4, 128, 256), ratio: float = 10.0, repeats: int = 3,
+                       bits: int | None = None) -> float:
+    """This device's encode + decode throughput in raw bytes/s (best of ``repeats``; ~50 ms; ``bits``:
+    of ATK2 packets, None: ATK1),
     so that the first plan already prices compression at what this node can do. Measured once per
     process: the node's start-up measurement seeds every later session's link policy."""
     import time
@@ -44,9 +46,14 @@ def measure_codec_rate(shape: tuple[int, ...] = (4, 128, 256), ratio: float = 10
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        decode(encode(x, ratio).data)
+        decode(encode(x, ratio, bits=bits).data)
         best = min(best, time.perf_counter() - started)
     return x.numel() * x.element_size() / best
+
+
+def codec_bits(codec: str) -> int | None:
+    """The bits whose throughput stands for ``compression.codec`` (auto: its middle codec, q4)."""
+    return CODEC_BITS[AUTO_CODECS[1] if codec == "auto" else codec]
 
 
 @dataclass
@@ -73,7 +80,7 @@ class LinkPolicy:
         """The policy of a planned ``link`` under the ``compression`` config; in auto mode the codec
         time starts at this device's measured rate (``measure_codec_rate``) unless given."""
         if comp.mode == "auto" and codec_s_per_byte is None:
-            codec_s_per_byte = 1 / measure_codec_rate()
+            codec_s_per_byte = 1 / measure_codec_rate(bits=codec_bits(comp.codec))
         return cls(comp.mode, link.bytes, budget_s, flows, link.bandwidth_bps, comp.ratio, comp.cap(),
                    comp.warmup_steps, codec_s_per_byte=codec_s_per_byte if comp.mode == "auto" else None,
                    codec=comp.codec, max_loss_pct=comp.max_loss_pct, half=comp.wire_dtype == "bfloat16")
@@ -93,7 +100,8 @@ class LinkPolicy:
             return 1.0
         if self.mode == "fixed":
             return self.fixed_ratio
-        settings = PlanSettings(max_ratio=self.max_ratio, codec_bytes_per_s=self.codec_bytes_per_s)
+        settings = PlanSettings(max_ratio=self.max_ratio, codec_bytes_per_s=self.codec_bytes_per_s,
+                                wire_fraction=0.5 if self.half else 1.0)
         budget = max(self.budget_s, self.compute_s or 0.0)
         return ratio_for(cut_bytes or self.cut_bytes, bandwidth_bps or self.planned_bps, self.flows, budget, settings)
 

@@ -83,7 +83,7 @@ class Node:
         import torch
 
         from swarm.churn.follower import PlanFollower
-        from swarm.compression.policy import measure_codec_rate
+        from swarm.compression.policy import codec_bits, measure_codec_rate
         from swarm.data import training_data
         from swarm.estimator.profile import load_or_measure
         from swarm.models import trace_model
@@ -114,7 +114,7 @@ class Node:
             tflops=profile.tflops, memory_bytes=profile.memory_available_bytes,
             versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             started_at=time.time(), credential=authorizer.credential.token.SerializeToString() if authorizer else None,
-            codec_bps=measure_codec_rate(),   # replaced by the running stage's own measurements
+            codec_bps=measure_codec_rate(bits=codec_bits(cfg.compression.codec)),   # replaced by the stage's own measurements
             model_tflops=model_tflops, cpu_cores=profile.cpu_quota_cores)
         logger.info(f"peer {identity.peer_id} listening on {' '.join(maddrs)}")
         quota = f" (a CPU quota of {profile.cpu_quota_cores:g} cores)" if profile.cpu_quota_cores else ""
@@ -128,7 +128,8 @@ class Node:
         self.connectivity = Connectivity(self.loop, self.p2p, maddrs, peers, net.reach_check_s, admit=admit)
         max_ratio = cfg.compression.cap() if cfg.compression.mode != "off" else 1.0   # plan what will run
         self.elector = Elector(identity.peer_id, self.membership, workload, cfg.election, max_ratio=max_ratio,
-                              schedule=cfg.training.schedule, events=events, training=cfg.training)
+                              schedule=cfg.training.schedule, events=events, training=cfg.training,
+                              wire_fraction=cfg.compression.wire_fraction)
         self.follower = PlanFollower(identity.peer_id, traced, cfg, self.p2p, self.loop, self._bandwidth, admit,
                                      device=profile.device)
 

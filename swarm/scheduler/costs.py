@@ -84,6 +84,7 @@ class PlanSettings:
     kernel_overhead_s: float = 10e-6    # per launched kernel (dominates small ops on CPU)
     max_ratio: float = 16.0             # AdaTopK's hardest compression
     codec_bytes_per_s: float = 2e8      # AdaTopK encode+decode throughput, raw bytes/s (benchmarks.codec, 2-core CPU)
+    wire_fraction: float = 1.0          # uncompressed bytes on the wire per activation byte (0.5: bfloat16 wire)
     rpc_cpu_s: float = 2.5e-3           # CPU seconds per pipeline call at each end (stream, frames, daemon; benchmarks.rpc)
     max_stages: int = 16                # search bound; also bounds pipeline fill time
     stages: int = 0                     # exactly this many stages (0: the scheduler chooses)
@@ -313,7 +314,7 @@ def link_time(cut_bytes, bw_bps: float, flows: int, ratio: float, settings: Plan
     (``cut_bytes`` may be an array)."""
     raw = 2 * cut_bytes * 8 / (bw_bps * flows)
     if ratio <= 1.0:
-        return raw
+        return raw * settings.wire_fraction   # uncompressed: as they are, or rounded to bfloat16
     return raw / ratio + 2 * cut_bytes / (settings.codec_bytes_per_s * flows)
 
 
@@ -327,10 +328,10 @@ def ratio_for(cut_bytes: float, bw_bps: float, flows: int, target_s: float, sett
     """The smallest compression ratio that keeps the link within ``target_s`` (1 = off)."""
     if link_time(cut_bytes, bw_bps, flows, 1.0, settings) <= target_s * (1 + 1e-9):
         return 1.0
-    raw = link_time(cut_bytes, bw_bps, flows, 1.0, settings)
+    raw = 2 * cut_bytes * 8 / (bw_bps * flows)   # a ratio counts from the computed bytes
     codec = 2 * cut_bytes / (settings.codec_bytes_per_s * flows)
-    if link_time(cut_bytes, bw_bps, flows, settings.max_ratio, settings) >= raw:
-        return 1.0   # compression does not pay on this link: raw is the fastest it gets
+    if link_time(cut_bytes, bw_bps, flows, settings.max_ratio, settings) >= link_time(cut_bytes, bw_bps, flows, 1.0, settings):
+        return 1.0   # compression does not pay on this link: uncompressed is the fastest it gets
     if target_s <= codec:
         return settings.max_ratio
     return float(min(settings.max_ratio, max(1.0, np.ceil(raw / (target_s - codec) * 100) / 100)))
