@@ -209,3 +209,45 @@ def test_a_bfloat16_wire_halves_what_the_planner_and_the_policy_price_for_an_unc
     assert ratio_for(1e6, 1e8, 1, budget, full) > 1 and ratio_for(1e6, 1e8, 1, budget, half) == 1.0
     tight = link_time(1e6, 1e8, 1, 1.0, full) / 4
     assert ratio_for(1e6, 1e8, 1, tight, half) == ratio_for(1e6, 1e8, 1, tight, full)
+
+
+@pytest.mark.parametrize("codec,half", [("q4", False), ("auto", False), ("adatopk", True)])
+def test_a_pipeline_sends_the_configured_packets_both_ways_and_bf16_when_uncompressed(codec, half):
+    """Three stages of gpt2-tiny in one process (frames, masks, the link policy): at a fixed 32x the
+    ATK2 codecs put 1/32 of the activation and gradient bytes on the wire, their gradients come back
+    in ATK2 packets on the forward masks; a bf16 wire halves an uncompressed pipeline."""
+    import asyncio
+
+    from swarm.compression.policy import LinkPolicy
+    from swarm.data import lm_loss
+    from swarm.models import trace_model
+    from swarm.pipeline import train_step
+    from swarm.runtime.local import local_servers
+
+    torch.manual_seed(0)
+    traced = trace_model("gpt2-tiny", "coarse", 4)
+    ratio, mode = (1.0, "off") if half else (32.0, "fixed")
+    servers = local_servers(traced, 3, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio, codec=codec,
+                                                                   half=half))
+    sent = []
+    for s in servers[1:]:   # what the next stages get and answer
+        answer = s.answer
+
+        async def spy(frame, sender, answer=answer):
+            reply = await answer(frame, sender)
+            if read_header(frame).kind == "forward":
+                sent.append((read_header(frame).shapes(), read_header(reply).shapes(), reply))
+            return reply
+        s.answer = spy
+    data = torch.randint(0, 256, (8, 129), generator=torch.Generator().manual_seed(0))
+    loss = asyncio.run(train_step(servers[0], data[:, :-1], data[:, 1:], micro_batches=2, in_flight=2))
+    assert loss == loss and sent
+    raw, wire = sum(s.counters.act_raw for s in servers), sum(s.counters.act_wire for s in servers)
+    assert 0.9 < raw / wire / (2.0 if half else 32.0) < 1.1
+    for forward, reply_shapes, reply in sent:
+        assert forward["x0"][2] == ("bf16" if half else "adatopk")
+        assert reply_shapes["g0"][2] == ("bf16" if half else "adatopk")
+        if not half:   # ATK2 on the forward's mask: the magic, and index kind 2 (reuse: no indices)
+            header = read_header(reply)
+            offset = header.offset + sum(e["nbytes"] for e in header.entries[:[e["name"] for e in header.entries].index("g0")])
+            assert reply[offset:offset + 4] == MAGIC2 and reply[offset + 5] == 2
