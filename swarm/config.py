@@ -174,7 +174,7 @@ class CompressionConfig(Strict):
                                 "measured by benchmarks/compression.py) that compression on a link may pay")
     warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="uncompressed optimizer steps at the start")
     codec: Literal["auto", "adatopk", "q8", "q4", "q2"] = Field(
-        default="adatopk", description="packets of compressed links: adatopk (ATK1: int8 values, varint indices), "
+        default="auto", description="packets of compressed links: adatopk (ATK1: int8 values, varint indices), "
         "q8 / q4 / q2 (ATK2: 8-, 4- or 2-bit values, Rice-coded indices; docs/wire.md), auto (per link and ratio, "
         "the ATK2 codec the shipped table measured cheapest in validation loss)")
     @property
@@ -187,8 +187,8 @@ class CompressionConfig(Strict):
         for the codec (auto: the best of the ATK2 codecs), else ``PlanSettings.max_ratio``."""
         if self.max_ratio is not None:
             return self.max_ratio
-        measured = [safe_ratio(c, self.max_loss_pct) for c in codecs_of(self.codec) if c in codec_table()]
-        return max(measured) if measured else PlanSettings.max_ratio
+        measured = tuple(c for c in codecs_of(self.codec) if c in codec_table())
+        return safe_ratio(measured, self.max_loss_pct) if measured else PlanSettings.max_ratio
 
     wire_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="how float32 activations and gradients travel when a link sends them "

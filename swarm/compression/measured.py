@@ -6,11 +6,12 @@ for each codec, its rows' measured wire ratio (both directions) and validation-l
 uncompressed bfloat16 wire, in percent, mean and standard deviation over the seeds. Pure: reading
 the table and the rules on it, no I/O beyond that one file.
 
-- ``safe_ratio(codec, tolerance)``: the highest measured ratio up to which every measured row of the
-  codec costs at most ``tolerance`` percent (the mean gap over the seeds);
+- ``safe_ratio(codecs, tolerance)``: the highest ratio up to which, at every ratio, one of the codecs
+  costs at most ``tolerance`` percent by the table (mean gap over the seeds, linear in log ratio
+  between measured rows, 0 at ratio 1, nothing beyond the last row);
 - ``gap_at(codec, ratio)``: the gap at a ratio between measured rows (linear in log ratio);
-- ``choose(ratio, tolerance, codecs)``: the codec with the smallest gap at ``ratio`` among those whose
-  safe ratio reaches it, else the one reaching furthest, at its own cap.
+- ``choose(ratio, tolerance, codecs)``: the codec with the smallest gap at ``ratio`` (capped at their
+  safe ratio together).
 """
 from __future__ import annotations
 
@@ -42,16 +43,38 @@ def table(path: Path = TABLE_PATH) -> dict[str, tuple[Cost, ...]]:
             for codec, rows in data["codecs"].items()}
 
 
-def safe_ratio(codec: str, tolerance_pct: float = DEFAULT_TOLERANCE_PCT,
+def _within(codec: str, tolerance_pct: float, costs: dict[str, tuple[Cost, ...]]) -> list[tuple[float, float]]:
+    """The ratio intervals where ``codec``'s gap (``gap_at``: linear in log ratio between measured
+    rows, from 0 at ratio 1) is at most ``tolerance_pct``."""
+    points = [(1.0, 0.0), *((c.ratio, c.gap_pct) for c in costs.get(codec, ()))]
+    spans: list[tuple[float, float]] = []
+    for (r0, g0), (r1, g1) in zip(points, points[1:]):
+        if g0 > tolerance_pct and g1 > tolerance_pct:
+            continue
+        lo, hi = math.log(r0), math.log(r1)
+        cross = lo + (tolerance_pct - g0) / (g1 - g0) * (hi - lo) if g0 != g1 else hi
+        start, end = (r0, r1) if max(g0, g1) <= tolerance_pct else (r0, math.exp(cross)) if g0 <= tolerance_pct \
+            else (math.exp(cross), r1)
+        if spans and start <= spans[-1][1] * (1 + 1e-12):
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    return spans
+
+
+def safe_ratio(codec: str | tuple[str, ...], tolerance_pct: float = DEFAULT_TOLERANCE_PCT,
                costs: dict[str, tuple[Cost, ...]] | None = None) -> float:
-    """The highest measured ratio of ``codec`` below which no measured row costs more than
-    ``tolerance_pct`` (1.0: none measured, or even its gentlest row costs more)."""
-    best = 1.0
-    for cost in (costs if costs is not None else table()).get(codec, ()):
-        if cost.gap_pct > tolerance_pct:
+    """The highest ratio ``R`` such that at every ratio from 1 to ``R`` one of ``codec`` (a name or
+    several) costs at most ``tolerance_pct`` by the measured table (1.0: nothing measured)."""
+    costs = costs if costs is not None else table()
+    names = (codec,) if isinstance(codec, str) else codec
+    spans = sorted(span for name in names for span in _within(name, tolerance_pct, costs))
+    reach = 1.0
+    for start, end in spans:
+        if start > reach * (1 + 1e-12):
             break
-        best = cost.ratio
-    return best
+        reach = max(reach, end)
+    return reach
 
 
 def gap_at(codec: str, ratio: float, costs: dict[str, tuple[Cost, ...]] | None = None) -> float:
@@ -70,16 +93,12 @@ def gap_at(codec: str, ratio: float, costs: dict[str, tuple[Cost, ...]] | None =
 
 def choose(ratio: float, tolerance_pct: float = DEFAULT_TOLERANCE_PCT, codecs: tuple[str, ...] | None = None,
            costs: dict[str, tuple[Cost, ...]] | None = None) -> tuple[str | None, float]:
-    """(codec, ratio) for a link that needs ``ratio``: the cheapest codec in accuracy whose safe ratio
-    reaches it; else the codec that reaches furthest, at its safe ratio. (None, ``ratio``) when
-    nothing is measured."""
+    """(codec, ratio) for a link that needs ``ratio``: the codec of ``codecs`` measured cheapest at
+    ``ratio``, at most ``tolerance_pct``; beyond what they hold together (``safe_ratio``), the same at
+    that cap. (None, ``ratio``) when nothing is measured."""
     costs = costs if costs is not None else table()
     names = [c for c in (codecs or tuple(costs)) if c in costs]
     if not names:
         return None, ratio
-    caps = {c: safe_ratio(c, tolerance_pct, costs) for c in names}
-    reaching = [c for c in names if caps[c] >= ratio]
-    if reaching:
-        return min(reaching, key=lambda c: (gap_at(c, ratio, costs), names.index(c))), ratio
-    furthest = max(names, key=lambda c: (caps[c], -names.index(c)))
-    return furthest, caps[furthest]
+    ratio = min(ratio, safe_ratio(tuple(names), tolerance_pct, costs))
+    return min(names, key=lambda c: (gap_at(c, ratio, costs), names.index(c))), ratio
