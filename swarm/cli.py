@@ -46,6 +46,8 @@ def _human(n: float, unit: str = "") -> str:
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     cfg = load(NodeConfig, args.config) if args.config else NodeConfig()
     overrides = {k: getattr(args, k) for k in ("model", "granularity", "device") if getattr(args, k, None)}
+    if getattr(args, "max_memory", None) is not None:
+        overrides["memory_limit_gb"] = args.max_memory
     return cfg.model_copy(update=overrides)
 
 
@@ -336,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses others should dial")
     p.add_argument("--identity", metavar="PATH", help="identity file (same file, same peer id)")
     p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--max-memory", type=_at_least(0.001, float), metavar="GB",
+                   help="advertise at most this much memory (memory_limit_gb): planners give this node no more")
     p.add_argument("--ready-file", metavar="PATH", help="JSON the node keeps up to date for programs that start it: "
                    "peer_id, maddrs, state, role, stage, step, plan_hash, pid, updated_at (written atomically)")
     p.set_defaults(func=cmd_run)

@@ -30,6 +30,7 @@ MAX_PEERS = 1000               # members, stages, replicas (the scheduler is ben
 MAX_STEPS = 1_000_000_000      # any count or period of optimizer steps
 MAX_WAIT_S = 3600.0            # timeouts, TTL, heartbeat, batching windows: an hour
 MAX_PERIOD_S = 86400.0         # periods between re-checks: a day
+MAX_MEMORY_GB = 16384.0        # memory_limit_gb: 16 TB (a member record's bound)
 RELAY_DATA_LIMIT_MB = 4096.0   # our relays reset a relayed connection after this much per direction (MiB) ...
 RELAY_TIME_LIMIT_S = 1800.0    # ... or after this long (circuit v2 limits; swarm.net.records prices relayed links by them)
 MAX_RATIO = 1000.0             # AdaTopK wire ratio
@@ -272,6 +273,15 @@ class NodeConfig(Strict):
     election: ElectionConfig = Field(default_factory=ElectionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    memory_limit_gb: float | None = Field(default=None, gt=0, le=MAX_MEMORY_GB, description="the most memory "
+                                          "(GB, 1e9 bytes) this node advertises and planners may give it (None: what it "
+                                          "finds available); `node.py run --max-memory`")
+
+    def advertised_memory(self, available_bytes: int) -> int:
+        """The memory this node's record advertises: what it found, capped at ``memory_limit_gb``."""
+        if self.memory_limit_gb is None:
+            return int(available_bytes)
+        return int(min(available_bytes, self.memory_limit_gb * 1e9))
 
 
 def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.max_ratio,

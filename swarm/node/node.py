@@ -111,7 +111,7 @@ class Node:
         maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         self.record = MemberRecord(
             peer_id=identity.peer_id, maddrs=maddrs, device=profile.device, device_name=profile.name,
-            tflops=profile.tflops, memory_bytes=profile.memory_available_bytes,
+            tflops=profile.tflops, memory_bytes=cfg.advertised_memory(profile.memory_available_bytes),
             versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             started_at=time.time(), credential=authorizer.credential.token.SerializeToString() if authorizer else None,
             codec_bps=measure_codec_rate(bits=codec_bits(cfg.compression.codec)),   # replaced by the stage's own measurements
