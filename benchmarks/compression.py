@@ -15,6 +15,8 @@ same number of steps, for every seed (model initialisation and data order both t
   "error feedback is not applied");
 - ``bf16``: uncompressed, float32 activations and gradients rounded to bfloat16 on the wire
   (``compression.wire_dtype: bfloat16``): the baseline of the codec rows;
+- ``bf16-compute``: the stages compute under bfloat16 autocast too (``precision: bf16``, float32
+  master weights and optimizer state), a bfloat16 wire;
 - ``<codec>-<N>x`` (codec ``atk1``: today's AdaTopK packets, int8 values and varint indices; ``q8``,
   ``q4``, ``q2``: ATK2 packets of 8-, 4- or 2-bit values with Rice-coded indices): the wire ratio
   ``N`` over activations *and* gradients together (the forward ratio that gives it is calibrated on a
@@ -95,11 +97,14 @@ class Variant:
     pipeline: bool = True
     codec: str | None = None     # atk1 | q8 | q4 | q2: ``ratio`` counts forward and backward bytes
     half: bool = False           # uncompressed tensors go as bfloat16
+    precision: str = "fp32"      # what the stages compute in (``bf16``: autocast, and a bfloat16 wire)
 
     @property
     def label(self) -> str:
         if not self.pipeline:
             return "single process"
+        if self.precision == "bf16":
+            return "bf16 compute + wire"
         if self.half:
             return "3 stages, bf16 wire"
         if self.codec is not None:
@@ -118,7 +123,8 @@ CODEC_BITS = {"atk1": None, "q8": 8, "q4": 4, "q2": 2}
 _CONFIG_CODEC = {"atk1": "adatopk", "q8": "q8", "q4": "q4", "q2": "q2"}   # benchmark row name -> compression.codec
 WIRE_RATIOS = (4, 8, 16, 32, 48, 64, 100)
 VARIANTS = {v.name: v for v in [
-    Variant("single", pipeline=False), Variant("off"), Variant("bf16", half=True), Variant("4x", 4), Variant("10x", 10),
+    Variant("single", pipeline=False), Variant("off"), Variant("bf16", half=True),
+    Variant("bf16-compute", half=True, precision="bf16"), Variant("4x", 4), Variant("10x", 10),
     Variant("16x", 16), Variant("32x", 32), Variant("10x-plain", 10, "plain"), Variant("10x-ef", 10, "feedback"),
     Variant("32x-ef", 32, "feedback"),
     *(Variant(f"{codec}-{n}x", n, codec=codec) for codec in CODEC_BITS for n in WIRE_RATIOS)]}
@@ -188,7 +194,7 @@ def pipeline(seed: int, variant: Variant, device: str = "cpu") -> tuple:
     servers = local_servers(traced, STAGES, lm_loss, lambda: LinkPolicy(mode, 1.0, 1.0, 1, 1e9, fixed_ratio=ratio,
                                                                         codec=_CONFIG_CODEC.get(variant.codec, "adatopk"),
                                                                         half=variant.half),
-                            lr=LR, device=device)
+                            lr=LR, device=device, precision=variant.precision)
     for s in servers:
         s.worker.lr_schedule = LrSchedule(LR, LR_WARMUP)
         s.link.channel_scale = ErrorFeedback() if variant.selection == "feedback" else \
@@ -374,7 +380,8 @@ def summarise(variant: Variant, runs: list[dict], base: dict[int, float] | None,
     difference); ``baseline``: the bf16 row's (``baseline_val_loss_mean``, and the paired difference)."""
     val = [r["val_loss"] for r in runs]
     row = {"variant": variant.name, "label": variant.label, "target_ratio": variant.ratio, "selection": variant.selection,
-           "pipeline": variant.pipeline, "codec": variant.codec or ("bf16" if variant.half else
+           "pipeline": variant.pipeline, "precision": variant.precision,
+           "codec": variant.codec or ("bf16" if variant.half else
                                                                    "atk1" if variant.ratio > 1 else "off"),
            "model": MODEL, "seeds": [r["seed"] for r in runs],
            "wire_ratio": statistics.fmean(r["achieved_ratio"] for r in runs),

@@ -46,9 +46,7 @@ def _human(n: float, unit: str = "") -> str:
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     cfg = load(NodeConfig, args.config) if args.config else NodeConfig()
     overrides = {k: getattr(args, k) for k in ("model", "granularity", "device") if getattr(args, k, None)}
-    if getattr(args, "max_memory", None) is not None:
-        overrides["memory_limit_gb"] = args.max_memory
-    return cfg.model_copy(update=overrides)
+    return cfg.model_copy(update={**overrides, **({"memory_limit_gb": args.max_memory} if getattr(args, "max_memory", None) else {})})
 
 
 def _trace(cfg: NodeConfig, batch_size: int):
@@ -214,11 +212,10 @@ REACH_TEXT = {"public": "public", "nat": "behind NAT (hole punching)", "relayed"
 
 
 def member_json(records) -> list[dict]:
-    """``status --json``: every member's record as published (peer_id, maddrs, state, role, stage, step,
-    plan, ...; not its binary credential, which members have already checked), its uptime, and its
-    measured ``links``: peer id -> ``{"bandwidth_bps", "rtt_s", "path"}`` (any may be missing; ``path``:
-    ``direct`` or ``relayed``, how its connection to that peer runs). ``reachability``: ``public``,
-    ``nat`` (behind NAT, hole punching) or ``relayed`` (None: not checked yet)."""
+    """``status --json``: every member's record as published (peer_id, maddrs, state, role, stage, step, plan,
+    ...; not its binary credential, which members have already checked), its uptime, and its measured ``links``:
+    peer id -> ``{"bandwidth_bps", "rtt_s", "path"}`` (any may be missing; ``path``: ``direct`` or ``relayed``,
+    how its connection to that peer runs). ``reachability``: ``public``, ``nat`` or ``relayed`` (None: unchecked)."""
     out = []
     for r in records:
         wire = {k: v for k, v in r.to_wire().items() if k != "credential"}
@@ -338,8 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses others should dial")
     p.add_argument("--identity", metavar="PATH", help="identity file (same file, same peer id)")
     p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--max-memory", type=_at_least(0.001, float), metavar="GB",
-                   help="advertise at most this much memory (memory_limit_gb): planners give this node no more")
+    p.add_argument("--max-memory", type=_at_least(0.001, float), metavar="GB", help="memory_limit_gb: advertise at most this")
     p.add_argument("--ready-file", metavar="PATH", help="JSON the node keeps up to date for programs that start it: "
                    "peer_id, maddrs, state, role, stage, step, plan_hash, pid, updated_at (written atomically)")
     p.set_defaults(func=cmd_run)

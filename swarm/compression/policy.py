@@ -76,14 +76,14 @@ class LinkPolicy:
 
     @classmethod
     def from_config(cls, comp: CompressionConfig, link: LinkPlan, budget_s: float, flows: int,
-                    codec_s_per_byte: float | None = None) -> LinkPolicy:
+                    codec_s_per_byte: float | None = None, half: bool = False) -> LinkPolicy:
         """The policy of a planned ``link`` under the ``compression`` config; in auto mode the codec
         time starts at this device's measured rate (``measure_codec_rate``) unless given."""
         if comp.mode == "auto" and codec_s_per_byte is None:
             codec_s_per_byte = 1 / measure_codec_rate(bits=codec_bits(comp.codec))
         return cls(comp.mode, link.bytes, budget_s, flows, link.bandwidth_bps, comp.ratio, comp.cap(),
                    comp.warmup_steps, codec_s_per_byte=codec_s_per_byte if comp.mode == "auto" else None,
-                   codec=comp.codec, max_loss_pct=comp.max_loss_pct, half=comp.wire_dtype == "bfloat16")
+                   codec=comp.codec, max_loss_pct=comp.max_loss_pct, half=half or comp.wire_dtype == "bfloat16")
 
     def bits_for(self, ratio: float) -> int | None:
         """The value bits of packets at ``ratio``: the configured codec's, or (codec auto) those of the

@@ -88,6 +88,7 @@ class Node:
         from swarm.estimator.profile import load_or_measure
         from swarm.models import trace_model
         from swarm.planning import Elector
+        from swarm.runtime.precision import resolve as resolve_precision
         from swarm.runtime.session import model_io
         from swarm.scheduler import Workload
 
@@ -99,6 +100,7 @@ class Node:
         identity = node_identity(net)
         authorizer = private_swarm(net, identity)
         profile = load_or_measure(cfg.device)
+        resolve_precision(cfg.precision, profile.device)   # fp16 (not built) is an error now, not at the first plan
         traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)
         training_data(cfg.training.data, *model_io(traced))   # a bad data source is an error now, not after the election
         model_tflops = _model_tflops(traced, profile.device)

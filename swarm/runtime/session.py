@@ -110,7 +110,8 @@ class TrainingSession:
                                           batch_size=cfg.micro_batch_size) if self.index == 0 and training.eval_every_steps else None
         self.worker = StageWorker(stage, cfg.optimizer, training.lr, max_in_flight=4 * plan.micro_batches,
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
-                                  max_batch=cfg.micro_batch_size, warmup_steps=training.lr_warmup_steps, device=device)
+                                  max_batch=cfg.micro_batch_size, warmup_steps=training.lr_warmup_steps, device=device,
+                                  precision=cfg.precision)
         self.owned = op_tensors(traced.dag, traced.gm)
         mine = {op: st for op, st in (states or {}).items() if op in self.ops}
         self.completed = self.worker.resume(mine, start_step)
@@ -118,7 +119,8 @@ class TrainingSession:
         limits = _limits(traced, cfg, self.worker)
         hood = _neighbours(plan, me, self.index)
         policy = None if last else LinkPolicy.from_config(cfg.compression, plan.links[self.index], plan.bottleneck_s,
-                                                          min(len(hood.replicas), len(hood.downstream)))
+                                                          min(len(hood.replicas), len(hood.downstream)),
+                                                          half=self.worker.compute.precision == "bf16")
         self.server = StageServer(self.worker, hood, stage_caller(p2p, limits, training.timeout_s), limits, policy,
                                   bandwidth, training.timeout_s, training.schedule, admit=admit, log=log, bans=bans,
                                   hooks=StepHooks(self._stepped, before_apply), events=Events(training.metrics_path, me),

@@ -17,6 +17,7 @@ import torch
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
 from swarm.runtime.allreduce import flatten, split
+from swarm.runtime.precision import Compute, resolve
 from swarm.runtime.state import OpState, restore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,9 +52,10 @@ class StageWorker:
 
     def __init__(self, stage: Stage, optimizer: str = "adam", lr: float = 1e-3, max_in_flight: int = 64,
                  loss_fn: LossFn | None = None, input_specs: list[tuple[list[int], str, bool]] | None = None,
-                 max_batch: int = 1024, warmup_steps: int = 0, device: str | torch.device = "cpu"):
+                 max_batch: int = 1024, warmup_steps: int = 0, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
-        self.device = torch.device(device)
+        self.compute = Compute(torch.device(device), resolve(precision, device))
         stage.module.to(self.device)
         self.lr_schedule = LrSchedule(lr, warmup_steps)
         self.input_specs, self.max_batch = input_specs, max_batch
@@ -70,6 +72,10 @@ class StageWorker:
     def is_last(self) -> bool:
         return self.loss_fn is not None
 
+    @property
+    def device(self) -> torch.device:
+        return self.compute.device
+
     def forward(self, mb: int, inputs: list[torch.Tensor], targets: torch.Tensor | None = None,
                 scale: float = 1.0) -> list[torch.Tensor]:
         """Outputs of micro-batch ``mb`` (detached); the last stage returns ``[loss]`` and will
@@ -80,15 +86,16 @@ class StageWorker:
             raise SwarmError(f"more than {self.max_in_flight} micro-batches in flight")
         self._check(inputs)
         leaves = [t.detach().to(self.device).requires_grad_(t.is_floating_point()) for t in inputs]
-        outputs = list(self.stage.module(*leaves))
+        with self.compute.autocast():
+            outputs = list(self.stage.module(*leaves))
         if self.is_last:
             if targets is None:
                 raise SwarmError("the last stage needs targets")
-            loss = self.loss_fn(outputs[0], targets.to(self.device))
+            loss = self.loss_fn(self.compute.leaving(outputs[0]), targets.to(self.device))
             self.saved[mb] = (leaves, [loss * scale])
             return [loss.detach()]
         self.saved[mb] = (leaves, outputs)
-        return [o.detach() for o in outputs]
+        return [self.compute.leaving(o.detach()) for o in outputs]
 
     def evaluate(self, inputs: list[torch.Tensor], targets: torch.Tensor | None = None):
         """A validation micro-batch: no gradient, nothing kept, the module in eval mode for the pass (no
@@ -99,8 +106,8 @@ class StageWorker:
         module, training = self.stage.module, self.stage.module.training
         module.eval()
         try:
-            with torch.no_grad():
-                outputs = list(module(*[t.to(self.device) for t in inputs]))
+            with torch.no_grad(), self.compute.autocast():
+                outputs = [self.compute.leaving(o) for o in module(*[t.to(self.device) for t in inputs])]
         finally:
             module.train(training)
         if not self.is_last:
@@ -143,7 +150,7 @@ class StageWorker:
         else:
             pairs = [(o, g) for o, g in zip(outputs, grads or []) if g is not None and o.requires_grad]
             if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g.to(self.device) for _, g in pairs])
+                torch.autograd.backward([o for o, _ in pairs], [g.to(self.device, o.dtype) for o, g in pairs])
         self.backwards += 1
         return [leaf.grad if leaf.requires_grad else None for leaf in leaves]
 
