@@ -7,9 +7,6 @@ nothing lost, and the receiving stage's input checks stay those of the traced mo
 pipeline per step: not built yet, so it is refused with a line that says so."""
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
 
 from swarm.errors import SwarmError
@@ -19,7 +16,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def resolve(setting: str, device: torch.device | str) -> str:
     """``fp32`` or ``bf16`` for ``setting`` on ``device`` (auto: bf16 on a CUDA device that supports it,
-    else fp32: on a CPU bf16 is slower unless asked for)."""
+    else fp32: on a CPU only when asked for)."""
     device = torch.device(device)
     if setting not in PRECISIONS:
         raise SwarmError(f"precision '{setting}': must be one of {', '.join(PRECISIONS)}")
@@ -28,21 +25,3 @@ def resolve(setting: str, device: torch.device | str) -> str:
     if setting == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return setting
-
-
-@dataclass(frozen=True)
-class Compute:
-    """Where and in what a stage computes."""
-
-    device: torch.device
-    precision: str = "fp32"   # fp32 | bf16 (``resolve``)
-
-    def autocast(self):
-        if self.precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-    def leaving(self, t: torch.Tensor) -> torch.Tensor:
-        """An output as it leaves the stage: under bf16 autocast, float32 holding the bfloat16 values
-        (the traced boundary, and the next stage's checks, are float32)."""
-        return t.float() if self.precision == "bf16" and t.dtype == torch.bfloat16 else t

@@ -5,6 +5,7 @@ the one compute thread its passes run on (``PriorityRunner``), and what the stag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import threading
@@ -17,10 +18,28 @@ import torch
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
 from swarm.runtime.allreduce import flatten, split
-from swarm.runtime.precision import Compute, resolve
+from swarm.runtime.precision import resolve
 from swarm.runtime.state import OpState, restore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and in what a stage computes (``precision``: ``swarm.runtime.precision.resolve``)."""
+
+    device: torch.device
+    precision: str = "fp32"   # fp32 | bf16 (``resolve``)
+
+    def autocast(self):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def leaving(self, t: torch.Tensor) -> torch.Tensor:
+        """An output as it leaves the stage: under bf16 autocast, float32 holding the bfloat16 values
+        (the traced boundary, and the next stage's checks, are float32)."""
+        return t.float() if self.precision == "bf16" and t.dtype == torch.bfloat16 else t
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
