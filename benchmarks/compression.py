@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from swarm import config
 from swarm.compression.adatopk import ChannelScale, Packet, decode, encode, encode_like
 from swarm.compression.policy import LinkPolicy
 from swarm.dag.trace import trace
@@ -119,8 +120,8 @@ class Variant:
         return CODEC_BITS.get(self.codec)
 
 
-CODEC_BITS = {"atk1": None, "q8": 8, "q4": 4, "q2": 2}
-_CONFIG_CODEC = {"atk1": "adatopk", "q8": "q8", "q4": "q4", "q2": "q2"}   # benchmark row name -> compression.codec
+_CONFIG_CODEC = {("atk1" if c == "adatopk" else c): c for c in config.CODEC_BITS}   # row name -> compression.codec
+CODEC_BITS = {name: config.CODEC_BITS[c] for name, c in _CONFIG_CODEC.items()}
 WIRE_RATIOS = (4, 8, 16, 32, 48, 64, 100)
 VARIANTS = {v.name: v for v in [
     Variant("single", pipeline=False), Variant("off"), Variant("bf16", half=True),

@@ -16,7 +16,7 @@ from swarm.compression.measured import DEFAULT_TOLERANCE_PCT, safe_ratio
 from swarm.compression.measured import table as codec_table
 from swarm.election.machine import ElectionSettings
 from swarm.errors import SwarmError
-from swarm.scheduler.costs import PlanSettings
+from swarm.scheduler.costs import PlanSettings, wire_fraction
 from swarm.sync import COMPRESSIONS, OuterSettings
 
 T = TypeVar("T", bound=BaseModel)
@@ -178,10 +178,15 @@ class CompressionConfig(Strict):
         default="auto", description="packets of compressed links: adatopk (ATK1: int8 values, varint indices), "
         "q8 / q4 / q2 (ATK2: 8-, 4- or 2-bit values, Rice-coded indices; docs/wire.md), auto (per link and ratio, "
         "the ATK2 codec the shipped table measured cheapest in validation loss)")
+    wire_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="how float32 activations and gradients travel when a link sends them "
+        "uncompressed: as they are, or rounded to bfloat16 (half the bytes; tensors a model computes in half "
+        "precision always travel as they are)")
+
     @property
     def wire_fraction(self) -> float:
         """Uncompressed bytes on the wire per float32 byte (the planner's ``PlanSettings.wire_fraction``)."""
-        return 0.5 if self.wire_dtype == "bfloat16" else 1.0
+        return wire_fraction(self.wire_dtype == "bfloat16")
 
     def cap(self) -> float:
         """The hardest ratio auto mode may choose: ``max_ratio``, else the measured table's safe ratio
@@ -190,11 +195,6 @@ class CompressionConfig(Strict):
             return self.max_ratio
         measured = tuple(c for c in codecs_of(self.codec) if c in codec_table())
         return safe_ratio(measured, self.max_loss_pct) if measured else PlanSettings.max_ratio
-
-    wire_dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="how float32 activations and gradients travel when a link sends them "
-        "uncompressed: as they are, or rounded to bfloat16 (half the bytes; tensors a model computes in half "
-        "precision always travel as they are)")
 
 
 class TrainingConfig(Strict):

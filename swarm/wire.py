@@ -157,12 +157,9 @@ def decode(frame: bytes, header: Header, limits: Limits = Limits(), masks: dict[
                 raise SwarmError(f"wire: tensor '{e['name']}' has {e['nbytes']} bytes for shape {e['shape']}")
             tensors[e["name"]] = torch.frombuffer(bytearray(data), dtype=dtype).view(e["shape"]) if numel else \
                 torch.empty(e["shape"], dtype=dtype)
-        elif e["codec"] == "bf16":
-            numel = math.prod(e["shape"])
-            if dtype != torch.float32 or e["nbytes"] != 2 * numel:
-                raise SwarmError(f"wire: bf16 tensor '{e['name']}' has {e['nbytes']} bytes for {e['dtype']} {e['shape']}")
+        elif e["codec"] == "bf16":   # float32 and 2 bytes an element: ``read_header`` checked it
             tensors[e["name"]] = torch.frombuffer(bytearray(data), dtype=torch.bfloat16).view(e["shape"]).float() \
-                if numel else torch.empty(e["shape"], dtype=dtype)
+                if e["nbytes"] else torch.empty(e["shape"], dtype=dtype)
         else:
             t, kept[e["name"]] = adatopk.decode(data, (masks or {}).get(e["name"]), max_numel=limits.max_numel,
                                                 max_expand=limits.max_expand)

@@ -146,9 +146,7 @@ def _pack(x: torch.Tensor, indices: torch.Tensor, kind: int) -> bytes:
         idx = indices.cpu().numpy().astype(np.int64)
         index_data = varint_encode(np.diff(idx, prepend=0))
     elif kind == BITMAP:
-        bits = np.zeros(flat.numel(), dtype=bool)
-        bits[indices.cpu().numpy()] = True
-        index_data = np.packbits(bits).tobytes()
+        index_data = _bitmap(indices.cpu().numpy(), flat.numel())
     else:
         index_data = b""
     scales, q = _quantise(values)
@@ -221,9 +219,7 @@ def _pack2(x: torch.Tensor, indices: torch.Tensor, bits: int, reuse: bool = Fals
         if rice.rice_bytes(positions) < (numel + 7) // 8:
             kind, index_data = RICE, rice.rice_encode(positions)
         else:
-            bitmap = np.zeros(numel, dtype=bool)
-            bitmap[positions] = True
-            kind, index_data = BITMAP, np.packbits(bitmap).tobytes()
+            kind, index_data = BITMAP, _bitmap(positions, numel)
     values = flat if kind == DENSE else flat[indices.to(flat.device)]
     head = _HEAD2.pack(MAGIC2, CODES[x.dtype], kind, bits, x.dim()) + struct.pack(f"<{x.dim()}q", *x.shape)
     return head + _TAIL2.pack(k, lowbit.BLOCK, 0, len(index_data)) + index_data + lowbit.quantise(values, bits)
@@ -282,12 +278,7 @@ def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 
         k, block, n_index = _TAIL.unpack_from(data, _HEAD.size + 8 * ndim)
     except struct.error:
         raise SwarmError("AdaTopK packet: truncated header") from None
-    numel = math.prod(shape)
-    if any(d < 0 for d in shape) or numel > max_numel or not 0 <= k <= numel or block != BLOCK:
-        raise SwarmError(f"AdaTopK packet: shape {shape} / k {k} out of bounds")
-    if numel * DTYPES[code].itemsize > max_expand * len(data):
-        raise SwarmError(f"AdaTopK packet: {len(data)} bytes claim {numel * DTYPES[code].itemsize} dense bytes "
-                         f"(more than {max_expand:g}x)")
+    numel = _bounded(shape, k, block, BLOCK, DTYPES[code], len(data), max_numel, max_expand)
     offset = _HEAD.size + 8 * ndim + _TAIL.size
     n_scales = math.ceil(k / BLOCK)
     if len(data) != offset + n_index + 4 * n_scales + k:
@@ -296,9 +287,7 @@ def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 
     if kind == VARINT:
         positions = np.cumsum(varint_decode(index_data, k).astype(np.int64))
     elif kind == BITMAP:
-        if n_index != (numel + 7) // 8:
-            raise SwarmError("AdaTopK packet: bitmap size does not match the shape")
-        positions = np.flatnonzero(np.unpackbits(np.frombuffer(index_data, dtype=np.uint8))[:numel])
+        positions = _bitmap_positions(index_data, numel)
     else:
         if indices is None or len(indices) != k:
             raise SwarmError("AdaTopK packet reuses a mask this node does not have")
@@ -310,10 +299,7 @@ def decode(data: bytes, indices: torch.Tensor | None = None, max_numel: int = 1 
     start = offset + n_index
     scales = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n_scales, offset=start).copy())
     q = torch.from_numpy(np.frombuffer(data, dtype=np.int8, count=k, offset=start + 4 * n_scales).copy())
-    values = q.float() * scales.repeat_interleave(BLOCK)[:k]
-    out = torch.zeros(numel, dtype=DTYPES[code], device=device)
-    out[indices.to(device)] = values.to(device, DTYPES[code])
-    return out.view(shape), indices
+    return _scatter(q.float() * scales.repeat_interleave(BLOCK)[:k], indices, shape, DTYPES[code], device), indices
 
 
 def _decode2(data: bytes, indices: torch.Tensor | None, max_numel: int, device: str | torch.device,
@@ -327,12 +313,7 @@ def _decode2(data: bytes, indices: torch.Tensor | None, max_numel: int, device: 
         k, block, _, n_index = _TAIL2.unpack_from(data, _HEAD2.size + 8 * ndim)
     except struct.error:
         raise SwarmError("AdaTopK packet: truncated header") from None
-    numel = math.prod(shape)
-    if any(d < 0 for d in shape) or numel > max_numel or not 0 <= k <= numel or block != lowbit.BLOCK:
-        raise SwarmError(f"AdaTopK packet: shape {shape} / k {k} / block {block} out of bounds")
-    if numel * DTYPES[code].itemsize > max_expand * len(data):
-        raise SwarmError(f"AdaTopK packet: {len(data)} bytes claim {numel * DTYPES[code].itemsize} dense bytes "
-                         f"(more than {max_expand:g}x)")
+    numel = _bounded(shape, k, block, lowbit.BLOCK, DTYPES[code], len(data), max_numel, max_expand)
     offset = _HEAD2.size + 8 * ndim + _TAIL2.size
     expected = offset + n_index + lowbit.value_bytes(k, bits)
     if len(data) != expected:
@@ -341,9 +322,7 @@ def _decode2(data: bytes, indices: torch.Tensor | None, max_numel: int, device: 
     if kind == RICE:
         positions = rice.rice_decode(index_data, k, numel)
     elif kind == BITMAP:
-        if n_index != (numel + 7) // 8:
-            raise SwarmError("AdaTopK packet: bitmap size does not match the shape")
-        positions = np.flatnonzero(np.unpackbits(np.frombuffer(index_data, dtype=np.uint8))[:numel])
+        positions = _bitmap_positions(index_data, numel)
         if len(positions) != k:
             raise SwarmError(f"AdaTopK packet: the bitmap holds {len(positions)} positions, the header {k}")
     elif kind == DENSE:
@@ -359,6 +338,38 @@ def _decode2(data: bytes, indices: torch.Tensor | None, max_numel: int, device: 
         return values.to(device, DTYPES[code]).view(shape), torch.arange(numel)
     if positions is not None:
         indices = torch.from_numpy(positions.astype(np.int64))
-    out = torch.zeros(numel, dtype=DTYPES[code], device=device)
-    out[indices.to(device)] = values.to(device, DTYPES[code])
-    return out.view(shape), indices
+    return _scatter(values, indices, shape, DTYPES[code], device), indices
+
+
+def _bitmap(positions: np.ndarray, numel: int) -> bytes:
+    """Kept ``positions`` as a bitmap of ``numel`` bits (both layouts' index kind 1)."""
+    bits = np.zeros(numel, dtype=bool)
+    bits[positions] = True
+    return np.packbits(bits).tobytes()
+
+
+def _bitmap_positions(index_data, numel: int) -> np.ndarray:
+    """The positions of a bitmap of ``numel`` bits (refused unless it is exactly that size)."""
+    if len(index_data) != (numel + 7) // 8:
+        raise SwarmError("AdaTopK packet: bitmap size does not match the shape")
+    return np.flatnonzero(np.unpackbits(np.frombuffer(index_data, dtype=np.uint8))[:numel])
+
+
+def _bounded(shape: tuple[int, ...], k: int, block: int, expected_block: int, dtype: torch.dtype, n_data: int,
+             max_numel: int, max_expand: float) -> int:
+    """The element count a packet's header claims, refused when out of bounds or out of proportion to
+    the packet's ``n_data`` bytes (a decompression bomb): checked before anything is allocated."""
+    numel = math.prod(shape)
+    if any(d < 0 for d in shape) or numel > max_numel or not 0 <= k <= numel or block != expected_block:
+        raise SwarmError(f"AdaTopK packet: shape {shape} / k {k} / block {block} out of bounds")
+    if numel * dtype.itemsize > max_expand * n_data:
+        raise SwarmError(f"AdaTopK packet: {n_data} bytes claim {numel * dtype.itemsize} dense bytes "
+                         f"(more than {max_expand:g}x)")
+    return numel
+
+
+def _scatter(values: torch.Tensor, indices: torch.Tensor, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """The dense tensor of ``shape`` holding ``values`` at the flat ``indices``, zeros elsewhere."""
+    out = torch.zeros(math.prod(shape), dtype=dtype, device=device)
+    out[indices.to(device)] = values.to(device, dtype)
+    return out.view(shape)

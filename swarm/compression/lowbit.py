@@ -32,6 +32,11 @@ def value_bytes(n: int, bits: int, block: int = BLOCK) -> int:
     return 2 * math.ceil(n / block) + math.ceil(n * bits / 8)
 
 
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise SwarmError(f"low-bit values: {bits} bits (supported: {', '.join(map(str, BITS))})")
+
+
 def _bf16_up(x: torch.Tensor) -> torch.Tensor:
     """The smallest bfloat16 >= x (x >= 0, float32), as its upper 16 bits."""
     bits = x.contiguous().view(torch.int32)
@@ -45,8 +50,7 @@ def _bf16_value(upper: torch.Tensor) -> torch.Tensor:
 
 def quantise(values: torch.Tensor, bits: int, block: int = BLOCK, generator: torch.Generator | None = None) -> bytes:
     """``values`` (1-D) as scales and codes; ``generator``: stochastic rounding drawn from it."""
-    if bits not in BITS:
-        raise SwarmError(f"low-bit values: {bits} bits (supported: {', '.join(map(str, BITS))})")
+    _check_bits(bits)
     v = values.detach().float().flatten().cpu()
     n = v.numel()
     if n == 0:
@@ -70,8 +74,7 @@ def quantise(values: torch.Tensor, bits: int, block: int = BLOCK, generator: tor
 def dequantise(data: bytes | memoryview, n: int, bits: int, block: int = BLOCK) -> torch.Tensor:
     """The float32 values of ``quantise``'s bytes for ``n`` values (sizes checked by the caller:
     ``len(data) == value_bytes(n, bits, block)``); non-finite scales are refused."""
-    if bits not in BITS:
-        raise SwarmError(f"low-bit values: {bits} bits (supported: {', '.join(map(str, BITS))})")
+    _check_bits(bits)
     if len(data) != value_bytes(n, bits, block):
         raise SwarmError(f"low-bit values: {len(data)} bytes for {n} values of {bits} bits")
     if n == 0:

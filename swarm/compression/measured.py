@@ -50,10 +50,15 @@ def table(path: Path = TABLE_PATH) -> dict[str, tuple[Cost, ...]]:
             for codec, rows in data["codecs"].items()}
 
 
+def _points(codec: str, costs: dict[str, tuple[Cost, ...]]) -> list[tuple[float, float]]:
+    """(ratio, worst gap) of ``codec``'s rows, from (1, 0): nothing is lost uncompressed."""
+    return [(1.0, 0.0), *((c.ratio, c.worst_pct) for c in costs.get(codec, ()))]
+
+
 def _within(codec: str, tolerance_pct: float, costs: dict[str, tuple[Cost, ...]]) -> list[tuple[float, float]]:
     """The ratio intervals where ``codec``'s gap (``gap_at``: linear in log ratio between measured
     rows, from 0 at ratio 1) is at most ``tolerance_pct``."""
-    points = [(1.0, 0.0), *((c.ratio, c.worst_pct) for c in costs.get(codec, ()))]
+    points = _points(codec, costs)
     spans: list[tuple[float, float]] = []
     for (r0, g0), (r1, g1) in zip(points, points[1:]):
         if g0 > tolerance_pct and g1 > tolerance_pct:
@@ -87,8 +92,7 @@ def safe_ratio(codec: str | tuple[str, ...], tolerance_pct: float = DEFAULT_TOLE
 def gap_at(codec: str, ratio: float, costs: dict[str, tuple[Cost, ...]] | None = None) -> float:
     """The measured worst gap (``Cost.worst_pct``) of ``codec`` at ``ratio`` (interpolated in log
     ratio; 0 at ratio 1; beyond its last row: infinite, nothing says it holds there)."""
-    rows = (costs if costs is not None else table()).get(codec, ())
-    points = [(1.0, 0.0), *((c.ratio, c.worst_pct) for c in rows)]
+    points = _points(codec, costs if costs is not None else table())
     for (r0, g0), (r1, g1) in zip(points, points[1:]):
         if ratio <= r1:
             if ratio <= r0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from swarm.compression.measured import DEFAULT_TOLERANCE_PCT, choose
 from swarm.config import AUTO_CODECS, CODEC_BITS, CompressionConfig
-from swarm.scheduler.costs import PlanSettings, ratio_for
+from swarm.scheduler.costs import PlanSettings, ratio_for, wire_fraction
 from swarm.scheduler.plan import LinkPlan
 
 EMA = 0.2   # weight of a new measurement
@@ -101,7 +101,7 @@ class LinkPolicy:
         if self.mode == "fixed":
             return self.fixed_ratio
         settings = PlanSettings(max_ratio=self.max_ratio, codec_bytes_per_s=self.codec_bytes_per_s,
-                                wire_fraction=0.5 if self.half else 1.0)
+                                wire_fraction=wire_fraction(self.half))
         budget = max(self.budget_s, self.compute_s or 0.0)
         return ratio_for(cut_bytes or self.cut_bytes, bandwidth_bps or self.planned_bps, self.flows, budget, settings)
 

@@ -309,6 +309,11 @@ def stage_times(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list
     return float(compute), float(allreduce_time(w.param_bytes[b] - w.param_bytes[a], r, inner))
 
 
+def wire_fraction(half: bool) -> float:
+    """``PlanSettings.wire_fraction`` of links that send uncompressed float32 as bfloat16 (``half``) or not."""
+    return 0.5 if half else 1.0
+
+
 def link_time(cut_bytes, bw_bps: float, flows: int, ratio: float, settings: PlanSettings):
     """Seconds per micro-batch for activation + gradient over ``flows`` parallel pairs at ``ratio``
     (``cut_bytes`` may be an array)."""
