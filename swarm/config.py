@@ -274,9 +274,10 @@ class NodeConfig(Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto", description="what stages compute in: bf16 (autocast, float32 master weights and optimizer "
-        "state; activations cross the wire as bfloat16), fp32, auto (bf16 on CUDA cards that support it, else "
-        "fp32); fp16 is refused until loss scaling across stages is built")
+        default="auto", description="what stages compute in: bf16 or fp16 (autocast, float32 master weights and "
+        "optimizer state; activations cross the wire as bfloat16; fp16 with a dynamic loss scale that travels with "
+        "every micro-batch, an overflow skipping the step on every stage), fp32, auto (bf16 on CUDA cards that "
+        "support it, fp16 on older CUDA cards, else fp32)")
     memory_limit_gb: float | None = Field(default=None, gt=0, le=MAX_MEMORY_GB, description="the most memory "
                                           "(GB, 1e9 bytes) this node advertises and planners may give it (None: what it "
                                           "finds available); `node.py run --max-memory`")

@@ -3,16 +3,20 @@
 Every message is one wire frame (``swarm.wire``, docs/wire.md: byte format unchanged) of a ``kind``,
 scalar ``meta`` and named tensors. Stage protocol ``swarm.stage.v1`` (docs/runtime.md):
 
-- ``Forward`` {step, mb, scale}: a micro-batch's activations ``x0, x1, ...`` and, for the stages
-  after the first, its ``targets``. Answered by ``Grads`` {step, mb, loss, wait_s}: the gradient
-  with respect to those inputs, ``g0, g1, ...`` (sent on the forward's AdaTopK masks).
+- ``Forward`` {step, mb, scale, lscale}: a micro-batch's activations ``x0, x1, ...`` and, for the
+  stages after the first, its ``targets``. Answered by ``Grads`` {step, mb, loss, wait_s, lscale,
+  overflow}: the gradient with respect to those inputs, ``g0, g1, ...`` (sent on the forward's AdaTopK
+  masks), at loss scale ``lscale``; ``overflow``: none, because a gradient of this step overflowed here
+  or further down (the step is skipped everywhere: ``swarm.runtime.precision``).
 - ``Evaluate`` {step, mb}: a validation micro-batch, as ``Forward`` carries it (inputs, and targets
   after the first stage), run forward only: no gradient, nothing kept, the module in eval mode.
   Answered by ``Evaluated`` {step, mb, loss, correct, count}: the last stage's mean loss over the
   micro-batch, and for classifiers how many of its ``count`` samples were right (else null).
-- ``Step`` {step}: every previous-stage replica is done with the step. Answered by ``Stepped``.
-- ``Reduce`` {step, part}: a replica's part ``g`` of the flat gradient, for the part's owner.
-  Answered by ``Reduced`` {step, part}: the sum ``g`` over all replicas.
+- ``Step`` {step, skip}: every previous-stage replica is done with the step (``skip``: it overflowed
+  upstream). Answered by ``Stepped``.
+- ``Reduce`` {step, part, skip}: a replica's part ``g`` of the flat gradient, for the part's owner.
+  Answered by ``Reduced`` {step, part, skip}: the sum ``g`` over all replicas (``skip``: some replica's
+  step overflowed: all skip it).
 - ``Gather`` {step, part}, no tensors: an overlapped sync's part whose owner is gone, asked of another
   replica. Answered by the ``Reduced`` that replica got from the owner (or an error: it got none).
 
@@ -28,12 +32,14 @@ request was refused (``RemoteProtocolError``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from swarm.compression.adatopk import BITS, ChannelScale
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
+from swarm.runtime.precision import MAX_SCALE
 from swarm.wire import Header, Message, pack
 
 FORWARD, GRADS, STEP, STEPPED = "forward", "grads", "step", "stepped"
@@ -56,6 +62,22 @@ def grad_name(i: int) -> str:
     return f"g{i}"
 
 
+def check_scale(value, what: str = "loss scale") -> float:
+    """``value`` as a loss scale (``swarm.runtime.precision``): a power of two in [1, ``MAX_SCALE``] (else ``RemoteProtocolError``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 1 <= value <= MAX_SCALE or math.frexp(value)[0] != 0.5:
+        raise RemoteProtocolError(f"bad {what} {value!r} (a power of two from 1 to 2^24)")
+    return float(value)
+
+
+def flag(meta: dict, key: str) -> bool:
+    """A boolean meta field (absent: False); anything else is refused."""
+    value = meta.get(key, False)
+    if type(value) is not bool:
+        raise RemoteProtocolError(f"'{key}' must be true or false, not {value!r}")
+    return value
+
+
 def input_names(header: Header) -> list[str] | None:
     """The names of a forward request's inputs, in order, if they are ``x0, x1, ...`` without gaps
     beside at most ``targets`` (None otherwise)."""
@@ -76,6 +98,7 @@ class Forward:
     targets: torch.Tensor | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)   # AdaTopK kept positions, by input name
     grad_bits: int | None = None   # gradients come back as ATK2 packets of values this wide (16: bfloat16; None: as is)
+    loss_scale: float = 1.0        # the loss scale its step started with at the first stage
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {input_name(i): x for i, x in enumerate(self.inputs)}
@@ -91,6 +114,8 @@ class Forward:
         tensors = self.tensors()
         ratios = {k: ratio for k, t in tensors.items() if t.is_floating_point()}
         meta = {"step": self.step, "mb": self.mb, "scale": self.scale}
+        if self.loss_scale != 1:
+            meta["lscale"] = self.loss_scale
         if ratio > 1 and scales is not None and scales.bits is not None:
             meta["gbits"] = scales.bits
         halves = frozenset(k for k, t in tensors.items() if t.dtype == torch.float32) if half and ratio <= 1 else frozenset()
@@ -113,7 +138,8 @@ class Forward:
         bits = msg.meta.get("gbits")
         if bits is not None and (type(bits) is not int or bits not in (*BITS, HALF_BITS)):
             raise RemoteProtocolError(f"bad gradient bits {bits!r} (supported: {', '.join(map(str, (*BITS, HALF_BITS)))})")
-        return cls(msg.meta["step"], mb, float(scale), inputs, msg.tensors.get(TARGETS), masks, bits)
+        return cls(msg.meta["step"], mb, float(scale), inputs, msg.tensors.get(TARGETS), masks, bits,
+                   check_scale(msg.meta.get("lscale", 1.0)))
 
     def raw_bytes(self) -> int:
         """Bytes of the floating-point tensors uncompressed (the activations a codec works on)."""
@@ -155,6 +181,8 @@ class Grads:
     loss: float | None
     grads: list[torch.Tensor | None]
     wait_s: float = 0.0   # seconds of the round trip this stage spent waiting on its next stage
+    scale: float = 1.0    # the loss scale the gradients carry
+    overflow: bool = False   # no gradients: the step overflowed here or downstream
 
     def to_frame(self, forward_masks: dict[str, torch.Tensor] | None = None, bits: int | None = None) -> bytes:
         """The reply frame; each gradient goes back on its input's AdaTopK mask (no indices), in ATK2
@@ -162,14 +190,20 @@ class Grads:
         masks = forward_masks or {}
         reuse = {grad_name(i): masks[input_name(i)] for i in range(len(self.grads)) if input_name(i) in masks}
         meta = {"step": self.step, "mb": self.mb, "loss": self.loss, "wait_s": self.wait_s}
+        if self.scale != 1:
+            meta["lscale"] = self.scale
+        if self.overflow:
+            meta["overflow"] = True
         grads = {grad_name(i): g for i, g in enumerate(self.grads) if g is not None}
         halves = frozenset(k for k in grads if k not in reuse) if bits == HALF_BITS else frozenset()
         return pack(GRADS, meta, grads, reuse=reuse, reuse_bits=None if bits == HALF_BITS else bits, half=halves)[0]
 
     @classmethod
     def from_message(cls, msg: Message, n_inputs: int) -> Grads:
+        overflow = flag(msg.meta, "overflow")
         return cls(msg.meta.get("step"), msg.meta.get("mb"), msg.meta.get("loss"),
-                   [msg.tensors.get(grad_name(i)) for i in range(n_inputs)], msg.meta.get("wait_s", 0.0))
+                   [None] * n_inputs if overflow else [msg.tensors.get(grad_name(i)) for i in range(n_inputs)],
+                   msg.meta.get("wait_s", 0.0), check_scale(msg.meta.get("lscale", 1.0)), overflow)
 
     @staticmethod
     def expected(outputs: list[torch.Tensor]) -> dict[str, tuple[list[int], str]]:
@@ -186,9 +220,10 @@ class Grads:
 @dataclass(frozen=True)
 class Step:
     step: int
+    skip: bool = False   # the step overflowed upstream: not applied anywhere
 
     def to_frame(self) -> bytes:
-        return pack(STEP, {"step": self.step}, {})[0]
+        return pack(STEP, {"step": self.step, **({"skip": True} if self.skip else {})}, {})[0]
 
 
 @dataclass(frozen=True)
@@ -207,13 +242,17 @@ class Reduce:
     step: int
     part: int
     g: torch.Tensor | dict[str, torch.Tensor]
+    skip: bool = False   # this replica's step overflowed (the reply: some replica's did)
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.g if isinstance(self.g, dict) else {PART: self.g}
 
+    def meta(self) -> dict:
+        return {"step": self.step, "part": self.part, **({"skip": True} if self.skip else {})}
+
     def to_frame(self) -> bytes:
-        return pack(REDUCE, {"step": self.step, "part": self.part}, self.tensors)[0]
+        return pack(REDUCE, self.meta(), self.tensors)[0]
 
 
 @dataclass
@@ -221,7 +260,7 @@ class Reduced(Reduce):
     """The owner's answer: the sum of the part over all replicas (encoded like the contributions)."""
 
     def to_frame(self) -> bytes:
-        return pack(REDUCED, {"step": self.step, "part": self.part}, self.tensors)[0]
+        return pack(REDUCED, self.meta(), self.tensors)[0]
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ first stage's threads (its event loop and its compute thread), from reading the 
 optimizer step, with the next stage answered by a stub (its code is not the first stage's).
 
 docs/architecture.md lists the modules. The step's logic lives in at most six of them; the rest are
-the codec and stream leaves the link calls through (named here, so that a new module on the path
-shows up as a failure to be looked at), and the model's own code (``swarm.models.*``: what is trained).
+leaves that hold none of it: the codecs and streams the link calls through, the compute thread and the
+counters (named here, so that a new module on the path shows up as a failure to be looked at), and the
+model's own code (``swarm.models.*``: what is trained).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from tests.test_hostile_frames import gpt_stages
 
 STEP_LOGIC = {"swarm.data", "swarm.pipeline.driver", "swarm.pipeline.service", "swarm.pipeline.protocol",
               "swarm.pipeline.link", "swarm.runtime.worker"}
-LEAVES = {"swarm.messages", "swarm.wire", "swarm.pipeline.frames", "swarm.net.streams", "swarm.refusals"}
+LEAVES = {"swarm.messages", "swarm.wire", "swarm.pipeline.frames", "swarm.net.streams", "swarm.refusals",
+          "swarm.runtime.runner", "swarm.runtime.counters"}
 
 
 def stub_next_stage(outputs_shape: list[int]):

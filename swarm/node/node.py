@@ -100,7 +100,7 @@ class Node:
         identity = node_identity(net)
         authorizer = private_swarm(net, identity)
         profile = load_or_measure(cfg.device)
-        resolve_precision(cfg.precision, profile.device)   # fp16 (not built) is an error now, not at the first plan
+        resolve_precision(cfg.precision, profile.device)   # a bad setting is an error now, not at the first plan
         traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)
         training_data(cfg.training.data, *model_io(traced))   # a bad data source is an error now, not after the election
         model_tflops = _model_tflops(traced, profile.device)

@@ -44,7 +44,7 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
     done = {} if done is None else done
     gate = asyncio.Semaphore(in_flight)
     deadline = time.monotonic() + deadline_s
-    scale = 1 / (micro_batches * world)
+    scale, loss_scale = 1 / (micro_batches * world), first.worker.step_scale.stamp()
 
     async def one(m: int, x: torch.Tensor, y: torch.Tensor) -> float:
         mb = rank * micro_batches + m
@@ -55,7 +55,7 @@ async def train_step(first: StageServer, inputs: torch.Tensor, targets: torch.Te
             async with gate:
                 await first.reach(step)   # (a re-plan may have moved the stage on)
                 first.protocol.take_forward()
-                grads = await first.own(first.micro_batch(Forward(step, mb, scale, [x], y)))
+                grads = await first.own(first.micro_batch(Forward(step, mb, scale, [x], y, loss_scale=loss_scale)))
                 first.protocol.remember(step, mb, LOCAL_REPLY)
                 return float(grads.loss)
         done[mb] = await with_backoff(attempt, deadline)

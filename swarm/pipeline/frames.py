@@ -6,7 +6,7 @@ from __future__ import annotations
 from swarm.errors import Poisoned, RemoteProtocolError, SwarmError
 from swarm.messages import ERROR
 from swarm.refusals import Bans, Refusals, short
-from swarm.runtime.worker import Counters
+from swarm.runtime.counters import Counters
 from swarm.wire import Header, Limits, Message, decode, non_finite, read_header
 
 

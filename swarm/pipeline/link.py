@@ -16,7 +16,7 @@ from swarm.messages import EVALUATED, GRADS, STEPPED, Evaluate, Evaluated, Forwa
 from swarm.net.streams import PREFIX_BYTES, Call, with_backoff
 from swarm.pipeline.frames import FrameChecker
 from swarm.pipeline.protocol import StageProtocol
-from swarm.runtime.worker import Counters
+from swarm.runtime.counters import Counters
 from swarm.wire import Message
 
 
@@ -132,9 +132,10 @@ class NextStage:
         rate, old = flops / local / 1e12, self.counters.delivered.get(peer)
         self.counters.delivered[peer] = rate if old is None else 0.8 * old + 0.2 * rate
 
-    async def pass_on(self, step: int) -> None:
-        """Send ``step`` to every next-stage replica, again after a transient failure, until the time-out."""
-        frame = Step(step).to_frame()
+    async def pass_on(self, step: int, skip: bool = False) -> None:
+        """Send ``step`` to every next-stage replica (``skip``: it overflowed here or upstream), again after
+        a transient failure, until the time-out."""
+        frame = Step(step, skip).to_frame()
 
         async def one(peer: str) -> None:
             async def attempt() -> None:

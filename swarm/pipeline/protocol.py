@@ -97,16 +97,18 @@ class Round:
     replicas: tuple[str, ...]
     numel: int
     got: dict[str, torch.Tensor] = field(default_factory=dict)
+    skip: bool = False   # some replica's step overflowed: every replica skips it
 
-    def add(self, peer: str, part: torch.Tensor) -> torch.Tensor | None:
-        """Add ``peer``'s part; the sum over all replicas (peer-id order) once the last one came."""
+    def add(self, peer: str, part: torch.Tensor, skip: bool = False) -> torch.Tensor | None:
+        """Add ``peer``'s part (``skip``: its step overflowed); the sum over all replicas (peer-id order)
+        once the last one came."""
         if peer not in self.replicas:
             raise RemoteProtocolError(f"peer {short(peer)} is not a replica of this stage")
         if part.dtype != torch.float32 or part.dim() != 1 or part.numel() != self.numel:
             raise RemoteProtocolError(f"gradient part must be float32 [{self.numel}], got {part.dtype} {list(part.shape)}")
         if peer in self.got:
             return None
-        self.got[peer] = part
+        self.got[peer], self.skip = part, self.skip or skip
         if len(self.got) < len(self.replicas):
             return None
         total = torch.zeros(self.numel)
@@ -289,12 +291,13 @@ class StageProtocol:
     def own_part(self) -> int:
         return self.hood.replicas.index(self.hood.me)
 
-    def contribute(self, step: int, peer: str, part: torch.Tensor) -> torch.Tensor | None:
-        """Add ``peer``'s contribution to this replica's part of ``step``; the sum once complete."""
+    def contribute(self, step: int, peer: str, part: torch.Tensor, skip: bool = False) -> torch.Tensor | None:
+        """Add ``peer``'s contribution to this replica's part of ``step``; the sum once complete (and
+        ``rounds[step].skip``: whether any replica's step overflowed)."""
         if step not in self.rounds:
             lo, hi = self.bounds()[self.own_part]
             self.rounds[step] = Round(self.hood.replicas, hi - lo)
-        return self.rounds[step].add(peer, part)
+        return self.rounds[step].add(peer, part, skip)
 
     # routing
     def route(self, mb: int, now: float) -> list[str]:

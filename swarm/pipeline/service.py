@@ -34,6 +34,7 @@ from swarm.messages import (
     Grads,
     Stepped,
     error_frame,
+    flag,
     grad_name,
     input_name,
 )
@@ -44,8 +45,10 @@ from swarm.pipeline.link import NextStage
 from swarm.pipeline.protocol import Neighbours, StageProtocol, StepStatus
 from swarm.pipeline.sync import ReplicaSync
 from swarm.refusals import Bans, CallableLogger, Refusals
+from swarm.runtime.counters import Counters, Timeline, Warnings
 from swarm.runtime.outer import OuterSettings, OuterState
-from swarm.runtime.worker import Counters, PriorityRunner, StageWorker, Timeline, Warnings
+from swarm.runtime.runner import PriorityRunner
+from swarm.runtime.worker import StageWorker
 from swarm.wire import Limits, non_finite
 
 logger = logging.getLogger(__name__)
@@ -167,7 +170,9 @@ class StageServer:
                     return (await self.evaluate(Evaluate.from_message(msg))).to_frame()
                 if msg.kind == GATHER:
                     return await self.sync.gather(msg)
-                return await (self._step(step, sender) if msg.kind == STEP else self.sync.reduce(msg, sender))
+                if msg.kind == STEP:
+                    return await self._step(step, sender, flag(msg.meta, "skip"))
+                return await self.sync.reduce(msg, sender)
         except Exception as e:
             self.counters.errors += 1
             if isinstance(e, RemoteProtocolError):
@@ -232,7 +237,8 @@ class StageServer:
         """Forward ``fwd`` here, through the rest of the pipeline, and backward: the gradient of this
         stage's inputs (and the loss, from the last stage)."""
         step, index, last = self.worker.step_id, self.worker.stage.io.index, not self.peers.downstream
-        outputs, forward_s = await self._pass(False, self.worker.forward, fwd.mb, fwd.inputs, fwd.targets, fwd.scale)
+        outputs, forward_s = await self._pass(False, self.worker.forward, fwd.mb, fwd.inputs, fwd.targets, fwd.scale,
+                                              fwd.loss_scale)
         wait_s = 0.0
         if last:
             loss = outputs[0].item()
@@ -249,14 +255,21 @@ class StageServer:
                     self.warn.once("forward", f"stage {index} computed non-finite activations ({bad}) in step {step}; not sent")
                     raise SwarmError(f"stage {index} computed non-finite activations ({bad})")
                 sent_at = time.perf_counter()
-                reply = await self.link.forward(Forward(step, fwd.mb, fwd.scale, outputs, fwd.targets))
+                reply = await self.link.forward(Forward(step, fwd.mb, fwd.scale, outputs, fwd.targets,
+                                                        loss_scale=fwd.loss_scale))
                 wait_s = time.perf_counter() - sent_at   # told upstream: its share of the round trip is not ours
             except BaseException:
                 await self.compute.work(True, self.worker.drop, fwd.mb)
                 raise
             loss = reply.meta.get("loss")
             down = Grads.from_message(reply, len(outputs))
-            grads, backward_s = await self._pass(True, self.worker.backward, fwd.mb, down.grads)
+            if down.overflow:
+                self.worker.skip(f"gradient overflow downstream of stage {index}")
+            grads, backward_s = await self._pass(True, self.worker.backward, fwd.mb, down.grads, down.scale)
+        if self.worker.overflowed:   # nothing to send: every stage skips this step (the verdict goes up with the reply)
+            self.counters.compute_s += forward_s + backward_s
+            self.counters.micro_batches += 1
+            return Grads(step, fwd.mb, loss, [None] * len(grads), wait_s, self.worker.step_scale.scale, overflow=True)
         bad = non_finite({grad_name(i): g for i, g in enumerate(grads) if g is not None})
         if bad is not None:   # accumulated here (this step will be skipped), never sent upstream
             self.warn.once("backward", f"stage {index} computed non-finite input gradients ({bad}) in step {step}; not sent")
@@ -265,7 +278,7 @@ class StageServer:
         self.counters.micro_batches += 1
         if self.link.policy is not None:
             self.link.policy.observe_compute(forward_s + backward_s)
-        return Grads(step, fwd.mb, loss, grads, wait_s)
+        return Grads(step, fwd.mb, loss, grads, wait_s, self.worker.step_scale.scale)
 
     async def evaluate(self, ev: Evaluate) -> Evaluated:
         """A validation micro-batch forward here and through the rest of the pipeline: the last stage's
@@ -293,7 +306,9 @@ class StageServer:
         return await self.compute.work(backward, timed)
 
     # closing a step
-    async def _step(self, step: int, sender: str) -> bytes:
+    async def _step(self, step: int, sender: str, skip: bool = False) -> bytes:
+        if skip and step == self.worker.step_id and step not in self.protocol.finishing:
+            self.worker.skip(f"gradient overflow upstream (stage {self.worker.stage.io.index - 1}, {sender[-8:]})")
         all_in = self.steps.all_in.setdefault(step, asyncio.Event())
         if self.protocol.arrive(step, sender):
             self.steps.finishing[step] = asyncio.ensure_future(self._finish(step))
@@ -315,7 +330,8 @@ class StageServer:
         """All micro-batches of ``step`` are done here: sum with the replicas, step, pass it on."""
         try:
             await self.settle()   # the previous step reached every downstream stage
-            self.steps.passing = asyncio.ensure_future(self.link.pass_on(step))   # the next stage sums and steps meanwhile
+            # the next stage sums and steps meanwhile (told whether the step overflowed)
+            self.steps.passing = asyncio.ensure_future(self.link.pass_on(step, self.worker.overflowed))
             started = time.perf_counter()
             await self._reduce_and_apply(step)
             self.counters.reduce_s += time.perf_counter() - started

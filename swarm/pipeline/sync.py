@@ -23,7 +23,7 @@ import asyncio
 import torch
 
 from swarm.errors import PeerUnavailable, RemoteProtocolError, SwarmError
-from swarm.messages import PART, REDUCED, Gather, Reduce, Reduced, check_reply
+from swarm.messages import PART, REDUCED, Gather, Reduce, Reduced, check_reply, flag
 from swarm.net.streams import PREFIX_BYTES, describe
 from swarm.runtime.outer import OuterCodec, OuterSettings, OuterState
 from swarm.wire import Message
@@ -72,11 +72,14 @@ class ReplicaSync:
         codec = protocol.exchange(step) if protocol.flat_numel else None
         if protocol.outer is None:   # synchronous replicas: sum the gradients, then step
             if codec is not None:
+                await work(True, worker.unscale)   # the replicas sum true gradients, whatever scales they carried
                 flat = await work(True, worker.flat_grads)
-                if not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
+                if worker.overflowed:   # every replica skips the step: the sum only has to stay finite
+                    flat = torch.zeros_like(flat)
+                elif not bool(torch.isfinite(flat).all()):   # the replicas' sum must stay finite (and identical)
                     self._warn(f"own gradient of step {step} is not finite; this replica contributes zeros to the all-reduce")
                     flat = torch.zeros_like(flat)
-                await work(True, worker.set_flat_grads, await self.all_reduce(step, codec, flat))
+                await work(True, worker.set_flat_grads, await self.all_reduce(step, codec, flat, skip=worker.overflowed))
             return None
         self.outer_state(protocol.outer)   # anchored before the first inner step (where the replicas agree)
         await work(True, worker.scale_grads, len(self.replicas))   # an inner step on its own micro-batches
@@ -165,9 +168,11 @@ class ReplicaSync:
             self.got.pop(step, None)
             self.encoders.pop(step, None)
 
-    async def all_reduce(self, step: int, codec: OuterCodec, flat: torch.Tensor, state: OuterState | None = None):
+    async def all_reduce(self, step: int, codec: OuterCodec, flat: torch.Tensor, state: OuterState | None = None,
+                         skip: bool = False):
         """The sum of ``flat`` over the replicas (butterfly; parts encoded by ``codec``, with the error
-        feedback of ``state`` when it has one), identical on every replica."""
+        feedback of ``state`` when it has one), identical on every replica. ``skip``: this replica's step
+        overflowed; where any replica's did, the worker skips the step (``StageWorker.skip``)."""
         bounds, mine = self.server.protocol.bounds(), self.server.protocol.own_part
         if state is None:
             payloads = [{PART: flat[lo:hi].clone()} for lo, hi in bounds]
@@ -176,37 +181,40 @@ class ReplicaSync:
             encoded = await asyncio.to_thread(lambda: [state.own.encode(flat[lo:hi], lo, hi) for lo, hi in bounds])
             payloads, own = [payload for payload, _ in encoded], encoded[mine][1]
         self.encoders[step] = (codec, state)
-        self.contribute(step, self.server.peers.me, own)
-        sums = await asyncio.gather(*(self._part(step, j, payloads[j], codec, hi - lo) for j, (lo, hi) in enumerate(bounds)))
-        return torch.cat(sums)
+        self.contribute(step, self.server.peers.me, own, skip)
+        sums = await asyncio.gather(*(self._part(step, j, payloads[j], codec, hi - lo, skip) for j, (lo, hi) in enumerate(bounds)))
+        if any(skipped for _, skipped in sums):
+            self.server.worker.skip("gradient overflow at a replica")
+        return torch.cat([total for total, _ in sums])
 
-    async def _part(self, step: int, j: int, payload: dict[str, torch.Tensor], codec: OuterCodec, numel: int):
+    async def _part(self, step: int, j: int, payload: dict[str, torch.Tensor], codec: OuterCodec, numel: int,
+                    skip: bool = False) -> tuple[torch.Tensor, bool]:
         """The sum over all replicas of part ``j`` (this replica's own: as the others' contributions
-        arrive; another's: from its owner, decoded)."""
+        arrive; another's: from its owner, decoded), and whether any replica's step overflowed."""
         server = self.server
         if j == server.protocol.own_part:
-            total, _ = await asyncio.wait_for(asyncio.shield(server.steps.sum_of(step)), server.timeout_s)
-            return total
+            total, _, skipped = await asyncio.wait_for(asyncio.shield(server.steps.sum_of(step)), server.timeout_s)
+            return total, skipped
         got = self._got(step, j)
         try:
-            tensors = await self._from_owner(step, j, payload, codec, numel)
+            tensors, skipped = await self._from_owner(step, j, payload, codec, numel, skip)
         except PeerUnavailable as e:
             _settle(got, None)
             if not server.protocol.overlapped or len(self.replicas) < 3:
                 raise
-            tensors = await self._gather(step, j, codec, numel, e)
+            tensors, skipped = await self._gather(step, j, codec, numel, e)
         except BaseException:
             _settle(got, None)
             raise
         _settle(got, tensors)
-        return codec.decode(tensors, numel)
+        return codec.decode(tensors, numel), skipped
 
     async def _from_owner(self, step: int, j: int, payload: dict[str, torch.Tensor], codec: OuterCodec,
-                          numel: int) -> dict[str, torch.Tensor]:
+                          numel: int, skip: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
         """Part ``j``'s encoded sum from its owner, for this replica's contribution ``payload`` (asked
-        again, ``PART_TRIES``, in an overlapped sync)."""
+        again, ``PART_TRIES``, in an overlapped sync), and the owner's overflow verdict."""
         server, owner = self.server, self.replicas[j]
-        frame = Reduce(step, j, payload).to_frame()
+        frame = Reduce(step, j, payload, skip).to_frame()
         tries = PART_TRIES if server.protocol.overlapped else 1
         for attempt in range(1, tries + 1):
             server.counters.sent(owner, len(frame) + PREFIX_BYTES, reduce=True)
@@ -223,14 +231,17 @@ class ReplicaSync:
     def _got(self, step: int, j: int) -> asyncio.Future:
         return self.got.setdefault(step, {}).setdefault(j, asyncio.get_running_loop().create_future())
 
-    def _summed(self, answer: bytes, peer: str, codec: OuterCodec, numel: int) -> dict[str, torch.Tensor]:
-        """The tensors of ``peer``'s reply with a part's sum (checked: kind, shapes, an error reply)."""
+    def _summed(self, answer: bytes, peer: str, codec: OuterCodec, numel: int) -> tuple[dict[str, torch.Tensor], bool]:
+        """The tensors of ``peer``'s reply with a part's sum (checked: kind, shapes, an error reply), and
+        its ``skip``."""
         try:
-            return check_reply(self.server.checker.reply(answer, peer, REDUCED, codec.shapes(numel)), "all-reduce").tensors
+            reply = check_reply(self.server.checker.reply(answer, peer, REDUCED, codec.shapes(numel)), "all-reduce")
+            return reply.tensors, flag(reply.meta, "skip")
         except RemoteProtocolError as e:
             raise RemoteProtocolError(f"all-reduce: replica {peer[-8:]} sent a malformed sum ({e})") from None
 
-    async def _gather(self, step: int, j: int, codec: OuterCodec, numel: int, why: SwarmError) -> dict[str, torch.Tensor]:
+    async def _gather(self, step: int, j: int, codec: OuterCodec, numel: int,
+                      why: SwarmError) -> tuple[dict[str, torch.Tensor], bool]:
         """Part ``j``'s sum from another replica, its owner being gone (``why``)."""
         owner, me = self.replicas[j], self.server.peers.me
         others = [r for r in self.replicas if r not in (owner, me)]
@@ -238,12 +249,12 @@ class ReplicaSync:
                    f"asking {len(others)} other replicas for its part's sum")
         frame = Gather(step, j).to_frame()
 
-        async def ask(peer: str) -> dict[str, torch.Tensor]:
+        async def ask(peer: str) -> tuple[dict[str, torch.Tensor], bool]:
             self.server.counters.sent(peer, len(frame) + PREFIX_BYTES, reduce=True)
             return self._summed(await self.server.link.call(peer, frame), peer, codec, numel)
         answers = await asyncio.gather(*(ask(r) for r in others), return_exceptions=True)
         for answer in answers:
-            if isinstance(answer, dict):
+            if isinstance(answer, tuple):
                 return answer
             if not isinstance(answer, SwarmError):
                 raise answer
@@ -260,18 +271,21 @@ class ReplicaSync:
             raise PeerUnavailable(f"this replica got no sum of part {part} of step {step} from its owner either")
         return Reduced(step, part, done[1] if part == self.server.protocol.own_part else done).to_frame()
 
-    def contribute(self, step: int, peer: str, part: torch.Tensor) -> None:
+    def contribute(self, step: int, peer: str, part: torch.Tensor, skip: bool = False) -> None:
+        """``peer``'s contribution to this replica's part (``skip``: its step overflowed); once all are in,
+        the part's sum future holds (sum, payload sent back, any replica overflowed)."""
         protocol = self.server.protocol
-        total = protocol.contribute(step, peer, part)
+        total = protocol.contribute(step, peer, part, skip)
         future = self.server.steps.sum_of(step)
         if total is not None and not future.done():
             codec, state = self.encoders.get(step, (None, None))
+            skipped = protocol.rounds[step].skip
             if state is None:   # the sum as it is (raw gradients)
-                future.set_result((total, {PART: total}))
+                future.set_result((total, {PART: total}, skipped))
             else:               # the sum encoded once, with this owner's error feedback: what everyone decodes
                 lo, hi = protocol.bounds()[protocol.own_part]
                 payload, sent = state.owned.encode(total, lo, hi)
-                future.set_result((sent, payload))
+                future.set_result((sent, payload, skipped))
 
     async def reduce(self, msg: Message, sender: str) -> bytes:
         """A replica's part for this replica to sum: the reply is the sum, once every replica's is in."""
@@ -279,9 +293,10 @@ class ReplicaSync:
         lo, hi = self.server.protocol.bounds()[part]
         done = self.server.steps.sums.get(step)
         if done is None or not done.done():   # else: asked again for a sum this owner has finished
-            self.contribute(step, sender, self.server.protocol.exchange(step).decode(msg.tensors, hi - lo))
-        _, payload = await asyncio.wait_for(asyncio.shield(self.server.steps.sum_of(step)), self.server.timeout_s)
-        return Reduced(step, part, payload).to_frame()
+            self.contribute(step, sender, self.server.protocol.exchange(step).decode(msg.tensors, hi - lo),
+                            flag(msg.meta, "skip"))
+        _, payload, skipped = await asyncio.wait_for(asyncio.shield(self.server.steps.sum_of(step)), self.server.timeout_s)
+        return Reduced(step, part, payload, skipped).to_frame()
 
     def close(self) -> None:
         if self.exchange is not None:

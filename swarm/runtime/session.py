@@ -120,7 +120,7 @@ class TrainingSession:
         hood = _neighbours(plan, me, self.index)
         policy = None if last else LinkPolicy.from_config(cfg.compression, plan.links[self.index], plan.bottleneck_s,
                                                           min(len(hood.replicas), len(hood.downstream)),
-                                                          half=self.worker.compute.precision == "bf16")
+                                                          half=self.worker.compute.half)
         self.server = StageServer(self.worker, hood, stage_caller(p2p, limits, training.timeout_s), limits, policy,
                                   bandwidth, training.timeout_s, training.schedule, admit=admit, log=log, bans=bans,
                                   hooks=StepHooks(self._stepped, before_apply), events=Events(training.metrics_path, me),

@@ -1,24 +1,19 @@
 """One pipeline stage at work: forward and backward passes by micro-batch id, gradient accumulation,
 an optimizer step per training step (``StageWorker``; transport-agnostic: tensors in, tensors out),
-the one compute thread its passes run on (``PriorityRunner``), and what the stage counts
-(``Counters``, read into the metrics rows; ``Timeline``: pipeline fill and drain; ``Warnings``)."""
+what it computes in (``Compute``) and its step's loss scale (``StepScale``, ``swarm.runtime.precision``),
+on the one compute thread of ``swarm.runtime.runner``. What a stage counts: ``swarm.runtime.counters``."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import heapq
-import itertools
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
 from swarm.runtime.allreduce import flatten, split
-from swarm.runtime.precision import resolve
+from swarm.runtime.precision import DTYPES, GROWTH_INTERVAL, HALF_PRECISIONS, INIT_SCALE, MAX_SCALE, resolve
 from swarm.runtime.state import OpState, restore
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,17 +24,79 @@ class Compute:
     """Where and in what a stage computes (``precision``: ``swarm.runtime.precision.resolve``)."""
 
     device: torch.device
-    precision: str = "fp32"   # fp32 | bf16 (``resolve``)
+    precision: str = "fp32"   # fp32 | bf16 | fp16 (``resolve``)
+
+    @property
+    def half(self) -> bool:
+        """Computes in 16 bits: its float32 traffic crosses the wire as bfloat16."""
+        return self.precision in HALF_PRECISIONS
 
     def autocast(self):
-        if self.precision != "bf16":
+        if not self.half:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
 
     def leaving(self, t: torch.Tensor) -> torch.Tensor:
-        """An output as it leaves the stage: under bf16 autocast, float32 holding the bfloat16 values
+        """An output as it leaves the stage: under half autocast, float32 holding the half values
         (the traced boundary, and the next stage's checks, are float32)."""
-        return t.float() if self.precision == "bf16" and t.dtype == torch.bfloat16 else t
+        return t.float() if self.half and t.dtype == DTYPES[self.precision] else t
+
+
+@dataclass
+class StepScale:
+    """A stage's loss scale and what becomes of its steps. ``dynamic`` (fp16 at the first stage): the
+    scale it stamps on its micro-batches, halved after a skipped step, doubled after ``GROWTH_INTERVAL``
+    applied ones. Every stage keeps its step's own scale (``scale``: the first micro-batch's, once
+    ``taken``), whether its gradients are unscaled yet, and why the step will not be applied
+    (``pending``: an overflow seen here or reported by a peer); ``skipped`` steps so far, and why the
+    newest was (``newest``; None: it was applied)."""
+
+    dynamic: bool = False
+    scale: float = 1.0
+    good_steps: int = 0
+    taken: bool = False
+    unscaled: bool = False
+    pending: str | None = None
+    newest: str | None = None
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dynamic and self.scale == 1.0:
+            self.scale = INIT_SCALE
+
+    def stamp(self) -> float:
+        """The scale this stage's own micro-batches start with."""
+        return self.scale if self.dynamic else 1.0
+
+    def take(self, incoming: float) -> float:
+        """A micro-batch of the current step arrives at ``incoming``: the factor that brings what it
+        carries to the step's scale (the first arrival sets it)."""
+        if not self.taken:
+            self.scale, self.taken = incoming, True
+        return self.scale / incoming
+
+    def skip(self, why: str) -> None:
+        """The current step will not be applied (the first reason is kept)."""
+        self.pending = self.pending or why
+
+    def close(self) -> bool:
+        """The step ends: whether it is applied (none pending); the next step's scale."""
+        applied, self.newest, self.pending = self.pending is None, self.pending, None
+        self.skipped += not applied
+        if self.dynamic:
+            if not applied:
+                self.scale, self.good_steps = max(1.0, self.scale / 2), 0
+            else:
+                self.good_steps += 1
+                if self.good_steps >= GROWTH_INTERVAL:
+                    self.scale, self.good_steps = min(MAX_SCALE, self.scale * 2), 0
+        self.taken = self.unscaled = False
+        return applied
+
+
+def all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -75,6 +132,7 @@ class StageWorker:
                  precision: str = "fp32"):
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
         self.compute = Compute(torch.device(device), resolve(precision, device))
+        self.step_scale = StepScale(dynamic=self.compute.precision == "fp16")   # and why steps are skipped
         stage.module.to(self.device)
         self.lr_schedule = LrSchedule(lr, warmup_steps)
         self.input_specs, self.max_batch = input_specs, max_batch
@@ -84,8 +142,6 @@ class StageWorker:
         self.step_id = 0
         self.backwards = 0       # micro-batches of this step whose gradients are accumulated
         self.reduced = False     # this step's gradients are the replicas' sum
-        self.skipped_steps = 0   # steps whose update was not finite: not applied
-        self.skipped: str | None = None   # why the newest step was skipped (None: it was applied)
 
     @property
     def is_last(self) -> bool:
@@ -95,15 +151,37 @@ class StageWorker:
     def device(self) -> torch.device:
         return self.compute.device
 
+    @property
+    def skipped_steps(self) -> int:
+        return self.step_scale.skipped
+
+    @property
+    def skipped(self) -> str | None:
+        """Why the newest step was skipped (None: it was applied)."""
+        return self.step_scale.newest
+
+    @property
+    def scaled(self) -> bool:
+        """The current step's gradients carry a loss scale: a non-finite one is an overflow (the step is
+        skipped by every stage), not a failure."""
+        return self.compute.precision == "fp16" or self.step_scale.scale > 1
+
+    @property
+    def overflowed(self) -> bool:
+        """The current step will be skipped by every stage (an overflow here or one a peer reported)."""
+        return self.step_scale.pending is not None
+
     def forward(self, mb: int, inputs: list[torch.Tensor], targets: torch.Tensor | None = None,
-                scale: float = 1.0) -> list[torch.Tensor]:
+                scale: float = 1.0, loss_scale: float = 1.0) -> list[torch.Tensor]:
         """Outputs of micro-batch ``mb`` (detached); the last stage returns ``[loss]`` and will
-        backpropagate ``loss * scale`` (1 / micro-batches: accumulated gradients are the mean)."""
+        backpropagate ``loss * scale`` (1 / micro-batches: accumulated gradients are the mean) times
+        the step's loss scale (``loss_scale``: the micro-batch's, ``LossScale.take``)."""
         if mb in self.saved:
             raise SwarmError(f"micro-batch {mb} of step {self.step_id} is already in flight")
         if len(self.saved) >= self.max_in_flight:
             raise SwarmError(f"more than {self.max_in_flight} micro-batches in flight")
         self._check(inputs)
+        self.step_scale.take(loss_scale)
         leaves = [t.detach().to(self.device).requires_grad_(t.is_floating_point()) for t in inputs]
         with self.compute.autocast():
             outputs = list(self.stage.module(*leaves))
@@ -111,7 +189,7 @@ class StageWorker:
             if targets is None:
                 raise SwarmError("the last stage needs targets")
             loss = self.loss_fn(self.compute.leaving(outputs[0]), targets.to(self.device))
-            self.saved[mb] = (leaves, [loss * scale])
+            self.saved[mb] = (leaves, [loss * (scale * self.step_scale.scale)])
             return [loss.detach()]
         self.saved[mb] = (leaves, outputs)
         return [self.compute.leaving(o.detach()) for o in outputs]
@@ -158,20 +236,28 @@ class StageWorker:
             if not ok:
                 raise SwarmError(f"input {i}: {got} {list(got_shape)} does not match the stage's {want}")
 
-    def backward(self, mb: int, grads: list[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+    def backward(self, mb: int, grads: list[torch.Tensor | None] | None = None,
+                 grad_scale: float | None = None) -> list[torch.Tensor | None]:
         """Gradients w.r.t. the inputs of micro-batch ``mb`` given those w.r.t. its outputs (the last
-        stage needs none: it starts from its loss)."""
+        stage needs none: it starts from its loss), at the step's loss scale (``grads`` carry
+        ``grad_scale``: brought to it first). In a scaled step a non-finite gradient here is an overflow
+        (``StepScale.pending``; the caller tells its neighbours)."""
         if mb not in self.saved:
             raise SwarmError(f"no forward pass of micro-batch {mb} in step {self.step_id} to differentiate")
         leaves, outputs = self.saved.pop(mb)
         if self.is_last:
             outputs[0].backward()
         else:
-            pairs = [(o, g) for o, g in zip(outputs, grads or []) if g is not None and o.requires_grad]
+            factor = self.step_scale.scale / grad_scale if grad_scale else 1.0
+            pairs = [(o, g if factor == 1 else g * factor) for o, g in zip(outputs, grads or [])
+                     if g is not None and o.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g.to(self.device, o.dtype) for o, g in pairs])
         self.backwards += 1
-        return [leaf.grad if leaf.requires_grad else None for leaf in leaves]
+        out = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
+        if self.scaled and not self.overflowed and not all_finite([*out, *(p.grad for p in self.params)]):
+            self.skip(f"gradient overflow at stage {self.stage.io.index} (loss scale {self.step_scale.scale:g})")
+        return out
 
     def drop(self, mb: int) -> None:
         """Forget micro-batch ``mb`` (its downstream failed; it may be retried elsewhere)."""
@@ -196,6 +282,16 @@ class StageWorker:
         with torch.no_grad():
             for p, piece in split(flat, self.params):
                 p.copy_(piece)
+
+    def skip(self, why: str) -> None:
+        """Every stage skips the current step (an overflow: ``why``)."""
+        self.step_scale.skip(why)
+
+    def unscale(self) -> None:
+        """Take the step's loss scale out of the accumulated gradients (once per step)."""
+        if not self.step_scale.unscaled and self.step_scale.scale != 1:
+            self.scale_grads(1 / self.step_scale.scale)
+        self.step_scale.unscaled = True
 
     def scale_grads(self, factor: float) -> None:
         """Multiply the accumulated gradients by ``factor`` (an inner step of one replica of ``factor``:
@@ -236,140 +332,22 @@ class StageWorker:
         same, with the rest of the pipeline. Returns whether it was applied."""
         if self.saved:
             raise SwarmError(f"step {self.step_id} ends with {len(self.saved)} micro-batches still in flight")
+        self.unscale()
         bad = self.non_finite_grads()
-        self.skipped = None
         if bad:
-            self.skipped = f"non-finite gradient of {len(bad)} parameters ({', '.join(bad[:3])})"
-            self.skipped_steps += 1
+            self.skip(f"non-finite gradient of {len(bad)} parameters ({', '.join(bad[:3])})")
+        applied = self.step_scale.close()
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_schedule.at(self.step_id)
-            if not bad:
+            if applied:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if advance:
             self.advance()
-        return not bad
+        return applied
 
     def advance(self) -> None:
         """Start the next step."""
         self.step_id += 1
         self.backwards, self.reduced = 0, False
-
-
-class PriorityRunner:
-    """One compute thread: passes run one at a time, lower priority value first, then in arrival order
-    (1F1B: backward before forward; GPipe: arrival order)."""
-
-    def __init__(self, name: str = "stage", backward_first: bool = True):
-        self.backward_first = backward_first
-        self.queue: list = []
-        self.seq = itertools.count()
-        self.ready = threading.Condition()
-        self.closed = False
-        self.thread = threading.Thread(target=self._loop, daemon=True, name=name)
-        self.thread.start()
-
-    async def run(self, priority: int, fn, *args):
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self.ready:
-            heapq.heappush(self.queue, (priority, next(self.seq), fn, args, loop, future))
-            self.ready.notify()
-        return await future
-
-    async def work(self, backward: bool, fn, *args):
-        """``fn(*args)`` on the compute thread: a backward pass (or the step's work) first under 1F1B."""
-        return await self.run(0 if backward and self.backward_first else 1, fn, *args)
-
-    def _loop(self) -> None:
-        while True:
-            with self.ready:
-                while not self.queue and not self.closed:
-                    self.ready.wait()
-                if self.closed:
-                    return
-                _, _, fn, args, loop, future = heapq.heappop(self.queue)
-            try:
-                outcome = (fn(*args), None)
-            except BaseException as e:  # handed to the awaiting coroutine
-                outcome = (None, e)
-            loop.call_soon_threadsafe(_settle, future, *outcome)
-            del fn, args, loop, future, outcome   # hold nothing of this pass (its tensors, its error) until the next
-
-    def close(self) -> None:
-        """Run no further pass (the one running finishes: ``thread.join`` waits for it)."""
-        with self.ready:
-            self.closed = True
-            self.ready.notify()
-
-
-def _settle(future: asyncio.Future, result, error) -> None:
-    if not future.done():
-        future.set_exception(error) if error is not None else future.set_result(result)
-
-
-@dataclass
-class Counters:
-    bytes_sent: int = 0         # every frame this stage sent (requests and replies)
-    act_raw: int = 0            # activations sent and their gradients received, uncompressed ...
-    act_wire: int = 0           # ... and as they crossed the wire (AdaTopK's achieved ratio: raw / wire)
-    errors: int = 0
-    retries: int = 0
-    refused: int = 0            # requests and replies refused as hostile or broken (RemoteProtocolError), of which ...
-    poisoned: int = 0           # ... carried NaN or Inf (their senders banned)
-    skipped_steps: int = 0      # optimizer steps not applied: the update was not finite
-    syncs: int = 0              # outer steps taken with the other replicas (sync_every > 1)
-    compute_s: float = 0.0      # forward + backward seconds, over ...
-    micro_batches: int = 0      # ... this many micro-batches
-    compute_cpu_s: float = 0.0  # CPU seconds of the compute thread in those passes
-    fill_s: float = 0.0         # per step: from the previous optimizer step to the first pass ...
-    drain_s: float = 0.0        # ... and from the last pass to this step's optimizer step (summed), of which
-    reduce_s: float = 0.0       # ... summing gradients with the replicas and applying them
-    ratios: dict[str, float] = field(default_factory=dict)   # last ratio used, by next-stage peer
-    delivered: dict[str, float] = field(default_factory=dict)   # TFLOP/s each next-stage peer delivered (smoothed)
-    sent_to: dict[str, int] = field(default_factory=dict)    # bytes_sent by receiving peer ...
-    reduce_to: dict[str, int] = field(default_factory=dict)  # ... and the all-reduce's share of them
-
-    def sent(self, peer: str, n: int, reduce: bool = False) -> None:
-        self.bytes_sent += n
-        self.sent_to[peer] = self.sent_to.get(peer, 0) + n
-        if reduce:
-            self.reduce_to[peer] = self.reduce_to.get(peer, 0) + n
-
-
-class Timeline:
-    """This step's passes: when the step began, its first pass started and its last pass ended
-    (``Counters.fill_s`` / ``drain_s``)."""
-
-    def __init__(self) -> None:
-        self.step_began = time.perf_counter()
-        self.first_pass: float | None = None
-        self.last_pass = 0.0
-
-    def passed(self, started: float, ended: float) -> None:
-        self.last_pass = ended
-        if self.first_pass is None:
-            self.first_pass = started
-
-    def stepped(self, counters: Counters) -> None:
-        now = time.perf_counter()
-        if self.first_pass is not None:
-            counters.fill_s += self.first_pass - self.step_began
-            counters.drain_s += now - self.last_pass
-        self.step_began, self.first_pass = now, None
-
-
-class Warnings:
-    """A stage's own warnings to ``log`` (a logger), each ``key`` at most once per ``interval_s``."""
-
-    def __init__(self, log, interval_s: float = 60.0):
-        self.log = log
-        self.interval_s = interval_s
-        self.said: dict[str, float] = {}
-
-    def once(self, key: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self.said.get(key, -self.interval_s) >= self.interval_s:
-            self.said[key] = now
-            self.log.warning(message)
