@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
-from swarm.config import NetworkConfig, NodeConfig, config_dir, load, validate
+from swarm.config import DEVICE_PATTERN, NetworkConfig, NodeConfig, config_dir, load, validate
 from swarm.errors import SwarmError
 from swarm.export import add_commands
 
-DEVICES = ["auto", "cpu", "cuda", "mps"]
 logger = logging.getLogger(__name__)
 
 
@@ -33,6 +33,13 @@ def _at_least(low: float, kind: type = int):
             raise argparse.ArgumentTypeError(f"{text} is below the minimum {low:g}")
         return value
     return parse
+
+
+def _device(text: str) -> str:
+    """argparse type: a ``device`` setting (auto, cpu, cuda, cuda:N, mps)."""
+    if not re.match(DEVICE_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device (choose auto, cpu, cuda, cuda:N or mps)")
+    return text
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -167,6 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from swarm.node import read_members
+    from swarm.node.status import member_json, status_lines
 
     _, net = _network(args)
     view = read_members(net)
@@ -174,91 +182,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(member_json(records)))
         return 0
-    print(f"{'peer':<14}{'device':<18}{'TFLOP/s':>9}{'mem GB':>8}{'bw to others':>22}{'state':>9}{'uptime':>9}"
-          f"{'epoch':>7}{'plan':>18}  role")
-    for r in records:
-        bw = [f"{b / 1e6:.0f}" for b in r.bandwidth_bps.values()]
-        bw_text = f"{min(bw, key=float)}-{max(bw, key=float)} Mbit/s" if bw else "not measured"
-        print(f"{r.peer_id[-12:]:<14}{(r.device + ' ' + r.device_name)[:17]:<18}{r.tflops:>9.3f}{r.memory_bytes / 1e9:>8.1f}"
-              f"{bw_text:>22}{r.state:>9}{r.uptime_s:>8.0f}s{r.committed_epoch if r.committed_epoch is not None else '-':>7}"
-              f"{r.committed_hash or '-':>18}  {r.role or '-'}")
-    for row in stage_table(records):
-        backups = ", ".join(f"{b[-8:]} ({age} steps old)" for b, age in row["backups"]) or "none"
-        print(f"stage {row['stage']}: held by {', '.join(h[-8:] for h in row['holders'])} at step {row['step']}; "
-              f"snapshots: {backups}")
-    for r in records:
-        if r.reachability is not None or r.paths or r.unreachable:
-            paths = ", ".join(f"{p[-8:]} {path}" for p, path in sorted((r.paths or {}).items())) or "no member connected"
-            cut = f"; cannot reach {', '.join(p[-8:] for p in r.unreachable)}" if r.unreachable else ""
-            print(f"reach: {r.peer_id[-8:]} is {REACH_TEXT.get(r.reachability, 'not checked yet')}; links: {paths}{cut}")
-    measured = [r for r in records if r.val_loss is not None]
-    if measured:
-        print("validation loss: " + ", ".join(f"{r.val_loss:.4f} ({r.peer_id[-8:]}, step {r.step})" for r in measured))
-    spares = [r.peer_id[-8:] for r in records if r.role == "spare"]
-    if spares:
-        print(f"spares: {', '.join(spares)}")
-    for line in trust_notes(view):
+    for line in status_lines(view, records):
         print(line)
-    plans = {(r.committed_epoch, r.committed_hash) for r in records if r.committed_hash}
-    if plans:
-        epoch, plan = max(plans, key=lambda p: p[0])
-        agree = sum((r.committed_epoch, r.committed_hash) == (epoch, plan) for r in records)
-        print(f"committed: epoch {epoch}, plan {plan} ({agree} of {len(records)} members run it)")
     print(f"{len(records)} members")
     return 0
-
-
-REACH_TEXT = {"public": "public", "nat": "behind NAT (hole punching)", "relayed": "relayed (behind NAT, no direct dial)"}
-
-
-def member_json(records) -> list[dict]:
-    """``status --json``: every member's record as published (peer_id, maddrs, state, role, stage, step, plan,
-    ...; not its binary credential, which members have already checked), its uptime, and its measured ``links``:
-    peer id -> ``{"bandwidth_bps", "rtt_s", "path"}`` (any may be missing; ``path``: ``direct`` or ``relayed``,
-    how its connection to that peer runs). ``reachability``: ``public``, ``nat`` or ``relayed`` (None: unchecked)."""
-    out = []
-    for r in records:
-        wire = {k: v for k, v in r.to_wire().items() if k != "credential"}
-        links = {p: {"bandwidth_bps": b} for p, b in wire["bandwidth_bps"].items()}
-        for p, rtt in wire["rtt_s"].items():
-            links.setdefault(p, {})["rtt_s"] = rtt
-        for p, path in (wire["paths"] or {}).items():
-            links.setdefault(p, {})["path"] = path
-        out.append({**wire, "uptime_s": r.uptime_s, "links": links})
-    return out
-
-
-def trust_notes(view) -> list[str]:
-    """What ``status`` says of members planning does not take at their word: compute claims it
-    down-rates (``swarm.planning.ratings``) and bans for NaN/Inf that members report (disputes)."""
-    from swarm.planning import ratings
-
-    lines = [f"down-rated: {peer[-8:]} claims {claimed:.3g} TFLOP/s, planned at {rated:.3g} ({why})"
-             for peer, (claimed, rated, why) in ratings(view, view.peers()).items() if why]
-    for peer in view.peers():   # the plan's neighbours decide what a dispute costs (swarm.planning.disputed)
-        if view.members[peer].distrusts:
-            lines.append(f"dispute: {peer[-8:]} banned {', '.join(p[-8:] for p in view.members[peer].distrusts)} "
-                         "for sending NaN/Inf")
-    return lines
-
-
-def stage_table(records) -> list[dict]:
-    """Per stage: its holders, their step, and the other members holding a snapshot of its ops (age in steps)."""
-    rows = []
-    for stage in sorted({r.stage for r in records if r.stage is not None}):
-        holders = [r for r in records if r.stage == stage]
-        step = max(r.step or 0 for r in holders)
-        live = [(a, b) for r in holders for a, b, s in (r.holds or []) if s == (r.step or 0)]
-        backups = []
-        for r in records:
-            if r.stage == stage:
-                continue
-            # a snapshot newer than the holders' step: their record is a heartbeat older than the backup's
-            ages = [max(0, step - s) for a, b, s in (r.holds or []) for lo, hi in live if a < hi and lo < b]
-            if ages:
-                backups.append((r.peer_id, min(ages)))
-        rows.append({"stage": stage, "holders": [r.peer_id for r in holders], "step": step, "backups": backups})
-    return rows
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
@@ -317,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="measure this device (cached) and print its profile")
-    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--device", type=_device)
     p.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
@@ -334,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="addresses to listen on")
     p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses others should dial")
     p.add_argument("--identity", metavar="PATH", help="identity file (same file, same peer id)")
-    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--device", type=_device)
     p.add_argument("--max-memory", type=_at_least(0.001, float), metavar="GB", help="memory_limit_gb: advertise at most this")
     p.add_argument("--ready-file", metavar="PATH", help="JSON the node keeps up to date for programs that start it: "
                    "peer_id, maddrs, state, role, stage, step, plan_hash, pid, updated_at (written atomically)")
@@ -379,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=_at_least(1), help="micro-batches per step [8]")
     p.add_argument("--micro-batch-size", type=_at_least(1), help="[4]")
     p.add_argument("--warmup-steps", type=_at_least(0), help="uncompressed steps before AdaTopK starts [5]")
-    p.add_argument("--device", choices=DEVICES, help="[cpu]")
+    p.add_argument("--device", type=_device, help="[cpu]")
     p.add_argument("--out-dir", default="demo-out", help="node logs, keys, config, metrics and plot")
     p.add_argument("--json-out", metavar="FILE", help="metrics JSON (default: OUT_DIR/metrics.json)")
     p.add_argument("--plot", metavar="FILE", help="loss/throughput PNG (default: OUT_DIR/demo.png)")

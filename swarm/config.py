@@ -37,6 +37,7 @@ MAX_RATIO = 1000.0             # AdaTopK wire ratio
 MAX_THREADS = 1024
 MAX_LR = 10.0
 MAX_DIM = 1 << 20              # model sizes: vocabulary, classes, one dimension of an input
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$"   # ``device`` settings (``swarm.estimator.profile.resolve_device``)
 
 
 class Strict(BaseModel):
@@ -265,7 +266,8 @@ class NodeConfig(Strict):
 
     model: str = Field(default="gpt2-tiny", description="preset name, YAML file, or package.module:factory")
     granularity: Literal["fine", "coarse"] = "coarse"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto (the first CUDA device, else MPS, "
+                        "else the CPU), cpu, cuda (cuda:0), cuda:N or mps; each device's profile is cached apart")
     micro_batch_size: PositiveInt = Field(default=4, le=MAX_MICRO_BATCH_SIZE, description="samples per "
                                           "micro-batch (one micro-batch of the whole model must fit this node's memory)")
     optimizer: Literal["adam", "sgd"] = PlanSettings.optimizer
@@ -279,27 +281,36 @@ class NodeConfig(Strict):
         "every micro-batch, an overflow skipping the step on every stage), fp32, auto (bf16 on CUDA cards that "
         "support it, fp16 on older CUDA cards, else fp32)")
     memory_limit_gb: float | None = Field(default=None, gt=0, le=MAX_MEMORY_GB, description="the most memory "
-                                          "(GB, 1e9 bytes) this node advertises and planners may give it (None: what it "
-                                          "finds available); `node.py run --max-memory`")
+                                          "(GB, 1e9 bytes) this node's process may use (on CUDA: the device's allocations): "
+                                          "it advertises this less what it already uses, and planners give it no more "
+                                          "(None: what it finds available); `node.py run --max-memory`")
+    recompute: Literal["off", "auto", "on"] = Field(default=PlanSettings.recompute, description="activation "
+                                                    "recomputation: a stage keeps only its boundary tensors per micro-batch "
+                                                    "in flight and runs its forward pass again in backward; auto: on the "
+                                                    "stages that would not fit their memory otherwise (the planner prices "
+                                                    "the extra forward); every member must agree")
 
-    def advertised_memory(self, available_bytes: int) -> int:
-        """The memory this node's record advertises: what it found, capped at ``memory_limit_gb``."""
+    def advertised_memory(self, available_bytes: int, used_bytes: int = 0) -> int:
+        """The memory this node's record advertises: what it found, capped at ``memory_limit_gb`` less
+        what the process already uses (``used_bytes``: the interpreter, torch, the traced model)."""
         if self.memory_limit_gb is None:
             return int(available_bytes)
-        return int(min(available_bytes, self.memory_limit_gb * 1e9))
+        return max(0, int(min(available_bytes, self.memory_limit_gb * 1e9 - used_bytes)))
 
 
 def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.max_ratio,
                   schedule: str = PlanSettings.schedule, optimizer: str = PlanSettings.optimizer,
-                  training: TrainingConfig | None = None, wire_fraction: float = PlanSettings.wire_fraction) -> PlanSettings:
+                  training: TrainingConfig | None = None, wire_fraction: float = PlanSettings.wire_fraction,
+                  recompute: str = PlanSettings.recompute) -> PlanSettings:
     """The planner's settings from the election config (and, from a ``NodeConfig``,
-    ``compression.max_ratio``, ``training.schedule``, ``optimizer``, and ``training``'s sync settings):
-    memory is then priced at the micro-batches ``schedule`` keeps in flight."""
+    ``compression.max_ratio``, ``training.schedule``, ``optimizer``, ``recompute``, and ``training``'s sync
+    settings): memory is then priced at the micro-batches ``schedule`` keeps in flight."""
     training = training or TrainingConfig()
     return PlanSettings(micro_batches=election.micro_batches, stages=election.stages, max_ratio=max_ratio,
                         max_replicas=election.max_replicas, schedule=schedule, optimizer=optimizer,
                         sync_every=training.sync_every, max_sync_every=training.max_sync_every,
-                        outer_ratio=training.outer().ratio(), overlap=training.outer_overlap, wire_fraction=wire_fraction)
+                        outer_ratio=training.outer().ratio(), overlap=training.outer_overlap, wire_fraction=wire_fraction,
+                        recompute=recompute)
 
 
 def election_settings(election: ElectionConfig, **rest: Any) -> ElectionSettings:

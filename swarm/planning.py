@@ -178,12 +178,14 @@ class Elector:
     def __init__(self, me: str, membership: Membership, workload: Workload, cfg: ElectionConfig,
                  max_ratio: float = PlanSettings.max_ratio, schedule: str = PlanSettings.schedule,
                  events: Events = NO_EVENTS, training: TrainingConfig | None = None,
-                 wire_fraction: float = PlanSettings.wire_fraction):
+                 wire_fraction: float = PlanSettings.wire_fraction, recompute: str = PlanSettings.recompute,
+                 optimizer: str = PlanSettings.optimizer):
         self.me, self.membership, self.workload = me, membership, workload
         self.events = events   # a ``commit`` row per commit
         self.log = logger
         self.settings = plan_settings(cfg, max_ratio=max_ratio, schedule=schedule,   # memory at the real in-flight count
-                                      training=training, wire_fraction=wire_fraction)
+                                      training=training, wire_fraction=wire_fraction, recompute=recompute,
+                                      optimizer=optimizer)
         self.cfg = cfg
         self.election = Election(me, election_settings(cfg, leader="rotating", epoch_window=EPOCH_WINDOW))
         self.refusals = Refusals(events=events)

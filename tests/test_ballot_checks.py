@@ -155,7 +155,7 @@ def test_the_compute_a_next_stage_peer_delivers_is_measured_on_pipeline_calls():
 
 
 def test_status_names_down_rated_members_and_disputes():
-    from swarm.cli import trust_notes
+    from swarm.node.status import trust_notes
 
     liar, witness = member("X", tflops=50.0), member("A")
     witness.observed_tflops, witness.distrusts = {"X": 0.05}, ["X"]

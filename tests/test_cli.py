@@ -83,8 +83,8 @@ def test_plan_bad_peers_file(tmp_path, text, message):
 
 
 def test_status_stage_table_shows_holders_and_snapshot_age():
-    from swarm.cli import stage_table
     from swarm.net.membership import MemberRecord
+    from swarm.node.status import stage_table
 
     def rec(peer, stage, step, holds, role=None):
         return MemberRecord(peer, [], "cpu", "x", 1.0, 1, {}, 0.0, stage=stage, step=step, holds=holds, role=role)
@@ -96,8 +96,8 @@ def test_status_stage_table_shows_holders_and_snapshot_age():
 
 
 def test_status_json_is_the_member_view_with_links():
-    from swarm.cli import member_json
     from swarm.net.membership import MemberRecord
+    from swarm.node.status import member_json
 
     rec = MemberRecord("A", ["/ip4/127.0.0.1/tcp/1/p2p/A"], "cpu", "x", 1.0, 1, {}, 10.0, updated_at=70.0,
                        bandwidth_bps={"B": 5e6}, rtt_s={"B": 0.02, "C": 0.1}, stage=1, step=7, role="stage 1",

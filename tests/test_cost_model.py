@@ -57,11 +57,21 @@ def test_in_flight_rule():
 def test_a_plan_that_fits_only_at_four_in_flight_is_refused(schedule, m, stages):
     static = (2 + 2) * 2e5 + 2e6 * 4     # params, grads, Adam's two moments, 4 micro-batches of activations
     w, swarm, layout = chain(stages, memory=int(static * 1.2))
-    four = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule, in_flight=4))
-    real = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule))
+    four = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule, in_flight=4, recompute="off"))
+    real = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule, recompute="off"))
     assert four.feasible and not real.feasible
     assert real.in_flight(schedule) > 4
     assert all(r.memory_bytes > f.memory_bytes for r, f in zip(real.stages, four.stages))
+    # recomputation (auto) keeps only each stage's boundaries per micro-batch: the plan fits, at the
+    # price of a second forward pass (a third of the FLOPs here) on every stage that needed it
+    auto = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule))
+    assert auto.feasible and all(s.recompute for s in auto.stages)
+    assert all(s.memory_bytes <= int(static * 1.2) for s in auto.stages)
+    again = 2 * 1e9 / 3 / 1e12 + 2 * 10 / 3 * PlanSettings.kernel_overhead_s   # two segments' forward share
+    assert all(a.compute_s - f.compute_s == pytest.approx(again) for a, f in zip(auto.stages, four.stages))
+    assert [s.recompute for s in four.stages] == [False] * stages   # it fits without: auto leaves it alone
+    on = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule, in_flight=4, recompute="on"))
+    assert all(s.recompute for s in on.stages) and on.predicted_step_s > four.predicted_step_s
 
 
 def test_settings_come_from_the_config_with_its_defaults():

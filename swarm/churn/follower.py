@@ -65,6 +65,7 @@ class HoldingAdvert:
     observed_tflops: dict[str, float] | None
     distrusts: list[str] | None
     val_loss: float | None = None
+    memory_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ class PlanFollower:
                              holds=holds_ranges(self.traced.dag.index, steps) or None,
                              observed_tflops={p: self.observed[p][0] for p in newest} or None,
                              distrusts=sorted(self.service.bans.active())[:MAX_DISTRUSTS] or None,
-                             val_loss=self.session.val_loss if self.session is not None else None)
+                             val_loss=self.session.val_loss if self.session is not None else None,
+                             memory_peak_bytes=self.session.gauge.peak() if self.session is not None else None)
 
     def codec(self) -> CodecAdvert | None:
         """The running stage's codec throughput, once it has measured it (else None: keep the start's)."""

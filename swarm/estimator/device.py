@@ -9,7 +9,7 @@ PROFILE_VERSION = 4
 
 @dataclass
 class DeviceProfile:
-    device: str                    # cpu | cuda | mps
+    device: str                    # cpu | cuda:N | mps
     name: str
     threads: int
     matmul_tflops: dict[int, float]  # log2(n) -> measured TFLOP/s of an n x n x n fp32 matmul

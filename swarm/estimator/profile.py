@@ -30,22 +30,34 @@ MATMUL_SIZES = (64, 128, 256, 512, 1024, 2048)
 
 
 def resolve_device(device: str = "auto") -> str:
+    """``cpu``, ``mps`` or ``cuda:N`` for a ``device`` setting (``auto``: the first CUDA device, else
+    MPS, else the CPU; ``cuda``: ``cuda:0``); a device torch cannot see is a one-line error."""
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SwarmError("device 'cuda' requested but torch sees no CUDA device")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "cuda:0" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and (index.isdigit() or not index):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise SwarmError(f"device '{device}' requested but torch sees no CUDA device")
+        if int(index or 0) >= count:
+            raise SwarmError(f"device '{device}' requested but torch sees {count} CUDA device{'s' * (count > 1)} "
+                             f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+        return f"cuda:{int(index or 0)}"
+    if device == "mps" and not mps:
         raise SwarmError("device 'mps' requested but torch sees no MPS device")
-    if device not in ("cpu", "cuda", "mps"):
-        raise SwarmError(f"unknown device '{device}' (choose auto, cpu, cuda or mps)")
+    if device not in ("cpu", "mps"):
+        raise SwarmError(f"unknown device '{device}' (choose auto, cpu, cuda, cuda:N or mps)")
     return device
 
 
+def _kind(device: str) -> str:
+    return torch.device(device).type
+
+
 def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if _kind(device) == "cuda":
+        torch.cuda.synchronize(device)
     elif device == "mps":
         torch.mps.synchronize()
 
@@ -111,8 +123,8 @@ def _seconds_per_call(fn: Callable[[], object], device: str, min_time_s: float =
 
 
 def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
+    if _kind(device) == "cuda":
+        return torch.cuda.get_device_name(device)
     if device == "cpu":
         try:
             match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
@@ -124,8 +136,8 @@ def _device_name(device: str) -> str:
 
 
 def _memory(device: str) -> tuple[int, int]:
-    if device == "cuda":
-        free, total = torch.cuda.mem_get_info()
+    if _kind(device) == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
         return total, free
     if device == "mps":
         total = int(torch.mps.recommended_max_memory())

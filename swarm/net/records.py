@@ -113,6 +113,9 @@ class _RecordV1(pv1.BaseModel):
     reachability: pv1.StrictStr | None = None
     paths: dict[pv1.StrictStr, pv1.StrictStr] | None = None
     unreachable: list[pv1.StrictStr] | None = None
+    precision: pv1.StrictStr | None = None
+    memory_limit_bytes: pv1.StrictInt | None = None
+    memory_peak_bytes: pv1.StrictInt | None = None
 
 
 def check_ballot(ballot: dict) -> str | None:
@@ -177,6 +180,9 @@ class MemberRecord:
     reachability: str | None = None   # ``Reachability``: can peers dial it (None: not checked yet)
     paths: dict[str, str] | None = None   # ``LinkPath`` of its connection to each connected member
     unreachable: list[str] | None = None  # members it cannot reach (no answer to its pings, failed calls)
+    precision: str | None = None      # what its stage computes in: fp32 | bf16 | fp16
+    memory_limit_bytes: int | None = None   # its ``memory_limit_gb`` (None: no cap) ...
+    memory_peak_bytes: int | None = None    # ... and the most its running stage measured (``swarm.runtime.memory``)
 
     @property
     def uptime_s(self) -> float:
@@ -207,7 +213,11 @@ class MemberRecord:
         for name, high in (("bandwidth_bps", MAX_BANDWIDTH_BPS), ("rtt_s", MAX_RTT_S)):  # the most recent measurements, capped
             d[name] = {k: _clamp(float(v), high) for k, v in list(d[name].items())[-MAX_LINKS:]
                        if math.isfinite(v) and v > 0}
-        d["memory_bytes"] = min(max(int(d["memory_bytes"]), 0), MAX_MEMORY_BYTES)
+        for name in ("memory_bytes", "memory_limit_bytes", "memory_peak_bytes"):
+            if d[name] is not None:
+                d[name] = min(max(int(d[name]), 0), MAX_MEMORY_BYTES)
+        if d["precision"] is not None:
+            d["precision"] = str(d["precision"])[:MAX_NAME_CHARS]
         for name, high in (("codec_bps", MAX_CODEC_BPS), ("model_tflops", MAX_TFLOPS), ("cpu_cores", MAX_CPU_CORES)):
             if d[name] is not None:
                 d[name] = _clamp(float(d[name]), high) if math.isfinite(d[name]) and d[name] > 0 else None
@@ -264,7 +274,8 @@ def _record_faults(r: MemberRecord, now: float | None, ttl_s: float | None):
     """Reasons (or None) in order, lazily: a size cap is checked before the entries it bounds."""
     yield _number("tflops", r.tflops, 0, MAX_TFLOPS)
     yield _number("model_tflops", r.model_tflops, 0, MAX_TFLOPS)
-    yield _number("memory_bytes", r.memory_bytes, 0, MAX_MEMORY_BYTES, low_open=False)
+    for name in ("memory_bytes", "memory_limit_bytes", "memory_peak_bytes"):
+        yield _number(name, getattr(r, name), 0, MAX_MEMORY_BYTES, low_open=False)
     yield _number("codec_bps", r.codec_bps, 0, MAX_CODEC_BPS)
     yield _number("cpu_cores", r.cpu_cores, 0, MAX_CPU_CORES)
     yield _number("val_loss", r.val_loss, 0, MAX_LOSS, low_open=False)
@@ -277,7 +288,7 @@ def _record_faults(r: MemberRecord, now: float | None, ttl_s: float | None):
     yield _text("peer_id", r.peer_id, MAX_ID_CHARS)
     for name in ("vote_hash", "committed_hash", "ready"):
         yield _text(name, getattr(r, name), MAX_ID_CHARS)
-    for name in ("device", "device_name", "role"):
+    for name in ("device", "device_name", "role", "precision"):
         yield _text(name, getattr(r, name), MAX_NAME_CHARS)
     yield None if len(r.maddrs) <= MAX_MADDRS else f"maddrs has more than {MAX_MADDRS} entries"
     yield from (_text("maddrs entry", a, MAX_MADDR_CHARS) for a in r.maddrs)

@@ -88,6 +88,7 @@ class Node:
         from swarm.estimator.profile import load_or_measure
         from swarm.models import trace_model
         from swarm.planning import Elector
+        from swarm.runtime.memory import MemoryGauge
         from swarm.runtime.precision import resolve as resolve_precision
         from swarm.runtime.session import model_io
         from swarm.scheduler import Workload
@@ -100,7 +101,7 @@ class Node:
         identity = node_identity(net)
         authorizer = private_swarm(net, identity)
         profile = load_or_measure(cfg.device)
-        resolve_precision(cfg.precision, profile.device)   # a bad setting is an error now, not at the first plan
+        precision = resolve_precision(cfg.precision, profile.device)   # a bad setting is an error now, not at the first plan
         traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)
         training_data(cfg.training.data, *model_io(traced))   # a bad data source is an error now, not after the election
         model_tflops = _model_tflops(traced, profile.device)
@@ -113,7 +114,9 @@ class Node:
         maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         self.record = MemberRecord(
             peer_id=identity.peer_id, maddrs=maddrs, device=profile.device, device_name=profile.name,
-            tflops=profile.tflops, memory_bytes=cfg.advertised_memory(profile.memory_available_bytes),
+            tflops=profile.tflops, precision=precision,   # the cap counts what the process holds already (the traced model)
+            memory_bytes=cfg.advertised_memory(profile.memory_available_bytes, MemoryGauge(torch.device(profile.device)).used()),
+            memory_limit_bytes=int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb is not None else None,
             versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             started_at=time.time(), credential=authorizer.credential.token.SerializeToString() if authorizer else None,
             codec_bps=measure_codec_rate(bits=codec_bits(cfg.compression.codec)),   # replaced by the stage's own measurements
@@ -131,7 +134,7 @@ class Node:
         max_ratio = cfg.compression.cap() if cfg.compression.mode != "off" else 1.0   # plan what will run
         self.elector = Elector(identity.peer_id, self.membership, workload, cfg.election, max_ratio=max_ratio,
                               schedule=cfg.training.schedule, events=events, training=cfg.training,
-                              wire_fraction=cfg.compression.wire_fraction)
+                              wire_fraction=cfg.compression.wire_fraction, recompute=cfg.recompute, optimizer=cfg.optimizer)
         self.follower = PlanFollower(identity.peer_id, traced, cfg, self.p2p, self.loop, self._bandwidth, admit,
                                      device=profile.device)
 

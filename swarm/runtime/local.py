@@ -50,7 +50,7 @@ class LocalPipeline:
 
 
 def local_servers(traced, n_stages: int, loss_fn, policy=None, lr: float = 1e-3, max_batch: int = 64,
-                  device: str = "cpu", precision: str = "fp32") -> list:
+                  device: str = "cpu", precision: str = "fp32", recompute: bool = False) -> list:
     """Stage servers of ``traced`` cut into ``n_stages`` (FLOP-balanced), one replica each, calling each
     other in this process: the networked path (frames, AdaTopK, masks) without daemons. ``policy()``
     makes each outgoing link's ``LinkPolicy``. Returns the servers in stage order."""
@@ -63,7 +63,8 @@ def local_servers(traced, n_stages: int, loss_fn, policy=None, lr: float = 1e-3,
     for i, stage in enumerate(stages):
         last = i == n_stages - 1
         worker = StageWorker(stage, "adam", lr, loss_fn=loss_fn if last else None, max_batch=max_batch,
-                             input_specs=input_specs(traced.dag, stage.io), device=device, precision=precision)
+                             input_specs=input_specs(traced.dag, stage.io), device=device, precision=precision,
+                             recompute=recompute)
         hood = Neighbours(ids[i], (ids[i],), tuple(ids[i - 1:i]), tuple(ids[i + 1:i + 2]))
         servers[ids[i]] = StageServer(worker, hood, local_caller(ids[i], servers),
                                       policy=None if last or policy is None else policy())

@@ -33,5 +33,5 @@ def resolve(setting: str, device: torch.device | str) -> str:
     if setting == "auto":
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"   # Ampere and newer
     return setting

@@ -30,6 +30,7 @@ from swarm.loop import NodeLoop
 from swarm.pipeline import PROTOCOL, Neighbours, StageServer, StepHooks, stage_caller
 from swarm.pipeline.driver import Drive, Validation
 from swarm.refusals import Bans, CallableLogger
+from swarm.runtime.memory import MemoryGauge
 from swarm.runtime.metrics import validation_row
 from swarm.runtime.outer import outer_tensors, resume_outer, tensor_digest
 from swarm.runtime.state import OpState, capture, op_tensors, write_checkpoint
@@ -111,7 +112,9 @@ class TrainingSession:
         self.worker = StageWorker(stage, cfg.optimizer, training.lr, max_in_flight=4 * plan.micro_batches,
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
                                   max_batch=cfg.micro_batch_size, warmup_steps=training.lr_warmup_steps, device=device,
-                                  precision=cfg.precision)
+                                  precision=cfg.precision, recompute=plan.stages[self.index].recompute)
+        self.gauge = MemoryGauge(self.worker.device)   # the peak counts from the stage's start
+        self.gauge.reset()
         self.owned = op_tensors(traced.dag, traced.gm)
         mine = {op: st for op, st in (states or {}).items() if op in self.ops}
         self.completed = self.worker.resume(mine, start_step)
@@ -252,7 +255,8 @@ class TrainingSession:
                "bytes_sent": c.bytes_sent, "act_raw": c.act_raw, "act_wire": c.act_wire, "retries": c.retries,
                "compute_s": c.compute_s, "micro_batches": c.micro_batches, "compute_cpu_s": c.compute_cpu_s,
                "fill_s": c.fill_s, "drain_s": c.drain_s, "reduce_s": c.reduce_s, "cpu_s": time.process_time(),
-               "ratio": max(c.ratios.values(), default=1.0), "sent_to": dict(c.sent_to), "reduce_to": dict(c.reduce_to)}
+               "ratio": max(c.ratios.values(), default=1.0), "sent_to": dict(c.sent_to), "reduce_to": dict(c.reduce_to),
+               **self.memory_row()}
         if loss is not None:
             row.update(loss=loss, samples=samples, step_s=seconds, samples_per_s=samples / seconds if seconds else None)
             if val is not None:
@@ -263,6 +267,22 @@ class TrainingSession:
                               f"{c.bytes_sent / 1e6:.1f} MB, link ratio {row['ratio']:g}")
         if self.cfg.training.metrics_path:
             append_row(self.cfg.training.metrics_path, row)
+
+    @property
+    def memory_limit(self) -> int | None:
+        """``memory_limit_gb`` in bytes (None: no cap)."""
+        return int(self.cfg.memory_limit_gb * 1e9) if self.cfg.memory_limit_gb is not None else None
+
+    def memory_row(self) -> dict:
+        """What the stage computes in and holds: its precision, whether it recomputes, its memory now,
+        at its peak, its cap and the plan's prediction (bytes); a peak over the cap is said in one line."""
+        planned = self.plan.stages[self.index].memory_bytes
+        over = self.gauge.over(self.memory_limit, planned, self.index)
+        if over:
+            self.server.warn.once("memory", over)
+        return {"precision": self.worker.compute.precision, "recompute": self.worker.compute.recompute,
+                "memory_used_bytes": self.gauge.used(), "memory_peak_bytes": self.gauge.peak(),
+                "memory_limit_bytes": self.memory_limit, "memory_planned_bytes": planned}
 
     def save(self, directory: Path) -> Path:
         """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``, written to a

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from swarm.dag.stages import Stage
 from swarm.errors import SwarmError
@@ -25,6 +26,15 @@ class Compute:
 
     device: torch.device
     precision: str = "fp32"   # fp32 | bf16 | fp16 (``resolve``)
+    recompute: bool = False   # keep only the inputs of a micro-batch; run its forward again in backward
+
+    def run(self, module: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``module``'s outputs on ``inputs`` in the stage's precision; recomputed ones keep no
+        activations (``torch.utils.checkpoint``: the same RNG and autocast state the second time)."""
+        with self.autocast():
+            if self.recompute and torch.is_grad_enabled():
+                return list(torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False))
+            return list(module(*inputs))
 
     @property
     def half(self) -> bool:
@@ -129,9 +139,9 @@ class StageWorker:
     def __init__(self, stage: Stage, optimizer: str = "adam", lr: float = 1e-3, max_in_flight: int = 64,
                  loss_fn: LossFn | None = None, input_specs: list[tuple[list[int], str, bool]] | None = None,
                  max_batch: int = 1024, warmup_steps: int = 0, device: str | torch.device = "cpu",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", recompute: bool = False):
         self.stage, self.loss_fn, self.max_in_flight = stage, loss_fn, max_in_flight
-        self.compute = Compute(torch.device(device), resolve(precision, device))
+        self.compute = Compute(torch.device(device), resolve(precision, device), recompute)
         self.step_scale = StepScale(dynamic=self.compute.precision == "fp16")   # and why steps are skipped
         stage.module.to(self.device)
         self.lr_schedule = LrSchedule(lr, warmup_steps)
@@ -183,8 +193,7 @@ class StageWorker:
         self._check(inputs)
         self.step_scale.take(loss_scale)
         leaves = [t.detach().to(self.device).requires_grad_(t.is_floating_point()) for t in inputs]
-        with self.compute.autocast():
-            outputs = list(self.stage.module(*leaves))
+        outputs = self.compute.run(self.stage.module, leaves)
         if self.is_last:
             if targets is None:
                 raise SwarmError("the last stage needs targets")
@@ -203,8 +212,8 @@ class StageWorker:
         module, training = self.stage.module, self.stage.module.training
         module.eval()
         try:
-            with torch.no_grad(), self.compute.autocast():
-                outputs = [self.compute.leaving(o) for o in module(*[t.to(self.device) for t in inputs])]
+            with torch.no_grad():
+                outputs = [self.compute.leaving(o) for o in self.compute.run(module, [t.to(self.device) for t in inputs])]
         finally:
             module.train(training)
         if not self.is_last:

@@ -6,7 +6,8 @@ size, for stage ``s`` holding ops ``[a, b)`` on replicas ``R_s`` (each replica h
 and takes an equal share of the micro-batches, so the slowest replica sets the pace)::
 
     compute_s  = F_s / (|R_s| * min_{p in R_s} tflops_p * 1e12) + (K_s * kernel_overhead + calls_s * rpc_s) / |R_s|
-    memory_s   = (2 + optimizer states) * P_s + buffers_s + A_s * in_flight    <= min memory of R_s
+    memory_s   = (2 + optimizer states + outer) * P_s + buffers_s + wire_s + A_s * in_flight   <= min memory of R_s
+    recomputed: memory_s = ... + (I_s + C_s) * in_flight + A_s,  compute_s += the stage's forward again
     link_s     = min(raw, raw / ratio_max + codec)     raw = 2 C_s / (bw_s * min(|R_s|, |R_s+1|))
     codec      = 2 C_s / (codec_bytes_per_s * min(|R_s|, |R_s+1|))
     allreduce_s = 2 (|R_s| - 1) / |R_s| * P_s / bw_within(R_s)                   once per step (H = 1)
@@ -42,6 +43,14 @@ A plan's ``utilization`` is the model FLOPs it computes per second over the TFLO
 Each link then gets the *smallest* ratio that keeps it within the bottleneck (compress no harder
 than needed: fewer dropped values, better accuracy), and none if raw transfer already fits.
 
+``outer`` is 5 (the anchor, the parameters after the last sync, the outer momentum and two
+error-feedback residuals: ``swarm.runtime.outer``) for a replicated stage that syncs every ``H > 1``
+steps, else 0; ``wire_s = 2 (I_s + C_s)``: one frame each way at both boundaries (``I_s`` the cut
+entering the stage, ``C_s`` the one leaving it) while it is encoded or decoded. With ``recompute`` a
+stage keeps only its boundaries (``I_s + C_s``) per micro-batch in flight and recomputes one micro-batch's
+activations ``A_s`` during its backward pass: ``on`` everywhere, ``auto`` where a stage would not fit
+otherwise, ``off`` nowhere (``recompute_flags``).
+
 ``in_flight`` is what the runtime keeps (``in_flight``): all ``M`` under GPipe; under 1F1B as many as
 one micro-batch's ``trip`` lasts in bottleneck intervals, plus one, at least one per stage and at most
 ``M``. Every formula above is written once, here, over numpy arrays: the exact model (``plan.evaluate``)
@@ -50,7 +59,7 @@ calls it on one stage, the search (``opfence``) on every segment range at once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -61,6 +70,9 @@ from swarm.sync import OuterSettings
 # Optimizer state in parameter-sized fp32 tensors: Adam keeps two moments, SGD (momentum) one.
 OPTIMIZER_STATES = {"adam": 2, "sgd": 1}
 SCHEDULES = ("gpipe", "1f1b")   # micro-batch orders the runtime runs (swarm.runtime.schedule)
+RECOMPUTE = ("off", "auto", "on")   # activation recomputation: never, where a stage does not fit without, always
+OUTER_STATES = 5   # parameter-sized fp32 vectors of a replica's outer state (anchor, base, momentum, 2 residuals)
+FWD_SHARE = 1 / 3  # a segment's forward share of its FLOPs and kernels when the DAG does not say (backward ~2x)
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ class PlanSettings:
     outer_ratio: float = OuterSettings().ratio()   # the outer exchange's compression (the default codec:
                                                    # topk8 at 1/16, 12.8x)
     overlap: bool = OuterSettings.overlap          # H > 1: the exchange runs during the next H steps
+    recompute: str = "auto"             # activation recomputation per stage: off | auto | on (``RECOMPUTE``)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1 or (self.in_flight or 1) < 1 or self.max_stages < 1 or self.max_ratio < 1:
@@ -108,6 +121,8 @@ class PlanSettings:
                              "outer_ratio >= 1, sync_overhead > 0")
         if self.schedule not in SCHEDULES:
             raise SwarmError(f"plan settings: unknown schedule '{self.schedule}' (choose {' or '.join(SCHEDULES)})")
+        if self.recompute not in RECOMPUTE:
+            raise SwarmError(f"plan settings: unknown recompute '{self.recompute}' (choose {', '.join(RECOMPUTE)})")
 
     def held(self, stages: int, trip_s: float, bottleneck_s: float, first_replicas: int = 1) -> int:
         """Micro-batches a stage holds at once in a plan of this shape (``in_flight`` unless fixed)."""
@@ -151,6 +166,19 @@ class Workload:
     cut_bytes: np.ndarray
     model: str = ""
     samples: int = 1                # samples per micro-batch (what the costs are scaled to)
+    fwd_flops: np.ndarray | None = None     # the forward pass's share of ``flops`` (None: ``FWD_SHARE``)
+    fwd_kernels: np.ndarray | None = None   # ... and of ``kernels``
+
+    def __post_init__(self) -> None:
+        for name, of in (("fwd_flops", self.flops), ("fwd_kernels", self.kernels)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, of * FWD_SHARE)
+
+    @property
+    def cuts_before(self) -> np.ndarray:
+        """``cuts_before[k]``: the activation entering segment ``k`` (0 for the model's input), and
+        ``cuts_before[b]`` the one leaving segments ``[a, b)``."""
+        return np.concatenate([[0.0], self.cut_bytes])
 
     @property
     def n(self) -> int:
@@ -162,14 +190,14 @@ class Workload:
 
     @classmethod
     def from_segments(cls, flops, kernels, param_bytes, act_bytes, cut_bytes, buffer_bytes=None,
-                      names=None, model: str = "", samples: int = 1) -> Workload:
+                      names=None, model: str = "", samples: int = 1, fwd_flops=None, fwd_kernels=None) -> Workload:
         """From per-segment costs (one op per segment); ``cut_bytes`` has one entry per segment."""
         n = len(flops)
         names = tuple(names or (f"op{i}" for i in range(n)))
-        prefix = lambda v: np.concatenate([[0.0], np.cumsum(np.asarray(v, dtype=np.float64))])  # noqa: E731
+        prefix = lambda v: None if v is None else np.concatenate([[0.0], np.cumsum(np.asarray(v, dtype=np.float64))])  # noqa: E731
         return cls(names, tuple(range(1, n + 1)), prefix(flops), prefix(kernels), prefix(param_bytes),
                    prefix(buffer_bytes if buffer_bytes is not None else [0] * n), prefix(act_bytes),
-                   np.asarray(cut_bytes, dtype=np.float64), model, samples)
+                   np.asarray(cut_bytes, dtype=np.float64), model, samples, prefix(fwd_flops), prefix(fwd_kernels))
 
     @classmethod
     def from_dag(cls, dag: OpDAG, micro_batch_size: int | None = None) -> Workload:
@@ -186,17 +214,21 @@ class Workload:
             act_bytes=[x * scale for x in seg(lambda o: o.act_bytes)],
             cut_bytes=[cuts[b - 1] * scale if b < len(dag.ops) else 0 for b in stops],
             names=[op.name for op in dag.ops], model=dag.model, samples=micro_batch_size or dag.batch_size,
+            fwd_flops=[x * scale for x in seg(lambda o: o.flops_fwd)], fwd_kernels=seg(lambda o: o.kernels_fwd),
         )._with_stops(tuple(stops))
 
     def _with_stops(self, stops: tuple[int, ...]) -> Workload:
-        return Workload(self.names, stops, self.flops, self.kernels, self.param_bytes, self.buffer_bytes,
-                        self.act_bytes, self.cut_bytes, self.model, self.samples)
+        return replace(self, seg_stop=stops)
 
-    def memory(self, a, b, settings: PlanSettings, held: int):
-        """Bytes one replica of segments ``[a, b)`` needs holding ``held`` micro-batches (arrays broadcast)."""
+    def memory(self, a, b, settings: PlanSettings, held: int, recompute=False, outer=False):
+        """Bytes one replica of segments ``[a, b)`` needs holding ``held`` micro-batches, its activations
+        recomputed or not (``recompute``), with a replica's outer state or not (``outer``); arrays broadcast."""
         params = self.param_bytes[b] - self.param_bytes[a]
-        return ((2 + OPTIMIZER_STATES[settings.optimizer]) * params + self.buffer_bytes[b] - self.buffer_bytes[a]
-                + (self.act_bytes[b] - self.act_bytes[a]) * held)
+        states = 2 + OPTIMIZER_STATES[settings.optimizer] + OUTER_STATES * np.asarray(outer)
+        edges = self.cuts_before[a] + self.cuts_before[b]
+        acts = self.act_bytes[b] - self.act_bytes[a]
+        kept = np.where(recompute, edges * held + acts, acts * held)
+        return states * params + self.buffer_bytes[b] - self.buffer_bytes[a] + 2 * edges + kept
 
 
 @dataclass(frozen=True)
@@ -249,11 +281,23 @@ def calls(w: Workload, a, b):
     return (np.asarray(a) > 0).astype(np.float64) + (np.asarray(b) < w.n)
 
 
-def compute_time(w: Workload, a, b, tflops: float, replicas: int, rpc: float, settings: PlanSettings):
+def recompute_flags(memory: list[float], caps: list[float], flags: list[bool], settings: PlanSettings) -> list[bool]:
+    """Which stages recompute their activations, given each stage's ``memory`` as priced with ``flags``
+    and the memory of its smallest replica (``caps``): all (``on``), none (``off``), or (``auto``) those
+    already recomputing and those that do not fit without."""
+    if settings.recompute != "auto":
+        return [settings.recompute == "on"] * len(memory)
+    return [f or m > cap for m, cap, f in zip(memory, caps, flags)]
+
+
+def compute_time(w: Workload, a, b, tflops: float, replicas: int, rpc: float, settings: PlanSettings,
+                 recompute=False):
     """``compute_s`` of segments ``[a, b)`` on replicas achieving ``tflops`` together, with ``rpc``
-    seconds per pipeline call (arrays broadcast)."""
-    return ((w.flops[b] - w.flops[a]) / (tflops * 1e12) + (w.kernels[b] - w.kernels[a]) * settings.kernel_overhead_s
-            / replicas + calls(w, a, b) * rpc / replicas)
+    seconds per pipeline call, the forward pass run twice where ``recompute`` (arrays broadcast)."""
+    again = np.asarray(recompute, dtype=np.float64)
+    flops = w.flops[b] - w.flops[a] + again * (w.fwd_flops[b] - w.fwd_flops[a])
+    kernels = w.kernels[b] - w.kernels[a] + again * (w.fwd_kernels[b] - w.fwd_kernels[a])
+    return flops / (tflops * 1e12) + kernels * settings.kernel_overhead_s / replicas + calls(w, a, b) * rpc / replicas
 
 
 def allreduce_time(param_bytes, replicas: int, inner_bw: float, ratio: float = 1.0):
@@ -300,11 +344,11 @@ def amortised_sync_factor(settings: PlanSettings) -> float:
 
 
 def stage_times(w: Workload, swarm: Swarm, segs: tuple[int, int], replicas: list[int],
-                settings: PlanSettings) -> tuple[float, float]:
+                settings: PlanSettings, recompute: bool = False) -> tuple[float, float]:
     """(``compute_s``, ``allreduce_s``) of one stage: segments ``segs`` on peers ``replicas``."""
     (a, b), r = segs, len(replicas)
     compute = compute_time(w, a, b, group_tflops([swarm.peers[p].tflops for p in replicas]), r,
-                           rpc_s([swarm.peers[p].cpu_cores for p in replicas], settings), settings)
+                           rpc_s([swarm.peers[p].cpu_cores for p in replicas], settings), settings, recompute)
     inner = swarm.min_bw(replicas, replicas) if r > 1 else 1.0
     return float(compute), float(allreduce_time(w.param_bytes[b] - w.param_bytes[a], r, inner))
 

@@ -35,6 +35,7 @@ from swarm.scheduler.costs import (
     compute_time,
     group_tflops,
     rpc_s,
+    sync_options,
 )
 from swarm.scheduler.fences import chain_orders, fence_bandwidth, fence_levels
 from swarm.scheduler.plan import Plan, evaluate
@@ -87,18 +88,29 @@ class _Ranges:
         self.w, self.settings, n = w, settings, w.n
         self.lo, self.hi = np.triu_indices(n + 1, 1)
         self.params = w.param_bytes[self.hi] - w.param_bytes[self.lo]
-        self.memory = w.memory(self.lo, self.hi, settings, settings.fewest_held)
+        outer = min(sync_options(settings)) > 1   # every plan's replicas keep an outer state
+        held = settings.fewest_held
+        # (replicated?) -> (memory as it is, memory recomputed) of every range
+        self.memory = {r: (w.memory(self.lo, self.hi, settings, held, False, outer and r),
+                           w.memory(self.lo, self.hi, settings, held, True, outer and r)) for r in (False, True)}
         self.sync_factor = amortised_sync_factor(settings)
 
     def stage(self, tflops: float, replicas: int, inner_bw: float, memory: float, rpc: float) -> np.ndarray:
-        """Compute (with ``rpc`` seconds per pipeline call) plus all-reduce amortised over the step's
-        micro-batches (and the rarest, most compressed sync the plan may take), per range."""
+        """Compute (with ``rpc`` seconds per pipeline call, the forward pass again where the range
+        fits only recomputed and ``recompute`` allows, or always under ``on``) plus all-reduce amortised
+        over the step's micro-batches (and the rarest, most compressed sync the plan may take), per range."""
         st = self.settings
-        comp = compute_time(self.w, self.lo, self.hi, tflops, replicas, rpc, st)
+        plain, recomputed = self.memory[replicas > 1]
+        fits, fits_recomputed = plain <= memory, recomputed <= memory
+        if st.recompute == "on":
+            fits = np.zeros_like(fits)
+        elif st.recompute == "off":
+            fits_recomputed = np.zeros_like(fits)
+        comp = compute_time(self.w, self.lo, self.hi, tflops, replicas, rpc, st, recompute=~fits)
         if replicas > 1:
             comp = comp + allreduce_time(self.params, replicas, inner_bw) / (st.micro_batches * self.sync_factor)
         cost = np.full((self.w.n, self.w.n + 1), np.inf)
-        cost[self.lo, self.hi] = np.where(self.memory <= memory, comp, np.inf)
+        cost[self.lo, self.hi] = np.where(fits | fits_recomputed, comp, np.inf)
         return cost
 
     def link(self, bw: float, flows: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from swarm.scheduler.costs import (
     PlanSettings,
@@ -16,6 +16,7 @@ from swarm.scheduler.costs import (
     in_flight,
     link_time,
     ratio_for,
+    recompute_flags,
     stage_times,
     sync_cost,
     sync_ratio,
@@ -37,6 +38,7 @@ class StagePlan:
     compute_s: float
     memory_bytes: float
     allreduce_s: float      # one sync of the replicas (at the plan's ``sync_every``: compressed when > 1)
+    recompute: bool = False  # the stage recomputes its activations in backward (``costs.recompute_flags``)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class Plan:
         """One line: each stage's peers (id tails) and predicted compute, each link's bandwidth and ratio."""
         parts = []
         for s in self.stages:
-            parts.append(f"[{' '.join(p[-6:] for p in s.peers)}] {s.compute_s:.3g} s")
+            parts.append(f"[{' '.join(p[-6:] for p in s.peers)}] {s.compute_s:.3g} s{' recompute' if s.recompute else ''}")
             if s.index < len(self.links):
                 link = self.links[s.index]
                 parts.append(f"{link.bandwidth_bps / 1e6:.3g} Mbit/s x{link.ratio:.3g}")
@@ -109,7 +111,8 @@ class Plan:
         try:
             stages = tuple(StagePlan(int(s["index"]), int(s["first_op"]), int(s["stop_op"]),
                                      tuple(names[int(s["first_op"]):int(s["stop_op"])]), tuple(map(str, s["peers"])),
-                                     float(s["compute_s"]), float(s["memory_bytes"]), float(s["allreduce_s"]))
+                                     float(s["compute_s"]), float(s["memory_bytes"]), float(s["allreduce_s"]),
+                                     bool(s.get("recompute", False)))
                            for s in d["stages"])
             links = tuple(LinkPlan(int(x["src"]), int(x["dst"]), float(x["bandwidth_bps"]), float(x["bytes"]),
                                    float(x["ratio"]), float(x["time_s"])) for x in d["links"])
@@ -137,12 +140,12 @@ class Plan:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
-        lines = [f"{'stage':>5}  {'ops':<34}{'peers':<28}{'compute ms':>11}{'mem MB':>9}{'allreduce ms':>13}"]
+        lines = [f"{'stage':>5}  {'ops':<34}{'peers':<28}{'compute ms':>11}{'mem MB':>9}{'allreduce ms':>13}  recompute"]
         for s in self.stages:
             ops = f"{s.ops[0]}..{s.ops[-1]} ({len(s.ops)})"
             peers = s.peers[0][-20:] + (f" (+{len(s.peers) - 1})" if len(s.peers) > 1 else "")
             lines.append(f"{s.index:>5}  {ops[:33]:<34}{peers[:27]:<28}{s.compute_s * 1e3:>11.2f}"
-                         f"{s.memory_bytes / 1e6:>9.1f}{s.allreduce_s * 1e3:>13.2f}")
+                         f"{s.memory_bytes / 1e6:>9.1f}{s.allreduce_s * 1e3:>13.2f}  {'yes' if s.recompute else 'no'}")
         for link in self.links:
             lines.append(f"link {link.src}->{link.dst}: {link.bytes / 1e6:.3f} MB at {link.bandwidth_bps / 1e6:.1f} Mbit/s, "
                          f"ratio {link.ratio:g}, {link.time_s * 1e3:.2f} ms")
@@ -164,8 +167,28 @@ def round_trip(compute_s: list[float], replicas: list[int], link_s: list[float])
 def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list[int]]], settings: PlanSettings,
              compress: bool = True) -> Plan:
     """The exact cost model (see ``costs``) of stages given as ((first seg, stop seg), peer indices);
-    each stage's memory is priced at the micro-batches the runtime will keep in flight in this plan."""
-    times = [stage_times(w, swarm, segs, peers, settings) for segs, peers in stages]
+    each stage's memory is priced at the micro-batches the runtime will keep in flight in this plan,
+    its activations recomputed where ``settings.recompute`` says (``auto``: where they do not fit
+    otherwise). A plan whose replicas' outer state (``sync_every`` > 1) does not fit, while summing
+    gradients every step would, syncs every step."""
+    caps = [min(swarm.peers[p].memory_bytes for p in peers) for _, peers in stages]
+    flags = [settings.recompute == "on"] * len(stages)
+    while True:
+        plan = _priced(w, swarm, stages, settings, compress, flags)
+        want = recompute_flags([s.memory_bytes for s in plan.stages], caps, flags, settings)
+        if want == flags:
+            break
+        flags = want
+    fits = all(s.memory_bytes <= cap for s, cap in zip(plan.stages, caps))
+    if not fits and plan.sync_every > 1 and not settings.sync_every:
+        return evaluate(w, swarm, stages, replace(settings, sync_every=1), compress)
+    return plan if fits else replace(plan, predicted_step_s=math.inf, utilization=0.0, predicted_samples_per_s=0.0)
+
+
+def _priced(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list[int]]], settings: PlanSettings,
+            compress: bool, recompute: list[bool]) -> Plan:
+    """``evaluate`` with each stage's recomputation given (``recompute``), whether or not it fits."""
+    times = [stage_times(w, swarm, segs, peers, settings, rc) for (segs, peers), rc in zip(stages, recompute)]
     compute, allreduce = [c for c, _ in times], [a for _, a in times]
     raw_links = []
     for s in range(len(stages) - 1):
@@ -189,16 +212,15 @@ def evaluate(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list
     step = rest + sync_cost(max(allreduce), rest * r0, h, settings) / r0
     allreduce = [a / sync_ratio(h, settings) for a in allreduce]
     held = settings.held(len(stages), trip, bottleneck, r0)
-    memory = [float(w.memory(a, b, settings, held)) for (a, b), _ in stages]
-    fits = all(m <= min(swarm.peers[p].memory_bytes for p in peers) for m, (_, peers) in zip(memory, stages))
+    memory = [float(w.memory(a, b, settings, held, rc, outer=len(peers) > 1 and h > 1))
+              for ((a, b), peers), rc in zip(stages, recompute)]
     used = {p for _, peers in stages for p in peers}
     plan_stages = []
     for s, ((a, b), peers) in enumerate(stages):
         first, stop = w.op_range(a, b)
         plan_stages.append(StagePlan(s, first, stop, w.names[first:stop], tuple(sorted(swarm.peers[p].peer_id for p in peers)),
-                                     compute[s], memory[s], allreduce[s]))
+                                     compute[s], memory[s], allreduce[s], recompute[s]))
     pooled = sum(p.tflops for p in swarm.peers) * 1e12
-    rate = settings.micro_batches / step if fits else 0.0     # micro-batches per second
+    rate = settings.micro_batches / step     # micro-batches per second
     return Plan(w.model, tuple(plan_stages), links, tuple(p.peer_id for i, p in enumerate(swarm.peers) if i not in used),
-                bottleneck, step if fits else math.inf, settings.micro_batches, h,
-                float(rate * w.flops[-1] / pooled), float(rate * w.samples))
+                bottleneck, step, settings.micro_batches, h, float(rate * w.flops[-1] / pooled), float(rate * w.samples))
