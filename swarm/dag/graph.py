@@ -134,6 +134,12 @@ class OpDAG:
         return sum(op.param_bytes for op in self.ops)
 
     @property
+    def output_bytes(self) -> int:
+        """Bytes of the model's output (what the ops feeding the ``output`` op return), per traced batch."""
+        out = next((op for op in self.ops if op.op == "output"), None)
+        return sum(self.ops[self.index[name]].out_bytes for name in out.inputs) if out is not None else 0
+
+    @property
     def total_flops(self) -> int:
         return sum(op.flops for op in self.ops)
 

@@ -88,7 +88,7 @@ class Node:
         from swarm.estimator.profile import load_or_measure
         from swarm.models import trace_model
         from swarm.planning import Elector
-        from swarm.runtime.memory import MemoryGauge
+        from swarm.runtime.memory import MemoryGauge, return_freed_memory
         from swarm.runtime.precision import resolve as resolve_precision
         from swarm.runtime.session import model_io
         from swarm.scheduler import Workload
@@ -101,6 +101,8 @@ class Node:
         identity = node_identity(net)
         authorizer = private_swarm(net, identity)
         profile = load_or_measure(cfg.device)
+        if cfg.memory_limit_gb is not None and profile.device == "cpu":
+            return_freed_memory()   # resident memory is then what tensors hold: what the cap and the plan count
         precision = resolve_precision(cfg.precision, profile.device)   # a bad setting is an error now, not at the first plan
         traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size)
         training_data(cfg.training.data, *model_io(traced))   # a bad data source is an error now, not after the election

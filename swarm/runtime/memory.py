@@ -5,6 +5,8 @@ caps these numbers (``NodeConfig.advertised_memory``); a stage whose peak passes
 (``MemoryGauge.over``). Measurement only: no step logic."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from dataclasses import dataclass
@@ -14,6 +16,20 @@ import torch
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
+M_MMAP_THRESHOLD = -3        # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 << 10   # its initial value, then kept: every larger block is mapped and unmapped on free
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give every freed block of ``MMAP_THRESHOLD`` or more back to the system at once (it
+    otherwise raises the threshold after the first such free and keeps later ones in its heap), so a
+    CPU node's resident memory is what its tensors hold: the number its ``memory_limit_gb`` caps.
+    Costs a page fault per fresh page of a large tensor. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def _status_kib(key: str) -> int | None:

@@ -6,8 +6,9 @@ size, for stage ``s`` holding ops ``[a, b)`` on replicas ``R_s`` (each replica h
 and takes an equal share of the micro-batches, so the slowest replica sets the pace)::
 
     compute_s  = F_s / (|R_s| * min_{p in R_s} tflops_p * 1e12) + (K_s * kernel_overhead + calls_s * rpc_s) / |R_s|
-    memory_s   = (2 + optimizer states + outer) * P_s + buffers_s + wire_s + A_s * in_flight   <= min memory of R_s
-    recomputed: memory_s = ... + (I_s + C_s) * in_flight + A_s,  compute_s += the stage's forward again
+    memory_s   = (2 + optimizer states + outer) * P_s + buffers_s + wire_s + (A_s + L_s) * in_flight + G_s
+                                                                             <= min memory of R_s
+    recomputed: memory_s = ... + (I_s + L_s) * in_flight + A_s + G_s,  compute_s += the stage's forward again
     link_s     = min(raw, raw / ratio_max + codec)     raw = 2 C_s / (bw_s * min(|R_s|, |R_s+1|))
     codec      = 2 C_s / (codec_bytes_per_s * min(|R_s|, |R_s+1|))
     allreduce_s = 2 (|R_s| - 1) / |R_s| * P_s / bw_within(R_s)                   once per step (H = 1)
@@ -46,10 +47,13 @@ than needed: fewer dropped values, better accuracy), and none if raw transfer al
 ``outer`` is 5 (the anchor, the parameters after the last sync, the outer momentum and two
 error-feedback residuals: ``swarm.runtime.outer``) for a replicated stage that syncs every ``H > 1``
 steps, else 0; ``wire_s = 2 (I_s + C_s)``: one frame each way at both boundaries (``I_s`` the cut
-entering the stage, ``C_s`` the one leaving it) while it is encoded or decoded. With ``recompute`` a
-stage keeps only its boundaries (``I_s + C_s``) per micro-batch in flight and recomputes one micro-batch's
-activations ``A_s`` during its backward pass: ``on`` everywhere, ``auto`` where a stage would not fit
-otherwise, ``off`` nowhere (``recompute_flags``).
+entering the stage, ``C_s`` the one leaving it) while it is encoded or decoded. ``L_s`` is what a
+micro-batch leaves at the stage: ``C_s``, or at the last stage twice the model's output (the logits
+and the loss's log-probabilities); ``G_s`` the gradients of one backward pass, priced as the most
+activations one segment saves. With ``recompute`` a stage keeps only its boundaries (``I_s + L_s``)
+per micro-batch in flight and recomputes one micro-batch's activations ``A_s`` during its backward
+pass: ``on`` everywhere, ``auto`` where a stage would not fit otherwise, ``off`` nowhere
+(``recompute_flags``).
 
 ``in_flight`` is what the runtime keeps (``in_flight``): all ``M`` under GPipe; under 1F1B as many as
 one micro-batch's ``trip`` lasts in bottleneck intervals, plus one, at least one per stage and at most
@@ -58,6 +62,7 @@ calls it on one stage, the search (``opfence``) on every segment range at once.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -168,16 +173,17 @@ class Workload:
     samples: int = 1                # samples per micro-batch (what the costs are scaled to)
     fwd_flops: np.ndarray | None = None     # the forward pass's share of ``flops`` (None: ``FWD_SHARE``)
     fwd_kernels: np.ndarray | None = None   # ... and of ``kernels``
+    output_bytes: float = 0.0       # the model's output (logits) per micro-batch: the loss keeps it and its log-probabilities
 
     def __post_init__(self) -> None:
         for name, of in (("fwd_flops", self.flops), ("fwd_kernels", self.kernels)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, of * FWD_SHARE)
 
-    @property
+    @functools.cached_property
     def cuts_before(self) -> np.ndarray:
         """``cuts_before[k]``: the activation entering segment ``k`` (0 for the model's input), and
-        ``cuts_before[b]`` the one leaving segments ``[a, b)``."""
+        ``cuts_before[b]`` the one leaving segments ``[a, b)`` (0 after the last)."""
         return np.concatenate([[0.0], self.cut_bytes])
 
     @property
@@ -190,14 +196,16 @@ class Workload:
 
     @classmethod
     def from_segments(cls, flops, kernels, param_bytes, act_bytes, cut_bytes, buffer_bytes=None,
-                      names=None, model: str = "", samples: int = 1, fwd_flops=None, fwd_kernels=None) -> Workload:
+                      names=None, model: str = "", samples: int = 1, fwd_flops=None, fwd_kernels=None,
+                      output_bytes: float = 0.0) -> Workload:
         """From per-segment costs (one op per segment); ``cut_bytes`` has one entry per segment."""
         n = len(flops)
         names = tuple(names or (f"op{i}" for i in range(n)))
         prefix = lambda v: None if v is None else np.concatenate([[0.0], np.cumsum(np.asarray(v, dtype=np.float64))])  # noqa: E731
         return cls(names, tuple(range(1, n + 1)), prefix(flops), prefix(kernels), prefix(param_bytes),
                    prefix(buffer_bytes if buffer_bytes is not None else [0] * n), prefix(act_bytes),
-                   np.asarray(cut_bytes, dtype=np.float64), model, samples, prefix(fwd_flops), prefix(fwd_kernels))
+                   np.asarray(cut_bytes, dtype=np.float64), model, samples, prefix(fwd_flops), prefix(fwd_kernels),
+                   float(output_bytes))
 
     @classmethod
     def from_dag(cls, dag: OpDAG, micro_batch_size: int | None = None) -> Workload:
@@ -215,6 +223,7 @@ class Workload:
             cut_bytes=[cuts[b - 1] * scale if b < len(dag.ops) else 0 for b in stops],
             names=[op.name for op in dag.ops], model=dag.model, samples=micro_batch_size or dag.batch_size,
             fwd_flops=[x * scale for x in seg(lambda o: o.flops_fwd)], fwd_kernels=seg(lambda o: o.kernels_fwd),
+            output_bytes=dag.output_bytes * scale,
         )._with_stops(tuple(stops))
 
     def _with_stops(self, stops: tuple[int, ...]) -> Workload:
@@ -223,12 +232,25 @@ class Workload:
     def memory(self, a, b, settings: PlanSettings, held: int, recompute=False, outer=False):
         """Bytes one replica of segments ``[a, b)`` needs holding ``held`` micro-batches, its activations
         recomputed or not (``recompute``), with a replica's outer state or not (``outer``); arrays broadcast."""
+        a, b = np.asarray(a), np.asarray(b)
         params = self.param_bytes[b] - self.param_bytes[a]
         states = 2 + OPTIMIZER_STATES[settings.optimizer] + OUTER_STATES * np.asarray(outer)
-        edges = self.cuts_before[a] + self.cuts_before[b]
+        cut_in, cut_out = self.cuts_before[a], self.cuts_before[b]
+        left = np.where(b == self.n, 2 * self.output_bytes, cut_out)   # what a micro-batch leaves here
         acts = self.act_bytes[b] - self.act_bytes[a]
-        kept = np.where(recompute, edges * held + acts, acts * held)
-        return states * params + self.buffer_bytes[b] - self.buffer_bytes[a] + 2 * edges + kept
+        kept = np.where(recompute, (cut_in + left) * held + acts, (acts + left) * held)
+        return (states * params + self.buffer_bytes[b] - self.buffer_bytes[a] + 2 * (cut_in + cut_out) + kept
+                + self.largest_act[a, b])
+
+    @functools.cached_property
+    def largest_act(self) -> np.ndarray:
+        """``largest_act[a, b]``: the most activations one segment of ``[a, b)`` saves; its backward pass
+        holds gradients about as large on top of what is kept (an ``(n + 1) x (n + 1)`` table)."""
+        seg, n = np.diff(self.act_bytes), self.n
+        table = np.zeros((n + 1, n + 1))
+        for i in range(n):
+            table[i, i + 1:] = np.maximum.accumulate(seg[i:])
+        return table
 
 
 @dataclass(frozen=True)
