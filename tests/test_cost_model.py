@@ -15,6 +15,7 @@ from swarm.runtime.schedule import SCHEDULES
 from swarm.runtime.schedule import in_flight as schedule_in_flight
 from swarm.scheduler import PeerSpec, PlanSettings, Swarm, Workload, evaluate, in_flight
 from swarm.scheduler.costs import SCHEDULES as PLANNED_SCHEDULES
+from swarm.scheduler.costs import stage_memory
 
 
 def chain(stages: int, act_bytes: float = 1e6, memory: int = 10**12) -> tuple[Workload, Swarm, list]:
@@ -40,8 +41,9 @@ def test_planner_prices_memory_at_what_the_runtime_keeps_in_flight(schedule, sta
     assert held == runtime_in_flight(plan, schedule)
     assert held >= max(schedule_in_flight(SCHEDULES[schedule](s, stages, m)) for s in range(stages))
     for s, ((a, b), _) in zip(plan.stages, layout):
-        assert s.memory_bytes == pytest.approx(float(w.memory(a, b, settings, held)))
-        assert s.memory_bytes == pytest.approx(float(w.memory(a, b, settings, 0)) + 2 * 1e6 * held)
+        assert s.memory_bytes == pytest.approx(float(stage_memory(w, a, b, settings, held)))
+        left = 1e5 if b < w.n else 0.0   # the activation leaving the stage, kept with each micro-batch's
+        assert s.memory_bytes == pytest.approx(float(stage_memory(w, a, b, settings, 0)) + (2 * 1e6 + left) * held)
 
 
 def test_in_flight_rule():
@@ -55,7 +57,9 @@ def test_in_flight_rule():
 
 @pytest.mark.parametrize("schedule,m,stages", [("gpipe", 16, 2), ("1f1b", 16, 6)])
 def test_a_plan_that_fits_only_at_four_in_flight_is_refused(schedule, m, stages):
-    static = (2 + 2) * 2e5 + 2e6 * 4     # params, grads, Adam's two moments, 4 micro-batches of activations
+    # params, grads, Adam's two moments; a frame each way at both boundaries; 4 micro-batches of
+    # activations and the cut each leaves; one segment's backward gradients
+    static = (2 + 2) * 2e5 + 2 * (1e5 + 1e5) + (2e6 + 1e5) * 4 + 1e6
     w, swarm, layout = chain(stages, memory=int(static * 1.2))
     four = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule, in_flight=4, recompute="off"))
     real = evaluate(w, swarm, layout, PlanSettings(micro_batches=m, schedule=schedule, recompute="off"))

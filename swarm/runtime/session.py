@@ -113,8 +113,7 @@ class TrainingSession:
                                   loss_fn=loss_fn if last else None, input_specs=input_specs(traced.dag, stage.io),
                                   max_batch=cfg.micro_batch_size, warmup_steps=training.lr_warmup_steps, device=device,
                                   precision=cfg.precision, recompute=plan.stages[self.index].recompute)
-        self.gauge = MemoryGauge(self.worker.device)   # the peak counts from the stage's start
-        self.gauge.reset()
+        self.gauge.reset()   # the peak counts from the stage's start
         self.owned = op_tensors(traced.dag, traced.gm)
         mine = {op: st for op, st in (states or {}).items() if op in self.ops}
         self.completed = self.worker.resume(mine, start_step)
@@ -267,6 +266,11 @@ class TrainingSession:
                               f"{c.bytes_sent / 1e6:.1f} MB, link ratio {row['ratio']:g}")
         if self.cfg.training.metrics_path:
             append_row(self.cfg.training.metrics_path, row)
+
+    @property
+    def gauge(self) -> MemoryGauge:
+        """What counts against this node's memory cap on the stage's device."""
+        return MemoryGauge(self.worker.device)
 
     @property
     def memory_limit(self) -> int | None:

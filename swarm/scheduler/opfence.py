@@ -35,6 +35,7 @@ from swarm.scheduler.costs import (
     compute_time,
     group_tflops,
     rpc_s,
+    stage_memory,
     sync_options,
 )
 from swarm.scheduler.fences import chain_orders, fence_bandwidth, fence_levels
@@ -91,8 +92,8 @@ class _Ranges:
         outer = min(sync_options(settings)) > 1   # every plan's replicas keep an outer state
         held = settings.fewest_held
         # (replicated?) -> (memory as it is, memory recomputed) of every range
-        self.memory = {r: (w.memory(self.lo, self.hi, settings, held, False, outer and r),
-                           w.memory(self.lo, self.hi, settings, held, True, outer and r)) for r in (False, True)}
+        self.memory = {r: (stage_memory(w, self.lo, self.hi, settings, held, False, outer and r),
+                           stage_memory(w, self.lo, self.hi, settings, held, True, outer and r)) for r in (False, True)}
         self.sync_factor = amortised_sync_factor(settings)
 
     def stage(self, tflops: float, replicas: int, inner_bw: float, memory: float, rpc: float) -> np.ndarray:

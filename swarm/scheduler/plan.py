@@ -17,6 +17,7 @@ from swarm.scheduler.costs import (
     link_time,
     ratio_for,
     recompute_flags,
+    stage_memory,
     stage_times,
     sync_cost,
     sync_ratio,
@@ -212,7 +213,7 @@ def _priced(w: Workload, swarm: Swarm, stages: list[tuple[tuple[int, int], list[
     step = rest + sync_cost(max(allreduce), rest * r0, h, settings) / r0
     allreduce = [a / sync_ratio(h, settings) for a in allreduce]
     held = settings.held(len(stages), trip, bottleneck, r0)
-    memory = [float(w.memory(a, b, settings, held, rc, outer=len(peers) > 1 and h > 1))
+    memory = [float(stage_memory(w, a, b, settings, held, rc, outer=len(peers) > 1 and h > 1))
               for ((a, b), peers), rc in zip(stages, recompute)]
     used = {p for _, peers in stages for p in peers}
     plan_stages = []
