@@ -89,29 +89,36 @@ class _Ranges:
         self.w, self.settings, n = w, settings, w.n
         self.lo, self.hi = np.triu_indices(n + 1, 1)
         self.params = w.param_bytes[self.hi] - w.param_bytes[self.lo]
-        outer = min(sync_options(settings)) > 1   # every plan's replicas keep an outer state
-        held = settings.fewest_held
-        # (replicated?) -> (memory as it is, memory recomputed) of every range
-        self.memory = {r: (stage_memory(w, self.lo, self.hi, settings, held, False, outer and r),
-                           stage_memory(w, self.lo, self.hi, settings, held, True, outer and r)) for r in (False, True)}
-        self.sync_factor = amortised_sync_factor(settings)
+        held, options = settings.fewest_held, sync_options(settings)
+        # with an outer state (replicas that sync every H > 1 steps) or not -> (memory as it is, recomputed)
+        self.memory = {o: (stage_memory(w, self.lo, self.hi, settings, held, False, o),
+                           stage_memory(w, self.lo, self.hi, settings, held, True, o)) for o in (False, True)}
+        self.syncs = [(True, amortised_sync_factor(settings))] * (max(options) > 1) + [(False, 1.0)] * (1 in options)
+
+    def _fitted(self, tflops: float, replicas: int, rpc: float, memory: float, outer: bool) -> np.ndarray:
+        """Compute per range (the forward pass again where it fits only recomputed and ``recompute``
+        allows, or always under ``on``), inf where it does not fit ``memory``."""
+        plain, recomputed = self.memory[outer]
+        fits, fits_recomputed = plain <= memory, recomputed <= memory
+        if self.settings.recompute == "on":
+            fits = np.zeros_like(fits)
+        elif self.settings.recompute == "off":
+            fits_recomputed = np.zeros_like(fits)
+        comp = compute_time(self.w, self.lo, self.hi, tflops, replicas, rpc, self.settings, recompute=~fits)
+        return np.where(fits | fits_recomputed, comp, np.inf)
 
     def stage(self, tflops: float, replicas: int, inner_bw: float, memory: float, rpc: float) -> np.ndarray:
-        """Compute (with ``rpc`` seconds per pipeline call, the forward pass again where the range
-        fits only recomputed and ``recompute`` allows, or always under ``on``) plus all-reduce amortised
-        over the step's micro-batches (and the rarest, most compressed sync the plan may take), per range."""
-        st = self.settings
-        plain, recomputed = self.memory[replicas > 1]
-        fits, fits_recomputed = plain <= memory, recomputed <= memory
-        if st.recompute == "on":
-            fits = np.zeros_like(fits)
-        elif st.recompute == "off":
-            fits_recomputed = np.zeros_like(fits)
-        comp = compute_time(self.w, self.lo, self.hi, tflops, replicas, rpc, st, recompute=~fits)
-        if replicas > 1:
-            comp = comp + allreduce_time(self.params, replicas, inner_bw) / (st.micro_batches * self.sync_factor)
+        """Compute (``_fitted``, with ``rpc`` seconds per pipeline call) plus, for replicas, the
+        all-reduce amortised over the step's micro-batches: at the rarest, most compressed sync the plan
+        may take where the outer state fits too, else every step, whichever is cheaper, per range."""
+        if replicas == 1:
+            comp = self._fitted(tflops, 1, rpc, memory, False)
+        else:
+            reduce = allreduce_time(self.params, replicas, inner_bw) / self.settings.micro_batches
+            comp = np.min([self._fitted(tflops, replicas, rpc, memory, outer) + reduce / factor
+                           for outer, factor in self.syncs], axis=0)
         cost = np.full((self.w.n, self.w.n + 1), np.inf)
-        cost[self.lo, self.hi] = np.where(fits | fits_recomputed, comp, np.inf)
+        cost[self.lo, self.hi] = comp
         return cost
 
     def link(self, bw: float, flows: int) -> np.ndarray:
