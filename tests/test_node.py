@@ -44,10 +44,14 @@ def test_six_nodes_membership_ttl_and_identity(tmp_path, swarm_procs):
         wait_until(lambda: set(membership.view().members) == set(peer_ids.values()), 60, what="all 6 nodes visible")
         view = membership.view()
         assert all(r.tflops > 0 and r.device == "cpu" and r.versions["swarm"] for r in view.members.values())
+        assert all(r.precision == "fp32" and r.memory_limit_bytes is None for r in view.members.values())
 
         status = run_cli("status", "--initial-peers", bootstrap, "--json", timeout=60)
         assert status.returncode == 0, status.stderr
         assert {m["peer_id"] for m in json.loads(status.stdout)} == set(peer_ids.values())
+        assert all(m["precision"] == "fp32" and "memory_peak_bytes" in m for m in json.loads(status.stdout))
+        table = run_cli("status", "--initial-peers", bootstrap, timeout=60)   # and the table says it per member
+        assert table.returncode == 0 and "mem GB used/cap" in table.stdout and table.stdout.count(" fp32 ") == 6, table.stdout
 
         victim = names[2]
         nodes[victim].kill(signal.SIGKILL)

@@ -101,6 +101,10 @@ def test_demo_trains_a_private_swarm_and_leaves_nothing_running(tmp_path):
     assert metrics["steps"] == 4 and metrics["nodes"] == metrics["stages"] == 3 and len(metrics["plan_hash"]) == 16
     assert metrics["loss_last"] < metrics["loss_first"] and metrics["samples_per_s"] > 0 and metrics["bytes_sent"] > 0
     assert metrics["wire_ratio"] >= 8   # every pipeline link at the fixed ratio (the gradients go back harder)
+    rows = read_metrics(out / "metrics.jsonl")   # each stage's row says what it computes in and holds
+    assert {r["stage"] for r in rows} == {0, 1, 2} and all(r["precision"] == "fp32" and r["recompute"] is False for r in rows)
+    assert all(r["memory_peak_bytes"] >= r["memory_used_bytes"] > 0 and r["memory_planned_bytes"] > 0 for r in rows)
+    assert all(r["memory_limit_bytes"] is None for r in rows)
     assert (out / "demo.png").stat().st_size > 10_000
     assert not p2pd_pids() - before and left_the_swarm(out)
     # real held-out text, measured through the pipeline after steps 0 and 3 (the last); the nodes left by themselves
