@@ -84,6 +84,18 @@ class ImportSpec(_ModelSpecBase):
     input_high: PositiveInt = Field(default=2, le=1 << 62, description="exclusive upper bound of int64 inputs")
 
 
+class HFSpec(_ModelSpecBase):
+    """A Hugging Face causal LM from a local directory (``swarm.models.hf``; ``pip install swarm[hf]``)."""
+
+    kind: Literal["hf"]
+    path: str = Field(description="a directory holding config.json (and weights, if any); relative to the YAML file")
+    seq_len: PositiveInt | None = Field(default=None, le=1 << 17, description="tokens per sample (None: the "
+                                        "config's positions, at most 1024)")
+    weights: Literal["auto", "required", "none"] = Field(default="auto", description="auto: load the directory's "
+                                                         "weights if it holds some, else a seeded random initialisation")
+    seed: int = Field(default=0, ge=0, description="the random initialisation's seed (no weights)")
+
+
 class RelayConfig(Strict):
     """Circuit relay v2 through the p2p daemon (docs/nat.md): nodes behind NAT reserve a slot on relays
     and are dialled through them; hole punching then upgrades the link where the NAT allows."""

@@ -87,9 +87,9 @@ def read_spec(directory: Path) -> dict[str, Any]:
 
 def _spec(doc: Any, where: str):
     """The validated spec, and granularity, of a ``model.json`` document."""
-    from swarm.config import GPTSpec, ImportSpec, ResNetSpec, validate
+    from swarm.config import validate
+    from swarm.models import SPECS as kinds
 
-    kinds = {"gpt": GPTSpec, "resnet": ResNetSpec, "import": ImportSpec}
     spec = doc.get("spec") if isinstance(doc, dict) else None
     if not isinstance(spec, dict) or spec.get("kind") not in kinds:
         raise SwarmError(f"{where}: not a swarm model spec (no 'spec' with a kind of {', '.join(kinds)})")
@@ -246,8 +246,10 @@ def export(source_dir: str | Path, out_file: str | Path, model: str | None = Non
     meta = {"format": "pt", META_MODEL: json.dumps(doc), META_STEP: str(found.step), META_SOURCE: found.source}
     out = _write_atomically(Path(out_file), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     params = sum(p.numel() for p in target.built.module.parameters())
+    also = target.built.module.save_pretrained(out, {n: tensors[c] for n, c in target.canonical.items()}) \
+        if hasattr(target.built.module, "save_pretrained") else ""   # (kind: hf: its directory too)
     return Exported(out, found.step, f"exported model {target.name}: {params:,} parameters in {len(tensors)} tensors, "
-                                     f"step {found.step}, from {found.source} {root} ({found.where})")
+                                     f"step {found.step}, from {found.source} {root} ({found.where}){also}")
 
 
 def read_export(path: str | Path) -> tuple[dict[str, Any], int, dict[str, torch.Tensor]]:
@@ -289,8 +291,8 @@ def load_exported(path: str | Path) -> torch.nn.Module:
 def lm_shape(target: Target) -> tuple[int, int]:
     """(vocabulary, context length) of a byte-level language model; anything else is one line."""
     spec = target.spec
-    if spec.kind == "gpt":
-        vocab, seq_len = spec.vocab_size, spec.seq_len
+    if spec.kind in ("gpt", "hf"):
+        vocab, seq_len = target.built.module.vocab_size, target.built.module.seq_len
     elif spec.kind == "import" and spec.input_dtype == "int64" and len(spec.input_shape or []) == 1:
         vocab, seq_len = spec.input_high, spec.input_shape[0]
     else:

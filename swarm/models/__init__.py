@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swarm.config import GPTSpec, ImportSpec, ResNetSpec, config_dir, read_yaml, validate
+from swarm.config import GPTSpec, HFSpec, ImportSpec, ResNetSpec, config_dir, read_yaml, validate
 from swarm.errors import SwarmError
 from swarm.models.gpt import GPT
 from swarm.models.resnet import ResNet
@@ -30,14 +30,15 @@ class BuiltModel:
     sequential_modules: list[str] | None = None
 
 
-_SPECS = {"gpt": GPTSpec, "resnet": ResNetSpec, "import": ImportSpec}
+SPECS = {"gpt": GPTSpec, "resnet": ResNetSpec, "import": ImportSpec, "hf": HFSpec}
+Spec = GPTSpec | ResNetSpec | ImportSpec | HFSpec
 
 
 def presets() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "models").glob("*.yaml"))
 
 
-def resolve(name: str) -> GPTSpec | ResNetSpec | ImportSpec:
+def resolve(name: str) -> Spec:
     """Preset name, YAML path or ``package.module:factory`` -> a validated model spec."""
     if name.endswith((".yaml", ".yml")):
         path = Path(name)
@@ -51,9 +52,11 @@ def resolve(name: str) -> GPTSpec | ResNetSpec | ImportSpec:
     data = read_yaml(path)
     data.setdefault("name", path.stem)
     kind = data.get("kind")
-    if kind not in _SPECS:
-        raise SwarmError(f"{path}: key 'kind': must be one of {', '.join(_SPECS)} (got {kind!r})")
-    return validate(_SPECS[kind], data, str(path))
+    if kind not in SPECS:
+        raise SwarmError(f"{path}: key 'kind': must be one of {', '.join(SPECS)} (got {kind!r})")
+    if kind == "hf" and isinstance(data.get("path"), str):   # relative to the YAML file
+        data["path"] = str((path.parent / data["path"]).resolve())
+    return validate(SPECS[kind], data, str(path))
 
 
 def _import_factory(path: str) -> Callable[..., nn.Module]:
@@ -100,7 +103,17 @@ def _check_fits(what: str, need: int, hint: str) -> None:
                          f"of memory available on this machine; {hint}")
 
 
-def build(spec: GPTSpec | ResNetSpec | ImportSpec) -> BuiltModel:
+def _build_hf(spec: HFSpec) -> BuiltModel:
+    from swarm.models.hf import HFCausalLM, load_config, load_hf, max_positions
+
+    seq_len = spec.seq_len or min(max_positions(load_config(spec.path)), 1024)
+    module = HFCausalLM(load_hf(spec.path, spec.weights, spec.seed), seq_len)
+    return BuiltModel(spec.name or Path(spec.path).name, module, module.example_inputs, module.block_names())
+
+
+def build(spec: Spec) -> BuiltModel:
+    if isinstance(spec, HFSpec):
+        return _build_hf(spec)
     if not isinstance(spec, ImportSpec):
         _check_fits(f"model '{spec.name or spec.kind}' ({_param_bytes(spec) // 4:,} parameters)", _param_bytes(spec),
                     "make it smaller")
