@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.getcwd() not in sys.path:   # a user's model or data module in the current directory resolves (as with -m)
+        sys.path.insert(1, os.getcwd())
     args = build_parser().parse_args(argv)
     logging.getLogger("hivemind").setLevel(logging.WARNING)  # its INFO chatter is not for users
     try:

@@ -60,6 +60,13 @@ class DemoSettings:
     stall_s: float = 300.0               # once training began: fail when no step completes for this long
 
 
+def node_env() -> dict[str, str]:
+    """The environment of the demo's nodes: this checkout first on the import path, then the directory
+    the demo started in and the user's own ``PYTHONPATH``, so a user's model module resolves in every node."""
+    paths = [str(ROOT), os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
 class _Node:
     def __init__(self, index: int, config: Path, member, log: Path, initial_peer: str | None):
         self.log, self.ready_file = log, log.with_suffix(".ready.json")
@@ -69,7 +76,7 @@ class _Node:
             [sys.executable, str(ROOT / "node.py"), "run", "--config", str(config), "--identity", member.identity_path,
              "--credentials", member.credential_path, "--ready-file", str(self.ready_file), "--initial-peers", *peers],
             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            env=node_env())
 
     def last_line(self) -> str:
         """The node's last log line: shown to the user when the node died, never parsed."""
