@@ -60,7 +60,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
 def _trace(cfg: NodeConfig, batch_size: int):
     from swarm.models import trace_model
 
-    return trace_model(cfg.model, cfg.granularity, batch_size)
+    return trace_model(cfg.model, cfg.granularity, batch_size, data=cfg.training.data)
 
 
 def cmd_dag(args: argparse.Namespace) -> int:

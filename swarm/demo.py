@@ -239,11 +239,11 @@ def run_demo(s: DemoSettings) -> dict:
     from swarm.cli import check_local_dirs
     check_local_dirs(cfg)                                                # and so does a directory nodes cannot write
     traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size,   # a bad model name fails here, in one line,
-                         cfg.election.micro_batches)                        # and so does a step too big for memory
+                         cfg.election.micro_batches, data=cfg.training.data)   # and so does a step too big for memory
     if model_io(traced)[1] == "int64" and "data" not in (read_yaml(s.config) if s.config else {}).get("training", {}):
         values["training"]["data"] = TEXT   # a language model learns real text
         cfg = validate(NodeConfig, values, s.config or "demo settings")
-    training_data(cfg.training.data, *model_io(traced))   # and so does a bad data source (or a corpus not fetched)
+    training_data(cfg.training.data, *model_io(traced), loss=cfg.training.loss)   # and so does a bad data source (or a corpus not fetched)
     config = out / "node.yaml"
     config.write_text(json.dumps(values, indent=1))
     load_or_measure(cfg.device)                             # profile once; the nodes read the cache

@@ -6,7 +6,6 @@ make example inputs (needed to trace shapes and count FLOPs).
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,10 @@ from torch import nn
 
 from swarm.config import GPTSpec, HFSpec, ImportSpec, ResNetSpec, config_dir, read_yaml, validate
 from swarm.errors import SwarmError
+from swarm.imports import describe, import_callable
 from swarm.models.gpt import GPT
 from swarm.models.resnet import ResNet
+from swarm.userdata import example_inputs, is_factory
 
 __all__ = ["GPT", "ResNet", "BuiltModel", "presets", "resolve", "build", "load_model"]
 
@@ -59,31 +60,6 @@ def resolve(name: str) -> Spec:
     return validate(SPECS[kind], data, str(path))
 
 
-def _import_factory(path: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise SwarmError(f"model import path '{path}' must look like package.module:factory")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise SwarmError(f"cannot import model module '{module_name}': {e}") from None
-    except BaseException as e:   # its top level raised (SystemExit, a bug): the user's code, not ours
-        raise SwarmError(f"importing model module '{module_name}' raised {_describe(e)}") from None
-    try:
-        factory = getattr(module, attr)
-    except AttributeError:
-        raise SwarmError(f"module '{module_name}' has no attribute '{attr}'") from None
-    if not callable(factory):
-        raise SwarmError(f"model factory '{path}' is not callable")
-    return factory
-
-
-def _describe(e: BaseException) -> str:
-    """An exception in one line: its type and (the first 200 characters of) its message."""
-    text = " ".join(str(e).split())[:200]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _param_bytes(spec: GPTSpec | ResNetSpec) -> int:
     """Bytes of the parameters the spec asks for (float32), known before building: GPT blocks hold
     12 d^2 each plus the embeddings and the head; a ResNet's size is its depth's plus the classifier."""
@@ -111,7 +87,9 @@ def _build_hf(spec: HFSpec) -> BuiltModel:
     return BuiltModel(spec.name or Path(spec.path).name, module, module.example_inputs, module.block_names())
 
 
-def build(spec: Spec) -> BuiltModel:
+def build(spec: Spec, data=None) -> BuiltModel:
+    """The model of ``spec``; its example inputs from the module, the spec's ``input_shape``, or else
+    the data factory ``data`` names (``training.data``, ``swarm.userdata``)."""
     if isinstance(spec, HFSpec):
         return _build_hf(spec)
     if not isinstance(spec, ImportSpec):
@@ -124,11 +102,11 @@ def build(spec: Spec) -> BuiltModel:
         module = ResNet(spec.depth, spec.num_classes, spec.image_size, spec.in_channels)
     else:
         try:
-            module = _import_factory(spec.factory)(**spec.kwargs)
+            module = import_callable(spec.factory)(**spec.kwargs)
         except SwarmError:
             raise
         except BaseException as e:   # SystemExit(0) too: a factory that exits must not end the node with "success"
-            raise SwarmError(f"model factory '{spec.factory}' failed: {_describe(e)}") from None
+            raise SwarmError(f"model factory '{spec.factory}' failed: {describe(e)}") from None
         if not isinstance(module, nn.Module):
             raise SwarmError(f"model factory '{spec.factory}' returned {type(module).__name__}, not torch.nn.Module")
     if hasattr(module, "example_inputs"):
@@ -136,14 +114,17 @@ def build(spec: Spec) -> BuiltModel:
     elif isinstance(spec, ImportSpec) and spec.input_shape:
         shape, dtype, high = tuple(spec.input_shape), spec.input_dtype, spec.input_high
         example = (lambda b: (torch.randint(0, high, (b, *shape)),)) if dtype == "int64" else (lambda b: (torch.randn(b, *shape),))
+    elif is_factory(data):
+        example = example_inputs(data)
     else:
         def example(batch_size: int) -> tuple[torch.Tensor, ...]:
-            raise SwarmError(f"model '{spec.name}' has no example_inputs(batch_size) method; set input_shape in its spec")
+            raise SwarmError(f"model '{spec.name}' has no example_inputs(batch_size) method; set input_shape in its "
+                             "spec or name a data factory in training.data")
     return BuiltModel(spec.name or type(module).__name__, module, example, spec.sequential_modules)
 
 
-def load_model(name: str) -> BuiltModel:
-    return build(resolve(name))
+def load_model(name: str, data=None) -> BuiltModel:
+    return build(resolve(name), data)
 
 
 def sample_bytes(built: BuiltModel, probe: int = 1) -> tuple[int, int]:
@@ -195,17 +176,17 @@ def check_batch_memory(built: BuiltModel, micro_batch_size: int, micro_batches: 
                 "lower micro_batch_size (or election.micro_batches)")
 
 
-def trace_model(name: str, granularity: str, batch_size: int, micro_batches: int = 1):
+def trace_model(name: str, granularity: str, batch_size: int, micro_batches: int = 1, data=None):
     """Build model ``name`` (seeded, so every node builds the same one) and trace its OP-DAG, once a
     micro-batch of ``batch_size`` (and a step of ``micro_batches`` of them) is known to fit in memory."""
     from swarm.dag.trace import trace
 
     torch.manual_seed(0)   # same initial weights in every process
-    built = load_model(name)
+    built = load_model(name, data)
     try:
         check_batch_memory(built, batch_size, micro_batches)
         return trace(built.module, built.example_inputs(batch_size), granularity, built.sequential_modules, built.name)
     except SwarmError:
         raise
     except (Exception, SystemExit) as e:   # the model's own code (forward, example_inputs)
-        raise SwarmError(f"model '{built.name}' failed on example inputs: {_describe(e)}") from None
+        raise SwarmError(f"model '{built.name}' failed on example inputs: {describe(e)}") from None

@@ -106,7 +106,7 @@ class TrainingSession:
         training, last = cfg.training, self.index == len(plan.stages) - 1
         stage = extract_stages(traced, Partition(tuple(s.first_op for s in plan.stages), len(traced.dag.ops)))[self.index]
         io = model_io(traced)
-        self.data, loss_fn = training_data(training.data, *io)
+        self.data, loss_fn = training_data(training.data, *io, loss=training.loss)
         self.validation = validation_data(training.data, *io, batches=-(-training.eval_samples // cfg.micro_batch_size),
                                           batch_size=cfg.micro_batch_size) if self.index == 0 and training.eval_every_steps else None
         self.worker = StageWorker(stage, cfg.optimizer, training.lr, max_in_flight=4 * plan.micro_batches,
