@@ -17,6 +17,19 @@ def _isolated_cache(tmp_path_factory):
     os.environ["SWARM_CACHE_DIR"] = str(tmp_path_factory.mktemp("swarm-cache"))
 
 
+def config_error(tmp_path, text: str) -> str:
+    """The error a node config of ``text`` gets: one line (asserted), returned for the caller to read."""
+    from swarm.config import NodeConfig, load
+    from swarm.errors import SwarmError
+
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    with pytest.raises(SwarmError) as e:
+        load(NodeConfig, str(path))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python node.py ARGS`` from the repository root; bounded in time."""
     return subprocess.run([sys.executable, str(ROOT / "node.py"), *args], cwd=ROOT, capture_output=True,
