@@ -1,33 +1,12 @@
-"""A user's own model module resolves in every node the demo starts: from the directory the demo was
-started in and from the user's PYTHONPATH (issue 21, part 6)."""
+"""A user's own code (issue 21, parts 4 and 6): a model module resolves in every node the demo starts,
+from the directory the demo was started in and from the user's PYTHONPATH; a data factory of one's own
+trains an MLP on float vectors, and one that does not fit the model is one line."""
 import json
 import os
 import subprocess
 import sys
 
 from tests.conftest import ROOT
-
-MODULE = '''
-from swarm.models import GPT
-
-
-def make():
-    return GPT(256, 32, 1, 2, 32, 0.0, False)   # a one-block byte-level GPT over 32 tokens
-'''
-
-
-def test_a_user_module_in_the_current_directory_trains_in_the_demo(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "mymodel.py").write_text(MODULE)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "elsewhere")}   # the user's own path is kept, not replaced
-    done = subprocess.run([sys.executable, str(ROOT / "node.py"), "demo", "--model", "mymodel:make", "--nodes", "2",
-                           "--steps", "3", "--micro-batches", "2", "--micro-batch-size", "2", "--out-dir",
-                           str(tmp_path / "demo"), "--json-out", str(tmp_path / "m.json")],
-                          cwd=work, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["steps"] == 3 and metrics["loss_last"] < metrics["loss_first"]
 
 
 def test_the_demos_nodes_see_the_checkout_the_cwd_and_the_users_path(tmp_path, monkeypatch):
@@ -104,17 +83,21 @@ def _cfg(tmp_path, model, data, **training):
 
 
 def _demo(tmp_path, cwd, cfg, steps=30):
+    """The demo started in ``cwd`` (where the user's module is) with a PYTHONPATH of the user's own, which
+    its nodes must keep after the checkout and the cwd."""
     return subprocess.run([sys.executable, str(ROOT / "node.py"), "demo", "--config", str(cfg), "--nodes", "2",
                            "--steps", str(steps), "--micro-batches", "2", "--micro-batch-size", "8", "--out-dir",
                            str(tmp_path / "demo"), "--json-out", str(tmp_path / "m.json")],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "elsewhere")})
 
 
-def test_an_mlp_on_float_vectors_trains_from_a_user_data_factory(tmp_path):
-    (tmp_path / "userml.py").write_text(USER)
+def test_an_mlp_on_float_vectors_in_a_module_in_the_cwd_trains_from_a_user_data_factory(tmp_path):
+    (tmp_path / "userml.py").write_text(USER)   # model and data both from the directory the demo starts in
     done = _demo(tmp_path, tmp_path, _cfg(tmp_path, "userml:make", "userml:data"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["steps"] == 30 and metrics["loss_last"] < metrics["loss_first"]
     assert [p["step"] for p in metrics["validation"]] == [0, 9, 19, 29]   # mean squared error on held-out samples
     assert metrics["val_loss_last"] < 0.5 * metrics["val_loss_first"]
 
