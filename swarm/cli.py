@@ -43,6 +43,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _shape(text: str) -> list[int]:
+    """argparse type: a per-sample shape such as ``8`` or ``3,32,32``."""
+    try:
+        shape = [int(x) for x in text.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape (positive integers joined by commas, e.g. 3,32,32)")
+    return shape
+
+
 def _human(n: float, unit: str = "") -> str:
     for prefix in ("", "K", "M", "G", "T", "P"):
         if abs(n) < 1000:
@@ -53,14 +64,14 @@ def _human(n: float, unit: str = "") -> str:
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     cfg = load(NodeConfig, args.config) if args.config else NodeConfig()
-    overrides = {k: getattr(args, k) for k in ("model", "granularity", "device") if getattr(args, k, None)}
+    overrides = {k: getattr(args, k) for k in ("model", "granularity", "device", "input_shape") if getattr(args, k, None)}
     return cfg.model_copy(update={**overrides, **({"memory_limit_gb": args.max_memory} if getattr(args, "max_memory", None) else {})})
 
 
 def _trace(cfg: NodeConfig, batch_size: int):
     from swarm.models import trace_model
 
-    return trace_model(cfg.model, cfg.granularity, batch_size, data=cfg.training.data)
+    return trace_model(cfg.model, cfg.granularity, batch_size, data=cfg.training.data, input_shape=cfg.input_shape)
 
 
 def cmd_dag(args: argparse.Namespace) -> int:
@@ -109,7 +120,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(DemoSettings(nodes=args.nodes, steps=args.steps, model=args.model, stages=args.stages,
                           compression=args.compression, micro_batches=args.micro_batches,
                           micro_batch_size=args.micro_batch_size, warmup_steps=args.warmup_steps, out_dir=args.out_dir,
-                          json_out=args.json_out, plot=args.plot, device=args.device, config=args.config))
+                          json_out=args.json_out, plot=args.plot, device=args.device, config=args.config,
+                          input_shape=args.input_shape))
     return 0
 
 
@@ -230,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help=f"node config YAML (default values: {config_dir() / 'node.yaml'})")
         p.add_argument("--model", help="preset name, model YAML, or package.module:factory")
+        p.add_argument("--input-shape", type=_shape, metavar="D[,D...]", help="per-sample float32 input shape of a "
+                       "package.module:factory model without example_inputs")
         p.add_argument("--granularity", choices=["fine", "coarse"], help="OP-DAG granularity")
 
     p = sub.add_parser("dag", help="trace a model into its OP-DAG and print it")
@@ -301,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=_at_least(1), default=4, help="node processes to start on loopback")
     p.add_argument("--steps", type=_at_least(1), default=100, help="optimizer steps to train")
     p.add_argument("--model", help="preset name, model YAML, or package.module:factory [gpt2-tiny]")
+    p.add_argument("--input-shape", type=_shape, metavar="D[,D...]", help="per-sample float32 input shape of a "
+                   "package.module:factory model without example_inputs")
     p.add_argument("--stages", type=_at_least(0), help="pipeline stages [0: elected by the swarm]")
     p.add_argument("--compression", metavar="auto|off|RATIO",
                    help="AdaTopK on pipeline links: auto (per link, from bandwidth), off, or a fixed wire ratio [auto]")

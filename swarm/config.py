@@ -281,6 +281,9 @@ class NodeConfig(Strict):
 
     model: str = Field(default="gpt2-tiny", description="preset name, YAML file, or package.module:factory")
     granularity: Literal["fine", "coarse"] = "coarse"
+    input_shape: list[Annotated[int, Field(ge=1, le=MAX_DIM)]] | None = Field(
+        default=None, min_length=1, max_length=8, description="per-sample float32 input shape of a package.module:factory "
+        "model that has no example_inputs (else taken from a data factory); `--input-shape`")
     device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto (the first CUDA device, else MPS, "
                         "else the CPU), cpu, cuda (cuda:0), cuda:N or mps; each device's profile is cached apart")
     micro_batch_size: PositiveInt = Field(default=4, le=MAX_MICRO_BATCH_SIZE, description="samples per "

@@ -46,6 +46,7 @@ class DemoSettings:
     nodes: int = 4
     steps: int = 100
     model: str | None = None             # [gpt2-tiny]
+    input_shape: list[int] | None = None  # a factory model's per-sample input shape (no example_inputs)
     stages: int | None = None            # [0: elected freely]
     compression: str | None = None       # auto | off | a fixed wire ratio [auto]
     micro_batches: int | None = None     # [8]
@@ -130,7 +131,7 @@ def _config(s: DemoSettings, metrics: Path, saved: Path) -> dict:
                              "drift_check_s": 3600},
                 "training": {"threads": threads},
                 "compression": {"mode": "auto", "warmup_steps": 5}}
-    flags = {"model": s.model, "device": s.device, "micro_batch_size": s.micro_batch_size,
+    flags = {"model": s.model, "device": s.device, "micro_batch_size": s.micro_batch_size, "input_shape": s.input_shape,
              "election": {"stages": s.stages, "micro_batches": s.micro_batches},
              "compression": {**(_compression(s.compression) if s.compression is not None else {}),
                              "warmup_steps": s.warmup_steps}}
@@ -239,7 +240,8 @@ def run_demo(s: DemoSettings) -> dict:
     from swarm.cli import check_local_dirs
     check_local_dirs(cfg)                                                # and so does a directory nodes cannot write
     traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size,   # a bad model name fails here, in one line,
-                         cfg.election.micro_batches, data=cfg.training.data)   # and so does a step too big for memory
+                         cfg.election.micro_batches, data=cfg.training.data,   # and so does a step too big for memory
+                         input_shape=cfg.input_shape)
     if model_io(traced)[1] == "int64" and "data" not in (read_yaml(s.config) if s.config else {}).get("training", {}):
         values["training"]["data"] = TEXT   # a language model learns real text
         cfg = validate(NodeConfig, values, s.config or "demo settings")

@@ -110,3 +110,18 @@ def test_a_data_factory_of_the_wrong_shape_or_a_missing_loss_is_one_line(tmp_pat
     for cfg, message in cases:
         done = _demo(tmp_path, tmp_path, cfg)
         assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_factory_model_without_example_inputs_takes_its_shape_from_the_command_line(tmp_path):
+    (tmp_path / "userml.py").write_text(USER)
+
+    def dag(*flags):
+        return subprocess.run([sys.executable, str(ROOT / "node.py"), "dag", "--model", "userml:make", "--json", *flags],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = dag("--input-shape", "8")
+    assert done.returncode == 0, done.stderr
+    ops = json.loads(done.stdout)["ops"]
+    assert ops[0]["out_shapes"] == [[1, 8]] and ops[-2]["out_shapes"] == [[1, 1]]
+    for flags, message in ((("--input-shape", "8,x"), "is not a shape"), ((), "--input-shape")):
+        done = dag(*flags)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr

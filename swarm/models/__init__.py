@@ -87,9 +87,11 @@ def _build_hf(spec: HFSpec) -> BuiltModel:
     return BuiltModel(spec.name or Path(spec.path).name, module, module.example_inputs, module.block_names())
 
 
-def build(spec: Spec, data=None) -> BuiltModel:
-    """The model of ``spec``; its example inputs from the module, the spec's ``input_shape``, or else
-    the data factory ``data`` names (``training.data``, ``swarm.userdata``)."""
+def build(spec: Spec, data=None, input_shape: list[int] | None = None) -> BuiltModel:
+    """The model of ``spec``; its example inputs from the module, the spec's ``input_shape`` (or the
+    node's, ``input_shape``), or else the data factory ``data`` names (``training.data``, ``swarm.userdata``)."""
+    if isinstance(spec, ImportSpec) and input_shape and not spec.input_shape:
+        spec = spec.model_copy(update={"input_shape": list(input_shape)})
     if isinstance(spec, HFSpec):
         return _build_hf(spec)
     if not isinstance(spec, ImportSpec):
@@ -119,12 +121,12 @@ def build(spec: Spec, data=None) -> BuiltModel:
     else:
         def example(batch_size: int) -> tuple[torch.Tensor, ...]:
             raise SwarmError(f"model '{spec.name}' has no example_inputs(batch_size) method; set input_shape in its "
-                             "spec or name a data factory in training.data")
+                             "spec or the node config (--input-shape), or name a data factory in training.data")
     return BuiltModel(spec.name or type(module).__name__, module, example, spec.sequential_modules)
 
 
-def load_model(name: str, data=None) -> BuiltModel:
-    return build(resolve(name), data)
+def load_model(name: str, data=None, input_shape: list[int] | None = None) -> BuiltModel:
+    return build(resolve(name), data, input_shape)
 
 
 def sample_bytes(built: BuiltModel, probe: int = 1) -> tuple[int, int]:
@@ -176,13 +178,14 @@ def check_batch_memory(built: BuiltModel, micro_batch_size: int, micro_batches: 
                 "lower micro_batch_size (or election.micro_batches)")
 
 
-def trace_model(name: str, granularity: str, batch_size: int, micro_batches: int = 1, data=None):
+def trace_model(name: str, granularity: str, batch_size: int, micro_batches: int = 1, data=None,
+                input_shape: list[int] | None = None):
     """Build model ``name`` (seeded, so every node builds the same one) and trace its OP-DAG, once a
     micro-batch of ``batch_size`` (and a step of ``micro_batches`` of them) is known to fit in memory."""
     from swarm.dag.trace import trace
 
     torch.manual_seed(0)   # same initial weights in every process
-    built = load_model(name, data)
+    built = load_model(name, data, input_shape)
     try:
         check_batch_memory(built, batch_size, micro_batches)
         return trace(built.module, built.example_inputs(batch_size), granularity, built.sequential_modules, built.name)

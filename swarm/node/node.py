@@ -104,7 +104,8 @@ class Node:
         if cfg.memory_limit_gb is not None and profile.device == "cpu":
             return_freed_memory()   # resident memory is then what tensors hold: what the cap and the plan count
         precision = resolve_precision(cfg.precision, profile.device)   # a bad setting is an error now, not at the first plan
-        traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size, data=cfg.training.data)
+        traced = trace_model(cfg.model, cfg.granularity, cfg.micro_batch_size, data=cfg.training.data,
+                             input_shape=cfg.input_shape)
         # a bad data source is an error now, not after the election
         training_data(cfg.training.data, *model_io(traced), loss=cfg.training.loss)
         model_tflops = _model_tflops(traced, profile.device)
