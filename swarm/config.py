@@ -16,6 +16,7 @@ from swarm.compression.measured import DEFAULT_TOLERANCE_PCT, safe_ratio
 from swarm.compression.measured import table as codec_table
 from swarm.election.machine import ElectionSettings
 from swarm.errors import SwarmError
+from swarm.imports import IMPORT_PATH
 from swarm.scheduler.costs import PlanSettings, wire_fraction
 from swarm.sync import COMPRESSIONS, OuterSettings
 
@@ -37,6 +38,7 @@ MAX_RATIO = 1000.0             # AdaTopK wire ratio
 MAX_THREADS = 1024
 MAX_LR = 10.0
 MAX_DIM = 1 << 20              # model sizes: vocabulary, classes, one dimension of an input
+Shape = list[Annotated[int, Field(ge=1, le=MAX_DIM)]]   # a per-sample tensor shape
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$"   # ``device`` settings (``swarm.estimator.profile.resolve_device``)
 
 
@@ -78,7 +80,7 @@ class ImportSpec(_ModelSpecBase):
     kind: Literal["import"]
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    input_shape: list[Annotated[int, Field(ge=1, le=MAX_DIM)]] | None = Field(
+    input_shape: Shape | None = Field(
         default=None, max_length=8, description="per-sample input shape, when the module has no example_inputs()")
     input_dtype: Literal["float32", "int64"] = "float32"
     input_high: PositiveInt = Field(default=2, le=1 << 62, description="exclusive upper bound of int64 inputs")
@@ -89,10 +91,8 @@ class HFSpec(_ModelSpecBase):
 
     kind: Literal["hf"]
     path: str = Field(description="a directory holding config.json (and weights, if any); relative to the YAML file")
-    seq_len: PositiveInt | None = Field(default=None, le=1 << 17, description="tokens per sample (None: the "
-                                        "config's positions, at most 1024)")
-    weights: Literal["auto", "required", "none"] = Field(default="auto", description="auto: load the directory's "
-                                                         "weights if it holds some, else a seeded random initialisation")
+    seq_len: PositiveInt | None = Field(default=None, le=1 << 17, description="tokens per sample (None: the config's, <= 1024)")
+    weights: Literal["auto", "required", "none"] = Field(default="auto", description="auto: its weights, if any, else seeded random")
     seed: int = Field(default=0, ge=0, description="the random initialisation's seed (no weights)")
 
 
@@ -219,7 +219,7 @@ class TrainingConfig(Strict):
                                   "text files (corpus/*.txt), a list of text files and globs, an image folder (one part "
                                   "in ten of each is held out for validation), or package.module:factory, a sampler of "
                                   "your own (docs/data.md)")
-    loss: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", description="package.module:"
+    loss: str | None = Field(default=None, pattern=IMPORT_PATH.pattern, description="package.module:"
                              "function(outputs, targets) -> loss, instead of the data's own (None)")
     lr: float = Field(default=1e-3, gt=0, le=MAX_LR)
     lr_warmup_steps: int = Field(default=20, ge=0, le=MAX_STEPS, description="linear learning-rate warm-up (0: none)")
@@ -281,7 +281,7 @@ class NodeConfig(Strict):
 
     model: str = Field(default="gpt2-tiny", description="preset name, YAML file, or package.module:factory")
     granularity: Literal["fine", "coarse"] = "coarse"
-    input_shape: list[Annotated[int, Field(ge=1, le=MAX_DIM)]] | None = Field(
+    input_shape: Shape | None = Field(
         default=None, min_length=1, max_length=8, description="per-sample float32 input shape of a package.module:factory "
         "model that has no example_inputs (else taken from a data factory); `--input-shape`")
     device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto (the first CUDA device, else MPS, "
@@ -298,22 +298,24 @@ class NodeConfig(Strict):
         "optimizer state; activations cross the wire as bfloat16; fp16 with a dynamic loss scale that travels with "
         "every micro-batch, an overflow skipping the step on every stage), fp32, auto (bf16 on CUDA cards that "
         "support it, fp16 on older CUDA cards, else fp32)")
-    memory_limit_gb: float | None = Field(default=None, gt=0, le=MAX_MEMORY_GB, description="the most memory "
-                                          "(GB, 1e9 bytes) this node's process may use (on CUDA: the device's allocations): "
-                                          "it advertises this less what it already uses, and planners give it no more "
-                                          "(None: what it finds available); `node.py run --max-memory`")
-    recompute: Literal["off", "auto", "on"] = Field(default=PlanSettings.recompute, description="activation "
-                                                    "recomputation: a stage keeps only its boundary tensors per micro-batch "
-                                                    "in flight and runs its forward pass again in backward; auto: on the "
-                                                    "stages that would not fit their memory otherwise (the planner prices "
-                                                    "the extra forward); every member must agree")
+    memory_limit_gb: float | None = Field(default=None, gt=0, le=MAX_MEMORY_GB, description="the most memory (GB, 1e9 "
+        "bytes) this node's process may use (on CUDA: the device's allocations): it advertises this less what it already "
+        "uses, and planners give it no more (None: what it finds available); `node.py run --max-memory`")
+    recompute: Literal["off", "auto", "on"] = Field(default=PlanSettings.recompute, description="activation recomputation: "
+        "a stage keeps only its boundary tensors per micro-batch in flight and runs its forward pass again in backward; auto: "
+        "on the stages that would not fit their memory otherwise (the planner prices the extra forward); every member must agree")
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """``memory_limit_gb`` in bytes (None: no cap)."""
+        return int(self.memory_limit_gb * 1e9) if self.memory_limit_gb is not None else None
 
     def advertised_memory(self, available_bytes: int, used_bytes: int = 0) -> int:
         """The memory this node's record advertises: what it found, capped at ``memory_limit_gb`` less
         what the process already uses (``used_bytes``: the interpreter, torch, the traced model)."""
-        if self.memory_limit_gb is None:
+        if self.memory_limit_bytes is None:
             return int(available_bytes)
-        return max(0, int(min(available_bytes, self.memory_limit_gb * 1e9 - used_bytes)))
+        return max(0, min(int(available_bytes), self.memory_limit_bytes - int(used_bytes)))
 
 
 def plan_settings(election: ElectionConfig, *, max_ratio: float = PlanSettings.max_ratio,

@@ -53,12 +53,12 @@ def main() -> None:
     gauge.reset()
     pipeline = LocalPipeline([server.worker], "gpipe")   # every micro-batch's forward, then the backwards
     losses = [pipeline.train_step(data[:, :-1], data[:, 1:], MICRO_BATCHES) for _ in range(2)]
-    print(json.dumps({"limit": int(cfg.memory_limit_gb * 1e9), "used_at_start": used, "advertised": advertised,
+    print(json.dumps({"limit": cfg.memory_limit_bytes, "used_at_start": used, "advertised": advertised,
                       "need_recomputed": need["on"], "need_plain": need["off"],
                       "feasible": {m: p.feasible for m, p in plans.items()},
                       "planned": plan.stages[0].memory_bytes, "plan_recompute": plan.stages[0].recompute,
                       "recompute": recompute, "peak": gauge.peak(), "losses": losses,
-                      "over": gauge.over(int(cfg.memory_limit_gb * 1e9), plan.stages[0].memory_bytes, 0)}))
+                      "over": gauge.over(cfg.memory_limit_bytes, plan.stages[0].memory_bytes, 0)}))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ class Node:
             peer_id=identity.peer_id, maddrs=maddrs, device=profile.device, device_name=profile.name,
             tflops=profile.tflops, precision=precision,   # the cap counts what the process holds already (the traced model)
             memory_bytes=cfg.advertised_memory(profile.memory_available_bytes, MemoryGauge(torch.device(profile.device)).used()),
-            memory_limit_bytes=int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb is not None else None,
+            memory_limit_bytes=cfg.memory_limit_bytes,
             versions={"swarm": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             started_at=time.time(), credential=authorizer.credential.token.SerializeToString() if authorizer else None,
             codec_bps=measure_codec_rate(bits=codec_bits(cfg.compression.codec)),   # replaced by the stage's own measurements

@@ -95,9 +95,10 @@ class MemoryGauge:
         elif self.device.type == "cpu":
             reset_resident_peak()
 
-    def over(self, limit_bytes: int | None, planned_bytes: float, stage: int) -> str | None:
-        """The one line a stage says when its measured peak passed its cap ``limit_bytes`` (else None)."""
-        peak = self.peak()
+    def over(self, limit_bytes: int | None, planned_bytes: float, stage: int, peak: int | None = None) -> str | None:
+        """The one line a stage says when its measured peak (``peak``, read now if not given) passed its
+        cap ``limit_bytes`` (else None)."""
+        peak = self.peak() if peak is None else peak
         if limit_bytes is None or peak <= limit_bytes:
             return None
         what = "allocated on " + str(self.device) if self.device.type != "cpu" else "resident"

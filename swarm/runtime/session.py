@@ -272,21 +272,17 @@ class TrainingSession:
         """What counts against this node's memory cap on the stage's device."""
         return MemoryGauge(self.worker.device)
 
-    @property
-    def memory_limit(self) -> int | None:
-        """``memory_limit_gb`` in bytes (None: no cap)."""
-        return int(self.cfg.memory_limit_gb * 1e9) if self.cfg.memory_limit_gb is not None else None
-
     def memory_row(self) -> dict:
         """What the stage computes in and holds: its precision, whether it recomputes, its memory now,
         at its peak, its cap and the plan's prediction (bytes); a peak over the cap is said in one line."""
-        planned = self.plan.stages[self.index].memory_bytes
-        over = self.gauge.over(self.memory_limit, planned, self.index)
+        planned, limit, gauge = self.plan.stages[self.index].memory_bytes, self.cfg.memory_limit_bytes, self.gauge
+        peak = gauge.peak()
+        over = gauge.over(limit, planned, self.index, peak)
         if over:
             self.server.warn.once("memory", over)
         return {"precision": self.worker.compute.precision, "recompute": self.worker.compute.recompute,
-                "memory_used_bytes": self.gauge.used(), "memory_peak_bytes": self.gauge.peak(),
-                "memory_limit_bytes": self.memory_limit, "memory_planned_bytes": planned}
+                "memory_used_bytes": gauge.used(), "memory_peak_bytes": peak,
+                "memory_limit_bytes": limit, "memory_planned_bytes": planned}
 
     def save(self, directory: Path) -> Path:
         """The stage's parameters and buffers (tensors only) as ``stage<k>-<peer>.pt``, written to a
