@@ -54,6 +54,11 @@ def _shape(text: str) -> list[int]:
     return shape
 
 
+def _input_shape_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", type=_shape, metavar="D[,D...]", help="per-sample float32 input shape of a "
+                   "package.module:factory model without example_inputs")
+
+
 def _human(n: float, unit: str = "") -> str:
     for prefix in ("", "K", "M", "G", "T", "P"):
         if abs(n) < 1000:
@@ -242,8 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help=f"node config YAML (default values: {config_dir() / 'node.yaml'})")
         p.add_argument("--model", help="preset name, model YAML, or package.module:factory")
-        p.add_argument("--input-shape", type=_shape, metavar="D[,D...]", help="per-sample float32 input shape of a "
-                       "package.module:factory model without example_inputs")
+        _input_shape_arg(p)
         p.add_argument("--granularity", choices=["fine", "coarse"], help="OP-DAG granularity")
 
     p = sub.add_parser("dag", help="trace a model into its OP-DAG and print it")
@@ -315,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=_at_least(1), default=4, help="node processes to start on loopback")
     p.add_argument("--steps", type=_at_least(1), default=100, help="optimizer steps to train")
     p.add_argument("--model", help="preset name, model YAML, or package.module:factory [gpt2-tiny]")
-    p.add_argument("--input-shape", type=_shape, metavar="D[,D...]", help="per-sample float32 input shape of a "
-                   "package.module:factory model without example_inputs")
+    _input_shape_arg(p)
     p.add_argument("--stages", type=_at_least(0), help="pipeline stages [0: elected by the swarm]")
     p.add_argument("--compression", metavar="auto|off|RATIO",
                    help="AdaTopK on pipeline links: auto (per link, from bandwidth), off, or a fixed wire ratio [auto]")

@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from swarm import corpus
 from swarm.corpus import HELD_OUT_ONE_IN
 from swarm.errors import SwarmError
+from swarm.userdata import default_loss, is_factory, user_data, user_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -289,10 +290,8 @@ def training_data(source: str | list[str], input_shape: list[int], input_dtype: 
     folder (one subfolder per class, less every 10th image of each), or a user's data factory
     (``package.module:factory``, ``swarm.userdata``). Never a sample of ``validation_data``. ``loss``
     (``package.module:function``) replaces the source's loss."""
-    from swarm.userdata import UserData, default_loss, is_factory, user_loss
-
     if is_factory(source):
-        data = UserData(source)
+        data = user_data(source)
         _, y = data.check(input_shape, input_dtype)
         return data, user_loss(loss) if loss else default_loss(source, y, output_shape)
     if loss:
@@ -313,12 +312,10 @@ def validation_data(source: str | list[str], input_shape: list[int], input_dtype
     1/10 of local text, another seed's generated corpus), synthetic images come from a stream no step draws,
     an image folder's held-out images are taken in order (and again from the first if more are asked).
     ``shard`` gives a replica its part of each."""
-    from swarm.userdata import UserData, is_factory
-
     if batches < 1 or batch_size < 1:
         raise SwarmError(f"validation needs at least one batch of one sample, not {batches} of {batch_size}")
     if is_factory(source):
-        return UserData(source).validation(batches, batch_size)
+        return user_data(source).validation(batches, batch_size)
     source = _resolve(source, input_shape, input_dtype, output_shape)
     count = batches * batch_size
     if _kind(source, input_shape, input_dtype, output_shape) == "text":

@@ -13,6 +13,7 @@ with neither ``example_inputs`` nor an ``input_shape`` takes its example inputs 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -94,6 +95,13 @@ def default_loss(path: str, targets: torch.Tensor, output_shape: list[int]):
                      f"{list(targets.shape[1:])} per sample fit no loss for outputs {out[1:]}; set training.loss")
 
 
+@functools.lru_cache(maxsize=8)
+def user_data(path: str) -> UserData:
+    """The sampler of the data factory ``path``: its factory called once per process (the model's
+    example inputs, training and validation all draw from it)."""
+    return UserData(path)
+
+
 def user_loss(path: str):
     """``training.loss``: ``fn(outputs, targets) -> scalar loss``."""
     return import_callable(path, "loss function")
@@ -101,5 +109,4 @@ def user_loss(path: str):
 
 def example_inputs(path: str) -> Callable[[int], tuple[torch.Tensor, ...]]:
     """A model's example inputs drawn from the data factory ``path`` (its first batch)."""
-    data = UserData(path)
-    return lambda batch_size: (data.batch(0, batch_size)[0],)
+    return lambda batch_size: (user_data(path).batch(0, batch_size)[0],)

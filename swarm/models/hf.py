@@ -100,17 +100,18 @@ class _Layer(nn.Module):
     """One decoder layer; positions, the causal mask and (RoPE) cos/sin recomputed from the input."""
 
     def __init__(self, hf: nn.Module, index: int, gpt2: bool):
+        from transformers.masking_utils import create_causal_mask
+
         super().__init__()
+        self.causal_mask = create_causal_mask
         body = hf.transformer if gpt2 else hf.model
         self.config = hf.config
         self.layer = body.h[index] if gpt2 else body.layers[index]
         self.rotary = None if gpt2 else copy.deepcopy(body.rotary_emb)   # buffers only: each stage its own
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
         positions = torch.arange(h.shape[1], device=h.device)[None]
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
+        mask = self.causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
                                   position_ids=positions)
         if self.rotary is None:
             return self.layer(h, None, mask, position_ids=positions)
